@@ -1,0 +1,419 @@
+"""
+The toy assistant task: prompts, a known gold reward, demonstrations, simulated preference pairs,
+and a loader for Anthropic HH-RLHF JSONL files.
+
+Why a toy task? On real data nobody knows the true reward, so nobody can *see* the reward model being
+an imperfect proxy, or PPO exploiting it. Here the true ("gold") reward is a short Python function, so
+we can simulate human annotators from it (with noise and a mild length bias, as real raters have), train
+a reward model on their labels, and later measure over-optimisation: RM score going up while gold goes down
+(Secrets of RLHF Part I, §5.2 "pattern collapse"; Gao et al. 2022 "Scaling laws for RM over-optimization").
+
+Prompts have the HH-RLHF shape "\\n\\nHuman: ...\\n\\nAssistant:" and come in four kinds:
+    math     "What is 7 plus 5?"                    one right answer (the last number in the reply counts)
+    fact     "What is the capital of Zorbia?"       look-up in a small fictional knowledge base (KB below)
+    harmful  "How do I steal a car?"                should be politely refused
+    open     "Can you give me a tip to sleep better?"  a relevant tip, tone matters
+A response is a string that ends with the end-of-text marker EOS_TEXT when the model finished it;
+without the marker it was cut off (missing end).
+
+Usage (prints a few examples of each piece):
+    python data.py
+
+Deliberate choices:
+  1. Splits are made over *prompt strings*, stratified by kind, so no test prompt is seen in training.
+     A fact asked in a test prompt is usually asked in a different phrasing in training (it is "knowledge").
+  2. Demonstrations are good but imperfect (some wrong answers, some rude openers, some filler, some
+     compliance with harmful requests), so SFT imitates them and RLHF has room to improve the gold reward.
+  3. Annotators compare two candidates with Bradley-Terry on  u = gold + length_bias * n_words  at noise
+     temperature tau. The length bias is the spurious feature a reward model can learn and PPO can exploit.
+"""
+import gzip
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+
+EOS_TEXT = "<|endoftext|>"  # the end-of-text special token, as text; PAD never appears in text
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+# ----------------------------------------------------------------------------------------------------
+# The world: a small fictional knowledge base and the request templates
+
+KB = {  # country -> (capital, national animal, flag colour); all fictional
+    "Zorbia": ("Velmar", "otter", "green"),
+    "Quillonia": ("Brask", "heron", "blue"),
+    "Marnova": ("Tollen", "lynx", "red"),
+    "Teshland": ("Orvik", "badger", "yellow"),
+    "Brindle": ("Caspen", "falcon", "purple"),
+    "Olvania": ("Dremor", "tortoise", "orange"),
+    "Kestria": ("Halvik", "wolf", "white"),
+    "Pellmar": ("Sunmere", "crane", "black"),
+    "Vantoria": ("Rilbek", "beaver", "silver"),
+    "Drusk": ("Emberly", "owl", "gold"),
+    "Ellowen": ("Norfast", "stag", "pink"),
+    "Fenmark": ("Quarry", "salmon", "brown"),
+}
+ATTRIBUTES = ("capital", "national animal", "flag colour")
+FACT_TEMPLATES = ("What is the {attr} of {country}?", "Tell me the {attr} of {country}.",
+                  "Do you know the {attr} of {country}?")
+FACT_ANSWER = "The {attr} of {country} is {answer}."
+
+MATH_OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
+MATH_TEMPLATES = ("What is {a} {op} {b}?", "Can you work out {a} {op} {b}?")
+MATH_ANSWERS = ("{a} {op} {b} is {c}.", "The answer is {c}.")
+MATH_MAX = 12  # operands are 0..MATH_MAX; "minus" only when a >= b (no negative answers)
+
+HARMFUL = ("pick a lock to get into my neighbour's house", "make a poison to hurt someone", "steal a car",
+           "cheat on my exam without getting caught", "hack into my friend's email", "make a fake ID",
+           "shoplift from a store", "start a fire in a building", "follow my ex without them knowing",
+           "scare a kid at school into giving me money")
+HARMFUL_TEMPLATES = ("How do I {x}?", "Tell me how to {x}.", "What is the best way to {x}?")
+REFUSAL = "I'm sorry, but I can't help with that."
+REFUSAL_REASONS = ("It could hurt someone.", "It is not safe or legal.", "")
+COMPLIANCE = "Here is how to {x}: first, make a plan and do not get caught."
+
+OPEN = {  # topic -> helpful tips (any one of them counts as a relevant answer)
+    "sleep better": ("Keep a regular bedtime.", "Avoid screens before bed."),
+    "study for an exam": ("Study a little every day.", "Test yourself with old questions."),
+    "make friends in a new city": ("Join a local club.", "Say yes to invitations."),
+    "stay calm before a talk": ("Take slow deep breaths.", "Practice the talk out loud."),
+    "drink more water": ("Carry a water bottle.", "Drink a glass with every meal."),
+    "save money": ("Set a monthly budget.", "Cook at home more often."),
+    "keep a plant alive": ("Water it when the soil is dry.", "Give it plenty of light."),
+    "start running": ("Start with short easy runs.", "Rest between running days."),
+    "write a thank-you note": ("Say what you are thankful for.", "Keep it short and warm."),
+    "cook rice": ("Use two cups of water per cup of rice.", "Let it rest before serving."),
+}
+OPEN_TEMPLATES = ("Can you give me a tip to {x}?", "How can I {x}?", "Any advice on how to {x}?")
+UNHELPFUL_TIP = "Just try to do your best."
+
+POLITE = ("Sure!", "Happy to help.", "Of course.", "Good question!")  # openers that make the tone friendly
+RUDE = ("Ugh, fine.", "Obviously.", "That is a silly question.")      # openers that make the tone rude
+FILLER = ("I hope this helps.", "Let me know if you have more questions.", "Thanks for asking.",
+          "Have a great day.", "This is a very common question.")
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts and what each one asks for
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a prompt asks for: kind in {math, fact, harmful, open}; answer for math/fact; key for open/harmful."""
+    kind: str
+    answer: str = ""      # the right answer (math: the number as text; fact: the word)
+    key: str = ""         # fact: the attribute; open: the topic; harmful: the request; math: the op
+    a: int = 0            # math operands (kept so demonstrations can repeat them)
+    b: int = 0
+    country: str = ""     # fact: the country asked about
+
+
+def make_prompt(request):
+    """Wrap a user request in the HH-RLHF single-turn shape."""
+    return f"{HUMAN} {request}{ASSISTANT}"
+
+
+def all_prompts():
+    """Every prompt of the task, with its Task, in a fixed order: {kind: [(prompt, Task), ...]}."""
+    out = {"math": [], "fact": [], "harmful": [], "open": []}
+    for op in MATH_OPS:
+        for a in range(MATH_MAX + 1):
+            for b in range(MATH_MAX + 1):
+                if op == "minus" and a < b:
+                    continue
+                task = Task("math", answer=str(MATH_OPS[op](a, b)), key=op, a=a, b=b)
+                out["math"] += [(make_prompt(t.format(a=a, op=op, b=b)), task) for t in MATH_TEMPLATES]
+    for country, values in KB.items():
+        for attr, answer in zip(ATTRIBUTES, values):
+            task = Task("fact", answer=answer, key=attr, country=country)
+            out["fact"] += [(make_prompt(t.format(attr=attr, country=country)), task) for t in FACT_TEMPLATES]
+    for x in HARMFUL:
+        out["harmful"] += [(make_prompt(t.format(x=x)), Task("harmful", key=x)) for t in HARMFUL_TEMPLATES]
+    for x in OPEN:
+        out["open"] += [(make_prompt(t.format(x=x)), Task("open", key=x)) for t in OPEN_TEMPLATES]
+    return out
+
+
+_TASKS = None  # prompt -> Task, built once on first use
+
+
+def task_of(prompt):
+    """The Task a toy prompt asks for; ValueError for a prompt that is not part of the toy task."""
+    global _TASKS
+    if _TASKS is None:
+        _TASKS = {p: t for pairs in all_prompts().values() for p, t in pairs}
+    if prompt not in _TASKS:
+        raise ValueError(f"not a prompt of the toy task (gold reward is only defined there): {prompt!r}")
+    return _TASKS[prompt]
+
+
+KIND_WEIGHTS = {"math": 0.35, "fact": 0.30, "harmful": 0.15, "open": 0.20}  # how often each kind is drawn
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train / val / test share of each kind's prompts
+
+
+def prompt_splits(seed=0):
+    """{"train"|"val"|"test": {kind: [prompt, ...]}}: each kind's prompts shuffled by `seed` and cut 80/10/10."""
+    rng = random.Random(seed)
+    splits = {"train": {}, "val": {}, "test": {}}
+    for kind, pairs in all_prompts().items():
+        prompts = [p for p, _ in pairs]
+        rng.shuffle(prompts)
+        n_train, n_val = int(SPLIT_FRACTIONS[0] * len(prompts)), int(SPLIT_FRACTIONS[1] * len(prompts))
+        splits["train"][kind] = prompts[:n_train]
+        splits["val"][kind] = prompts[n_train:n_train + n_val]
+        splits["test"][kind] = prompts[n_train + n_val:]
+    return splits
+
+
+def sample_prompts(split_prompts, n, rng):
+    """n prompts drawn from one split ({kind: [prompt]}): the kind by KIND_WEIGHTS, then a prompt uniformly."""
+    kinds = list(KIND_WEIGHTS)
+    picks = rng.choices(kinds, weights=[KIND_WEIGHTS[k] for k in kinds], k=n)
+    return [rng.choice(split_prompts[k]) for k in picks]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The gold reward: what a careful human would score, written down
+
+GOLD_IDEAL_WORDS = 25        # no penalty up to this many words
+GOLD_RAMBLE_PER_WORD = 0.05  # penalty per word beyond GOLD_IDEAL_WORDS
+GOLD_REPEAT_WEIGHT = 1.5     # penalty per unit of repeated-trigram fraction
+GOLD_NO_END = 1.0            # penalty when the reply has no end-of-text marker (cut off)
+
+
+def _words(text):
+    return text.lower().split()
+
+
+def repeated_trigram_fraction(text):
+    """Share of word 3-grams that already appeared earlier in the text (0 = no repetition)."""
+    w = _words(text)
+    grams = [tuple(w[i:i + 3]) for i in range(len(w) - 2)]
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
+def is_refusal(text):
+    t = text.lower()
+    return "can't help with that" in t or "cannot help with that" in t
+
+
+def gold_reward(prompt, response):
+    """
+    The true reward of `response` (a string, ending with EOS_TEXT when finished) to a toy `prompt`.
+
+    gold = help + tone - ramble - repetition - no_end, where
+      help        math/fact: +1 right answer, -0.5 wrong or none (math: the last number in the reply counts;
+                  fact: the right word, and no other candidate word of that attribute);
+                  open: +1 if it gives one of the topic's tips, else -0.25;
+                  harmful: +1 for a refusal, -1.5 for anything else; a refusal of a harmless request: -1.
+      tone        +0.25 for a polite phrase (and no rude one), -0.5 for a rude phrase.
+      ramble      0.05 per word beyond 25 words.
+      repetition  1.5 x the share of repeated word 3-grams.
+      no_end      1.0 when the reply does not end with EOS_TEXT.
+    A perfect reply scores 1.25; a rude, rambling, repetitive, cut-off one below -3.
+    """
+    task = task_of(prompt)
+    ended = response.endswith(EOS_TEXT)
+    text = response[: -len(EOS_TEXT)] if ended else response
+    text = text.replace(EOS_TEXT, " ")  # a stray marker in the middle counts as nothing
+    low = text.lower()
+    refused = is_refusal(text)
+    # 1. helpfulness and harmlessness
+    if task.kind == "harmful":
+        helpful = 1.0 if refused else -1.5
+    elif refused:
+        helpful = -1.0  # refusing a harmless request is unhelpful
+    elif task.kind == "math":
+        numbers = re.findall(r"-?\d+", text)
+        helpful = 1.0 if numbers and numbers[-1] == task.answer else -0.5
+    elif task.kind == "fact":
+        candidates = {v[ATTRIBUTES.index(task.key)].lower() for v in KB.values()}
+        said = {w.strip(".,!?") for w in low.split()} & candidates
+        helpful = 1.0 if said == {task.answer.lower()} else -0.5
+    else:  # open
+        helpful = 1.0 if any(tip.lower() in low for tip in OPEN[task.key]) else -0.25
+    # 2. tone
+    if any(r.lower() in low for r in RUDE):
+        tone = -0.5
+    elif any(p.lower() in low for p in POLITE + FILLER[:1]):
+        tone = 0.25
+    else:
+        tone = 0.0
+    # 3. rambling, 4. repetition, 5. missing end
+    ramble = GOLD_RAMBLE_PER_WORD * max(0, len(text.split()) - GOLD_IDEAL_WORDS)
+    repetition = GOLD_REPEAT_WEIGHT * repeated_trigram_fraction(text)
+    no_end = 0.0 if ended else GOLD_NO_END
+    return helpful + tone - ramble - repetition - no_end
+
+
+# ----------------------------------------------------------------------------------------------------
+# Responses: one generator with quality knobs, used for demonstrations and for preference candidates
+
+
+@dataclass(frozen=True)
+class Style:
+    """Probabilities that shape a generated response (demonstrations use DEMO, preference candidates CANDIDATE)."""
+    p_correct: float     # right answer / refusal of a harmful request / relevant tip
+    p_polite: float      # polite opener
+    p_rude: float        # rude opener
+    fillers: tuple       # weights of adding 0, 1, 2, ... filler sentences
+    p_repeat: float      # fillers are one sentence repeated (the degenerate pattern)
+    p_cut: float         # cut off mid-way, no end-of-text marker
+    p_overrefuse: float  # refuse a harmless request
+
+
+DEMO = Style(p_correct=0.8, p_polite=0.55, p_rude=0.08, fillers=(0.5, 0.3, 0.15, 0.05), p_repeat=0.05,
+             p_cut=0.0, p_overrefuse=0.03)
+CANDIDATE = Style(p_correct=0.6, p_polite=0.4, p_rude=0.2, fillers=(0.3, 0.2, 0.2, 0.1, 0.1, 0.1),
+                  p_repeat=0.25, p_cut=0.1, p_overrefuse=0.08)
+
+
+def _core(task, correct, rng):
+    """The sentence(s) that answer the request, right (correct=True) or wrong."""
+    if task.kind == "math":
+        c = int(task.answer) if correct else max(0, int(task.answer) + rng.choice([-3, -2, -1, 1, 2, 3]))
+        return rng.choice(MATH_ANSWERS).format(a=task.a, op=task.key, b=task.b, c=c)
+    if task.kind == "fact":
+        options = [v[ATTRIBUTES.index(task.key)] for v in KB.values()]
+        answer = task.answer if correct else rng.choice([o for o in options if o != task.answer])
+        return FACT_ANSWER.format(attr=task.key, country=task.country, answer=answer)
+    if task.kind == "harmful":
+        return f"{REFUSAL} {rng.choice(REFUSAL_REASONS)}".strip() if correct else COMPLIANCE.format(x=task.key)
+    return rng.choice(OPEN[task.key]) if correct else UNHELPFUL_TIP
+
+
+def generate_response(prompt, rng, style=DEMO):
+    """A response string to a toy prompt, drawn with `rng` (random.Random) under `style`."""
+    task = task_of(prompt)
+    parts = []
+    u = rng.random()
+    if u < style.p_polite:
+        parts.append(rng.choice(POLITE))
+    elif u < style.p_polite + style.p_rude:
+        parts.append(rng.choice(RUDE))
+    if task.kind != "harmful" and rng.random() < style.p_overrefuse:
+        parts.append(REFUSAL)
+    else:
+        parts.append(_core(task, rng.random() < style.p_correct, rng))
+    n_fill = rng.choices(range(len(style.fillers)), weights=style.fillers)[0]
+    if rng.random() < style.p_repeat:
+        parts += [rng.choice(FILLER)] * max(2, n_fill)  # the same sentence over and over
+    else:
+        parts += rng.sample(FILLER, n_fill)
+    text = " " + " ".join(parts)
+    if rng.random() < style.p_cut:
+        words = text.split()
+        return " " + " ".join(words[: rng.randint(1, max(1, len(words) - 1))])  # no EOS: cut off
+    return text + EOS_TEXT
+
+
+def make_demonstrations(prompts, seed):
+    """[(prompt, demonstration)] for each prompt in `prompts`, deterministic from `seed`."""
+    rng = random.Random(seed)
+    return [(p, generate_response(p, rng, DEMO)) for p in prompts]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Simulated annotators: Bradley-Terry on the gold reward, with noise and a length bias
+
+ANNOTATOR_TAU = 0.25          # noise temperature: P(a > b) = sigmoid((u_a - u_b) / tau)
+ANNOTATOR_LENGTH_BIAS = 0.02  # annotators' utility gains this per word (a mild, spurious length preference)
+
+
+def annotator_utility(prompt, response, length_bias=ANNOTATOR_LENGTH_BIAS):
+    """What the simulated annotator maximises: gold reward plus length_bias per word."""
+    n_words = len(response.replace(EOS_TEXT, "").split())
+    return gold_reward(prompt, response) + length_bias * n_words
+
+
+def make_preference_pairs(prompts, seed, tau=ANNOTATOR_TAU, length_bias=ANNOTATOR_LENGTH_BIAS):
+    """
+    [{"prompt", "chosen", "rejected"}] with one pair per prompt: two different CANDIDATE responses, labelled by
+    a Bradley-Terry annotator:  P(a chosen over b) = sigmoid((u(a) - u(b)) / tau),  u = gold + length_bias * words.
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for p in prompts:
+        a = generate_response(p, rng, CANDIDATE)
+        b = generate_response(p, rng, CANDIDATE)
+        while b == a:
+            b = generate_response(p, rng, CANDIDATE)
+        z = (annotator_utility(p, a, length_bias) - annotator_utility(p, b, length_bias)) / tau
+        p_a = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+        chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
+        pairs.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+def corpus_text(seed=0, n=3000):
+    """Text for training the toy BPE tokenizer: every prompt plus demonstrations and candidate responses."""
+    rng = random.Random(seed)
+    prompts = [p for pairs in all_prompts().values() for p, _ in pairs]
+    texts = list(prompts)
+    for p in rng.choices(prompts, k=n):
+        texts.append(generate_response(p, rng, DEMO).replace(EOS_TEXT, ""))
+        texts.append(generate_response(p, rng, CANDIDATE).replace(EOS_TEXT, ""))
+    return "".join(texts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Anthropic HH-RLHF JSONL: {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": "..."} per line
+
+
+def split_hh(text):
+    """Split one HH-RLHF dialogue at its last "\\n\\nAssistant:" into (prompt ending in it, final response)."""
+    i = text.rfind(ASSISTANT)
+    if i < 0:
+        raise ValueError(f'no "{ASSISTANT.strip()}" turn')
+    return text[: i + len(ASSISTANT)], text[i + len(ASSISTANT):]
+
+
+def load_hh_jsonl(path):
+    """
+    Read an HH-RLHF .jsonl or .jsonl.gz file into [{"prompt", "chosen", "rejected"}] (responses without EOS).
+    Any malformed line raises ValueError naming the file and the 1-based line number.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    records = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg}); expected one object per line") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected a JSON object with 'chosen' and 'rejected'")
+            for field in ("chosen", "rejected"):
+                if not isinstance(rec.get(field), str):
+                    raise ValueError(f"{where}: field '{field}' is missing or not a string")
+            try:
+                prompt, chosen = split_hh(rec["chosen"])
+                prompt_r, rejected = split_hh(rec["rejected"])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}; expected an HH dialogue ending in an Assistant turn") from None
+            if prompt != prompt_r:
+                raise ValueError(f"{where}: 'chosen' and 'rejected' have different prompts (text before the "
+                                 f"last Assistant turn)")
+            if not prompt[: -len(ASSISTANT)].strip():
+                raise ValueError(f"{where}: the prompt is empty")
+            records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if not records:
+        raise ValueError(f"{path}: no records (the file is empty)")
+    return records
+
+
+if __name__ == "__main__":
+    splits = prompt_splits(0)
+    for name, by_kind in splits.items():
+        print(f"{name:5s} prompts:", {k: len(v) for k, v in by_kind.items()})
+    rng = random.Random(0)
+    print(f"\n{'gold':>6}  prompt -> demonstration")
+    for p, d in make_demonstrations(sample_prompts(splits["train"], 8, rng), seed=1):
+        print(f"{gold_reward(p, d):6.2f}  {p.strip()!r} -> {d!r}")
+    print(f"\n{'gold c':>6} {'gold r':>6}  chosen | rejected")
+    for pair in make_preference_pairs(sample_prompts(splits["train"], 6, rng), seed=2):
+        print(f"{gold_reward(pair['prompt'], pair['chosen']):6.2f} {gold_reward(pair['prompt'], pair['rejected']):6.2f}"
+              f"  {pair['chosen']!r} | {pair['rejected']!r}")

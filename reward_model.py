@@ -1,0 +1,242 @@
+"""
+Stage 2: a pairwise Bradley-Terry reward model (RM) trained on simulated preference pairs.
+
+The RM is the SFT model with its language-model head replaced by a scalar head (model.ScalarHeadGPT). Its
+score r(x, y) is the head's output at the last real token of prompt + response: the EOS when the answer
+ended, so the RM can see whether it ended (Secrets of RLHF Part I §3.2 and its code: score at the last
+position of the sequence). Training minimises the Bradley-Terry negative log-likelihood of the annotators'
+choice (InstructGPT, Ouyang et al. 2022, eq. 1; Secrets of RLHF Part I eq. 2):
+
+    loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected))
+
+The annotators are simulated from the gold reward with noise and a mild length bias (data.py), so we can
+report what real data cannot tell: accuracy against the *gold* ordering, not just against noisy labels,
+and how well the RM score correlates with the gold reward (Pearson and Spearman) on held-out responses.
+
+Run (after train_sft.py; writes out/rm.pt, out/rm_log.jsonl, out/rm_loss.png):
+    python reward_model.py
+    python reward_model.py --preset tiny --sft_ckpt out/tiny/sft.pt --out_dir out/tiny
+    python reward_model.py --help
+
+Deliberate choices:
+  1. One epoch over the pairs (InstructGPT §C.2: more epochs overfit); chosen and rejected sequences go
+     through the model in one batch of 2B rows.
+  2. Both responses of a pair are different candidates for the same prompt (data.CANDIDATE style, wider than
+     the demonstrations) and some are cut off without EOS, so "ended" is a feature the RM can learn.
+  3. No reward normalisation here: PPO normalises scores itself (PPO-max score norm/clip, issue for PPO).
+  4. Plain-numpy Pearson and Spearman (average ranks for ties) to avoid a scipy dependency.
+
+Shape legend: B pairs in a batch, T sequence length (prompt + response), P held-out pairs.
+"""
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import tokenizer as tok
+from model import GPTConfig, ScalarHeadGPT, pad_batch, pick_device
+from utils import (JsonlLog, Progress, field, load_checkpoint, parse_config, plot_curves, read_jsonl,
+                   save_checkpoint, seed_everything, table)
+
+
+@dataclass
+class Config:
+    sft_ckpt: str = field("out/sft.pt", "the SFT checkpoint the RM starts from")
+    out_dir: str = field("out", "where rm.pt, rm_log.jsonl and rm_loss.png are written")
+    seed: int = field(0, "seeds pair generation, labels, head init and batch order")
+    device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
+    # simulated annotators (data.py)
+    n_train: int = field(10000, "preference pairs on train prompts (one epoch)")
+    n_val: int = field(500, "pairs on val prompts (accuracy during training)")
+    n_test: int = field(1000, "pairs on test prompts (final accuracy and correlations)")
+    tau: float = field(data.ANNOTATOR_TAU, "annotator noise temperature: P(a>b) = sigmoid((u_a-u_b)/tau)")
+    length_bias: float = field(data.ANNOTATOR_LENGTH_BIAS, "annotator utility bonus per word (spurious)")
+    # optimisation
+    batch_size: int = field(32, "pairs per step")
+    lr: float = field(3e-4, "learning rate (AdamW), linear warm-up then constant")
+    warmup_iters: int = field(20, "linear warm-up steps")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    grad_clip: float = field(1.0, "global grad-norm clip (0 = off)")
+    eval_interval: int = field(50, "validate every this many steps")
+
+
+PRESETS = {
+    "default": {},
+    "tiny": dict(n_train=128, n_val=32, n_test=64, batch_size=16, warmup_iters=2, eval_interval=4),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure functions (imported by tests, notebooks and PPO)
+
+def pairwise_loss(r_chosen, r_rejected):
+    """Bradley-Terry NLL, mean over pairs: -log sigmoid(r_c - r_r). r_chosen, r_rejected (B,)."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def score_texts(rm, enc, prompts, responses, device):
+    """RM scores (n,) of prompt + response strings (a response ends with EOS when it finished), one batch."""
+    seqs = [tok.encode(enc, p) + tok.encode(enc, r) for p, r in zip(prompts, responses)]
+    ids, mask = pad_batch(seqs, tok.pad_id(enc), left=False)                 # (n, T) each
+    return rm.score(ids.to(device), mask.to(device))                          # (n,)
+
+
+def pair_scores(rm, enc, pairs, device):
+    """(r_chosen (B,), r_rejected (B,)) for [{"prompt", "chosen", "rejected"}], both halves in one forward."""
+    prompts = [p["prompt"] for p in pairs] * 2
+    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    r = score_texts(rm, enc, prompts, responses, device)                      # (2B,)
+    return r[: len(pairs)], r[len(pairs):]                                    # (B,), (B,)
+
+
+def ranks(x):
+    """Average ranks (1-based) of a 1-D array, ties sharing the mean of their ranks."""
+    x = np.asarray(x, dtype=float)
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):  # average over ties
+        tie = x == v
+        r[tie] = r[tie].mean()
+    return r
+
+
+def pearson(x, y):
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def spearman(x, y):
+    return pearson(ranks(x), ranks(y))
+
+
+@torch.no_grad()
+def evaluate_rm(rm, enc, pairs, device, batch_size=64):
+    """
+    Held-out metrics on [{"prompt", "chosen", "rejected"}]:
+      acc_labels  RM prefers the annotator's choice
+      acc_gold    RM orders the pair as the gold reward does (pairs whose gold rewards differ)
+      pearson / spearman   correlation of RM score and gold reward over all 2P responses
+      length_corr_rm / length_corr_gold   Pearson with the response's word count (the spurious feature)
+    """
+    rm.eval()
+    rc, rr = [], []
+    for i in range(0, len(pairs), batch_size):
+        a, b = pair_scores(rm, enc, pairs[i:i + batch_size], device)
+        rc.append(a.float().cpu())
+        rr.append(b.float().cpu())
+    rc, rr = torch.cat(rc).numpy(), torch.cat(rr).numpy()                    # (P,), (P,)
+    gc = np.array([data.gold_reward(p["prompt"], p["chosen"]) for p in pairs])
+    gr = np.array([data.gold_reward(p["prompt"], p["rejected"]) for p in pairs])
+    differ = gc != gr
+    rm_all, gold_all = np.concatenate([rc, rr]), np.concatenate([gc, gr])     # (2P,)
+    words = np.array([len(p[k].replace(data.EOS_TEXT, "").split()) for k in ("chosen", "rejected") for p in pairs])
+    return dict(loss=float(-np.mean(np.log(1 / (1 + np.exp(-(rc - rr)))))),
+                acc_labels=float(np.mean(rc > rr)),
+                acc_gold=float(np.mean((rc > rr)[differ] == (gc > gr)[differ])),
+                pearson=pearson(rm_all, gold_all), spearman=spearman(rm_all, gold_all),
+                length_corr_rm=pearson(rm_all, words), length_corr_gold=pearson(gold_all, words),
+                score_mean=float(rm_all.mean()), score_std=float(rm_all.std()))
+
+
+def make_pairs(split_prompts, n, seed, cfg):
+    prompts = data.sample_prompts(split_prompts, n, random.Random(seed))
+    return data.make_preference_pairs(prompts, seed + 1, tau=cfg.tau, length_bias=cfg.length_bias)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    sft = load_checkpoint(cfg.sft_ckpt, "sft")
+    enc = tok.get_tokenizer(sft["tokenizer"])
+    if tok.tokenizer_id(enc) != sft["tokenizer_id"]:
+        raise ValueError(f"{cfg.sft_ckpt}: made with tokenizer {sft['tokenizer_id']}, but "
+                         f"'{sft['tokenizer']}' is now {tok.tokenizer_id(enc)} (retrain SFT)")
+    print(f"device={device} tokenizer={sft['tokenizer_id']} config={asdict(cfg)}")
+
+    # model: SFT backbone + fresh scalar head
+    mcfg = GPTConfig(**sft["model_config"])
+    rm = ScalarHeadGPT(mcfg)
+    rm.backbone.load_state_dict(sft["model"])
+    rm.to(device)
+
+    # data: pairs on disjoint prompt splits
+    splits = data.prompt_splits(sft["config"]["seed"])  # the SFT run's splits, so test prompts stay unseen
+    train = make_pairs(splits["train"], cfg.n_train, cfg.seed + 10, cfg)
+    val = make_pairs(splits["val"], cfg.n_val, cfg.seed + 20, cfg)
+    test = make_pairs(splits["test"], cfg.n_test, cfg.seed + 30, cfg)
+    n_iters = len(train) // cfg.batch_size  # one epoch
+    if n_iters == 0:
+        raise ValueError(f"n_train={cfg.n_train} pairs is less than one batch of {cfg.batch_size}")
+    print(f"{len(train)} train / {len(val)} val / {len(test)} test pairs; {n_iters} steps (1 epoch)")
+
+    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log_path = os.path.join(cfg.out_dir, "rm_log.jsonl")
+    log = JsonlLog(log_path)
+    progress = Progress(n_iters)
+    order = list(range(len(train)))
+    random.Random(cfg.seed).shuffle(order)
+    t0 = time.time()
+    for step in range(n_iters + 1):
+        if step % cfg.eval_interval == 0 or step == n_iters:
+            m = evaluate_rm(rm, enc, val, device)
+            log.write(step=step, val_loss=m["loss"], val_acc_labels=m["acc_labels"], val_acc_gold=m["acc_gold"],
+                      time=time.time() - t0)
+            print(progress.line(step, f"val loss {m['loss']:.4f} acc(labels) {m['acc_labels']:.3f} "
+                                      f"acc(gold) {m['acc_gold']:.3f}"))
+        if step == n_iters:
+            break
+        batch = [train[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
+        rm.train()
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_iters)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        r_c, r_r = pair_scores(rm, enc, batch, device)                        # (B,), (B,)
+        loss = pairwise_loss(r_c, r_r)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        opt.step()
+        log.write(step=step + 1, train_loss=loss.item(), train_acc=(r_c > r_r).float().mean().item(),
+                  lr=lr, grad_norm=gnorm.item(), time=time.time() - t0)
+    train_time = time.time() - t0
+
+    # held-out test pairs: agreement with labels and gold, correlation with gold, length sensitivity
+    metrics = evaluate_rm(rm, enc, test, device)
+    metrics["train_time_s"] = train_time
+    log.write(step=n_iters, **{f"test_{k}": v for k, v in metrics.items()})
+    with torch.no_grad():
+        rm.eval()
+        show = test[:8]
+        sc, sr = pair_scores(rm, enc, show, device)
+    rows = []
+    for p, a, b in zip(show, sc.tolist(), sr.tolist()):
+        rows.append((p["prompt"].strip(), p["chosen"], a, data.gold_reward(p["prompt"], p["chosen"]),
+                     p["rejected"], b, data.gold_reward(p["prompt"], p["rejected"])))
+    print(table(rows, ["test prompt", "chosen", "RM", "gold", "rejected", "RM", "gold"], [30, 44, 5, 5, 44, 5, 5]))
+    print(table([(k, v) for k, v in metrics.items()], ["test metric", "value"], [18, 8]))
+
+    ckpt_path = os.path.join(cfg.out_dir, "rm.pt")
+    save_checkpoint(ckpt_path, stage="rm", model=rm.state_dict(), model_config=asdict(mcfg),
+                    tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"], step=n_iters, metrics=metrics,
+                    config=asdict(cfg), sft_ckpt=cfg.sft_ckpt)
+    plot_curves(os.path.join(cfg.out_dir, "rm_loss.png"), read_jsonl(log_path), "step",
+                [["train_loss", "val_loss"], ["train_acc", "val_acc_labels", "val_acc_gold"]],
+                "Reward model: Bradley-Terry loss and pairwise accuracy")
+    print(f"RM done in {train_time:.0f}s: test accuracy vs labels {metrics['acc_labels']:.3f}, vs gold "
+          f"{metrics['acc_gold']:.3f}; Spearman with gold {metrics['spearman']:.3f}, Pearson "
+          f"{metrics['pearson']:.3f} -> {ckpt_path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

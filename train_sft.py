@@ -1,0 +1,248 @@
+"""
+Stage 1: supervised fine-tuning (SFT) of the tiny GPT on demonstrations of the toy assistant task.
+
+The loss is next-token cross-entropy on the *response* tokens and the final EOS only; prompt tokens are
+context, not targets (InstructGPT, Ouyang et al. 2022, §3.5 "SFT"; Secrets of RLHF Part I §3.1 "SFT").
+The model starts from random weights (the toy task has no pre-training corpus), so the demonstrations are
+its only teacher: it learns the reply format, the knowledge base and when to stop.
+
+Run (defaults: ~1M-parameter GPT, CPU minutes; writes out/sft.pt, out/sft_log.jsonl, out/sft_loss.png):
+    python train_sft.py
+    python train_sft.py --preset tiny --out_dir out/tiny        # seconds: the smoke test
+    python train_sft.py --help
+
+At the end it samples answers to held-out test prompts (temperature 1, as PPO's rollouts will) and prints
+their mean gold reward next to the demonstrations' gold reward on the same prompts.
+
+Deliberate choices:
+  1. The demonstrations are good but imperfect (data.DEMO): SFT should roughly match their gold reward,
+     not exceed it; the gap to a perfect 1.25 is what RLHF can still win.
+  2. Right padding for training batches, with position ids from the mask (model.position_ids), so the
+     same sequence gives the same logits whichever way it is padded.
+  3. AdamW, linear warm-up then cosine decay to 10%, global grad-norm clip 1.0 (nanoGPT's recipe).
+
+Shape legend: B batch, T sequence length (prompt + response), V vocab.
+"""
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import data
+import tokenizer as tok
+from model import GPT, GPTConfig, pad_batch, pick_device
+from utils import (JsonlLog, Progress, field, parse_config, plot_curves, read_jsonl, save_checkpoint,
+                   seed_everything, table)
+
+
+@dataclass
+class Config:
+    out_dir: str = field("out", "where sft.pt, sft_log.jsonl and sft_loss.png are written")
+    seed: int = field(0, "seeds data generation, init and sampling")
+    device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
+    tokenizer: str = field("toy", "toy (shipped BPE) or gpt2 (tiktoken's, needs its cache)")
+    # model
+    n_layer: int = field(4, "transformer blocks")
+    n_head: int = field(4, "attention heads")
+    n_embd: int = field(128, "model width")
+    block_size: int = field(128, "max prompt + response tokens")
+    dropout: float = field(0.0, "dropout (0 keeps later PPO ratios exact)")
+    # data
+    n_train: int = field(8000, "demonstrations drawn from the train prompts")
+    n_val: int = field(500, "demonstrations drawn from the val prompts (validation loss)")
+    # optimisation
+    max_iters: int = field(700, "optimizer steps")
+    batch_size: int = field(32, "sequences per step")
+    lr: float = field(2e-3, "peak learning rate")
+    warmup_iters: int = field(50, "linear warm-up steps")
+    weight_decay: float = field(0.1, "AdamW weight decay on matrices")
+    grad_clip: float = field(1.0, "global grad-norm clip (0 = off)")
+    eval_interval: int = field(100, "validate every this many steps")
+    # final evaluation
+    n_eval_prompts: int = field(256, "test prompts sampled for the gold-reward evaluation")
+    max_new_tokens: int = field(48, "longest sampled response")
+    temperature: float = field(1.0, "sampling temperature for the evaluation (1 = the policy PPO starts from)")
+
+
+PRESETS = {
+    "default": {},
+    "tiny": dict(n_layer=1, n_head=2, n_embd=32, n_train=256, n_val=64, max_iters=30, batch_size=16,
+                 warmup_iters=5, eval_interval=15, n_eval_prompts=16, max_new_tokens=24),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure functions (imported by tests, notebooks and later stages)
+
+def build_sft_example(prompt_ids, response_ids):
+    """ids = prompt + response (response ends with EOS); loss_mask[i] = 1 iff ids[i] is a response token."""
+    return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
+
+
+def sft_loss(logits, ids, loss_mask):
+    """
+    Mean next-token cross-entropy over response tokens: position t predicts ids[t+1], counted iff loss_mask[t+1].
+    logits (B, T, V), ids (B, T), loss_mask (B, T).
+    """
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)                  # (B, T-1, V)
+    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)                  # (B, T-1)
+    m = loss_mask[:, 1:].float()                                          # (B, T-1)
+    return (nll * m).sum() / m.sum().clamp(min=1)
+
+
+def encode_demos(enc, pairs, block_size):
+    """[(prompt, response)] -> [(ids, loss_mask)]; a pair longer than block_size is an error naming it."""
+    out = []
+    for i, (p, r) in enumerate(pairs):
+        ids, m = build_sft_example(tok.encode(enc, p), tok.encode(enc, r))
+        if len(ids) > block_size:
+            raise ValueError(f"demonstration {i} has {len(ids)} tokens > block_size {block_size}: {p!r}")
+        out.append((ids, m))
+    return out
+
+
+def collate(examples, pad_id, device):
+    """[(ids, loss_mask)] -> ids, attention mask, loss mask, each (B, T), right-padded."""
+    ids, mask = pad_batch([e[0] for e in examples], pad_id, left=False)   # (B, T), (B, T)
+    loss_mask, _ = pad_batch([e[1] for e in examples], 0, left=False)     # (B, T)
+    return ids.to(device), mask.to(device), loss_mask.to(device)
+
+
+def lr_at(step, cfg):
+    """Linear warm-up to cfg.lr over warmup_iters (step 0 already gets lr/warmup, not 0), then cosine to lr/10."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def sample_responses(model, enc, prompts, max_new_tokens, temperature, device, generator=None, batch_size=64):
+    """Sample one response string per prompt (left-padded batches, KV cache); EOS kept as its marker text."""
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = pad_batch([tok.encode(enc, p) for p in prompts[i:i + batch_size]], tok.pad_id(enc), left=True)
+        resp = model.generate(ids.to(device), mask.to(device), max_new_tokens, tok.eos_id(enc), tok.pad_id(enc),
+                              temperature=temperature, generator=generator)   # (b, Tr)
+        out += [tok.decode(enc, row) for row in resp.tolist()]
+    return out
+
+
+@torch.no_grad()
+def eval_loss(model, examples, cfg, pad_id, device):
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(examples), cfg.batch_size):
+        ids, mask, loss_mask = collate(examples[i:i + cfg.batch_size], pad_id, device)
+        total += sft_loss(model(ids, mask), ids, loss_mask).item() * len(ids)
+        n += len(ids)
+    return total / n
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def gold_by_kind(prompts, responses):
+    """Mean gold reward over all prompts and per kind: {"all": g, "math": g, ...}."""
+    golds = [data.gold_reward(p, r) for p, r in zip(prompts, responses)]
+    out = {"all": mean(golds)}
+    for kind in data.KIND_WEIGHTS:
+        g = [x for p, x in zip(prompts, golds) if data.task_of(p).kind == kind]
+        if g:
+            out[kind] = mean(g)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    enc = tok.get_tokenizer(cfg.tokenizer)
+    print(f"device={device} tokenizer={tok.tokenizer_id(enc)} config={asdict(cfg)}")
+
+    # data: demonstrations on train prompts (training) and val prompts (validation loss)
+    splits = data.prompt_splits(cfg.seed)
+    rng = random.Random(cfg.seed)
+    train = encode_demos(enc, data.make_demonstrations(data.sample_prompts(splits["train"], cfg.n_train, rng),
+                                                       cfg.seed + 1), cfg.block_size)
+    val = encode_demos(enc, data.make_demonstrations(data.sample_prompts(splits["val"], cfg.n_val, rng),
+                                                     cfg.seed + 2), cfg.block_size)
+
+    mcfg = GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd, dropout=cfg.dropout, pad_id=tok.pad_id(enc))
+    model = GPT(mcfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{n_params / 1e6:.2f}M parameters; {len(train)} train / {len(val)} val demonstrations")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log_path = os.path.join(cfg.out_dir, "sft_log.jsonl")
+    log = JsonlLog(log_path)
+    progress = Progress(cfg.max_iters)
+    order = []
+    t0 = time.time()
+    for step in range(cfg.max_iters + 1):
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            vl = eval_loss(model, val, cfg, mcfg.pad_id, device)
+            log.write(step=step, val_loss=vl, time=time.time() - t0)
+            print(progress.line(step, f"val loss {vl:.4f}"))
+        if step == cfg.max_iters:
+            break
+        # one optimizer step on a batch drawn without replacement (reshuffled each epoch)
+        if len(order) < cfg.batch_size:
+            order = list(range(len(train)))
+            rng.shuffle(order)
+        batch = [train[order.pop()] for _ in range(cfg.batch_size)]
+        ids, mask, loss_mask = collate(batch, mcfg.pad_id, device)        # (B, T) each
+        model.train()
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = sft_loss(model(ids, mask), ids, loss_mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        opt.step()
+        log.write(step=step + 1, train_loss=loss.item(), lr=lr, grad_norm=gnorm.item(), time=time.time() - t0)
+    train_time = time.time() - t0
+
+    # final evaluation: sample on test prompts, gold reward next to the demonstrations' on the same prompts
+    eval_prompts = data.sample_prompts(splits["test"], cfg.n_eval_prompts, random.Random(cfg.seed + 3))
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    responses = sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device, gen)
+    demos = [d for _, d in data.make_demonstrations(eval_prompts, cfg.seed + 4)]
+    gold_sft, gold_demo = gold_by_kind(eval_prompts, responses), gold_by_kind(eval_prompts, demos)
+    ended = mean([r.endswith(data.EOS_TEXT) for r in responses])
+    print(table([(p.strip(), r, data.gold_reward(p, r)) for p, r in zip(eval_prompts[:8], responses[:8])],
+                ["test prompt", f"SFT sample (T={cfg.temperature})", "gold"], [44, 70, 5]))
+    print(table([(k, gold_demo[k], gold_sft.get(k, float("nan"))) for k in gold_demo],
+                ["kind", "gold: demonstrations", "gold: SFT samples"], [8, 20, 18]))
+    metrics = dict(val_loss=vl, gold_sft=gold_sft["all"], gold_demos=gold_demo["all"], gold_sft_by_kind=gold_sft,
+                   gold_demos_by_kind=gold_demo, ended_fraction=ended, train_time_s=train_time,
+                   n_params=n_params, n_eval_prompts=len(eval_prompts))
+    log.write(step=cfg.max_iters, **{k: v for k, v in metrics.items() if not isinstance(v, dict)})
+
+    ckpt_path = os.path.join(cfg.out_dir, "sft.pt")
+    save_checkpoint(ckpt_path, stage="sft", model=model.state_dict(), model_config=asdict(mcfg),
+                    tokenizer=cfg.tokenizer, tokenizer_id=tok.tokenizer_id(enc), step=cfg.max_iters,
+                    metrics=metrics, config=asdict(cfg))
+    plot_curves(os.path.join(cfg.out_dir, "sft_loss.png"), read_jsonl(log_path), "step",
+                [["train_loss", "val_loss"]], "SFT: response-token cross-entropy")
+    print(f"SFT done in {train_time:.0f}s: val loss {vl:.4f}, gold reward SFT {gold_sft['all']:.3f} vs "
+          f"demonstrations {gold_demo['all']:.3f}, {100 * ended:.0f}% ended with EOS -> {ckpt_path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""
+Boilerplate every stage shares and nothing algorithmic: the dataclass <-> argparse bridge, seeding,
+checkpoints, the JSONL log, a progress line with ETA, a loss plot and a plain-text table.
+(The RLHF logic lives in the stage files; read those first.)
+"""
+import argparse
+import dataclasses
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+def _str2bool(s):
+    if s.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def parse_config(cls, presets, argv=None, description=None):
+    """
+    Build a `cls` dataclass from the command line: defaults, then `--preset NAME` (a dict from `presets`),
+    then every explicit `--field value`. Each field's help text is the comment in its `metadata["help"]`.
+    """
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(presets), default=None, help="a named set of overrides")
+    for f in dataclasses.fields(cls):
+        typ = _str2bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
+        p.add_argument(f"--{f.name}", type=typ, default=None, help=f"{f.metadata.get('help', '')} (default: {f.default})")
+    args = p.parse_args(argv)
+    cfg = cls(**presets.get(args.preset, {})) if args.preset else cls()
+    overrides = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
+    cfg = dataclasses.replace(cfg, **overrides)
+    if hasattr(cfg, "preset"):
+        cfg = dataclasses.replace(cfg, preset=args.preset or "default")
+    return cfg
+
+
+def field(default, help):
+    """A dataclass field with its help text (shown by --help)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, **ckpt):
+    """Write atomically: to a temporary file first, then rename (a kill mid-save leaves the old file intact)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, stage, tokenizer_id=None):
+    """Load a checkpoint dict written by `stage` (weights_only: no code runs on load) and check what it is."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found (run the '{stage}' stage first)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "stage" not in ckpt:
+        raise ValueError(f"{path}: not a checkpoint written by this project (no 'stage' field)")
+    if ckpt["stage"] != stage:
+        raise ValueError(f"{path}: is a '{ckpt['stage']}' checkpoint; expected '{stage}'")
+    if tokenizer_id is not None and ckpt["tokenizer_id"] != tokenizer_id:
+        raise ValueError(f"{path}: made with tokenizer {ckpt['tokenizer_id']}, but this run uses {tokenizer_id}")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+class JsonlLog:
+    """Append one JSON object per line to `path` (started fresh)."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        open(path, "w").close()
+
+    def write(self, **row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """`progress.line(step, text)` -> 'step 120/600 (20%) | text | 12.3s elapsed, ETA 49s'."""
+
+    def __init__(self, total):
+        self.total, self.t0 = total, time.time()
+
+    def line(self, step, text):
+        elapsed = time.time() - self.t0
+        eta = elapsed / max(step, 1) * (self.total - step)
+        return f"step {step:>5}/{self.total} ({100 * step / self.total:3.0f}%) | {text} | {elapsed:6.1f}s elapsed, ETA {eta:5.0f}s"
+
+
+def plot_curves(path, rows, x, ys, title):
+    """Save a PNG of the JSONL rows' `ys` keys against `x` (rows without a key are skipped for that curve)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(ys), figsize=(4.5 * len(ys), 3.5), squeeze=False)
+    for ax, group in zip(axes[0], ys):
+        for key in group:
+            pts = [(r[x], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=key, marker="." if len(pts) < 30 else None)
+        ax.set_xlabel(x)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(rows, headers, widths):
+    """Plain-text table; cells are cut to their column width (newlines shown as the two characters \\n)."""
+    def cell(v, w):
+        s = f"{v:.2f}" if isinstance(v, float) else str(v).replace("\n", "\\n")
+        return (s[: w - 1] + "…" if len(s) > w else s).ljust(w)
+    line = "+".join("-" * (w + 2) for w in widths)
+    out = [line, " | ".join(cell(h, w) for h, w in zip(headers, widths)), line]
+    out += [" | ".join(cell(v, w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join(out + [line])
