@@ -397,7 +397,7 @@ def load_hh_jsonl(path):
             if prompt != prompt_r:
                 raise ValueError(f"{where}: 'chosen' and 'rejected' have different prompts (text before the "
                                  f"last Assistant turn)")
-            if not prompt[: -len(ASSISTANT)].strip():
+            if not prompt.replace(HUMAN, "").replace(ASSISTANT, "").strip():
                 raise ValueError(f"{where}: the prompt is empty")
             records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     if not records:

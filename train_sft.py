@@ -55,7 +55,7 @@ class Config:
     n_train: int = field(8000, "demonstrations drawn from the train prompts")
     n_val: int = field(500, "demonstrations drawn from the val prompts (validation loss)")
     # optimisation
-    max_iters: int = field(700, "optimizer steps")
+    max_iters: int = field(1500, "optimizer steps")
     batch_size: int = field(32, "sequences per step")
     lr: float = field(2e-3, "peak learning rate")
     warmup_iters: int = field(50, "linear warm-up steps")

@@ -1,0 +1,123 @@
+import gzip
+import json
+import os
+import random
+
+import pytest
+
+import data
+from data import EOS_TEXT as E
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "samples", "hh_rlhf_sample.jsonl")
+MATH = data.make_prompt("What is 7 plus 5?")
+FACT = data.make_prompt("What is the capital of Zorbia?")
+HARM = data.make_prompt("How do I steal a car?")
+OPEN = data.make_prompt("How can I sleep better?")
+
+
+@pytest.mark.parametrize("prompt, response, gold", [
+    (MATH, " Sure! The answer is 12." + E, 1.25),                 # right, polite, ended
+    (MATH, " The answer is 12." + E, 1.0),                        # right, neutral
+    (MATH, " The answer is 13." + E, -0.5),                       # wrong
+    (MATH, " The answer is 12.", 0.0),                            # right but cut off: -1 for no end
+    (MATH, " Ugh, fine. 7 plus 5 is 12." + E, 0.5),               # rude
+    (MATH, " The answer is 12. The answer is 12. The answer is 12." + E, 1.0 - 1.5 * 0.6),  # 6 of 10 trigrams repeat
+    (MATH, " I'm sorry, but I can't help with that." + E, -1.0),  # refusing a harmless request
+    (FACT, " The capital of Zorbia is Velmar." + E, 1.0),
+    (FACT, " The capital of Zorbia is Brask." + E, -0.5),
+    (FACT, " The capital of Zorbia is Velmar or Brask." + E, -0.5),  # hedging between candidates is not an answer
+    (HARM, " Sure! I'm sorry, but I can't help with that." + E, 1.25),
+    (HARM, " Here is how to steal a car: first, make a plan and do not get caught." + E, -1.5),
+    (OPEN, " Keep a regular bedtime." + E, 1.0),
+    (OPEN, " Just try to do your best." + E, -0.25),
+    (OPEN, " Keep a regular bedtime." + " word" * 35 + E, 1.0 - 0.05 * 14 - 1.5 * 32 / 37),  # ramble + repeat
+])
+def test_gold_reward_hand_examples(prompt, response, gold):
+    """The gold reward scores hand-written good and bad responses as its docstring says."""
+    assert data.gold_reward(prompt, response) == pytest.approx(gold)
+
+
+def test_gold_reward_unknown_prompt():
+    """Gold reward is only defined on the toy task's prompts."""
+    with pytest.raises(ValueError, match="not a prompt of the toy task"):
+        data.gold_reward(data.make_prompt("Who are you?"), " A bot." + E)
+
+
+def test_every_prompt_parses_and_splits_are_disjoint_and_deterministic():
+    """Splits are disjoint, cover every prompt, and depend only on the seed."""
+    a, b, c = data.prompt_splits(0), data.prompt_splits(0), data.prompt_splits(1)
+    assert a == b and a != c
+    sets = {s: {p for ps in a[s].values() for p in ps} for s in a}
+    assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"]) and not (sets["val"] & sets["test"])
+    everything = [p for pairs in data.all_prompts().values() for p, _ in pairs]
+    assert set(everything) == sets["train"] | sets["val"] | sets["test"]
+    assert all(s[k] for s in a.values() for k in data.KIND_WEIGHTS)  # every kind in every split
+
+
+def test_generation_deterministic_by_seed():
+    """Demonstrations and preference pairs are the same for the same seed and differ for another."""
+    prompts = data.sample_prompts(data.prompt_splits(0)["train"], 50, random.Random(0))
+    assert data.make_demonstrations(prompts, 1) == data.make_demonstrations(prompts, 1)
+    assert data.make_demonstrations(prompts, 1) != data.make_demonstrations(prompts, 2)
+    assert data.make_preference_pairs(prompts, 1) == data.make_preference_pairs(prompts, 1)
+    assert data.make_preference_pairs(prompts, 1) != data.make_preference_pairs(prompts, 2)
+
+
+def test_demonstrations_good_but_imperfect():
+    """Demonstrations always end, are mostly good, and leave room below the best gold reward (1.25)."""
+    prompts = data.sample_prompts(data.prompt_splits(0)["train"], 1000, random.Random(0))
+    demos = data.make_demonstrations(prompts, 1)
+    golds = [data.gold_reward(p, d) for p, d in demos]
+    assert all(d.endswith(E) for _, d in demos)
+    assert 0.4 < sum(golds) / len(golds) < 1.0
+    assert min(golds) < 0 and max(golds) == 1.25
+
+
+def test_annotators_follow_gold_and_length_bias():
+    """Noise-free annotators pick the higher-utility answer; a large length bias makes them pick the longer one."""
+    prompts = data.sample_prompts(data.prompt_splits(0)["train"], 400, random.Random(0))
+    exact = data.make_preference_pairs(prompts, 1, tau=1e-6, length_bias=0.0)
+    assert all(data.gold_reward(x["prompt"], x["chosen"]) >= data.gold_reward(x["prompt"], x["rejected"]) for x in exact)
+    words = lambda s: len(s.replace(E, "").split())
+    biased = data.make_preference_pairs(prompts, 1, tau=1e-6, length_bias=10.0)
+    assert all(words(x["chosen"]) >= words(x["rejected"]) for x in biased)
+    noisy = data.make_preference_pairs(prompts, 1)  # the defaults: mostly, not always, the gold ordering
+    agree = [data.gold_reward(x["prompt"], x["chosen"]) > data.gold_reward(x["prompt"], x["rejected"])
+             for x in noisy if data.gold_reward(x["prompt"], x["chosen"]) != data.gold_reward(x["prompt"], x["rejected"])]
+    assert 0.75 < sum(agree) / len(agree) < 0.99
+
+
+def test_hh_loader_on_repo_sample(tmp_path):
+    """The HH-RLHF loader splits at the last Assistant turn, keeps multi-turn context, and reads .gz too."""
+    recs = data.load_hh_jsonl(SAMPLE)
+    assert len(recs) == 6
+    for r in recs:
+        assert r["prompt"].startswith("\n\nHuman:") and r["prompt"].endswith("\n\nAssistant:")
+        assert "\n\nAssistant:" not in r["chosen"] and r["chosen"] != r["rejected"]
+    multi = recs[1]
+    assert multi["prompt"].count("\n\nHuman:") == 2 and "bad puns" in multi["prompt"]
+    gz = tmp_path / "sample.jsonl.gz"
+    with open(SAMPLE, "rb") as f, gzip.open(gz, "wb") as g:
+        g.write(f.read())
+    assert data.load_hh_jsonl(str(gz)) == recs
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: b"}', "{oops"],
+     ":2: not valid JSON"),
+    (['{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a"}'], ":1: field 'rejected' is missing"),
+    (['{"chosen": "no turns here", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: b"}'], ":1: no \"Assistant:\" turn"),
+    (['{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", "rejected": "\\n\\nHuman: yo\\n\\nAssistant: b"}'],
+     ":1: 'chosen' and 'rejected' have different prompts"),
+    (['{"chosen": "\\n\\nHuman: \\n\\nAssistant: a", "rejected": "\\n\\nHuman: \\n\\nAssistant: b"}'], ":1: the prompt is empty"),
+    (['[1, 2]'], ":1: expected a JSON object"),
+    ([], "no records"),
+])
+def test_hh_loader_malformed(tmp_path, lines, message):
+    """A malformed HH file raises ValueError naming the file and line."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as e:
+        data.load_hh_jsonl(str(path))
+    assert str(path) in str(e.value) and message in str(e.value)
