@@ -136,7 +136,7 @@ def evaluate_rm(rm, enc, pairs, device, batch_size=64):
     differ = gc != gr
     rm_all, gold_all = np.concatenate([rc, rr]), np.concatenate([gc, gr])     # (2P,)
     words = np.array([len(p[k].replace(data.EOS_TEXT, "").split()) for k in ("chosen", "rejected") for p in pairs])
-    return dict(loss=float(-np.mean(np.log(1 / (1 + np.exp(-(rc - rr)))))),
+    return dict(loss=float(np.mean(np.logaddexp(0.0, -(rc - rr)))),  # -log sigmoid(x) = log(1 + e^-x), stable
                 acc_labels=float(np.mean(rc > rr)),
                 acc_gold=float(np.mean((rc > rr)[differ] == (gc > gr)[differ])),
                 pearson=pearson(rm_all, gold_all), spearman=spearman(rm_all, gold_all),
@@ -155,11 +155,8 @@ def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    sft = load_checkpoint(cfg.sft_ckpt, "sft")
+    sft = load_checkpoint(cfg.sft_ckpt, "sft")  # also checks that its tokenizer is unchanged
     enc = tok.get_tokenizer(sft["tokenizer"])
-    if tok.tokenizer_id(enc) != sft["tokenizer_id"]:
-        raise ValueError(f"{cfg.sft_ckpt}: made with tokenizer {sft['tokenizer_id']}, but "
-                         f"'{sft['tokenizer']}' is now {tok.tokenizer_id(enc)} (retrain SFT)")
     print(f"device={device} tokenizer={sft['tokenizer_id']} config={asdict(cfg)}")
 
     # model: SFT backbone + fresh scalar head

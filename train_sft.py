@@ -238,7 +238,7 @@ def main(argv=None):
                     tokenizer=cfg.tokenizer, tokenizer_id=tok.tokenizer_id(enc), step=cfg.max_iters,
                     metrics=metrics, config=asdict(cfg))
     plot_curves(os.path.join(cfg.out_dir, "sft_loss.png"), read_jsonl(log_path), "step",
-                [["train_loss", "val_loss"]], "SFT: response-token cross-entropy")
+                [["train_loss", "val_loss"]], "SFT: response-token cross-entropy", logy=(0,))
     print(f"SFT done in {train_time:.0f}s: val loss {vl:.4f}, gold reward SFT {gold_sft['all']:.3f} vs "
           f"demonstrations {gold_demo['all']:.3f}, {100 * ended:.0f}% ended with EOS -> {ckpt_path}")
     return metrics

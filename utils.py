@@ -65,7 +65,8 @@ def save_checkpoint(path, **ckpt):
 
 
 def load_checkpoint(path, stage, tokenizer_id=None):
-    """Load a checkpoint dict written by `stage` (weights_only: no code runs on load) and check what it is."""
+    """Load a checkpoint dict written by `stage` (weights_only: no code runs on load) and check what it is.
+    With tokenizer_id=None the checkpoint's own tokenizer is rebuilt and must still have the same identity."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: checkpoint not found (run the '{stage}' stage first)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -73,7 +74,10 @@ def load_checkpoint(path, stage, tokenizer_id=None):
         raise ValueError(f"{path}: not a checkpoint written by this project (no 'stage' field)")
     if ckpt["stage"] != stage:
         raise ValueError(f"{path}: is a '{ckpt['stage']}' checkpoint; expected '{stage}'")
-    if tokenizer_id is not None and ckpt["tokenizer_id"] != tokenizer_id:
+    if tokenizer_id is None:
+        import tokenizer
+        tokenizer_id = tokenizer.tokenizer_id(tokenizer.get_tokenizer(ckpt["tokenizer"]))
+    if ckpt["tokenizer_id"] != tokenizer_id:
         raise ValueError(f"{path}: made with tokenizer {ckpt['tokenizer_id']}, but this run uses {tokenizer_id}")
     return ckpt
 
@@ -110,18 +114,21 @@ class Progress:
         return f"step {step:>5}/{self.total} ({100 * step / self.total:3.0f}%) | {text} | {elapsed:6.1f}s elapsed, ETA {eta:5.0f}s"
 
 
-def plot_curves(path, rows, x, ys, title):
-    """Save a PNG of the JSONL rows' `ys` keys against `x` (rows without a key are skipped for that curve)."""
+def plot_curves(path, rows, x, ys, title, logy=()):
+    """Save a PNG of the JSONL rows' `ys` keys against `x` (rows without a key are skipped for that curve);
+    `ys` is a list of panels, each a list of keys; panels whose index is in `logy` get a log y-axis."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(ys), figsize=(4.5 * len(ys), 3.5), squeeze=False)
-    for ax, group in zip(axes[0], ys):
+    for i, (ax, group) in enumerate(zip(axes[0], ys)):
         for key in group:
             pts = [(r[x], r[key]) for r in rows if key in r]
             if pts:
                 ax.plot(*zip(*pts), label=key, marker="." if len(pts) < 30 else None)
         ax.set_xlabel(x)
+        if i in logy:
+            ax.set_yscale("log")
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(title)

@@ -45,6 +45,8 @@ def test_pipeline_tiny_chained_through_checkpoints(tmp_path):
     assert any("train_loss" in r for r in log) and any("test_acc_gold" in r for r in log)
     with pytest.raises(ValueError, match="expected 'sft'"):  # the wrong stage's checkpoint is refused
         load_checkpoint(f"{out}/rm.pt", "sft")
+    with pytest.raises(ValueError, match="made with tokenizer toy-"):  # ... and one from another tokenizer
+        load_checkpoint(f"{out}/sft.pt", "sft", tokenizer_id="gpt2-50258-000000000000")
 
 
 def test_pipeline_script_tiny(tmp_path):
