@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 988   # the toy tokenizer's n_vocab (incl. EOS and PAD); 50258 for gpt2 + PAD
+    vocab_size: int = 1101  # the toy tokenizer's n_vocab (incl. EOS and PAD); 50258 for gpt2 + PAD
     block_size: int = 128   # longest sequence (prompt + response) the position table covers
     n_layer: int = 4        # transformer blocks
     n_head: int = 4         # attention heads per block
@@ -193,6 +193,8 @@ class GPT(nn.Module):
         use_cache=False recomputes the whole sequence each step (slow; the reference the cache is tested against).
         """
         B, Tp = prompt.shape
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if Tp + max_new_tokens > self.cfg.block_size:
             raise ValueError(f"prompt length {Tp} + max_new_tokens {max_new_tokens} exceeds block_size "
                              f"{self.cfg.block_size}")

@@ -63,7 +63,7 @@ class Config:
     grad_clip: float = field(1.0, "global grad-norm clip (0 = off)")
     eval_interval: int = field(100, "validate every this many steps")
     # final evaluation
-    n_eval_prompts: int = field(256, "test prompts sampled for the gold-reward evaluation")
+    n_eval_prompts: int = field(512, "test prompts sampled for the gold-reward evaluation")
     max_new_tokens: int = field(48, "longest sampled response")
     temperature: float = field(1.0, "sampling temperature for the evaluation (1 = the policy PPO starts from)")
 

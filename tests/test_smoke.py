@@ -49,7 +49,15 @@ def test_pipeline_tiny_chained_through_checkpoints(tmp_path):
         load_checkpoint(f"{out}/sft.pt", "sft", tokenizer_id="gpt2-50258-000000000000")
 
 
-def test_pipeline_script_tiny(tmp_path):
-    """pipeline.py (the README's main command) runs end to end with the tiny preset."""
-    out = run("pipeline.py", "--preset", "tiny", "--device", "cpu", "--out_dir", str(tmp_path))
-    assert "pipeline done" in out and os.path.exists(tmp_path / "rm.pt")
+def test_pipeline_script_tiny_is_deterministic(tmp_path):
+    """pipeline.py (the README's main command) runs end to end; two runs with one seed give identical weights and metrics."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        assert "pipeline done" in run("pipeline.py", "--preset", "tiny", "--device", "cpu", "--out_dir", str(out))
+    for stage, name in (("sft", "sft.pt"), ("rm", "rm.pt")):
+        ca, cb = load_checkpoint(str(a / name), stage), load_checkpoint(str(b / name), stage)
+        assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+        assert {k: v for k, v in ca["metrics"].items() if k != "train_time_s"} == \
+               {k: v for k, v in cb["metrics"].items() if k != "train_time_s"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
+    assert strip(read_jsonl(str(a / "sft_log.jsonl"))) == strip(read_jsonl(str(b / "sft_log.jsonl")))
