@@ -32,6 +32,8 @@ def parse_config(cls, presets, argv=None, description=None):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(presets), default=None, help="a named set of overrides")
     for f in dataclasses.fields(cls):
+        if f.name == "preset":  # filled in from --preset below
+            continue
         typ = _str2bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
         p.add_argument(f"--{f.name}", type=typ, default=None, help=f"{f.metadata.get('help', '')} (default: {f.default})")
     args = p.parse_args(argv)
@@ -68,12 +70,13 @@ def load_checkpoint(path, stage, tokenizer_id=None):
     """Load a checkpoint dict written by `stage` (weights_only: no code runs on load) and check what it is.
     With tokenizer_id=None the checkpoint's own tokenizer is rebuilt and must still have the same identity."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: checkpoint not found (run the '{stage}' stage first)")
+        raise FileNotFoundError(f"{path}: checkpoint not found (run the '{stage if isinstance(stage, str) else stage[0]}' stage first)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "stage" not in ckpt:
         raise ValueError(f"{path}: not a checkpoint written by this project (no 'stage' field)")
-    if ckpt["stage"] != stage:
-        raise ValueError(f"{path}: is a '{ckpt['stage']}' checkpoint; expected '{stage}'")
+    stages = (stage,) if isinstance(stage, str) else tuple(stage)
+    if ckpt["stage"] not in stages:
+        raise ValueError(f"{path}: is a '{ckpt['stage']}' checkpoint; expected '{' or '.join(stages)}'")
     if tokenizer_id is None:
         import tokenizer
         tokenizer_id = tokenizer.tokenizer_id(tokenizer.get_tokenizer(ckpt["tokenizer"]))
