@@ -1,0 +1,147 @@
+"""
+One evaluation for every policy: sample on held-out test prompts with fixed seeds and report, per checkpoint,
+
+    gold       mean gold reward (the true reward of the toy task, data.gold_reward)
+    rm         mean reward-model score (what the policy was optimised for)
+    win_vs_sft win rate against the SFT policy judged by the gold reward, prompt by prompt (tie = ½)
+    kl_sft     KL(π || π_SFT) per response: Σ_t log π(y_t) - log π_SFT(y_t) on the policy's own samples (k1)
+    length     response tokens (incl. EOS); eos_rate: share of responses that ended
+    distinct2  distinct word bigrams / all word bigrams over all responses (diversity; collapse lowers it)
+
+Any checkpoint that holds a policy works (stage sft or ppo; later algorithms write the same format).
+
+Run (writes out/eval.md, out/eval.jsonl and out/eval_reward_kl.png):
+    python evaluate.py --policies out/sft.pt out/ppo.pt
+    python evaluate.py --policies out/sft.pt out/ppo.pt out/vanilla/ppo.pt --n_prompts 1024
+
+Deliberate choices:
+  1. One sample per prompt at the training temperature (1.0), the same generator seed for every policy,
+     and the SFT policy's samples as the win-rate opponent (the paper's "win rate vs SFT", judged by gold
+     instead of humans or GPT-4).
+  2. The KL is the k1 estimate on samples from π at temperature τ, the quantity PPO's penalty controls.
+
+Shape legend: B prompts in a batch, Tp prompt length, Tr response length, V vocab.
+"""
+import argparse
+import json
+import os
+import random
+
+import torch
+
+import data
+import tokenizer as tok
+from model import GPTConfig, ScalarHeadGPT, pad_batch, pick_device
+from ppo_rlhf import load_policy, logprobs_from_logits, response_logits
+from utils import load_checkpoint, table
+
+
+def distinct_n(texts, n):
+    """Distinct word n-grams / all word n-grams over all texts (1.0 = no n-gram repeats anywhere)."""
+    grams = [tuple(w[i:i + n]) for w in (t.replace(data.EOS_TEXT, "").split() for t in texts)
+             for i in range(len(w) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+def win_rate(golds, opponent_golds):
+    """Share of prompts where golds beats opponent_golds (ties count ½)."""
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(golds, opponent_golds)) / len(golds)
+
+
+@torch.no_grad()
+def sample_and_score(policy, sft, rm, enc, prompts, max_new_tokens, temperature, device, seed, batch_size=128):
+    """Per prompt: response text, RM score, KL(π||π_SFT) estimate and length; one generator seed for all."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    policy.eval()
+    out = dict(texts=[], rm=[], kl=[], length=[])
+    for i in range(0, len(prompts), batch_size):
+        p_ids, p_mask = pad_batch([tok.encode(enc, p) for p in prompts[i:i + batch_size]], tok.pad_id(enc), left=True)
+        p_ids, p_mask = p_ids.to(device), p_mask.to(device)                 # (B, Tp)
+        resp = policy.generate(p_ids, p_mask, max_new_tokens, tok.eos_id(enc), tok.pad_id(enc),
+                               temperature=temperature, generator=gen)      # (B, Tr)
+        mask = (resp != tok.pad_id(enc)).long()                             # (B, Tr)
+        seq, seq_mask = torch.cat([p_ids, resp], 1), torch.cat([p_mask, mask], 1)  # (B, T)
+        Tp = p_ids.shape[1]
+        lp = logprobs_from_logits(response_logits(policy, seq, seq_mask, Tp, temperature), resp)  # (B, Tr)
+        lp_sft = logprobs_from_logits(response_logits(sft, seq, seq_mask, Tp, temperature), resp)  # (B, Tr)
+        out["kl"] += ((lp - lp_sft) * mask).sum(1).tolist()
+        out["rm"] += rm.score(seq, seq_mask).tolist()
+        out["length"] += mask.sum(1).tolist()
+        out["texts"] += [tok.decode(enc, r) for r in resp.tolist()]
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate policy checkpoints on held-out test prompts.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--policies", nargs="+", default=["out/sft.pt", "out/ppo.pt"], help="policy checkpoints")
+    p.add_argument("--sft_ckpt", default="out/sft.pt", help="the SFT policy: win-rate opponent and KL reference")
+    p.add_argument("--rm_ckpt", default="out/rm.pt", help="the reward model whose score is reported")
+    p.add_argument("--out_dir", default="out", help="where eval.md, eval.jsonl and eval_reward_kl.png go")
+    p.add_argument("--n_prompts", type=int, default=512, help="test prompts (drawn with the task's kind weights)")
+    p.add_argument("--max_new_tokens", type=int, default=48, help="longest response")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--seed", type=int, default=0, help="prompt draw and sampling seed (the same for every policy)")
+    p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, mps")
+    a = p.parse_args(argv)
+    device = pick_device(a.device)
+
+    sft, sft_ckpt = load_policy(a.sft_ckpt, ("sft",))
+    enc = tok.get_tokenizer(sft_ckpt["tokenizer"])
+    rm_ckpt = load_checkpoint(a.rm_ckpt, "rm", sft_ckpt["tokenizer_id"])
+    rm = ScalarHeadGPT(GPTConfig(**rm_ckpt["model_config"]))
+    rm.load_state_dict(rm_ckpt["model"])
+    sft, rm = sft.to(device).eval(), rm.to(device).eval()
+    splits = data.prompt_splits(sft_ckpt["config"]["seed"])
+    prompts = data.sample_prompts(splits["test"], a.n_prompts, random.Random(a.seed))
+    args = (enc, prompts, a.max_new_tokens, a.temperature, device, a.seed)
+
+    base = sample_and_score(sft, sft, rm, *args)
+    base_gold = [data.gold_reward(q, r) for q, r in zip(prompts, base["texts"])]
+    rows = []
+    for path in a.policies:
+        policy, ckpt = load_policy(path, ("sft", "ppo", "rloo", "alol", "dpo", "raft"))
+        if ckpt["tokenizer_id"] != sft_ckpt["tokenizer_id"]:
+            raise ValueError(f"{path}: tokenizer {ckpt['tokenizer_id']} differs from the SFT's {sft_ckpt['tokenizer_id']}")
+        res = sample_and_score(policy.to(device), sft, rm, *args)
+        gold = [data.gold_reward(q, r) for q, r in zip(prompts, res["texts"])]
+        n = len(prompts)
+        rows.append(dict(policy=path, stage=ckpt["stage"], gold=sum(gold) / n, rm=sum(res["rm"]) / n,
+                         win_vs_sft=win_rate(gold, base_gold), kl_sft=sum(res["kl"]) / n,
+                         length=sum(res["length"]) / n, eos_rate=sum(t.endswith(data.EOS_TEXT) for t in res["texts"]) / n,
+                         distinct2=distinct_n(res["texts"], 2), n_prompts=n,
+                         samples=[(prompts[i], res["texts"][i], gold[i]) for i in range(3)]))
+
+    keys = ["gold", "rm", "win_vs_sft", "kl_sft", "length", "eos_rate", "distinct2"]
+    md = ["| policy | stage | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    md += [f"| {r['policy']} | {r['stage']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for r in rows]
+    os.makedirs(a.out_dir, exist_ok=True)
+    with open(os.path.join(a.out_dir, "eval.md"), "w") as f:
+        f.write(f"{len(prompts)} test prompts, temperature {a.temperature}, seed {a.seed}\n\n" + "\n".join(md) + "\n")
+    with open(os.path.join(a.out_dir, "eval.jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    for r in rows:
+        print(table([(q.strip(), t, g) for q, t, g in r["samples"]], ["prompt", f"{r['policy']}", "gold"], [34, 70, 5]))
+    print("\n".join(md))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for r in rows:
+        ax.scatter(r["kl_sft"], r["gold"], label=f"{r['policy']} (gold)", marker="o")
+        ax.scatter(r["kl_sft"], r["rm"], marker="x", color=ax.collections[-1].get_facecolor()[0], label=f"{r['policy']} (RM)")
+    ax.set_xlabel("KL(π || π_SFT) per response (nats)")
+    ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Reward vs KL to SFT (o gold, x reward model)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.out_dir, "eval_reward_kl.png"), dpi=100)
+    plt.close(fig)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
