@@ -1,42 +1,69 @@
 """
 The whole RLHF pipeline on the toy task, stage after stage, each stage's checkpoint feeding the next:
 
-    1. train_sft.py     supervised fine-tuning on demonstrations      -> OUT/sft.pt
-    2. reward_model.py  Bradley-Terry reward model on preference pairs -> OUT/rm.pt
-   (3. PPO and the other RLHF algorithms are added by later stages.)
+    1. train_sft.py     supervised fine-tuning on demonstrations              -> OUT/sft.pt
+    2. reward_model.py  Bradley-Terry reward model on preference pairs        -> OUT/rm.pt
+    3. ppo_rlhf.py      PPO with the PPO-max recipe against the reward model  -> OUT/ppo.pt
+    4. evaluate.py      SFT vs PPO on held-out test prompts: gold reward, RM score, win rate, KL, ...
+                                                                              -> OUT/eval.md
 
 Run:
     python pipeline.py                                  # default config, CPU minutes
     python pipeline.py --preset tiny --out_dir out/tiny # seconds (what the smoke test runs)
+    python pipeline.py --ppo_preset vanilla --out_dir out/vanilla   # the baseline that collapses
 
-Each stage can also be run on its own with its full set of options (`python train_sft.py --help`).
+Each stage can also be run on its own with its full set of options (`python ppo_rlhf.py --help`).
 """
 import argparse
 import os
 import time
 
+import evaluate
+import ppo_rlhf
 import reward_model
 import train_sft
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Run SFT then the reward model on the toy task.")
+    p = argparse.ArgumentParser(description="Run SFT, the reward model, PPO and the evaluation on the toy task.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out_dir", default="out", help="directory for every stage's checkpoint, log and plot")
     p.add_argument("--preset", default="default", choices=["default", "tiny"], help="size preset for every stage")
+    p.add_argument("--ppo_preset", default="ppo_max", choices=["ppo_max", "vanilla"],
+                   help="PPO recipe (ignored with --preset tiny)")
     p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, mps")
     p.add_argument("--seed", default=0, type=int, help="seed for every stage")
     a = p.parse_args(argv)
-    common = ["--preset", a.preset, "--out_dir", a.out_dir, "--device", a.device, "--seed", str(a.seed)]
-    t0 = time.time()
-    print("=" * 30, "stage 1: SFT", "=" * 30)
-    sft = train_sft.main(common)
-    print("=" * 30, "stage 2: reward model", "=" * 30)
-    rm = reward_model.main(common + ["--sft_ckpt", os.path.join(a.out_dir, "sft.pt")])
+    common = ["--out_dir", a.out_dir, "--device", a.device, "--seed", str(a.seed)]
+    sft_path, rm_path, ppo_path = (os.path.join(a.out_dir, f) for f in ("sft.pt", "rm.pt", "ppo.pt"))
+    tiny = a.preset == "tiny"
+    t0, times = time.time(), {}
+
+    def stage(name, fn, args):
+        print("=" * 30, name, "=" * 30)
+        t = time.time()
+        out = fn(args)
+        times[name] = time.time() - t
+        return out
+
+    sft = stage("1 SFT", train_sft.main, common + ["--preset", a.preset])
+    rm = stage("2 reward model", reward_model.main, common + ["--preset", a.preset, "--sft_ckpt", sft_path])
+    ppo = stage("3 PPO", ppo_rlhf.main, common + ["--preset", "tiny" if tiny else a.ppo_preset,
+                                                   "--sft_ckpt", sft_path, "--rm_ckpt", rm_path])
+    ev = stage("4 evaluate", evaluate.main, ["--out_dir", a.out_dir, "--device", a.device, "--seed", str(a.seed),
+                                             "--sft_ckpt", sft_path, "--rm_ckpt", rm_path,
+                                             "--policies", sft_path, ppo_path]
+               + (["--n_prompts", "16", "--max_new_tokens", "12"] if tiny else []))
     print("=" * 30, f"pipeline done in {time.time() - t0:.0f}s", "=" * 30)
-    print(f"SFT: gold reward {sft['gold_sft']:.3f} (demonstrations {sft['gold_demos']:.3f}), val loss {sft['val_loss']:.3f}")
+    print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    print(f"SFT: val loss {sft['val_loss']:.3f}; gold reward {sft['gold_sft']:.3f} (demonstrations {sft['gold_demos']:.3f})")
     print(f"RM : accuracy vs gold {rm['acc_gold']:.3f}, vs labels {rm['acc_labels']:.3f}, "
           f"Spearman {rm['spearman']:.3f}, Pearson {rm['pearson']:.3f}")
-    print(f"checkpoints, JSONL logs and PNG plots in {a.out_dir}/")
+    print(f"PPO: {'COLLAPSE WARNING' if ppo['collapse_warning'] else 'no collapse warning'}")
+    for r in ev:
+        print(f"eval {r['policy']}: gold {r['gold']:.3f}, RM {r['rm']:.2f}, win rate vs SFT {r['win_vs_sft']:.3f}, "
+              f"KL to SFT {r['kl_sft']:.2f}, length {r['length']:.1f}")
+    print(f"checkpoints, JSONL logs, PNG plots and eval.md in {a.out_dir}/")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def run(*args):
     return r.stdout
 
 
-@pytest.mark.parametrize("script", ["train_sft.py", "reward_model.py", "pipeline.py"])
+@pytest.mark.parametrize("script", ["train_sft.py", "reward_model.py", "ppo_rlhf.py", "evaluate.py", "pipeline.py"])
 def test_help(script):
     """Every stage script answers --help with its options."""
     out = run(script, "--help")
@@ -54,10 +54,16 @@ def test_pipeline_script_tiny_is_deterministic(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
         assert "pipeline done" in run("pipeline.py", "--preset", "tiny", "--device", "cpu", "--out_dir", str(out))
-    for stage, name in (("sft", "sft.pt"), ("rm", "rm.pt")):
+    for f in ["ppo.pt", "ppo_log.jsonl", "ppo_curves.png", "eval.md", "eval_reward_kl.png"]:
+        assert os.path.getsize(a / f) > 0, f
+    for stage, name in (("sft", "sft.pt"), ("rm", "rm.pt"), ("ppo", "ppo.pt")):
         ca, cb = load_checkpoint(str(a / name), stage), load_checkpoint(str(b / name), stage)
         assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
         assert {k: v for k, v in ca["metrics"].items() if k != "train_time_s"} == \
                {k: v for k, v in cb["metrics"].items() if k != "train_time_s"}
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "train_time_s")} for r in rows]
-    assert strip(read_jsonl(str(a / "sft_log.jsonl"))) == strip(read_jsonl(str(b / "sft_log.jsonl")))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("t_") and not k.endswith("time") and not k.endswith("time_s")}
+                          for r in rows]
+    for log in ("sft_log.jsonl", "rm_log.jsonl", "ppo_log.jsonl"):
+        assert strip(read_jsonl(str(a / log))) == strip(read_jsonl(str(b / log))), log
+    evals = [[{k: v for k, v in r.items() if k != "policy"} for r in read_jsonl(str(d / "eval.jsonl"))] for d in (a, b)]
+    assert evals[0] == evals[1] and len(evals[0]) == 2
