@@ -123,8 +123,12 @@ def plot_curves(path, rows, x, ys, title, logy=()):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(ys), figsize=(4.5 * len(ys), 3.5), squeeze=False)
-    for i, (ax, group) in enumerate(zip(axes[0], ys)):
+    ncols = min(3, len(ys))
+    nrows = -(-len(ys) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows + 0.4), squeeze=False)
+    for ax in axes.flat[len(ys):]:
+        ax.set_visible(False)
+    for i, (ax, group) in enumerate(zip(axes.flat, ys)):
         for key in group:
             pts = [(r[x], r[key]) for r in rows if key in r]
             if pts:

@@ -238,3 +238,27 @@ def test_collapse_signature():
     assert "length" in ppo.collapse_signature(long, 48, 3)[0]
     hacked = healthy[:3] + [dict(length=25, eos_rate=1.0, kl_seq=3.0, score_raw=5.0, gold=0.2)] * 3
     assert "gold down" in ppo.collapse_signature(hacked, 48, 3)[0]
+
+
+@pytest.mark.parametrize("switch", [dict(entropy_coef=0.1), dict(adv_whiten=True), dict(adv_clip=0.05),
+                                    dict(clip_eps=0.01), dict(ptx_coef=1.0), dict(vf_clip=0.0), dict(grad_clip=0.01)])
+def test_each_update_switch_changes_the_update(switch):
+    """Turning one switch on changes the weights a PPO update produces (from identical starts and minibatches)."""
+    from train_sft import encode_demos
+    demos = encode_demos(ENC, data.make_demonstrations(PROMPTS, 0), 64)
+    results = []
+    for cfg in (ppo.Config(max_new_tokens=8, minibatch=2, ppo_epochs=2),
+                ppo.Config(max_new_tokens=8, minibatch=2, ppo_epochs=2, **switch)):
+        policy, _, _, critic, ro = _rollout(cfg)
+        rewards = ppo.kl_rewards(ro["old_logprobs"], ro["ref_logprobs"], ro["mask"],
+                                 torch.tensor([1.0, -1.0, 2.0, 0.5]), cfg.kl_coef)
+        adv, ret = ppo.compute_gae(rewards, ro["values"], ro["mask"], cfg.gamma, cfg.lam)
+        opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": 1e-2}, {"params": critic.parameters(), "lr": 1e-2}])
+        stats = ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0), demos,
+                               tok.pad_id(ENC))
+        results.append((policy.state_dict(), critic.state_dict(), stats))
+    (p0, c0, s0), (p1, c1, s1) = results
+    changed = any(not torch.allclose(p0[k], p1[k]) for k in p0) or any(not torch.allclose(c0[k], c1[k]) for k in c0)
+    assert changed
+    if "ptx_coef" in switch:
+        assert "ptx_loss" in s1[0] and "ptx_loss" not in s0[0]
