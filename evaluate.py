@@ -33,7 +33,7 @@ import data
 import tokenizer as tok
 from model import GPTConfig, ScalarHeadGPT, pad_batch, pick_device
 from ppo_rlhf import load_policy, logprobs_from_logits, response_logits
-from utils import load_checkpoint, table
+from utils import load_checkpoint, load_weights, run_main, table
 
 
 def distinct_n(texts, n):
@@ -90,7 +90,7 @@ def main(argv=None):
     enc = tok.get_tokenizer(sft_ckpt["tokenizer"])
     rm_ckpt = load_checkpoint(a.rm_ckpt, "rm", sft_ckpt["tokenizer_id"])
     rm = ScalarHeadGPT(GPTConfig(**rm_ckpt["model_config"]))
-    rm.load_state_dict(rm_ckpt["model"])
+    load_weights(rm, rm_ckpt["model"], a.rm_ckpt)
     sft, rm = sft.to(device).eval(), rm.to(device).eval()
     splits = data.prompt_splits(sft_ckpt["config"]["seed"])
     prompts = data.sample_prompts(splits["test"], a.n_prompts, random.Random(a.seed))
@@ -144,4 +144,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

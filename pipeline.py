@@ -22,6 +22,7 @@ import evaluate
 import ppo_rlhf
 import reward_model
 import train_sft
+from utils import run_main
 
 
 def main(argv=None):
@@ -67,4 +68,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -57,8 +57,9 @@ import data
 import tokenizer as tok
 from model import GPT, GPTConfig, ScalarHeadGPT, last_token_index, pad_batch, pick_device
 from train_sft import collate, encode_demos, sample_responses, sft_loss
-from utils import (JsonlLog, Progress, field, load_checkpoint, parse_config, plot_curves, read_jsonl,
-                   save_checkpoint, seed_everything, table)
+from utils import (JsonlLog, Progress, check_finite, check_resume, field, fit_prompt, load_checkpoint,
+                   load_weights, parse_config, plot_curves, read_jsonl, rng_state, run_main, save_checkpoint,
+                   seed_everything, set_rng_state, table)
 
 
 @dataclass
@@ -103,6 +104,11 @@ class Config:
     eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts, sample table")
     n_eval_prompts: int = field(64, "val prompts for the win rate during training")
     collapse_window: int = field(10, "iterations compared by the collapse warning")
+    # reliability
+    truncate_prompts: bool = field(True, "cut over-long prompts from the left with a warning (false: error)")
+    ckpt_interval: int = field(25, "also write ppo.pt (with optimizer, RNG and running stats) every N iterations")
+    resume: bool = field(False, "continue from out_dir/ppo.pt written by an interrupted run")
+    stop_after: int = field(0, "stop after this many iterations as if killed (to test --resume); 0 = off")
 
 
 PRESETS = {
@@ -285,10 +291,10 @@ def collapse_signature(history, max_new_tokens, window):
 
 
 def load_policy(path, stages=("sft", "ppo")):
-    """A policy checkpoint (any stage that writes one) -> (GPT, checkpoint dict)."""
+    """A finished policy checkpoint (any stage that writes one) -> (GPT, checkpoint dict)."""
     ckpt = load_checkpoint(path, stages)
     model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path)
     return model, ckpt
 
 
@@ -298,7 +304,9 @@ def load_policy(path, stages=("sft", "ppo")):
 def rollout(policy, ref, rm, critic, enc, prompts, cfg, device, generator):
     """Steps 1-2: sample responses, then score them with every model in one no-grad pass each."""
     policy.eval()
-    p_ids, p_mask = pad_batch([tok.encode(enc, p) for p in prompts], tok.pad_id(enc), left=True)  # (B, Tp)
+    room = policy.cfg.block_size - cfg.max_new_tokens
+    p_ids, p_mask = pad_batch([fit_prompt(tok.encode(enc, p), room, cfg.truncate_prompts, f"prompt {p[:40]!r}")
+                               for p in prompts], tok.pad_id(enc), left=True)  # (B, Tp)
     p_ids, p_mask = p_ids.to(device), p_mask.to(device)
     t0 = time.time()
     response = policy.generate(p_ids, p_mask, cfg.max_new_tokens, tok.eos_id(enc), tok.pad_id(enc),
@@ -323,7 +331,7 @@ def rollout(policy, ref, rm, critic, enc, prompts, cfg, device, generator):
 
 
 def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy, generator, ptx_data=None,
-               pad_id=None):
+               pad_id=None, where="PPO update"):
     """
     Step 6 (paper eqs. 15-17): cfg.ppo_epochs passes over the rollout `ro` in shuffled minibatches of
     cfg.minibatch; each minibatch takes one optimizer step on
@@ -368,8 +376,7 @@ def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            if not torch.isfinite(gnorm):
-                raise FloatingPointError(f"gradient norm is {gnorm.item()} (loss {loss.item()}); lower the learning rates")
+            check_finite(where, loss=loss.item(), grad_norm=gnorm.item())
             opt.step()
             st["grad_norm"] = gnorm.item()
             stats.append(st)
@@ -391,15 +398,22 @@ def main(argv=None):
     policy, sft = load_policy(cfg.sft_ckpt, ("sft",))
     enc = tok.get_tokenizer(sft["tokenizer"])
     rm_ckpt = load_checkpoint(cfg.rm_ckpt, "rm", sft["tokenizer_id"])
+    for k in ("vocab_size", "pad_id"):
+        if rm_ckpt["model_config"][k] != sft["model_config"][k]:
+            raise ValueError(f"{cfg.rm_ckpt}: model_config {k}={rm_ckpt['model_config'][k]} but {cfg.sft_ckpt} has "
+                             f"{sft['model_config'][k]}; the RM must score the policy's tokens")
+    if cfg.max_new_tokens >= policy.cfg.block_size:
+        raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size "
+                         f"{policy.cfg.block_size}")
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     rm = ScalarHeadGPT(GPTConfig(**rm_ckpt["model_config"]))
-    rm.load_state_dict(rm_ckpt["model"])
+    load_weights(rm, rm_ckpt["model"], cfg.rm_ckpt)
     rm.eval().requires_grad_(False)
-    critic = ScalarHeadGPT(GPTConfig(**rm_ckpt["model_config"]))
+    critic = ScalarHeadGPT(GPTConfig(**(rm_ckpt if cfg.critic_init == "rm" else sft)["model_config"]))
     if cfg.critic_init == "rm":
-        critic.load_state_dict(rm_ckpt["model"])
+        load_weights(critic, rm_ckpt["model"], cfg.rm_ckpt)
     else:
-        critic.backbone.load_state_dict(sft["model"])
+        load_weights(critic.backbone, sft["model"], cfg.sft_ckpt)
     policy, ref, rm, critic = (m.to(device) for m in (policy, ref, rm, critic))
     opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": cfg.policy_lr},
                              {"params": critic.parameters(), "lr": cfg.critic_lr}], weight_decay=0.0,
@@ -419,12 +433,36 @@ def main(argv=None):
 
     running = RunningMoments()
     os.makedirs(cfg.out_dir, exist_ok=True)
-    log_path = os.path.join(cfg.out_dir, "ppo_log.jsonl")
-    log = JsonlLog(log_path)
+    log_path, ckpt_path = os.path.join(cfg.out_dir, "ppo_log.jsonl"), os.path.join(cfg.out_dir, "ppo.pt")
+    history, warned, start, keep, t_before = [], False, 1, None, 0.0
+    if cfg.resume:  # restore both networks, the optimizer, the running score statistics and every RNG
+        ck = load_checkpoint(ckpt_path, "ppo", sft["tokenizer_id"], finished=False)
+        check_resume(ck, cfg, ckpt_path)
+        load_weights(policy, ck["model"], ckpt_path)
+        load_weights(critic, ck["critic"], ckpt_path)
+        opt.load_state_dict(ck["optimizer"])
+        running.mean, running.var, running.count = ck["running"]
+        set_rng_state(ck["rng"], rng, gen)
+        history, warned, start = ck["history"], ck["warned"], ck["step"] + 1
+        keep, t_before = ck["log_lines"], ck["train_time_s"]
+        print(f"resuming from {ckpt_path} after iteration {ck['step']}")
+    log = JsonlLog(log_path, keep)
     progress = Progress(cfg.n_iters)
-    history, warned = [], False
-    t_start = time.time()
-    for it in range(1, cfg.n_iters + 1):
+    t_start = time.time() - t_before
+
+    def save(it, metrics=None):
+        """Policy weights for evaluate.py and the next stages, plus everything --resume needs."""
+        save_checkpoint(ckpt_path, stage="ppo", model=policy.state_dict(), model_config=sft["model_config"],
+                        critic=critic.state_dict(), tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
+                        step=it, done=metrics is not None, metrics=metrics or {}, config=asdict(cfg),
+                        sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt, optimizer=opt.state_dict(),
+                        running=[running.mean, running.var, running.count], rng=rng_state(rng, gen),
+                        history=history, warned=warned, log_lines=log.n_lines, train_time_s=time.time() - t_start)
+
+    for it in range(start, cfg.n_iters + 1):
+        if cfg.stop_after and it == cfg.stop_after + 1:
+            print(f"stopping after iteration {cfg.stop_after} as asked (--stop_after); continue with --resume true")
+            return None
         t_it = time.time()
         # 1-2. rollout and scoring
         prompts = data.sample_prompts(splits["train"], cfg.rollout_batch, rng)
@@ -432,6 +470,7 @@ def main(argv=None):
         mask, Tp = ro["mask"], ro["n_prompt"]
         texts = [tok.decode(enc, r) for r in ro["response"].tolist()]
         gold = torch.tensor([data.gold_reward(p, r) for p, r in zip(prompts, texts)])
+        check_finite(f"PPO iteration {it}", rm_score=ro["scores"].sum(), value=ro["values"].sum())
         # 3. score processing (running statistics over all scores seen so far)
         scores = process_scores(ro["scores"].float(), running, cfg.score_norm, cfg.score_clip)  # (B,)
         ended = (ro["response"] == tok.eos_id(enc)).any(1)                # (B,)
@@ -444,7 +483,8 @@ def main(argv=None):
         t_train = time.time()
         update_policy = it > cfg.critic_pretrain_iters
         stats = ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy,
-                           torch.Generator().manual_seed(rng.randrange(2**31)), ptx_data, tok.pad_id(enc))
+                           torch.Generator().manual_seed(rng.randrange(2**31)), ptx_data, tok.pad_id(enc),
+                           where=f"PPO iteration {it}")
         t_train = time.time() - t_train
 
         # monitoring (paper §5.2 "action space modeling metrics" + the usual PPO diagnostics)
@@ -485,6 +525,8 @@ def main(argv=None):
             print(f"WARNING: pattern collapse signature at iteration {it} (paper §5.2): {'; '.join(reasons)}")
             warned = True
         log.write(**row)
+        if it % cfg.ckpt_interval == 0 and it < cfg.n_iters:
+            save(it)
         print(progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL {row['kl_seq']:.2f} "
                                 f"len {row['length']:.1f} eos {row['eos_rate']:.2f} vf {row['vf_loss']:.3f}"
                                 + ("" if update_policy else " (critic pre-training)")))
@@ -493,11 +535,7 @@ def main(argv=None):
     metrics = {k: history[-1][k] for k in ("score_raw", "gold", "kl_seq", "length", "eos_rate")}
     metrics.update(train_time_s=total, collapse_warning=warned,
                    win_rate_vs_sft=history[-1].get("win_rate_vs_sft", float("nan")))
-    ckpt_path = os.path.join(cfg.out_dir, "ppo.pt")
-    save_checkpoint(ckpt_path, stage="ppo", model=policy.state_dict(), model_config=sft["model_config"],
-                    critic=critic.state_dict(), tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
-                    step=cfg.n_iters, metrics=metrics, config=asdict(cfg), sft_ckpt=cfg.sft_ckpt,
-                    rm_ckpt=cfg.rm_ckpt)
+    save(cfg.n_iters, metrics)
     rows = read_jsonl(log_path)
     plot_curves(os.path.join(cfg.out_dir, "ppo_curves.png"), rows, "iter",
                 [["score_raw"], ["gold"], ["kl_seq", "kl_k3_seq"], ["length"], ["perplexity"], ["win_rate_vs_sft"]],
@@ -509,4 +547,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

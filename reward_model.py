@@ -40,8 +40,9 @@ import torch.nn.functional as F
 import data
 import tokenizer as tok
 from model import GPTConfig, ScalarHeadGPT, pad_batch, pick_device
-from utils import (JsonlLog, Progress, field, load_checkpoint, parse_config, plot_curves, read_jsonl,
-                   save_checkpoint, seed_everything, table)
+from utils import (JsonlLog, Progress, check_finite, check_resume, field, fit_prompt, load_checkpoint,
+                   load_weights, parse_config, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything,
+                   table)
 
 
 @dataclass
@@ -63,6 +64,11 @@ class Config:
     weight_decay: float = field(0.0, "AdamW weight decay")
     grad_clip: float = field(1.0, "global grad-norm clip (0 = off)")
     eval_interval: int = field(50, "validate every this many steps")
+    # reliability
+    truncate_prompts: bool = field(True, "cut over-long prompts from the left with a warning (false: error)")
+    ckpt_interval: int = field(100, "also write rm.pt (with optimizer state) every N steps")
+    resume: bool = field(False, "continue from out_dir/rm.pt written by an interrupted run")
+    stop_after: int = field(0, "stop after this many steps as if killed (to test --resume); 0 = off")
 
 
 PRESETS = {
@@ -79,18 +85,22 @@ def pairwise_loss(r_chosen, r_rejected):
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
-def score_texts(rm, enc, prompts, responses, device):
-    """RM scores (n,) of prompt + response strings (a response ends with EOS when it finished), one batch."""
-    seqs = [tok.encode(enc, p) + tok.encode(enc, r) for p, r in zip(prompts, responses)]
+def score_texts(rm, enc, prompts, responses, device, truncate=True):
+    """RM scores (n,) of prompt + response strings (a response ends with EOS when it finished), one batch.
+    A prompt too long for the context is cut from the left (truncate=True) or is an error."""
+    seqs = []
+    for p, r in zip(prompts, responses):
+        resp = tok.encode(enc, r)
+        seqs.append(fit_prompt(tok.encode(enc, p), rm.cfg.block_size - len(resp), truncate, f"prompt {p[:40]!r}") + resp)
     ids, mask = pad_batch(seqs, tok.pad_id(enc), left=False)                 # (n, T) each
     return rm.score(ids.to(device), mask.to(device))                          # (n,)
 
 
-def pair_scores(rm, enc, pairs, device):
+def pair_scores(rm, enc, pairs, device, truncate=True):
     """(r_chosen (B,), r_rejected (B,)) for [{"prompt", "chosen", "rejected"}], both halves in one forward."""
     prompts = [p["prompt"] for p in pairs] * 2
     responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    r = score_texts(rm, enc, prompts, responses, device)                      # (2B,)
+    r = score_texts(rm, enc, prompts, responses, device, truncate)            # (2B,)
     return r[: len(pairs)], r[len(pairs):]                                    # (B,), (B,)
 
 
@@ -162,7 +172,7 @@ def main(argv=None):
     # model: SFT backbone + fresh scalar head
     mcfg = GPTConfig(**sft["model_config"])
     rm = ScalarHeadGPT(mcfg)
-    rm.backbone.load_state_dict(sft["model"])
+    load_weights(rm.backbone, sft["model"], cfg.sft_ckpt)
     rm.to(device)
 
     # data: pairs on disjoint prompt splits
@@ -177,13 +187,34 @@ def main(argv=None):
 
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     os.makedirs(cfg.out_dir, exist_ok=True)
-    log_path = os.path.join(cfg.out_dir, "rm_log.jsonl")
-    log = JsonlLog(log_path)
+    log_path, ckpt_path = os.path.join(cfg.out_dir, "rm_log.jsonl"), os.path.join(cfg.out_dir, "rm.pt")
+    start, keep, t_before = 0, None, 0.0
+    if cfg.resume:  # the batch order is fixed by the seed, so weights, optimizer and step are all it needs
+        ck = load_checkpoint(ckpt_path, "rm", sft["tokenizer_id"], finished=False)
+        check_resume(ck, cfg, ckpt_path)
+        load_weights(rm, ck["model"], ckpt_path)
+        opt.load_state_dict(ck["optimizer"])
+        start, keep, t_before = ck["step"], ck["log_lines"], ck["train_time_s"]
+        print(f"resuming from {ckpt_path} at step {start}")
+    log = JsonlLog(log_path, keep)
     progress = Progress(n_iters)
     order = list(range(len(train)))
     random.Random(cfg.seed).shuffle(order)
-    t0 = time.time()
-    for step in range(n_iters + 1):
+    t0 = time.time() - t_before
+
+    def save(step, metrics=None):
+        """The checkpoint: weights and config for PPO, plus what --resume needs."""
+        save_checkpoint(ckpt_path, stage="rm", model=rm.state_dict(), model_config=asdict(mcfg),
+                        tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"], step=step,
+                        done=metrics is not None, metrics=metrics or {}, config=asdict(cfg), sft_ckpt=cfg.sft_ckpt,
+                        optimizer=opt.state_dict(), log_lines=log.n_lines, train_time_s=time.time() - t0)
+
+    for step in range(start, n_iters + 1):
+        if step > start and step % cfg.ckpt_interval == 0 and step < n_iters:
+            save(step)
+        if cfg.stop_after and step == cfg.stop_after:
+            print(f"stopping at step {step} as asked (--stop_after); continue with --resume true")
+            return None
         if step % cfg.eval_interval == 0 or step == n_iters:
             m = evaluate_rm(rm, enc, val, device)
             log.write(step=step, val_loss=m["loss"], val_acc_labels=m["acc_labels"], val_acc_gold=m["acc_gold"],
@@ -197,11 +228,12 @@ def main(argv=None):
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_iters)
         for g in opt.param_groups:
             g["lr"] = lr
-        r_c, r_r = pair_scores(rm, enc, batch, device)                        # (B,), (B,)
+        r_c, r_r = pair_scores(rm, enc, batch, device, cfg.truncate_prompts)  # (B,), (B,)
         loss = pairwise_loss(r_c, r_r)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        check_finite(f"RM step {step + 1}", train_loss=loss.item(), grad_norm=gnorm.item())
         opt.step()
         log.write(step=step + 1, train_loss=loss.item(), train_acc=(r_c > r_r).float().mean().item(),
                   lr=lr, grad_norm=gnorm.item(), time=time.time() - t0)
@@ -222,10 +254,7 @@ def main(argv=None):
     print(table(rows, ["test prompt", "chosen", "RM", "gold", "rejected", "RM", "gold"], [30, 44, 5, 5, 44, 5, 5]))
     print(table([(k, v) for k, v in metrics.items()], ["test metric", "value"], [18, 8]))
 
-    ckpt_path = os.path.join(cfg.out_dir, "rm.pt")
-    save_checkpoint(ckpt_path, stage="rm", model=rm.state_dict(), model_config=asdict(mcfg),
-                    tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"], step=n_iters, metrics=metrics,
-                    config=asdict(cfg), sft_ckpt=cfg.sft_ckpt)
+    save(n_iters, metrics)
     plot_curves(os.path.join(cfg.out_dir, "rm_loss.png"), read_jsonl(log_path), "step",
                 [["train_loss", "val_loss"], ["train_acc", "val_acc_labels", "val_acc_gold"]],
                 "Reward model: Bradley-Terry loss and pairwise accuracy")
@@ -236,4 +265,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 import data
 import tokenizer as tok
 from model import GPT, GPTConfig, pad_batch, pick_device
-from utils import (JsonlLog, Progress, field, parse_config, plot_curves, read_jsonl, save_checkpoint,
-                   seed_everything, table)
+from utils import (JsonlLog, Progress, check_finite, check_resume, field, fit_prompt, load_checkpoint,
+                   load_weights, parse_config, plot_curves, read_jsonl, rng_state, run_main, save_checkpoint,
+                   seed_everything, set_rng_state, table)
 
 
 @dataclass
@@ -66,6 +67,11 @@ class Config:
     n_eval_prompts: int = field(512, "test prompts sampled for the gold-reward evaluation")
     max_new_tokens: int = field(48, "longest sampled response")
     temperature: float = field(1.0, "sampling temperature for the evaluation (1 = the policy PPO starts from)")
+    # reliability
+    truncate_prompts: bool = field(True, "cut over-long prompts from the left with a warning (false: error)")
+    ckpt_interval: int = field(250, "also write sft.pt (with optimizer and RNG state) every N steps")
+    resume: bool = field(False, "continue from out_dir/sft.pt written by an interrupted run")
+    stop_after: int = field(0, "stop after this many steps as if killed (to test --resume); 0 = off")
 
 
 PRESETS = {
@@ -94,14 +100,14 @@ def sft_loss(logits, ids, loss_mask):
     return (nll * m).sum() / m.sum().clamp(min=1)
 
 
-def encode_demos(enc, pairs, block_size):
-    """[(prompt, response)] -> [(ids, loss_mask)]; a pair longer than block_size is an error naming it."""
+def encode_demos(enc, pairs, block_size, truncate=True):
+    """[(prompt, response)] -> [(ids, loss_mask)]; a prompt too long for block_size is cut from the left
+    (truncate=True, with a warning) or is an error naming the demonstration."""
     out = []
     for i, (p, r) in enumerate(pairs):
-        ids, m = build_sft_example(tok.encode(enc, p), tok.encode(enc, r))
-        if len(ids) > block_size:
-            raise ValueError(f"demonstration {i} has {len(ids)} tokens > block_size {block_size}: {p!r}")
-        out.append((ids, m))
+        resp = tok.encode(enc, r)
+        prompt = fit_prompt(tok.encode(enc, p), block_size - len(resp), truncate, f"demonstration {i}")
+        out.append(build_sft_example(prompt, resp))
     return out
 
 
@@ -172,9 +178,9 @@ def main(argv=None):
     splits = data.prompt_splits(cfg.seed)
     rng = random.Random(cfg.seed)
     train = encode_demos(enc, data.make_demonstrations(data.sample_prompts(splits["train"], cfg.n_train, rng),
-                                                       cfg.seed + 1), cfg.block_size)
+                                                       cfg.seed + 1), cfg.block_size, cfg.truncate_prompts)
     val = encode_demos(enc, data.make_demonstrations(data.sample_prompts(splits["val"], cfg.n_val, rng),
-                                                     cfg.seed + 2), cfg.block_size)
+                                                     cfg.seed + 2), cfg.block_size, cfg.truncate_prompts)
 
     mcfg = GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_embd=cfg.n_embd, dropout=cfg.dropout, pad_id=tok.pad_id(enc))
@@ -187,12 +193,33 @@ def main(argv=None):
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    log_path = os.path.join(cfg.out_dir, "sft_log.jsonl")
-    log = JsonlLog(log_path)
+    log_path, ckpt_path = os.path.join(cfg.out_dir, "sft_log.jsonl"), os.path.join(cfg.out_dir, "sft.pt")
+    order, start, keep, t_before = [], 0, None, 0.0
+    if cfg.resume:  # restore weights, optimizer, data order and RNG from the interrupted run's checkpoint
+        ck = load_checkpoint(ckpt_path, "sft", tok.tokenizer_id(enc), finished=False)
+        check_resume(ck, cfg, ckpt_path)
+        load_weights(model, ck["model"], ckpt_path)
+        opt.load_state_dict(ck["optimizer"])
+        set_rng_state(ck["rng"], rng)
+        order, start, keep, t_before = list(ck["order"]), ck["step"], ck["log_lines"], ck["train_time_s"]
+        print(f"resuming from {ckpt_path} at step {start}")
+    log = JsonlLog(log_path, keep)
     progress = Progress(cfg.max_iters)
-    order = []
-    t0 = time.time()
-    for step in range(cfg.max_iters + 1):
+    t0 = time.time() - t_before
+
+    def save(step, metrics=None):
+        """The checkpoint: weights and config for the next stage, plus everything --resume needs."""
+        save_checkpoint(ckpt_path, stage="sft", model=model.state_dict(), model_config=asdict(mcfg),
+                        tokenizer=cfg.tokenizer, tokenizer_id=tok.tokenizer_id(enc), step=step, done=metrics is not None,
+                        metrics=metrics or {}, config=asdict(cfg), optimizer=opt.state_dict(), rng=rng_state(rng),
+                        order=order, log_lines=log.n_lines, train_time_s=time.time() - t0)
+
+    for step in range(start, cfg.max_iters + 1):
+        if step > start and step % cfg.ckpt_interval == 0 and step < cfg.max_iters:
+            save(step)
+        if cfg.stop_after and step == cfg.stop_after:
+            print(f"stopping at step {step} as asked (--stop_after); continue with --resume true")
+            return None
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             vl = eval_loss(model, val, cfg, mcfg.pad_id, device)
             log.write(step=step, val_loss=vl, time=time.time() - t0)
@@ -213,6 +240,7 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        check_finite(f"SFT step {step + 1}", train_loss=loss.item(), grad_norm=gnorm.item())
         opt.step()
         log.write(step=step + 1, train_loss=loss.item(), lr=lr, grad_norm=gnorm.item(), time=time.time() - t0)
     train_time = time.time() - t0
@@ -233,10 +261,7 @@ def main(argv=None):
                    n_params=n_params, n_eval_prompts=len(eval_prompts))
     log.write(step=cfg.max_iters, **{k: v for k, v in metrics.items() if not isinstance(v, dict)})
 
-    ckpt_path = os.path.join(cfg.out_dir, "sft.pt")
-    save_checkpoint(ckpt_path, stage="sft", model=model.state_dict(), model_config=asdict(mcfg),
-                    tokenizer=cfg.tokenizer, tokenizer_id=tok.tokenizer_id(enc), step=cfg.max_iters,
-                    metrics=metrics, config=asdict(cfg))
+    save(cfg.max_iters, metrics)
     plot_curves(os.path.join(cfg.out_dir, "sft_loss.png"), read_jsonl(log_path), "step",
                 [["train_loss", "val_loss"]], "SFT: response-token cross-entropy", logy=(0,))
     print(f"SFT done in {train_time:.0f}s: val loss {vl:.4f}, gold reward SFT {gold_sft['all']:.3f} vs "
@@ -245,4 +270,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -6,8 +6,10 @@ checkpoints, the JSONL log, a progress line with ETA, a loss plot and a plain-te
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -66,17 +68,24 @@ def save_checkpoint(path, **ckpt):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, stage, tokenizer_id=None):
+def load_checkpoint(path, stage, tokenizer_id=None, finished=True):
     """Load a checkpoint dict written by `stage` (weights_only: no code runs on load) and check what it is.
-    With tokenizer_id=None the checkpoint's own tokenizer is rebuilt and must still have the same identity."""
+    With tokenizer_id=None the checkpoint's own tokenizer is rebuilt and must still have the same identity.
+    finished=True refuses the periodic checkpoint of a run that has not finished (use --resume on it)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: checkpoint not found (run the '{stage if isinstance(stage, str) else stage[0]}' stage first)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, another program's pickle, a text file...
+        raise ValueError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not isinstance(ckpt, dict) or "stage" not in ckpt:
         raise ValueError(f"{path}: not a checkpoint written by this project (no 'stage' field)")
     stages = (stage,) if isinstance(stage, str) else tuple(stage)
     if ckpt["stage"] not in stages:
         raise ValueError(f"{path}: is a '{ckpt['stage']}' checkpoint; expected '{' or '.join(stages)}'")
+    if finished and not ckpt.get("done", True):
+        raise ValueError(f"{path}: is from an interrupted '{ckpt['stage']}' run (step {ckpt['step']}); finish it "
+                         f"with --resume true first")
     if tokenizer_id is None:
         import tokenizer
         tokenizer_id = tokenizer.tokenizer_id(tokenizer.get_tokenizer(ckpt["tokenizer"]))
@@ -85,19 +94,97 @@ def load_checkpoint(path, stage, tokenizer_id=None):
     return ckpt
 
 
+RESUME_FREE = ("resume", "stop_after", "device", "ckpt_interval")  # may differ between a run and its resumption
+
+
+def check_resume(ckpt, cfg, path):
+    """--resume only continues the same run: every config field but RESUME_FREE must match the checkpoint's."""
+    if ckpt.get("done"):
+        raise ValueError(f"{path}: this run already finished (step {ckpt['step']}); nothing to resume")
+    saved, now = ckpt["config"], dataclasses.asdict(cfg)
+    diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in now.items() if k not in RESUME_FREE and saved.get(k) != v]
+    if diff:
+        raise ValueError(f"{path}: --resume needs the interrupted run's config, but it had " + ", ".join(diff))
+
+
+def load_weights(module, state_dict, path):
+    """module.load_state_dict with a one-line error naming the file when shapes or names do not fit."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:200]
+        raise ValueError(f"{path}: weights do not fit the model config ({detail})") from None
+
+
+def rng_state(rng, generator=None):
+    """Every random state a stage uses, as plain types a weights_only checkpoint can hold."""
+    version, internal, gauss = rng.getstate()
+    state = dict(python=[version, list(internal), gauss], torch=torch.get_rng_state())
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state, rng, generator=None):
+    version, internal, gauss = state["python"]
+    rng.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if generator is not None:
+        generator.set_state(state["generator"])
+
+
+def check_finite(where, **values):
+    """Stop the run with a message naming the step and the quantity when a value is nan or inf."""
+    for name, v in values.items():
+        v = float(v)
+        if not math.isfinite(v):
+            raise FloatingPointError(f"{where}: {name} is {v}; stopping before it reaches the weights (the last "
+                                     f"checkpoint is intact). Lower the learning rate or check the inputs.")
+
+
+def fit_prompt(prompt_ids, room, truncate, where):
+    """
+    Make a prompt fit in `room` tokens. Policy: drop tokens from the LEFT (the oldest context) with a warning,
+    or, with truncate=False, raise an error naming `where`.
+    """
+    if len(prompt_ids) <= room:
+        return prompt_ids
+    if room <= 0 or not truncate:
+        raise ValueError(f"{where}: prompt has {len(prompt_ids)} tokens but only {room} fit in the context "
+                         f"(block_size minus the response); use a shorter prompt or allow truncation")
+    print(f"warning: {where}: prompt truncated from the left, {len(prompt_ids)} -> {room} tokens", file=sys.stderr)
+    return prompt_ids[-room:]
+
+
+def run_main(main):
+    """Run a stage's main(); our own errors (bad input, missing files, non-finite values) become one line, exit 2."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 # ---------------------------------------------------------------------------------------------- logging
 
 class JsonlLog:
-    """Append one JSON object per line to `path` (started fresh)."""
+    """Append one JSON object per line to `path`: started fresh, or, when resuming, cut back to `keep` lines."""
 
-    def __init__(self, path):
+    def __init__(self, path, keep=None):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        open(path, "w").close()
+        lines = []
+        if keep is not None and os.path.exists(path):
+            with open(path) as f:
+                lines = f.readlines()[:keep]
+        with open(path, "w") as f:
+            f.writelines(lines)
+        self.n_lines = len(lines)
 
     def write(self, **row):
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        self.n_lines += 1
 
 
 def read_jsonl(path):

@@ -1,0 +1,158 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model
+import ppo_rlhf
+import reward_model
+import train_sft
+from utils import fit_prompt, load_checkpoint, load_weights, read_jsonl, run_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--preset", "tiny", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """One unbroken tiny run of SFT -> RM -> PPO, with periodic checkpoints, to compare resumed runs against."""
+    out = str(tmp_path_factory.mktemp("base"))
+    train_sft.main(TINY + ["--out_dir", out, "--ckpt_interval", "10"])
+    reward_model.main(TINY + ["--out_dir", out, "--sft_ckpt", f"{out}/sft.pt", "--ckpt_interval", "4"])
+    ppo_rlhf.main(TINY + ["--out_dir", out, "--sft_ckpt", f"{out}/sft.pt", "--rm_ckpt", f"{out}/rm.pt",
+                          "--ckpt_interval", "2"])
+    return out
+
+
+def _same_run(a, b, stage, log):
+    """Weights, metrics and log lines equal (wall-clock fields aside)."""
+    ca, cb = load_checkpoint(f"{a}/{stage}.pt", stage), load_checkpoint(f"{b}/{stage}.pt", stage)
+    for key in ("model", "critic"):
+        for k in ca.get(key, {}):
+            assert torch.allclose(ca[key][k], cb[key][k], atol=1e-6), (key, k)
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("t_") and not k.endswith(("time", "time_s"))}
+    assert strip(ca["metrics"]) == strip(cb["metrics"])
+    assert [strip(r) for r in read_jsonl(f"{a}/{log}")] == [strip(r) for r in read_jsonl(f"{b}/{log}")]
+
+
+def test_sft_resume_is_exact(base, tmp_path):
+    """SFT stopped after a checkpoint and resumed ends with the weights, metrics and log of the unbroken run."""
+    out = str(tmp_path)
+    args = TINY + ["--out_dir", out, "--ckpt_interval", "10"]
+    assert train_sft.main(args + ["--stop_after", "10"]) is None  # the data order is reshuffled at step 16
+    assert not load_checkpoint(f"{out}/sft.pt", "sft", finished=False)["done"]
+    with pytest.raises(ValueError, match="interrupted 'sft' run"):  # the next stage refuses it
+        load_checkpoint(f"{out}/sft.pt", "sft")
+    train_sft.main(args + ["--resume", "true"])
+    _same_run(base, out, "sft", "sft_log.jsonl")
+
+
+def test_rm_resume_is_exact(base, tmp_path):
+    """The reward model stopped after a checkpoint and resumed matches the unbroken run."""
+    out = str(tmp_path)
+    args = TINY + ["--out_dir", out, "--sft_ckpt", f"{base}/sft.pt", "--ckpt_interval", "4"]
+    assert reward_model.main(args + ["--stop_after", "4"]) is None
+    reward_model.main(args + ["--resume", "true"])
+    _same_run(base, out, "rm", "rm_log.jsonl")
+
+
+def test_ppo_resume_is_exact(base, tmp_path):
+    """PPO stopped after a checkpoint and resumed (optimizer, running score stats, RNG) matches the unbroken run."""
+    out = str(tmp_path)
+    args = TINY + ["--out_dir", out, "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt", "--ckpt_interval", "2"]
+    assert ppo_rlhf.main(args + ["--stop_after", "2"]) is None
+    ppo_rlhf.main(args + ["--resume", "true"])
+    _same_run(base, out, "ppo", "ppo_log.jsonl")
+
+
+def test_resume_refuses_another_config(base, tmp_path):
+    """--resume with a changed config, or of a finished run, is a clear error."""
+    out = str(tmp_path)
+    args = TINY + ["--out_dir", out, "--ckpt_interval", "10"]
+    train_sft.main(args + ["--stop_after", "10"])
+    with pytest.raises(ValueError, match=r"needs the interrupted run's config, but it had lr=0.002 \(now 0.1\)"):
+        train_sft.main(args + ["--resume", "true", "--lr", "0.1"])
+    with pytest.raises(ValueError, match="already finished"):
+        train_sft.main(TINY + ["--out_dir", base, "--resume", "true"])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    """A huge learning rate makes the loss nan: the run stops naming the step and the quantity; sft.pt stays good."""
+    out = str(tmp_path)
+    train_sft.main(TINY + ["--out_dir", out])
+    before = open(f"{out}/sft.pt", "rb").read()
+    with pytest.raises(FloatingPointError, match=r"SFT step \d+: (train_loss|grad_norm) is (nan|inf)"):
+        train_sft.main(TINY + ["--out_dir", out, "--lr", "1e9", "--grad_clip", "0"])
+    assert open(f"{out}/sft.pt", "rb").read() == before
+
+
+def test_poisoned_reward_stops_ppo(base, tmp_path, monkeypatch):
+    """A nan reward-model score stops PPO at iteration 1, naming the quantity, before any update."""
+    monkeypatch.setattr(model.ScalarHeadGPT, "score", lambda self, idx, mask: torch.full((idx.shape[0],), float("nan")))
+    with pytest.raises(FloatingPointError, match="PPO iteration 1: rm_score is nan"):
+        ppo_rlhf.main(TINY + ["--out_dir", str(tmp_path), "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt"])
+    assert not os.path.exists(tmp_path / "ppo.pt")
+
+
+def _error_line(capsys, main, argv):
+    """Run a stage's main as its __main__ does; return the one line it printed, checking exit code 2."""
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: ")
+    return err
+
+
+def test_bad_inputs_give_one_line_errors(base, tmp_path, capsys):
+    """Wrong or missing files, wrong stage, corrupt checkpoints, bad switch values and batch arithmetic: one clear line."""
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    ppo_args = TINY + ["--out_dir", str(tmp_path), "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt"]
+    cases = [
+        (reward_model.main, TINY + ["--sft_ckpt", str(tmp_path / "nope.pt")], "nope.pt: checkpoint not found"),
+        (reward_model.main, TINY + ["--sft_ckpt", f"{base}/rm.pt"], "is a 'rm' checkpoint; expected 'sft'"),
+        (reward_model.main, TINY + ["--sft_ckpt", str(junk)], "junk.pt: cannot be read as a checkpoint"),
+        (ppo_rlhf.main, ppo_args + ["--score_norm", "whiten"], "expected none, scale or norm_clip"),
+        (ppo_rlhf.main, ppo_args + ["--critic_init", "random"], "expected rm or sft"),
+        (ppo_rlhf.main, ppo_args + ["--minibatch", "3"], "minibatch 3 must divide rollout_batch 8"),
+        (ppo_rlhf.main, ppo_args + ["--max_new_tokens", "500"], "leaves no room for a prompt"),
+        (ppo_rlhf.main, ppo_args + ["--rm_ckpt", f"{base}/sft.pt"], "is a 'sft' checkpoint; expected 'rm'"),
+    ]
+    for main, argv, message in cases:
+        assert message in _error_line(capsys, main, argv)
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    """Run as a script, a missing checkpoint prints one 'error:' line and exits 2 (no traceback)."""
+    r = subprocess.run([sys.executable, "ppo_rlhf.py", "--sft_ckpt", str(tmp_path / "missing.pt")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.pt'}: checkpoint not found (run the 'sft' stage first)"]
+
+
+def test_unknown_preset_and_bad_bool_are_argparse_errors(capsys):
+    """argparse rejects an unknown preset and a non-boolean value, naming the option."""
+    for argv, message in ((["--preset", "huge"], "invalid choice: 'huge'"), (["--resume", "maybe"], "expected true/false")):
+        with pytest.raises(SystemExit):
+            train_sft.main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_long_prompt_truncated_from_the_left_or_refused(capsys):
+    """Over-long prompts lose their oldest tokens with a warning, or raise an error naming where, by flag."""
+    assert fit_prompt([1, 2, 3, 4, 5], 3, True, "demonstration 7") == [3, 4, 5]
+    assert "demonstration 7: prompt truncated from the left, 5 -> 3 tokens" in capsys.readouterr().err
+    assert fit_prompt([1, 2], 3, False, "x") == [1, 2]
+    with pytest.raises(ValueError, match="demonstration 7: prompt has 5 tokens but only 3 fit"):
+        fit_prompt([1, 2, 3, 4, 5], 3, False, "demonstration 7")
+
+
+def test_model_config_mismatch_is_clear():
+    """Loading weights into a model of another shape names the file instead of dumping torch's message."""
+    small = model.GPT(model.GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    other = model.GPT(model.GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    with pytest.raises(ValueError, match="sft.pt: weights do not fit the model config"):
+        load_weights(small, other.state_dict(), "sft.pt")
