@@ -89,7 +89,7 @@ def get_tokenizer(name="toy"):
         try:
             base = tiktoken.get_encoding("gpt2")
         except Exception as e:  # offline: a requests/urllib error from deep inside tiktoken
-            raise RuntimeError(
+            raise FileNotFoundError(
                 f"could not load tiktoken's 'gpt2' encoding ({type(e).__name__}); it is downloaded once into "
                 f"tiktoken's cache (TIKTOKEN_CACHE_DIR): run `python -c \"import tiktoken; "
                 f"tiktoken.get_encoding('gpt2')\"` on a machine with internet, or use --tokenizer toy") from None

@@ -77,7 +77,8 @@ def load_checkpoint(path, stage, tokenizer_id=None, finished=True):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file, another program's pickle, a text file...
-        raise ValueError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise ValueError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}); is it truncated or not "
+                         f"written by this project?") from None
     if not isinstance(ckpt, dict) or "stage" not in ckpt:
         raise ValueError(f"{path}: not a checkpoint written by this project (no 'stage' field)")
     stages = (stage,) if isinstance(stage, str) else tuple(stage)
@@ -99,7 +100,7 @@ RESUME_FREE = ("resume", "stop_after", "device", "ckpt_interval")  # may differ 
 
 def check_resume(ckpt, cfg, path):
     """--resume only continues the same run: every config field but RESUME_FREE must match the checkpoint's."""
-    if ckpt.get("done"):
+    if ckpt.get("done", True):  # checkpoints without the flag are finished ones
         raise ValueError(f"{path}: this run already finished (step {ckpt['step']}); nothing to resume")
     saved, now = ckpt["config"], dataclasses.asdict(cfg)
     diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in now.items() if k not in RESUME_FREE and saved.get(k) != v]

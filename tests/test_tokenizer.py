@@ -30,7 +30,7 @@ def test_gpt2_offline_error_is_one_clear_line(monkeypatch):
     def offline(name):
         raise ConnectionError("Max retries exceeded with url: https://openaipublic.blob.core.windows.net/...")
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(FileNotFoundError) as e:
         tok.get_tokenizer("gpt2")
     msg = str(e.value)
     assert "\n" not in msg and "gpt2" in msg and "--tokenizer toy" in msg
