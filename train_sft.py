@@ -182,6 +182,8 @@ def main(argv=None):
     val = encode_demos(enc, data.make_demonstrations(data.sample_prompts(splits["val"], cfg.n_val, rng),
                                                      cfg.seed + 2), cfg.block_size, cfg.truncate_prompts)
 
+    if cfg.batch_size > len(train):
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(train)} training demonstrations (n_train)")
     mcfg = GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_embd=cfg.n_embd, dropout=cfg.dropout, pad_id=tok.pad_id(enc))
     model = GPT(mcfg).to(device)
