@@ -302,7 +302,7 @@ def load_policy(path, stages=("sft", "ppo")):
 
 @torch.no_grad()
 def rollout(policy, ref, rm, critic, enc, prompts, cfg, device, generator):
-    """Steps 1-2: sample responses, then score them with every model in one no-grad pass each."""
+    """Steps 1-2: sample responses, then score them with every model in one no-grad pass each (critic may be None)."""
     policy.eval()
     room = policy.cfg.block_size - cfg.max_new_tokens
     p_ids, p_mask = pad_batch([fit_prompt(tok.encode(enc, p), room, cfg.truncate_prompts, f"prompt {p[:40]!r}")
@@ -320,7 +320,8 @@ def rollout(policy, ref, rm, critic, enc, prompts, cfg, device, generator):
     ref_logits = response_logits(ref, seq, seq_mask, Tp, cfg.temperature)  # (B, Tr, V)
     old_logprobs = logprobs_from_logits(logits, response) * mask         # (B, Tr)
     ref_logprobs = logprobs_from_logits(ref_logits, response) * mask     # (B, Tr)
-    values = response_values(critic, seq, seq_mask, Tp) * mask           # (B, Tr)
+    values = (response_values(critic, seq, seq_mask, Tp) * mask if critic is not None
+              else torch.zeros_like(old_logprobs))                        # (B, Tr); no critic: zeros (RLOO, RAFT)
     scores = rm.score(seq, seq_mask)                                      # (B,) at the last real token
     logp, ref_logp = F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1)  # (B, Tr, V)
     exact_kl = (logp.exp() * (logp - ref_logp)).sum(-1) * mask          # (B, Tr) KL(π||π_ref) per position

@@ -19,7 +19,8 @@ def run(*args):
     return r.stdout
 
 
-@pytest.mark.parametrize("script", ["train_sft.py", "reward_model.py", "ppo_rlhf.py", "evaluate.py", "pipeline.py"])
+@pytest.mark.parametrize("script", ["train_sft.py", "reward_model.py", "ppo_rlhf.py", "evaluate.py", "pipeline.py",
+                                    "rloo.py", "dpo.py", "raft.py"])
 def test_help(script):
     """Every stage script answers --help with its options."""
     out = run(script, "--help")

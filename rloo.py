@@ -1,0 +1,225 @@
+"""
+REINFORCE-style RLHF: RLOO (REINFORCE Leave-One-Out) and REINFORCE with a moving-average baseline, as in
+"Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs"
+(Ahmadian et al. 2024, "the paper" below), on the same toy task, SFT policy and reward model as PPO.
+
+The whole completion is one action (the bandit view, paper §2-3): no critic, no GAE, no ratio clipping.
+One iteration:
+  1. rollout   B prompts, each repeated k times (prompt-major rows b·k + j); sample with the KV cache and
+               record old_logprobs and ref_logprobs (ppo_rlhf.rollout, without a critic)
+  2. reward    R = score - β·KL_seq,  KL_seq = Σ_t (old_logprobs - ref_logprobs)_t  (k1, paper eq. 3);
+               a constant: no gradient flows through it
+  3. baseline  loo:        A_i = R_i - mean_{j≠i} R_j  over the k samples of the same prompt (paper §2.3)
+               moving_avg: A = R - b, b = mean of every R of *earlier* iterations (paper eq. 8; use k = 1)
+               none:       A = R (plain REINFORCE, a diagnostic)
+  4. update    loss = -mean_i A_i · Σ_t log π(y_i,t)  over `minibatches` shuffled minibatches, one pass
+
+Run (after train_sft.py and reward_model.py; writes out/rloo.pt, out/rloo_log.jsonl, out/rloo_curves.png):
+    python rloo.py                                            # RLOO, k = 4
+    python rloo.py --baseline moving_avg --k 1 --out_dir out/reinforce
+    python rloo.py --help
+
+Deliberate choices:
+  1. Samples per iteration match PPO's default (16 prompts × k = 4 = 64 rollouts), so a comparison can
+     match the number of generated samples.
+  2. The log-probability of a completion is the *sum* over its tokens, as in the paper; longer completions
+     therefore get larger gradients (length is logged).
+  3. No advantage normalisation (the paper does not use it).
+
+Shape legend: B prompts, k samples per prompt, N = B·k rollouts, Tr response length, n minibatch rows.
+"""
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import data
+import tokenizer as tok
+from model import GPTConfig, ScalarHeadGPT, pick_device
+from ppo_rlhf import load_policy, logprobs_from_logits, response_logits, rollout
+from train_sft import sample_responses
+from utils import (JsonlLog, Progress, check_finite, field, load_checkpoint, load_weights, parse_config,
+                   plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
+
+
+@dataclass
+class Config:
+    sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference")
+    rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint (frozen)")
+    out_dir: str = field("out", "where rloo.pt, rloo_log.jsonl and rloo_curves.png are written")
+    preset: str = field("default", "the preset this config came from (set by --preset)")
+    seed: int = field(0, "seeds prompts, sampling and minibatch order")
+    device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
+    n_iters: int = field(150, "iterations (rollout + one pass of updates)")
+    prompts_per_iter: int = field(16, "B prompts per iteration; N = B·k rollouts")
+    k: int = field(4, "samples per prompt (loo needs k >= 2)")
+    baseline: str = field("loo", "loo | moving_avg | none")
+    kl_coef: float = field(0.05, "β of the sequence KL penalty in the reward")
+    max_new_tokens: int = field(48, "longest response")
+    temperature: float = field(1.0, "sampling temperature, used for every log-prob too")
+    minibatches: int = field(2, "optimizer steps per iteration (the paper: 2)")
+    lr: float = field(3e-5, "policy learning rate (AdamW)")
+    grad_clip: float = field(1.0, "grad-norm clip (0 = off)")
+    truncate_prompts: bool = field(True, "cut over-long prompts from the left with a warning (false: error)")
+    eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts and a sample table")
+    n_eval_prompts: int = field(64, "val prompts for the win rate during training")
+
+
+PRESETS = {
+    "default": {},
+    "tiny": dict(n_iters=3, prompts_per_iter=4, k=2, max_new_tokens=12, eval_interval=2, n_eval_prompts=8),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure functions
+
+def loo_advantages(rewards, k):
+    """
+    Leave-one-out advantages for prompt-major rewards (N,) = (B·k,): A_i = R_i - mean_{j≠i} R_j within each
+    prompt's k samples, equivalently k/(k-1)·(R_i - mean_j R_j). Each group's advantages sum to 0.
+    """
+    if k < 2:
+        raise ValueError(f"the leave-one-out baseline needs k >= 2 samples per prompt, got k={k}")
+    g = rewards.view(-1, k)                                               # (B, k)
+    baseline = (g.sum(1, keepdim=True) - g) / (k - 1)                     # (B, k) mean of the others
+    return (g - baseline).view(-1)                                        # (N,)
+
+
+class MovingAverageBaseline:
+    """b = mean of all rewards seen in earlier iterations (paper eq. 8); 0 before the first update."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def advantages(self, rewards):
+        """A = R - b with b from earlier batches only; then fold this batch in."""
+        b = self.total / self.count if self.count else 0.0
+        self.total += rewards.sum().item()
+        self.count += rewards.numel()
+        return rewards - b, b
+
+
+def reinforce_loss(seq_logprobs, advantages):
+    """-mean_i A_i · log π(y_i | x_i); seq_logprobs (n,) are summed token log-probs, advantages (n,) constants."""
+    return -(advantages.detach() * seq_logprobs).mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
+    if cfg.baseline not in ("loo", "moving_avg", "none"):
+        raise ValueError(f"--baseline {cfg.baseline!r}: expected loo, moving_avg or none")
+    if cfg.baseline == "loo" and cfg.k < 2:
+        raise ValueError(f"--baseline loo needs --k >= 2 (got {cfg.k})")
+    N = cfg.prompts_per_iter * cfg.k
+    if N % cfg.minibatches:
+        raise ValueError(f"minibatches {cfg.minibatches} must divide the {N} rollouts (prompts_per_iter × k)")
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+
+    policy, sft = load_policy(cfg.sft_ckpt, ("sft",))
+    enc = tok.get_tokenizer(sft["tokenizer"])
+    rm_ckpt = load_checkpoint(cfg.rm_ckpt, "rm", sft["tokenizer_id"])
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    rm = ScalarHeadGPT(GPTConfig(**rm_ckpt["model_config"]))
+    load_weights(rm, rm_ckpt["model"], cfg.rm_ckpt)
+    rm.eval().requires_grad_(False)
+    policy, ref, rm = policy.to(device), ref.to(device), rm.to(device)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    print(f"device={device} config={asdict(cfg)}")
+
+    splits = data.prompt_splits(sft["config"]["seed"])
+    rng = random.Random(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    eval_prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
+    sft_eval = sample_responses(ref, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
+                                torch.Generator(device=device).manual_seed(cfg.seed + 1))
+    moving = MovingAverageBaseline()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log_path = os.path.join(cfg.out_dir, "rloo_log.jsonl")
+    log = JsonlLog(log_path)
+    progress = Progress(cfg.n_iters)
+    t_start = time.time()
+    for it in range(1, cfg.n_iters + 1):
+        t_it = time.time()
+        # 1. rollout: each prompt k times, prompt-major
+        prompts = [p for p in data.sample_prompts(splits["train"], cfg.prompts_per_iter, rng) for _ in range(cfg.k)]
+        ro = rollout(policy, ref, rm, None, enc, prompts, cfg, device, gen)
+        mask = ro["mask"]                                                 # (N, Tr)
+        texts = [tok.decode(enc, r) for r in ro["response"].tolist()]
+        gold = torch.tensor([data.gold_reward(p, r) for p, r in zip(prompts, texts)])
+        check_finite(f"RLOO iteration {it}", rm_score=ro["scores"].sum())
+        # 2. KL-shaped sequence reward (a constant)
+        kl_seq = ((ro["old_logprobs"] - ro["ref_logprobs"]) * mask).sum(1)  # (N,)
+        rewards = ro["scores"].float() - cfg.kl_coef * kl_seq             # (N,)
+        # 3. baseline -> advantages
+        b = float("nan")
+        if cfg.baseline == "loo":
+            adv = loo_advantages(rewards, cfg.k)                          # (N,)
+        elif cfg.baseline == "moving_avg":
+            adv, b = moving.advantages(rewards)
+        else:
+            adv = rewards
+        # 4. one pass of REINFORCE updates over shuffled minibatches
+        t_train = time.time()
+        policy.train()
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(rng.randrange(2**31))).to(device)
+        losses, gnorms = [], []
+        for idx in perm.chunk(cfg.minibatches):
+            logits = response_logits(policy, ro["seq"][idx], ro["seq_mask"][idx], ro["n_prompt"], cfg.temperature)
+            seq_logp = (logprobs_from_logits(logits, ro["response"][idx]) * mask[idx]).sum(1)  # (n,)
+            loss = reinforce_loss(seq_logp, adv[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            check_finite(f"RLOO iteration {it}", loss=loss.item(), grad_norm=gnorm.item())
+            opt.step()
+            losses.append(loss.item())
+            gnorms.append(gnorm.item())
+        n_tok = mask.sum()
+        row = dict(iter=it, score_raw=ro["scores"].mean().item(), gold=gold.mean().item(),
+                   reward=rewards.mean().item(), kl_seq=kl_seq.mean().item(), kl_token=(kl_seq.sum() / n_tok).item(),
+                   length=mask.sum(1).float().mean().item(),
+                   eos_rate=(ro["response"] == tok.eos_id(enc)).any(1).float().mean().item(),
+                   perplexity=math.exp(-(ro["old_logprobs"].sum() / n_tok).item()),
+                   entropy=(ro["entropy"].sum() / n_tok).item(), adv_mean=adv.mean().item(), adv_std=adv.std().item(),
+                   adv_min=adv.min().item(), adv_max=adv.max().item(), baseline=b, loss=sum(losses) / len(losses),
+                   grad_norm=sum(gnorms) / len(gnorms), lr=cfg.lr, t_generate=ro["t_gen"], t_score=ro["t_score"],
+                   t_train=time.time() - t_train, t_iter=time.time() - t_it)
+        if cfg.k > 1:
+            row["frac_reward_zero_std"] = (ro["scores"].view(-1, cfg.k).std(1) == 0).float().mean().item()
+        if it % cfg.eval_interval == 0 or it == cfg.n_iters:
+            outs = sample_responses(policy, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
+                                    torch.Generator(device=device).manual_seed(cfg.seed + 1))
+            diffs = [data.gold_reward(p, a) - data.gold_reward(p, s) for p, a, s in zip(eval_prompts, outs, sft_eval)]
+            row["win_rate_vs_sft"] = sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs)
+            show = [0, len(prompts) // 2, len(prompts) - 1]
+            print(table([(prompts[i].strip(), texts[i], ro["scores"][i].item(), gold[i].item(), adv[i].item())
+                         for i in show], ["prompt", "response", "RM", "gold", "A"], [30, 70, 5, 5, 5]))
+        log.write(**row)
+        print(progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL {row['kl_seq']:.2f} "
+                                f"len {row['length']:.1f} loss {row['loss']:+.3f}"))
+
+    total = time.time() - t_start
+    metrics = {k: row[k] for k in ("score_raw", "gold", "kl_seq", "length", "eos_rate")}
+    metrics.update(train_time_s=total, win_rate_vs_sft=row.get("win_rate_vs_sft", float("nan")))
+    ckpt_path = os.path.join(cfg.out_dir, "rloo.pt")
+    save_checkpoint(ckpt_path, stage="rloo", model=policy.state_dict(), model_config=sft["model_config"],
+                    tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"], step=cfg.n_iters, done=True,
+                    metrics=metrics, config=asdict(cfg), sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
+    plot_curves(os.path.join(cfg.out_dir, "rloo_curves.png"), read_jsonl(log_path), "iter",
+                [["score_raw"], ["gold"], ["kl_seq"], ["length"], ["perplexity"], ["win_rate_vs_sft"]],
+                f"REINFORCE ({cfg.baseline} baseline, k={cfg.k})")
+    print(f"RLOO done in {total:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, KL "
+          f"{metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} -> {ckpt_path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_main(main)

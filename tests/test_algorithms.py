@@ -1,0 +1,109 @@
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tokenizer as tok
+from dpo import dpo_loss, sequence_logprobs
+from model import GPT, GPTConfig
+from raft import best_of_k
+from rloo import MovingAverageBaseline, loo_advantages, reinforce_loss
+from utils import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_rloo_baseline_three_samples_by_hand():
+    """k=3, R = [1, 2, 6]: the others' means are [4, 3.5, 1.5], so A = [-3, -1.5, 4.5] = 3/2·(R - 3)."""
+    adv = loo_advantages(torch.tensor([1.0, 2.0, 6.0]), k=3)
+    assert adv.tolist() == pytest.approx([-3.0, -1.5, 4.5])
+
+
+def test_rloo_groups_are_prompt_major_and_sum_to_zero():
+    """Rows b·k + j belong to prompt b: per-prompt offsets cancel, each group sums to 0, A = k/(k-1)·(R - mean)."""
+    k, B = 4, 3
+    noise = torch.randn(B * k, generator=torch.Generator().manual_seed(0))
+    rewards = noise + torch.tensor([0.0, 100.0, -50.0]).repeat_interleave(k)   # a big offset per prompt
+    adv = loo_advantages(rewards, k)
+    assert adv.view(B, k).sum(1).abs().max() < 1e-4
+    assert adv.abs().max() < 10                                               # offsets never leak across prompts
+    g = rewards.view(B, k)
+    assert torch.allclose(adv, (k / (k - 1) * (g - g.mean(1, keepdim=True))).view(-1), atol=1e-4)
+    with pytest.raises(ValueError, match="k >= 2"):
+        loo_advantages(rewards, 1)
+
+
+def test_moving_average_baseline_uses_earlier_batches_only():
+    """The first batch gets baseline 0; later ones the mean of every earlier reward, never their own."""
+    mab = MovingAverageBaseline()
+    a1, b1 = mab.advantages(torch.tensor([1.0, 3.0]))
+    a2, b2 = mab.advantages(torch.tensor([10.0]))
+    assert (b1, b2) == (0.0, 2.0) and a1.tolist() == [1.0, 3.0] and a2.tolist() == [8.0]
+
+
+def test_reinforce_loss_by_hand_and_k2_contrastive_form():
+    """loss = -mean(A·log π(y)); for k=2 with LOO it is ½(R+ - R-)(-log π(y+) + log π(y-)) (Back to Basics, App. B)."""
+    logp = torch.tensor([-2.0, -5.0], requires_grad=True)
+    adv = loo_advantages(torch.tensor([3.0, 1.0]), k=2)                        # [2, -2]
+    loss = reinforce_loss(logp, adv)
+    assert loss.item() == pytest.approx(-(2 * -2.0 + -2 * -5.0) / 2)
+    assert loss.item() == pytest.approx(0.5 * (3.0 - 1.0) * (2.0 - 5.0))
+    loss.backward()
+    assert logp.grad.tolist() == pytest.approx([-1.0, 1.0])
+
+
+def test_dpo_loss_hand_example():
+    """β=0.5, h = (−1+2) − (−3+2) = 2: loss = log(1 + e^−1); implicit rewards 0.5 and −0.5, accuracy 1."""
+    loss, st = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)))
+    assert (st["rewards_chosen"], st["rewards_rejected"], st["margin"], st["accuracy"]) == pytest.approx((0.5, -0.5, 1.0, 1.0))
+    smooth, _ = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5, 0.1)
+    assert smooth.item() == pytest.approx(0.9 * math.log(1 + math.exp(-1)) + 0.1 * math.log(1 + math.e))
+
+
+def test_dpo_step_zero_is_ln2_and_sequence_logprobs_sum_response_tokens():
+    """With π = π_ref the loss is ln 2; sequence log-probs are the sum over response tokens only."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16, pad_id=0)).eval()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 0], [3, 4, 8, 9, 0, 0]])
+    mask = (ids != 0).long()
+    loss_mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]])
+    lp = sequence_logprobs(m, ids, mask, loss_mask)
+    full = torch.log_softmax(m(ids, mask), -1)
+    assert lp[0].item() == pytest.approx(sum(full[0, t - 1, ids[0, t]].item() for t in (2, 3, 4)), abs=1e-5)
+    assert lp[1].item() == pytest.approx(sum(full[1, t - 1, ids[1, t]].item() for t in (2, 3)), abs=1e-5)
+    loss, st = dpo_loss(lp[:1], lp[1:], lp[:1], lp[1:], beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2)) and st["margin"] == 0.0
+
+
+def test_best_of_k_picks_each_prompts_best_row():
+    """Prompt-major rewards: the best row of each group of k, as a row index."""
+    assert best_of_k(torch.tensor([0.1, 0.9, 0.5, 3.0, -1.0, 2.0]), k=3).tolist() == [1, 3]
+
+
+def _run(*args):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{args} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+    return r.stdout
+
+
+def test_each_algorithm_runs_tiny_and_evaluates(tmp_path):
+    """RLOO, REINFORCE (moving average), DPO and RAFT run with the tiny preset and evaluate.py reads their checkpoints."""
+    out = str(tmp_path)
+    _run("pipeline.py", "--preset", "tiny", "--device", "cpu", "--out_dir", out)
+    common = ["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{out}/sft.pt", "--rm_ckpt", f"{out}/rm.pt"]
+    _run("rloo.py", *common, "--out_dir", out)
+    _run("rloo.py", *common, "--baseline", "moving_avg", "--k", "1", "--out_dir", f"{out}/reinforce")
+    _run("dpo.py", *common, "--out_dir", out)
+    _run("raft.py", *common, "--out_dir", out)
+    enc_id = tok.tokenizer_id(tok.get_tokenizer("toy"))
+    for stage, path in (("rloo", "rloo.pt"), ("rloo", "reinforce/rloo.pt"), ("dpo", "dpo.pt"), ("raft", "raft.pt")):
+        ck = load_checkpoint(f"{out}/{path}", stage, enc_id)
+        assert ck["done"] and "win_rate_vs_sft" in ck["metrics"]
+    report = _run("evaluate.py", "--policies", f"{out}/rloo.pt", f"{out}/dpo.pt", f"{out}/raft.pt", "--sft_ckpt",
+                  f"{out}/sft.pt", "--rm_ckpt", f"{out}/rm.pt", "--out_dir", out, "--n_prompts", "8",
+                  "--max_new_tokens", "8", "--device", "cpu")
+    assert "| rloo |" in report and "| dpo |" in report and "| raft |" in report
