@@ -100,7 +100,7 @@ def main(argv=None):
     base_gold = [data.gold_reward(q, r) for q, r in zip(prompts, base["texts"])]
     rows = []
     for path in a.policies:
-        policy, ckpt = load_policy(path, ("sft", "ppo", "rloo", "dpo", "raft"))
+        policy, ckpt = load_policy(path, ("sft", "ppo", "rloo", "dpo", "raft", "alol"))
         if ckpt["tokenizer_id"] != sft_ckpt["tokenizer_id"]:
             raise ValueError(f"{path}: tokenizer {ckpt['tokenizer_id']} differs from the SFT's {sft_ckpt['tokenizer_id']}")
         res = sample_and_score(policy.to(device), sft, rm, *args)

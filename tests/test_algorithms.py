@@ -99,11 +99,74 @@ def test_each_algorithm_runs_tiny_and_evaluates(tmp_path):
     _run("rloo.py", *common, "--baseline", "moving_avg", "--k", "1", "--out_dir", f"{out}/reinforce")
     _run("dpo.py", *common, "--out_dir", out)
     _run("raft.py", *common, "--out_dir", out)
+    _run("alol.py", *common, "--out_dir", out)
     enc_id = tok.tokenizer_id(tok.get_tokenizer("toy"))
-    for stage, path in (("rloo", "rloo.pt"), ("rloo", "reinforce/rloo.pt"), ("dpo", "dpo.pt"), ("raft", "raft.pt")):
+    for stage, path in (("rloo", "rloo.pt"), ("rloo", "reinforce/rloo.pt"), ("dpo", "dpo.pt"), ("raft", "raft.pt"),
+                        ("alol", "alol.pt")):
         ck = load_checkpoint(f"{out}/{path}", stage, enc_id)
         assert ck["done"] and "win_rate_vs_sft" in ck["metrics"]
     report = _run("evaluate.py", "--policies", f"{out}/rloo.pt", f"{out}/dpo.pt", f"{out}/raft.pt", "--sft_ckpt",
                   f"{out}/sft.pt", "--rm_ckpt", f"{out}/rm.pt", "--out_dir", out, "--n_prompts", "8",
                   "--max_new_tokens", "8", "--device", "cpu")
     assert "| rloo |" in report and "| dpo |" in report and "| raft |" in report
+
+
+def test_alol_weights_at_init_and_variants():
+    """At π = π_ref (ρ ≡ 1) A-LoL and A-LoL seq equal ref-free; negative advantages weigh nothing."""
+    from alol import alol_loss
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(3, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).float()
+    adv = torch.tensor([0.5, -0.3, 0.2])
+    free, _ = alol_loss(logp, logp, mask, adv, "ref_free", 0.9)
+    assert free.item() == pytest.approx(-(0.5 * logp[0, :3].sum() + 0.2 * logp[2, 0]).item() / 3)
+    for variant in ("alol", "seq"):
+        loss, st = alol_loss(logp, logp, mask, adv, variant, 0.9)
+        assert loss.item() == pytest.approx(free.item()) and st["clipped_frac"] == 0.0
+
+
+def test_alol_clip_in_log_space_stays_finite():
+    """A huge log-ratio is clipped to 1+ε before exp: the weight is exactly 1.9 and nothing overflows."""
+    from alol import alol_loss
+    logp, ref = torch.full((1, 4), -1.0), torch.full((1, 4), -300.0)   # log ρ = 1196
+    mask, adv = torch.ones(1, 4), torch.tensor([1.0])
+    loss, st = alol_loss(logp, ref, mask, adv, "alol", 0.9)
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(-1.9 * -4.0)
+    assert st["clipped_frac"] == 1.0
+    loss_seq, _ = alol_loss(logp, ref, mask, adv, "seq", 0.9)
+    assert loss_seq.item() == pytest.approx(-1.9 * -4.0)
+
+
+def test_alol_kl_gradient_is_ref_free_with_shifted_advantage():
+    """∇ of -A⁺·s + β(s - sg s_ref) equals ∇ of the ref-free loss with advantage A⁺ - β."""
+    from alol import alol_loss
+    mask, adv, beta = torch.ones(2, 3), torch.tensor([0.6, 0.3]), 0.1
+    ref = -torch.rand(2, 3, generator=torch.Generator().manual_seed(1))
+    a = (-torch.rand(2, 3, generator=torch.Generator().manual_seed(2))).requires_grad_()
+    b = a.detach().clone().requires_grad_()
+    alol_loss(a, ref, mask, adv, "kl", 0.9, beta)[0].backward()
+    alol_loss(b, ref, mask, adv - beta, "ref_free", 0.9)[0].backward()
+    assert torch.allclose(a.grad, b.grad)
+
+
+def test_priority_sampling_never_draws_negative_advantages():
+    """Indices are drawn ∝ A⁺: examples with A <= 0 never appear; all-negative advantages are a clear error."""
+    from alol import priority_sample
+    adv = torch.tensor([0.5, -1.0, 0.0, 1.5])
+    idx = priority_sample(adv, 2000, torch.Generator().manual_seed(0))
+    assert set(idx.tolist()) <= {0, 3}
+    assert 0.65 < (idx == 3).float().mean().item() < 0.85                  # 1.5 / 2.0 = 0.75
+    with pytest.raises(ValueError, match="positive advantage"):
+        priority_sample(torch.tensor([-1.0, 0.0]), 3, torch.Generator())
+
+
+def test_value_head_ignores_left_padding():
+    """V(x) does not change when a prompt's hidden states get extra left padding (key-padding mask)."""
+    from alol import ValueHead
+    torch.manual_seed(0)
+    head = ValueHead(16, n_head=2).eval()
+    h = torch.randn(1, 4, 16)
+    padded = torch.cat([torch.randn(1, 3, 16), h], 1)
+    v1 = head(h, torch.ones(1, 4, dtype=torch.long))
+    v2 = head(padded, torch.tensor([[0, 0, 0, 1, 1, 1, 1]]))
+    assert torch.allclose(v1, v2, atol=1e-6)

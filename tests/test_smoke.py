@@ -20,7 +20,7 @@ def run(*args):
 
 
 @pytest.mark.parametrize("script", ["train_sft.py", "reward_model.py", "ppo_rlhf.py", "evaluate.py", "pipeline.py",
-                                    "rloo.py", "dpo.py", "raft.py"])
+                                    "rloo.py", "dpo.py", "raft.py", "alol.py"])
 def test_help(script):
     """Every stage script answers --help with its options."""
     out = run(script, "--help")

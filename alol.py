@@ -1,0 +1,290 @@
+"""
+A-LoL: Advantage-Leftover-Lunch RL (Baheti et al. 2023, "Leftover Lunch: Advantage-based Offline Reinforcement
+Learning for Language Models"; "the paper" below): offline policy gradient on EXISTING data, no sampling from
+the policy during training. Here the data are the chosen responses of the reward model's own training pairs.
+
+The whole response is one action. With s_θ = Σ_t log π_θ(y_t|·) (a token sum) and the frozen SFT policy π_ref:
+  0. value     V_ref(x): an attention-pooling head on π_ref's frozen hidden states of the prompt, fit by MSE to
+               the reward of π_ref's own greedy answers on validation prompts (paper §2.2; our notes §1.3)
+  1. advantage A = R(x, y) - V_ref(x) on every training example, R = sigmoid(RM score); cached once
+  2. filter    examples with A <= 0 are never trained on: priority sampling ∝ A⁺ with replacement (§2.3)
+  3. loss, per variant (paper eq. 5 and §2.4; the weights are constants, sg = stop-gradient):
+       alol      -A⁺ · sg[clip(ρ, 1-ε, 1+ε)] · s_θ,        ρ = π_θ(y|x) / π_ref(y|x) = exp(s_θ - s_ref)
+       ref_free  -A⁺ · s_θ                                  (ρ := 1)
+       seq       -A⁺ · Σ_t sg[clip(ρ_t, 1-ε, 1+ε)] · log π_θ(y_t|·),   ρ_t the per-token ratio
+       kl        -A⁺ · s_θ + β·(s_θ - sg[s_ref])            (no ρ)
+     The clip is done in log space (log ρ ∈ [log(1-ε), log(1+ε)]), so a long response cannot overflow exp.
+
+Run (after train_sft.py and reward_model.py; writes out/alol.pt, out/alol_log.jsonl, out/alol_curves.png):
+    python alol.py                                # A-LoL
+    python alol.py --variant seq --out_dir out/alol_seq
+    python alol.py --help
+
+Deliberate choices:
+  1. Dropout is 0 everywhere, so ρ = 1 exactly at the start (the official QLoRA code has dropout, so ρ != 1).
+  2. The value head gets a key-padding mask and is put in eval mode after fitting (the official code does
+     neither; notes §5.1); the best epoch is chosen on a held-out fifth of the dev prompts, not on train MSE.
+  3. Steps: one epoch over the positive-advantage subset (the official code scales steps by that fraction).
+
+Shape legend: B batch, Tp prompt length, Tr response length, T = Tp + Tr, C width, N training examples.
+"""
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import tokenizer as tok
+from model import GPTConfig, ScalarHeadGPT, pad_batch, pick_device
+from ppo_rlhf import load_policy, logprobs_from_logits, response_logits
+from reward_model import make_pairs
+from train_sft import sample_responses
+from utils import (JsonlLog, Progress, check_finite, field, fit_prompt, load_checkpoint, load_weights,
+                   parse_config, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
+
+
+@dataclass
+class Config:
+    sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: π_ref (frozen) and the initial policy")
+    rm_ckpt: str = field("out/rm.pt", "reward model; its config says which pairs it was trained on")
+    out_dir: str = field("out", "where alol.pt, alol_log.jsonl and alol_curves.png are written")
+    preset: str = field("default", "the preset this config came from (set by --preset)")
+    seed: int = field(0, "seeds value-head init, sampling and the final check")
+    device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
+    variant: str = field("alol", "alol | ref_free | seq | kl")
+    clip_eps: float = field(0.9, "ε: the importance weight is clipped to [1-ε, 1+ε] (paper 0.9)")
+    kl_coef: float = field(0.1, "β of the kl variant")
+    batch_size: int = field(16, "examples per step (paper: 16)")
+    lr: float = field(3e-5, "policy learning rate (AdamW)")
+    grad_clip: float = field(1.0, "grad-norm clip (0 = off)")
+    value_epochs: int = field(10, "value-head training epochs (paper: 10)")
+    value_lr: float = field(1e-3, "value-head learning rate")
+    max_new_tokens: int = field(48, "longest greedy dev answer and final sample")
+    truncate_prompts: bool = field(True, "cut over-long prompts from the left with a warning (false: error)")
+    eval_interval: int = field(50, "log a sample every N steps")
+    n_eval_prompts: int = field(64, "val prompts for the final win rate vs SFT")
+
+
+PRESETS = {
+    "default": {},
+    "tiny": dict(batch_size=8, value_epochs=2, max_new_tokens=12, eval_interval=4, n_eval_prompts=8),
+}
+VARIANTS = ("alol", "ref_free", "seq", "kl")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure functions and the value head
+
+class ValueHead(nn.Module):
+    """V(x) = max_value · sigmoid(w · attention(q, h, h) + b): one learned query attends over the prompt's states."""
+
+    def __init__(self, n_embd, n_head=4, dropout=0.1, max_value=1.0):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(n_embd) * 0.02)
+        self.attn = nn.MultiheadAttention(n_embd, n_head, dropout=dropout, batch_first=True)
+        self.out = nn.Linear(n_embd, 1)
+        self.max_value = max_value
+
+    def forward(self, h, mask):
+        """h (B, Tp, C) frozen prompt hidden states, mask (B, Tp) 1 on real tokens -> V (B,)."""
+        q = self.query.expand(h.shape[0], 1, -1)                          # (B, 1, C)
+        pooled, _ = self.attn(q, h, h, key_padding_mask=mask == 0)        # (B, 1, C)
+        return self.max_value * torch.sigmoid(self.out(pooled[:, 0]).squeeze(-1))  # (B,)
+
+
+def priority_sample(advantages, n, generator):
+    """n indices drawn with replacement with probability ∝ max(A, 0); examples with A <= 0 are never drawn."""
+    w = advantages.clamp(min=0)
+    if w.sum() <= 0:
+        raise ValueError("no training example has a positive advantage: A-LoL has nothing to learn from")
+    return torch.multinomial(w, n, replacement=True, generator=generator)
+
+
+def alol_loss(logp, ref_logp, mask, advantages, variant, clip_eps, kl_coef=0.0):
+    """
+    The A-LoL family's loss on (B, Tr) token log-probs of the data responses under π_θ (logp) and π_ref (ref_logp),
+    `mask` 1 on response tokens, advantages (B,). Returns (loss, stats). Weights are constants (no gradient).
+    """
+    a_pos = advantages.clamp(min=0).detach()                              # (B,) A⁺
+    s, s_ref = (logp * mask).sum(1), (ref_logp * mask).sum(1)             # (B,) sequence log-probs
+    lo, hi = math.log(1 - clip_eps), math.log(1 + clip_eps)
+    log_rho = (s - s_ref).detach()                                        # (B,)
+    stats = dict(a_pos_mean=a_pos.mean().item(), log_rho_abs_mean=log_rho.abs().mean().item(),
+                 log_rho_abs_max=log_rho.abs().max().item(),
+                 clipped_frac=((log_rho < lo) | (log_rho > hi)).float().mean().item(), drift=log_rho.mean().item())
+    if variant == "alol":
+        loss = -(a_pos * log_rho.clamp(lo, hi).exp() * s).mean()
+    elif variant == "ref_free":
+        loss = -(a_pos * s).mean()
+    elif variant == "seq":
+        rho_t = ((logp - ref_logp).detach().clamp(lo, hi).exp() * mask)  # (B, Tr) per-token clipped ratios
+        loss = -(a_pos * (rho_t * logp).sum(1)).mean()
+    elif variant == "kl":
+        loss = -(a_pos * s).mean() + kl_coef * (s - s_ref.detach()).mean()
+    else:
+        raise ValueError(f"unknown A-LoL variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    return loss, stats
+
+
+@torch.no_grad()
+def prompt_states(ref, enc, prompts, room, truncate, device):
+    """π_ref's final hidden states of left-padded prompts: (B, Tp, C) and the mask (B, Tp)."""
+    ids, mask = pad_batch([fit_prompt(tok.encode(enc, p), room, truncate, f"prompt {p[:40]!r}") for p in prompts],
+                          tok.pad_id(enc), left=True)
+    return ref.hidden(ids.to(device), mask.to(device)), mask.to(device)
+
+
+def encode_examples(enc, prompts, responses, room_total, truncate, pad_id, device):
+    """Prompts left-padded + responses right-padded, as ppo_rlhf's rollout lays them out: seq, seq_mask, response, mask."""
+    resp = [tok.encode(enc, r) for r in responses]
+    p_ids, p_mask = pad_batch([fit_prompt(tok.encode(enc, p), room_total - len(r), truncate, f"prompt {p[:40]!r}")
+                               for p, r in zip(prompts, resp)], pad_id, left=True)  # (B, Tp)
+    r_ids, r_mask = pad_batch(resp, pad_id, left=False)                   # (B, Tr)
+    seq, seq_mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)  # (B, T)
+    return seq.to(device), seq_mask.to(device), r_ids.to(device), r_mask.to(device), p_ids.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"--variant {cfg.variant!r}: expected one of {', '.join(VARIANTS)}")
+    if not 0 < cfg.clip_eps < 1:
+        raise ValueError(f"--clip_eps {cfg.clip_eps}: expected 0 < ε < 1")
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    policy, sft = load_policy(cfg.sft_ckpt, ("sft",))
+    enc = tok.get_tokenizer(sft["tokenizer"])
+    rm_ckpt = load_checkpoint(cfg.rm_ckpt, "rm", sft["tokenizer_id"])
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    rm = ScalarHeadGPT(GPTConfig(**rm_ckpt["model_config"]))
+    load_weights(rm, rm_ckpt["model"], cfg.rm_ckpt)
+    rm.eval().requires_grad_(False)
+    policy, ref, rm = policy.to(device), ref.to(device), rm.to(device)
+    pad, block = tok.pad_id(enc), policy.cfg.block_size
+    print(f"device={device} config={asdict(cfg)}")
+    splits = data.prompt_splits(sft["config"]["seed"])
+
+    def reward(prompts, responses):
+        """R = sigmoid(RM score), as the official code, in batches of 128: (n,)"""
+        out = []
+        for i in range(0, len(prompts), 128):
+            seq, seq_mask, *_ = encode_examples(enc, prompts[i:i + 128], responses[i:i + 128], block,
+                                                cfg.truncate_prompts, pad, device)
+            out.append(torch.sigmoid(rm.score(seq, seq_mask)))
+        return torch.cat(out)
+
+    # 0. value estimate of π_ref: greedy answers on the (unique) val prompts, scored by the RM
+    t0 = time.time()
+    dev = sorted({p for ps in splits["val"].values() for p in ps})
+    with torch.no_grad():
+        dev_answers = sample_responses(ref, enc, dev, cfg.max_new_tokens, 0.0, device)
+        dev_r = reward(dev, dev_answers)                                  # (N_v,)
+        dev_h, dev_m = prompt_states(ref, enc, dev, block - cfg.max_new_tokens, cfg.truncate_prompts, device)
+    n_fit = max(1, int(0.8 * len(dev)))
+    order = torch.randperm(len(dev), generator=torch.Generator().manual_seed(cfg.seed))
+    fit_idx, hold_idx = order[:n_fit], order[n_fit:] if len(dev) > n_fit else order[:n_fit]
+    vhead = ValueHead(policy.cfg.n_embd, n_head=policy.cfg.n_head).to(device)
+    vopt = torch.optim.AdamW(vhead.parameters(), lr=cfg.value_lr)
+    best, best_state = float("inf"), None
+    for epoch in range(cfg.value_epochs):
+        vhead.train()
+        for idx in fit_idx[torch.randperm(len(fit_idx), generator=torch.Generator().manual_seed(epoch))].split(16):
+            loss = F.mse_loss(vhead(dev_h[idx], dev_m[idx]), dev_r[idx])
+            vopt.zero_grad(set_to_none=True)
+            loss.backward()
+            vopt.step()
+        vhead.eval()
+        with torch.no_grad():
+            held = F.mse_loss(vhead(dev_h[hold_idx], dev_m[hold_idx]), dev_r[hold_idx]).item()
+        if held < best:
+            best, best_state = held, copy.deepcopy(vhead.state_dict())
+    vhead.load_state_dict(best_state)
+    vhead.eval().requires_grad_(False)
+    print(f"value head: {len(dev)} dev prompts, mean greedy reward {dev_r.mean():.3f}, best held-out MSE {best:.4f} "
+          f"(baseline {dev_r[hold_idx].var(unbiased=False):.4f})")
+
+    # 1. advantages of the existing data: the chosen responses of the RM's training pairs
+    rcfg = rm_ckpt["config"]
+
+    class Annotators:  # the fields make_pairs reads
+        tau, length_bias = rcfg["tau"], rcfg["length_bias"]
+    pairs = make_pairs(splits["train"], rcfg["n_train"], rcfg["seed"] + 10, Annotators)
+    prompts, responses = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
+    with torch.no_grad():
+        R = reward(prompts, responses)                                    # (N,)
+        V = torch.cat([vhead(*prompt_states(ref, enc, prompts[i:i + 256], block - cfg.max_new_tokens,
+                                            cfg.truncate_prompts, device)) for i in range(0, len(prompts), 256)])
+    A = R - V                                                             # (N,)
+    frac_pos = (A > 0).float().mean().item()
+    # 2. one epoch over the positive-advantage subset, sampled ∝ A⁺
+    n_iters = int(len(pairs) * frac_pos) // cfg.batch_size
+    if n_iters == 0:
+        raise ValueError(f"only {frac_pos:.0%} of {len(pairs)} examples have A > 0: less than one batch")
+    q = torch.quantile(A, torch.tensor([0.1, 0.5, 0.9], device=A.device)).tolist()
+    print(f"{len(pairs)} examples, {frac_pos:.0%} with A > 0 (A quantiles 10/50/90%: {q[0]:+.3f} {q[1]:+.3f} "
+          f"{q[2]:+.3f}); {n_iters} steps; value fit {time.time() - t0:.0f}s")
+
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log_path = os.path.join(cfg.out_dir, "alol_log.jsonl")
+    log = JsonlLog(log_path)
+    log.write(step=0, frac_pos=frac_pos, value_mse=best, dev_reward=dev_r.mean().item(), adv_q10=q[0], adv_q50=q[1],
+              adv_q90=q[2])
+    progress = Progress(n_iters)
+    t_train = time.time()
+    for step in range(1, n_iters + 1):
+        idx = priority_sample(A.cpu(), cfg.batch_size, gen).tolist()
+        seq, seq_mask, resp, mask, Tp = encode_examples(enc, [prompts[i] for i in idx], [responses[i] for i in idx],
+                                                        block, cfg.truncate_prompts, pad, device)
+        with torch.no_grad():
+            ref_logp = logprobs_from_logits(response_logits(ref, seq, seq_mask, Tp, 1.0), resp) * mask  # (B, Tr)
+        policy.train()
+        logp = logprobs_from_logits(response_logits(policy, seq, seq_mask, Tp, 1.0), resp) * mask       # (B, Tr)
+        # 3. the variant's loss
+        loss, st = alol_loss(logp, ref_logp, mask, A[idx], cfg.variant, cfg.clip_eps, cfg.kl_coef)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        check_finite(f"A-LoL step {step}", loss=loss.item(), grad_norm=gnorm.item())
+        opt.step()
+        log.write(step=step, loss=loss.item(), grad_norm=gnorm.item(), **st, time=time.time() - t_train)
+        if step % cfg.eval_interval == 0 or step == n_iters:
+            print(progress.line(step, f"loss {loss.item():+.4f} A⁺ {st['a_pos_mean']:.3f} drift {st['drift']:+.2f} "
+                                      f"clipped {st['clipped_frac']:.2f}"))
+    train_time = time.time() - t0
+
+    # final check on val prompts: gold win rate vs SFT samples (evaluate.py does the full evaluation)
+    ev = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
+    g = lambda m: sample_responses(m, enc, ev, cfg.max_new_tokens, 1.0, device,
+                                   torch.Generator(device=device).manual_seed(cfg.seed + 1))
+    outs, base = g(policy), g(ref)
+    diffs = [data.gold_reward(p, a) - data.gold_reward(p, b) for p, a, b in zip(ev, outs, base)]
+    win = sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs)
+    print(table([(p.strip(), o, data.gold_reward(p, o)) for p, o in zip(ev[:4], outs[:4])],
+                ["val prompt", f"A-LoL ({cfg.variant}) sample", "gold"], [34, 70, 5]))
+    metrics = dict(win_rate_vs_sft=win, gold=sum(data.gold_reward(p, o) for p, o in zip(ev, outs)) / len(ev),
+                   frac_pos=frac_pos, value_mse=best, train_time_s=train_time)
+    log.write(step=n_iters, **metrics)
+    ckpt_path = os.path.join(cfg.out_dir, "alol.pt")
+    save_checkpoint(ckpt_path, stage="alol", model=policy.state_dict(), model_config=sft["model_config"],
+                    tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"], step=n_iters, done=True,
+                    metrics=metrics, config=asdict(cfg), sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt,
+                    value_head=vhead.state_dict())
+    plot_curves(os.path.join(cfg.out_dir, "alol_curves.png"), read_jsonl(log_path), "step",
+                [["loss"], ["a_pos_mean"], ["drift", "log_rho_abs_mean"], ["clipped_frac"]],
+                f"A-LoL ({cfg.variant})")
+    print(f"A-LoL ({cfg.variant}) done in {train_time:.0f}s: win rate vs SFT {win:.2f} -> {ckpt_path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_main(main)

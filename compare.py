@@ -1,0 +1,122 @@
+"""
+Train every RLHF method from the same SFT policy and reward model, with several seeds, and compare them on one
+evaluation (evaluate.py): gold reward, RM score, gold win rate vs SFT, KL to SFT, length, distinct-2, wall time.
+
+Compute budget, matched by data seen:
+  online  (PPO-max, RLOO, RAFT): 150 iterations × 64 sampled responses = 9,600 generated responses each
+  offline (DPO, A-LoL): one pass over the reward model's 10,000 training pairs (A-LoL: over the chosen responses
+          with a positive advantage), no generation during training
+Seeds change the RL stage only (prompt order, sampling, minibatches); SFT and RM are shared.
+
+Run (after pipeline.py, which writes out/sft.pt and out/rm.pt; writes out/compare/compare.md, compare.jsonl and
+compare_reward_kl.png):
+    python compare.py                                  # 5 methods × 3 seeds, about 35 minutes on 2 CPU cores
+    python compare.py --methods ppo_max rloo --seeds 0 # a subset
+    python compare.py --quick --sft_ckpt out/tiny/sft.pt --rm_ckpt out/tiny/rm.pt --out_dir out/tiny/compare
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import alol
+import dpo
+import evaluate
+import ppo_rlhf
+import raft
+import rloo
+from utils import read_jsonl, run_main
+
+# method -> (module, extra arguments, checkpoint file, budget text)
+METHODS = {
+    "ppo_max": (ppo_rlhf, ["--preset", "ppo_max"], "ppo.pt", "9,600 samples"),
+    "rloo": (rloo, ["--baseline", "loo", "--k", "4"], "rloo.pt", "9,600 samples"),
+    "raft": (raft, ["--k", "4"], "raft.pt", "9,600 samples"),
+    "dpo": (dpo, [], "dpo.pt", "10,000 pairs"),
+    "alol": (alol, ["--variant", "alol"], "alol.pt", "10,000 × frac(A>0)"),
+}
+KEYS = ["gold", "rm", "win_vs_sft", "kl_sft", "length", "distinct2"]
+
+
+def summarize(rows):
+    """{method: {key: (mean, spread)}} from evaluate.py rows tagged with method; spread = population std."""
+    out = {}
+    for m in dict.fromkeys(r["method"] for r in rows):
+        group = [r for r in rows if r["method"] == m]
+        out[m] = {k: (statistics.mean(r[k] for r in group), statistics.pstdev([r[k] for r in group])) for k in KEYS + ["time_s"]}
+        out[m]["n"] = len(group)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train every method from the same SFT + RM and compare them.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to train")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="RL-stage seeds")
+    p.add_argument("--sft_ckpt", default="out/sft.pt", help="the shared SFT policy")
+    p.add_argument("--rm_ckpt", default="out/rm.pt", help="the shared reward model")
+    p.add_argument("--out_dir", default="out/compare", help="one sub-folder per method and seed, plus the summary")
+    p.add_argument("--n_prompts", type=int, default=512, help="test prompts for the evaluation")
+    p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, mps")
+    p.add_argument("--quick", action="store_true", help="tiny presets (seconds; for the tests)")
+    p.add_argument("--skip_existing", action="store_true", help="reuse finished runs already in out_dir")
+    a = p.parse_args(argv)
+
+    runs = []
+    for seed in a.seeds:
+        for m in a.methods:
+            module, extra, ckpt_name, _ = METHODS[m]
+            out = os.path.join(a.out_dir, f"{m}_s{seed}")
+            ckpt = os.path.join(out, ckpt_name)
+            t = time.time()
+            if not (a.skip_existing and os.path.exists(ckpt)):
+                print("=" * 20, f"{m}, seed {seed}", "=" * 20)
+                module.main(extra + ["--seed", str(seed), "--out_dir", out, "--sft_ckpt", a.sft_ckpt, "--rm_ckpt",
+                                     a.rm_ckpt, "--device", a.device] + (["--preset", "tiny"] if a.quick else []))
+            runs.append(dict(method=m, seed=seed, ckpt=ckpt, time_s=time.time() - t))
+
+    rows = evaluate.main(["--policies"] + [r["ckpt"] for r in runs] + [
+        "--sft_ckpt", a.sft_ckpt, "--rm_ckpt", a.rm_ckpt, "--out_dir", a.out_dir, "--device", a.device,
+        "--n_prompts", str(8 if a.quick else a.n_prompts)] + (["--max_new_tokens", "12"] if a.quick else []))
+    for run, row in zip(runs, rows):
+        row.update(method=run["method"], seed=run["seed"], time_s=run["time_s"])
+        row.pop("samples", None)
+    with open(os.path.join(a.out_dir, "compare.jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    summary = summarize(rows)
+    md = [f"{rows[0]['n_prompts']} test prompts; mean ± std over seeds {a.seeds}; SFT: see eval.md", "",
+          "| method | budget | seeds | gold reward | RM score | gold win rate vs SFT | KL to SFT | length | distinct-2 | wall time (s) |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for m, s in summary.items():
+        cells = " | ".join(f"{s[k][0]:.3f} ± {s[k][1]:.3f}" if k != "time_s" else f"{s[k][0]:.0f} ± {s[k][1]:.0f}"
+                           for k in KEYS + ["time_s"])
+        md.append(f"| {m} | {METHODS[m][3]} | {s['n']} | {cells} |")
+    with open(os.path.join(a.out_dir, "compare.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for i, (m, s) in enumerate(summary.items()):
+        color = f"C{i}"
+        pts = [r for r in rows if r["method"] == m]
+        ax.scatter([r["kl_sft"] for r in pts], [r["gold"] for r in pts], color=color, alpha=0.35, s=14)
+        ax.errorbar(s["kl_sft"][0], s["gold"][0], xerr=s["kl_sft"][1], yerr=s["gold"][1], fmt="o", color=color,
+                    capsize=3, label=m)
+    ax.set_xlabel("KL(π || π_SFT) per response (nats)")
+    ax.set_ylabel("gold reward (test prompts)")
+    ax.set_title("Gold reward vs KL to SFT (mean ± std over seeds; dots: single seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.out_dir, "compare_reward_kl.png"), dpi=100)
+    plt.close(fig)
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)
