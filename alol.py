@@ -6,7 +6,7 @@ the policy during training. Here the data are the chosen responses of the reward
 The whole response is one action. With s_θ = Σ_t log π_θ(y_t|·) (a token sum) and the frozen SFT policy π_ref:
   0. value     V_ref(x): an attention-pooling head on π_ref's frozen hidden states of the prompt, fit by MSE to
                the reward of π_ref's own greedy answers on validation prompts (paper §2.2; our notes §1.3)
-  1. advantage A = R(x, y) - V_ref(x) on every training example, R = sigmoid(RM score); cached once
+  1. advantage A = R(x, y) - V_ref(x) on every training example, R = sigmoid(RM score - c); cached once
   2. filter    examples with A <= 0 are never trained on: priority sampling ∝ A⁺ with replacement (§2.3)
   3. loss, per variant (paper eq. 5 and §2.4; the weights are constants, sg = stop-gradient):
        alol      -A⁺ · sg[clip(ρ, 1-ε, 1+ε)] · s_θ,        ρ = π_θ(y|x) / π_ref(y|x) = exp(s_θ - s_ref)
@@ -25,6 +25,10 @@ Deliberate choices:
   2. The value head gets a key-padding mask and is put in eval mode after fitting (the official code does
      neither; notes §5.1); the best epoch is chosen on a held-out fifth of the dev prompts, not on train MSE.
   3. Steps: one epoch over the positive-advantage subset (the official code scales steps by that fraction).
+  4. R = sigmoid(RM score - c) with c = the mean RM score of π_ref's greedy dev answers (--center_reward true).
+     The official code uses sigmoid(RM score) with an RM whose scores sit around 0; ours average about +3, where
+     the sigmoid saturates (π_ref's answers all get R ≈ 0.96 and every advantage shrinks to ±0.03).
+     --center_reward false gives the official transform.
 
 Shape legend: B batch, Tp prompt length, Tr response length, T = Tp + Tr, C width, N training examples.
 """
@@ -63,6 +67,7 @@ class Config:
     batch_size: int = field(16, "examples per step (paper: 16)")
     lr: float = field(3e-5, "policy learning rate (AdamW)")
     grad_clip: float = field(1.0, "grad-norm clip (0 = off)")
+    center_reward: bool = field(True, "R = sigmoid(score - mean dev score of π_ref) instead of sigmoid(score)")
     value_epochs: int = field(10, "value-head training epochs (paper: 10)")
     value_lr: float = field(1e-3, "value-head learning rate")
     max_new_tokens: int = field(48, "longest greedy dev answer and final sample")
@@ -172,13 +177,13 @@ def main(argv=None):
     print(f"device={device} config={asdict(cfg)}")
     splits = data.prompt_splits(sft["config"]["seed"])
 
-    def reward(prompts, responses):
-        """R = sigmoid(RM score), as the official code, in batches of 128: (n,)"""
+    def rm_scores(prompts, responses):
+        """Raw RM scores in batches of 128: (n,)"""
         out = []
         for i in range(0, len(prompts), 128):
             seq, seq_mask, *_ = encode_examples(enc, prompts[i:i + 128], responses[i:i + 128], block,
                                                 cfg.truncate_prompts, pad, device)
-            out.append(torch.sigmoid(rm.score(seq, seq_mask)))
+            out.append(rm.score(seq, seq_mask))
         return torch.cat(out)
 
     # 0. value estimate of π_ref: greedy answers on the (unique) val prompts, scored by the RM
@@ -186,7 +191,9 @@ def main(argv=None):
     dev = sorted({p for ps in splits["val"].values() for p in ps})
     with torch.no_grad():
         dev_answers = sample_responses(ref, enc, dev, cfg.max_new_tokens, 0.0, device)
-        dev_r = reward(dev, dev_answers)                                  # (N_v,)
+        dev_scores = rm_scores(dev, dev_answers)                          # (N_v,)
+        center = dev_scores.mean().item() if cfg.center_reward else 0.0
+        dev_r = torch.sigmoid(dev_scores - center)                        # (N_v,) R of π_ref's answers
         dev_h, dev_m = prompt_states(ref, enc, dev, block - cfg.max_new_tokens, cfg.truncate_prompts, device)
     n_fit = max(1, int(0.8 * len(dev)))
     order = torch.randperm(len(dev), generator=torch.Generator().manual_seed(cfg.seed))
@@ -208,7 +215,8 @@ def main(argv=None):
             best, best_state = held, copy.deepcopy(vhead.state_dict())
     vhead.load_state_dict(best_state)
     vhead.eval().requires_grad_(False)
-    print(f"value head: {len(dev)} dev prompts, mean greedy reward {dev_r.mean():.3f}, best held-out MSE {best:.4f} "
+    print(f"value head: {len(dev)} dev prompts, reward centre {center:.2f}, mean greedy R {dev_r.mean():.3f}, "
+          f"best held-out MSE {best:.4f} "
           f"(baseline {dev_r[hold_idx].var(unbiased=False):.4f})")
 
     # 1. advantages of the existing data: the chosen responses of the RM's training pairs
@@ -219,7 +227,7 @@ def main(argv=None):
     pairs = make_pairs(splits["train"], rcfg["n_train"], rcfg["seed"] + 10, Annotators)
     prompts, responses = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
     with torch.no_grad():
-        R = reward(prompts, responses)                                    # (N,)
+        R = torch.sigmoid(rm_scores(prompts, responses) - center)        # (N,)
         V = torch.cat([vhead(*prompt_states(ref, enc, prompts[i:i + 256], block - cfg.max_new_tokens,
                                             cfg.truncate_prompts, device)) for i in range(0, len(prompts), 256)])
     A = R - V                                                             # (N,)
@@ -237,7 +245,8 @@ def main(argv=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path = os.path.join(cfg.out_dir, "alol_log.jsonl")
     log = JsonlLog(log_path)
-    log.write(step=0, frac_pos=frac_pos, value_mse=best, dev_reward=dev_r.mean().item(), adv_q10=q[0], adv_q50=q[1],
+    log.write(step=0, frac_pos=frac_pos, value_mse=best, value_mse_constant=dev_r[hold_idx].var(unbiased=False).item(),
+              reward_center=center, dev_reward=dev_r.mean().item(), adv_q10=q[0], adv_q50=q[1],
               adv_q90=q[2])
     progress = Progress(n_iters)
     t_train = time.time()
@@ -267,8 +276,7 @@ def main(argv=None):
     g = lambda m: sample_responses(m, enc, ev, cfg.max_new_tokens, 1.0, device,
                                    torch.Generator(device=device).manual_seed(cfg.seed + 1))
     outs, base = g(policy), g(ref)
-    diffs = [data.gold_reward(p, a) - data.gold_reward(p, b) for p, a, b in zip(ev, outs, base)]
-    win = sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs)
+    win = data.gold_win_rate(ev, outs, base)
     print(table([(p.strip(), o, data.gold_reward(p, o)) for p, o in zip(ev[:4], outs[:4])],
                 ["val prompt", f"A-LoL ({cfg.variant}) sample", "gold"], [34, 70, 5]))
     metrics = dict(win_rate_vs_sft=win, gold=sum(data.gold_reward(p, o) for p, o in zip(ev, outs)) / len(ev),

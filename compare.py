@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import alol
 import dpo
@@ -26,7 +25,7 @@ import evaluate
 import ppo_rlhf
 import raft
 import rloo
-from utils import read_jsonl, run_main
+from utils import load_checkpoint, run_main
 
 # method -> (module, extra arguments, checkpoint file, budget text)
 METHODS = {
@@ -69,12 +68,12 @@ def main(argv=None):
             module, extra, ckpt_name, _ = METHODS[m]
             out = os.path.join(a.out_dir, f"{m}_s{seed}")
             ckpt = os.path.join(out, ckpt_name)
-            t = time.time()
             if not (a.skip_existing and os.path.exists(ckpt)):
                 print("=" * 20, f"{m}, seed {seed}", "=" * 20)
                 module.main(extra + ["--seed", str(seed), "--out_dir", out, "--sft_ckpt", a.sft_ckpt, "--rm_ckpt",
                                      a.rm_ckpt, "--device", a.device] + (["--preset", "tiny"] if a.quick else []))
-            runs.append(dict(method=m, seed=seed, ckpt=ckpt, time_s=time.time() - t))
+            done = load_checkpoint(ckpt, None)
+            runs.append(dict(method=m, seed=seed, ckpt=ckpt, time_s=done["metrics"]["train_time_s"]))
 
     rows = evaluate.main(["--policies"] + [r["ckpt"] for r in runs] + [
         "--sft_ckpt", a.sft_ckpt, "--rm_ckpt", a.rm_ckpt, "--out_dir", a.out_dir, "--device", a.device,
@@ -87,7 +86,7 @@ def main(argv=None):
             f.write(json.dumps(r) + "\n")
     summary = summarize(rows)
     md = [f"{rows[0]['n_prompts']} test prompts; mean ± std over seeds {a.seeds}; SFT: see eval.md", "",
-          "| method | budget | seeds | gold reward | RM score | gold win rate vs SFT | KL to SFT | length | distinct-2 | wall time (s) |",
+          "| method | budget | seeds | gold reward | RM score | gold win rate vs SFT | KL to SFT | length | distinct-2 | training time (s) |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         cells = " | ".join(f"{s[k][0]:.3f} ± {s[k][1]:.3f}" if k != "time_s" else f"{s[k][0]:.0f} ± {s[k][1]:.0f}"

@@ -254,6 +254,12 @@ def gold_reward(prompt, response):
     return helpful + tone - ramble - repetition - no_end
 
 
+def gold_win_rate(prompts, responses, opponents):
+    """Share of prompts where `responses` beat `opponents` by gold reward (ties count ½): the win rate vs SFT."""
+    diffs = [gold_reward(p, a) - gold_reward(p, b) for p, a, b in zip(prompts, responses, opponents)]
+    return sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Responses: one generator with quality knobs, used for demonstrations and for preference candidates
 

@@ -194,8 +194,7 @@ def main(argv=None):
     g = lambda m: sample_responses(m, enc, prompts, cfg.max_new_tokens, 1.0, device,
                                    torch.Generator(device=device).manual_seed(cfg.seed + 1))
     outs, base = g(policy), g(ref)
-    diffs = [data.gold_reward(p, a) - data.gold_reward(p, b) for p, a, b in zip(prompts, outs, base)]
-    win = sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs)
+    win = data.gold_win_rate(prompts, outs, base)
     print(table([(p.strip(), o, data.gold_reward(p, o)) for p, o in zip(prompts[:4], outs[:4])],
                 ["val prompt", "DPO sample", "gold"], [34, 70, 5]))
     metrics = dict(**v, win_rate_vs_sft=win, gold=sum(data.gold_reward(p, o) for p, o in zip(prompts, outs)) / len(prompts),

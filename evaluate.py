@@ -8,7 +8,8 @@ One evaluation for every policy: sample on held-out test prompts with fixed seed
     length     response tokens (incl. EOS); eos_rate: share of responses that ended
     distinct2  distinct word bigrams / all word bigrams over all responses (diversity; collapse lowers it)
 
-Any checkpoint that holds a policy works (stage sft or ppo; later algorithms write the same format).
+Any checkpoint that holds a policy works: every training stage writes the same format (sft, ppo, rloo, raft,
+dpo, alol), so nothing here is method-specific.
 
 Run (writes out/eval.md, out/eval.jsonl and out/eval_reward_kl.png):
     python evaluate.py --policies out/sft.pt out/ppo.pt
@@ -41,11 +42,6 @@ def distinct_n(texts, n):
     grams = [tuple(w[i:i + n]) for w in (t.replace(data.EOS_TEXT, "").split() for t in texts)
              for i in range(len(w) - n + 1)]
     return len(set(grams)) / max(1, len(grams))
-
-
-def win_rate(golds, opponent_golds):
-    """Share of prompts where golds beats opponent_golds (ties count ½)."""
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(golds, opponent_golds)) / len(golds)
 
 
 @torch.no_grad()
@@ -97,17 +93,16 @@ def main(argv=None):
     args = (enc, prompts, a.max_new_tokens, a.temperature, device, a.seed)
 
     base = sample_and_score(sft, sft, rm, *args)
-    base_gold = [data.gold_reward(q, r) for q, r in zip(prompts, base["texts"])]
     rows = []
     for path in a.policies:
-        policy, ckpt = load_policy(path, ("sft", "ppo", "rloo", "dpo", "raft", "alol"))
+        policy, ckpt = load_policy(path)  # any stage that writes a policy
         if ckpt["tokenizer_id"] != sft_ckpt["tokenizer_id"]:
             raise ValueError(f"{path}: tokenizer {ckpt['tokenizer_id']} differs from the SFT's {sft_ckpt['tokenizer_id']}")
         res = sample_and_score(policy.to(device), sft, rm, *args)
         gold = [data.gold_reward(q, r) for q, r in zip(prompts, res["texts"])]
         n = len(prompts)
         rows.append(dict(policy=path, stage=ckpt["stage"], gold=sum(gold) / n, rm=sum(res["rm"]) / n,
-                         win_vs_sft=win_rate(gold, base_gold), kl_sft=sum(res["kl"]) / n,
+                         win_vs_sft=data.gold_win_rate(prompts, res["texts"], base["texts"]), kl_sft=sum(res["kl"]) / n,
                          length=sum(res["length"]) / n, eos_rate=sum(t.endswith(data.EOS_TEXT) for t in res["texts"]) / n,
                          distinct2=distinct_n(res["texts"], 2), n_prompts=n,
                          samples=[(prompts[i], res["texts"][i], gold[i]) for i in range(3)]))

@@ -23,6 +23,7 @@ Run (after train_sft.py and reward_model.py; writes out/ppo.pt, out/ppo_log.json
     python ppo_rlhf.py                       # --preset ppo_max, the default
     python ppo_rlhf.py --preset vanilla --out_dir out/vanilla   # no KL, no score norm, no clips: collapses
     python ppo_rlhf.py --kl_coef 0.1 --score_norm scale         # any switch on its own
+    python ppo_rlhf.py --preset vanilla_pg --out_dir out/vanilla_pg  # Back to Basics' vanilla policy gradient
     python ppo_rlhf.py --help
 
 Deliberate choices (where the paper and its code disagree, see shared notes §1.5):
@@ -38,6 +39,8 @@ Deliberate choices (where the paper and its code disagree, see shared notes §1.
      (the code scores with raw logits after sampling with τ = 0.8, top-p and a repetition penalty).
   6. A tiny model trains with tiny-model learning rates (policy 1e-5... see Config), not the 7B ones.
   7. One optimiser with two parameter groups (policy, critic) and one global grad-norm clip, as the code does.
+  8. β = 0.1 (the code's zh script; the middle of the paper's Fig. 15 hierarchy). With the paper's 0.05, one of
+     three seeds on the toy task drifted into the collapse signature at iteration ~130 of 150.
 
 Shape legend: B rollouts per iteration, Tp prompt length (left-padded), Tr response length (right-padded with
 PAD after EOS), T = Tp + Tr, V vocab, b minibatch size. Per-token tensors are (B, Tr) over response positions;
@@ -79,7 +82,7 @@ class Config:
     score_norm: str = field("norm_clip", "none | scale (÷ running std) | norm_clip (running mean/std, clip ±score_clip)")
     score_clip: float = field(0.8, "δ for norm_clip")
     missing_eos_penalty: float = field(0.0, "subtracted from the processed score of responses without EOS")
-    kl_coef: float = field(0.05, "β of the per-token KL penalty (paper figs 0.05; code 0.01 en / 0.1 zh)")
+    kl_coef: float = field(0.1, "β of the per-token KL penalty (paper figs 0.05-0.2; code 0.01 en / 0.1 zh)")
     # GAE (§3.1 eqs. 7-11)
     gamma: float = field(1.0, "discount")
     lam: float = field(0.95, "GAE λ (code 0.95; paper App. C.3 0.9)")
@@ -114,6 +117,10 @@ class Config:
 PRESETS = {
     "ppo_max": {},
     "vanilla": dict(kl_coef=0.0, score_norm="none", vf_clip=0.0, grad_clip=0.0, critic_pretrain_iters=0),
+    # Back to Basics eq. 9 "vanilla policy gradient": token-level return-to-go (γ = λ = 1) minus a learned
+    # baseline (the critic), one gradient step per rollout batch, so ρ = 1 and the clip never acts
+    "vanilla_pg": dict(gamma=1.0, lam=1.0, ppo_epochs=1, minibatch=64, vf_clip=0.0, score_norm="none",
+                       critic_pretrain_iters=0),
     "tiny": dict(n_iters=4, rollout_batch=8, minibatch=4, max_new_tokens=12, critic_pretrain_iters=1,
                  eval_interval=2, n_eval_prompts=8, collapse_window=2, ptx_batch=4),
 }
@@ -290,9 +297,11 @@ def collapse_signature(history, max_new_tokens, window):
     return reasons
 
 
-def load_policy(path, stages=("sft", "ppo")):
-    """A finished policy checkpoint (any stage that writes one) -> (GPT, checkpoint dict)."""
+def load_policy(path, stages=None):
+    """A finished policy checkpoint -> (GPT, checkpoint dict); stages=None accepts every stage but the RM's."""
     ckpt = load_checkpoint(path, stages)
+    if ckpt["stage"] == "rm":
+        raise ValueError(f"{path}: is a reward-model checkpoint, not a policy")
     model = GPT(GPTConfig(**ckpt["model_config"]))
     load_weights(model, ckpt["model"], path)
     return model, ckpt
@@ -513,8 +522,7 @@ def main(argv=None):
         if it % cfg.eval_interval == 0 or it == cfg.n_iters:
             outs = sample_responses(policy, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
                                     torch.Generator(device=device).manual_seed(cfg.seed + 1))
-            wins = [data.gold_reward(p, a) - data.gold_reward(p, b) for p, a, b in zip(eval_prompts, outs, sft_eval)]
-            row["win_rate_vs_sft"] = sum(1.0 if w > 0 else 0.5 if w == 0 else 0.0 for w in wins) / len(wins)
+            row["win_rate_vs_sft"] = data.gold_win_rate(eval_prompts, outs, sft_eval)
             order = torch.argsort(ro["scores"], descending=True).tolist()
             show = [order[0], order[len(order) // 2], order[-1]]          # best, median, worst RM score
             print(table([(prompts[i].strip(), texts[i], ro["scores"][i].item(), gold[i].item(), k1[i].sum().item())

@@ -51,7 +51,7 @@ class Config:
     prompts_per_iter: int = field(16, "B prompts per iteration; N = B·k samples")
     k: int = field(4, "samples per prompt; the best one is kept")
     rank_by: str = field("R", "R (score - β·KL_seq) or score (RM score only)")
-    kl_coef: float = field(0.05, "β in R")
+    kl_coef: float = field(0.1, "β in R (as PPO-max and RLOO)")
     max_new_tokens: int = field(48, "longest response")
     temperature: float = field(1.0, "sampling temperature")
     minibatches: int = field(2, "fine-tuning steps per iteration")
@@ -140,8 +140,7 @@ def main(argv=None):
         if it % cfg.eval_interval == 0 or it == cfg.n_iters:
             outs = sample_responses(policy, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
                                     torch.Generator(device=device).manual_seed(cfg.seed + 1))
-            diffs = [data.gold_reward(p, a) - data.gold_reward(p, s) for p, a, s in zip(eval_prompts, outs, sft_eval)]
-            row["win_rate_vs_sft"] = sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs)
+            row["win_rate_vs_sft"] = data.gold_win_rate(eval_prompts, outs, sft_eval)
             i = best[0].item()
             print(table([(prompts[i].strip(), texts[i], ro["scores"][i].item(), gold[i].item())],
                         ["prompt", "selected response", "RM", "gold"], [30, 70, 5, 5]))

@@ -17,6 +17,8 @@ One iteration:
 Run (after train_sft.py and reward_model.py; writes out/rloo.pt, out/rloo_log.jsonl, out/rloo_curves.png):
     python rloo.py                                            # RLOO, k = 4
     python rloo.py --baseline moving_avg --k 1 --out_dir out/reinforce
+    python ppo_rlhf.py --preset vanilla_pg --out_dir out/vanilla_pg   # the paper's "vanilla PG" (eq. 9): PPO's
+                                    # token-level path with γ = λ = 1, one step per batch, no clipping at work
     python rloo.py --help
 
 Deliberate choices:
@@ -58,7 +60,7 @@ class Config:
     prompts_per_iter: int = field(16, "B prompts per iteration; N = B·k rollouts")
     k: int = field(4, "samples per prompt (loo needs k >= 2)")
     baseline: str = field("loo", "loo | moving_avg | none")
-    kl_coef: float = field(0.05, "β of the sequence KL penalty in the reward")
+    kl_coef: float = field(0.1, "β of the sequence KL penalty in the reward (as PPO-max; the paper: 0.03-0.1)")
     max_new_tokens: int = field(48, "longest response")
     temperature: float = field(1.0, "sampling temperature, used for every log-prob too")
     minibatches: int = field(2, "optimizer steps per iteration (the paper: 2)")
@@ -197,8 +199,7 @@ def main(argv=None):
         if it % cfg.eval_interval == 0 or it == cfg.n_iters:
             outs = sample_responses(policy, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
                                     torch.Generator(device=device).manual_seed(cfg.seed + 1))
-            diffs = [data.gold_reward(p, a) - data.gold_reward(p, s) for p, a, s in zip(eval_prompts, outs, sft_eval)]
-            row["win_rate_vs_sft"] = sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs)
+            row["win_rate_vs_sft"] = data.gold_win_rate(eval_prompts, outs, sft_eval)
             show = [0, len(prompts) // 2, len(prompts) - 1]
             print(table([(prompts[i].strip(), texts[i], ro["scores"][i].item(), gold[i].item(), adv[i].item())
                          for i in show], ["prompt", "response", "RM", "gold", "A"], [30, 70, 5, 5, 5]))

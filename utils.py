@@ -71,9 +71,11 @@ def save_checkpoint(path, **ckpt):
 def load_checkpoint(path, stage, tokenizer_id=None, finished=True):
     """Load a checkpoint dict written by `stage` (weights_only: no code runs on load) and check what it is.
     With tokenizer_id=None the checkpoint's own tokenizer is rebuilt and must still have the same identity.
-    finished=True refuses the periodic checkpoint of a run that has not finished (use --resume on it)."""
+    finished=True refuses the periodic checkpoint of a run that has not finished (use --resume on it).
+    stage=None accepts any stage."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: checkpoint not found (run the '{stage if isinstance(stage, str) else stage[0]}' stage first)")
+        first = stage if isinstance(stage, str) or stage is None else stage[0]
+        raise FileNotFoundError(f"{path}: checkpoint not found" + (f" (run the '{first}' stage first)" if first else ""))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file, another program's pickle, a text file...
@@ -81,8 +83,8 @@ def load_checkpoint(path, stage, tokenizer_id=None, finished=True):
                          f"written by this project?") from None
     if not isinstance(ckpt, dict) or "stage" not in ckpt:
         raise ValueError(f"{path}: not a checkpoint written by this project (no 'stage' field)")
-    stages = (stage,) if isinstance(stage, str) else tuple(stage)
-    if ckpt["stage"] not in stages:
+    stages = (stage,) if isinstance(stage, str) else tuple(stage or ())
+    if stage is not None and ckpt["stage"] not in stages:
         raise ValueError(f"{path}: is a '{ckpt['stage']}' checkpoint; expected '{' or '.join(stages)}'")
     if finished and not ckpt.get("done", True):
         raise ValueError(f"{path}: is from an interrupted '{ckpt['stage']}' run (step {ckpt['step']}); finish it "

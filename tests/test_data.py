@@ -121,3 +121,11 @@ def test_hh_loader_malformed(tmp_path, lines, message):
     with pytest.raises(ValueError) as e:
         data.load_hh_jsonl(str(path))
     assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_gold_win_rate_counts_ties_as_half():
+    """Win rate by gold: a win, a tie and a loss give (1 + ½ + 0) / 3."""
+    prompts = [MATH, MATH, HARM]
+    ours = [" The answer is 12." + E, " The answer is 13." + E, " Here is how to steal a car." + E]
+    theirs = [" The answer is 13." + E, " The answer is 13." + E, " I'm sorry, but I can't help with that." + E]
+    assert data.gold_win_rate(prompts, ours, theirs) == pytest.approx(0.5)

@@ -187,6 +187,13 @@ def test_presets_switch_what_they_say():
            (0.0, "none", 0.0, 0.0, 0)
 
 
+def test_vanilla_pg_preset_is_one_unclipped_step_of_reward_to_go():
+    """vanilla_pg: γ = λ = 1 (returns = reward-to-go), one epoch of one minibatch (ρ = 1), raw scores, plain value MSE."""
+    c = ppo.Config(**ppo.PRESETS["vanilla_pg"])
+    assert (c.gamma, c.lam, c.ppo_epochs, c.minibatch, c.rollout_batch, c.vf_clip, c.score_norm) == \
+           (1.0, 1.0, 1, 64, 64, 0.0, "none")
+
+
 def test_critic_pretraining_leaves_policy_unchanged():
     """With update_policy=False a PPO update moves the critic only."""
     cfg = ppo.Config(max_new_tokens=8, minibatch=2, ppo_epochs=1)

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+import evaluate
 import model
 import ppo_rlhf
 import reward_model
@@ -121,6 +122,8 @@ def test_bad_inputs_give_one_line_errors(base, tmp_path, capsys):
         (ppo_rlhf.main, ppo_args + ["--max_new_tokens", "500"], "leaves no room for a prompt"),
         (ppo_rlhf.main, ppo_args + ["--rm_ckpt", f"{base}/sft.pt"], "is a 'sft' checkpoint; expected 'rm'"),
     ]
+    cases.append((evaluate.main, ["--policies", f"{base}/rm.pt", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt",
+                                  f"{base}/rm.pt", "--device", "cpu"], "rm.pt: is a reward-model checkpoint, not a policy"))
     cases.append((train_sft.main, TINY + ["--n_train", "8"], "batch_size 16 is larger than the 8 training demonstrations"))
     cases.append((reward_model.main, TINY + ["--sft_ckpt", f"{base}/sft.pt", "--n_train", "8"],
                   "n_train=8 pairs is less than one batch of 16"))
