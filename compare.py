@@ -34,6 +34,9 @@ METHODS = {
     "raft": (raft, ["--k", "4"], "raft.pt", "9,600 samples"),
     "dpo": (dpo, [], "dpo.pt", "10,000 pairs"),
     "alol": (alol, ["--variant", "alol"], "alol.pt", "10,000 × frac(A>0)"),
+    "alol_ref_free": (alol, ["--variant", "ref_free"], "alol.pt", "10,000 × frac(A>0)"),
+    "alol_seq": (alol, ["--variant", "seq"], "alol.pt", "10,000 × frac(A>0)"),
+    "alol_kl": (alol, ["--variant", "kl"], "alol.pt", "10,000 × frac(A>0)"),
 }
 KEYS = ["gold", "rm", "win_vs_sft", "kl_sft", "length", "distinct2"]
 
@@ -48,10 +51,33 @@ def summarize(rows):
     return out
 
 
+def plot_compare(rows, summary, path):
+    """Gold reward against KL to SFT: one point per seed, mean ± std per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for i, (m, s) in enumerate(summary.items()):
+        color = f"C{i}"
+        pts = [r for r in rows if r["method"] == m]
+        ax.scatter([r["kl_sft"] for r in pts], [r["gold"] for r in pts], color=color, alpha=0.35, s=14)
+        ax.errorbar(s["kl_sft"][0], s["gold"][0], xerr=s["kl_sft"][1], yerr=s["gold"][1], fmt="o", color=color,
+                    capsize=3, label=m)
+    ax.set_xlabel("KL(π || π_SFT) per response (nats)")
+    ax.set_ylabel("gold reward (test prompts)")
+    ax.set_title("Gold reward vs KL to SFT (mean ± std; dots: seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train every method from the same SFT + RM and compare them.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to train")
+    p.add_argument("--methods", nargs="+", default=["ppo_max", "rloo", "raft", "dpo", "alol"], choices=list(METHODS),
+                   help="methods to train")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="RL-stage seeds")
     p.add_argument("--sft_ckpt", default="out/sft.pt", help="the shared SFT policy")
     p.add_argument("--rm_ckpt", default="out/rm.pt", help="the shared reward model")
@@ -96,24 +122,7 @@ def main(argv=None):
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for i, (m, s) in enumerate(summary.items()):
-        color = f"C{i}"
-        pts = [r for r in rows if r["method"] == m]
-        ax.scatter([r["kl_sft"] for r in pts], [r["gold"] for r in pts], color=color, alpha=0.35, s=14)
-        ax.errorbar(s["kl_sft"][0], s["gold"][0], xerr=s["kl_sft"][1], yerr=s["gold"][1], fmt="o", color=color,
-                    capsize=3, label=m)
-    ax.set_xlabel("KL(π || π_SFT) per response (nats)")
-    ax.set_ylabel("gold reward (test prompts)")
-    ax.set_title("Gold reward vs KL to SFT (mean ± std over seeds; dots: single seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(a.out_dir, "compare_reward_kl.png"), dpi=100)
-    plt.close(fig)
+    plot_compare(rows, summary, os.path.join(a.out_dir, "compare_reward_kl.png"))
     return summary
 
 

@@ -170,3 +170,14 @@ def test_value_head_ignores_left_padding():
     v1 = head(h, torch.ones(1, 4, dtype=torch.long))
     v2 = head(padded, torch.tensor([[0, 0, 0, 1, 1, 1, 1]]))
     assert torch.allclose(v1, v2, atol=1e-6)
+
+
+def test_compare_quick_writes_table_and_plot(tmp_path):
+    """compare.py --quick trains two methods from one SFT + RM and writes the table, the JSONL and the plot."""
+    out = str(tmp_path)
+    _run("pipeline.py", "--preset", "tiny", "--device", "cpu", "--out_dir", out)
+    report = _run("compare.py", "--quick", "--methods", "rloo", "alol_seq", "--seeds", "0", "1", "--sft_ckpt",
+                  f"{out}/sft.pt", "--rm_ckpt", f"{out}/rm.pt", "--out_dir", f"{out}/compare", "--device", "cpu")
+    assert "| rloo | 9,600 samples | 2 |" in report and "| alol_seq |" in report
+    for f in ("compare.md", "compare.jsonl", "compare_reward_kl.png", "rloo_s1/rloo.pt", "alol_seq_s0/alol.pt"):
+        assert os.path.getsize(os.path.join(out, "compare", f)) > 0, f
