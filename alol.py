@@ -45,12 +45,12 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from model import GPTConfig, ScalarHeadGPT, pad_batch, pick_device
-from ppo_rlhf import load_policy, logprobs_from_logits, response_logits
+from model import pad_batch, pick_device
+from ppo_rlhf import load_models, logprobs_from_logits, response_logits
 from reward_model import make_pairs
 from train_sft import sample_responses
-from utils import (JsonlLog, Progress, check_finite, field, fit_prompt, load_checkpoint, load_weights,
-                   parse_config, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
+from utils import (JsonlLog, Progress, check_finite, field, fit_prompt, parse_config, plot_curves, read_jsonl,
+                   run_main, save_checkpoint, seed_everything, table)
 
 
 @dataclass
@@ -165,14 +165,8 @@ def main(argv=None):
         raise ValueError(f"--clip_eps {cfg.clip_eps}: expected 0 < ε < 1")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    policy, sft = load_policy(cfg.sft_ckpt, ("sft",))
+    policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
     enc = tok.get_tokenizer(sft["tokenizer"])
-    rm_ckpt = load_checkpoint(cfg.rm_ckpt, "rm", sft["tokenizer_id"])
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm = ScalarHeadGPT(GPTConfig(**rm_ckpt["model_config"]))
-    load_weights(rm, rm_ckpt["model"], cfg.rm_ckpt)
-    rm.eval().requires_grad_(False)
-    policy, ref, rm = policy.to(device), ref.to(device), rm.to(device)
     pad, block = tok.pad_id(enc), policy.cfg.block_size
     print(f"device={device} config={asdict(cfg)}")
     splits = data.prompt_splits(sft["config"]["seed"])

@@ -307,6 +307,22 @@ def load_policy(path, stages=None):
     return model, ckpt
 
 
+def load_models(sft_path, rm_path, device):
+    """The start of every RL stage: the SFT policy (to train), a frozen copy of it (the reference) and the frozen
+    reward model, on `device`; plus both checkpoint dicts. The RM must share the policy's vocabulary."""
+    policy, sft = load_policy(sft_path, ("sft",))
+    rm_ckpt = load_checkpoint(rm_path, "rm", sft["tokenizer_id"])
+    for k in ("vocab_size", "pad_id"):
+        if rm_ckpt["model_config"][k] != sft["model_config"][k]:
+            raise ValueError(f"{rm_path}: model_config {k}={rm_ckpt['model_config'][k]} but {sft_path} has "
+                             f"{sft['model_config'][k]}; the RM must score the policy's tokens")
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    rm = ScalarHeadGPT(GPTConfig(**rm_ckpt["model_config"]))
+    load_weights(rm, rm_ckpt["model"], rm_path)
+    rm.eval().requires_grad_(False)
+    return policy.to(device), ref.to(device), rm.to(device), sft, rm_ckpt
+
+
 # ----------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -405,26 +421,17 @@ def main(argv=None):
     device = pick_device(cfg.device)
 
     # 0. models: policy and reference are SFT copies; the RM is frozen; the critic is a trainable RM copy
-    policy, sft = load_policy(cfg.sft_ckpt, ("sft",))
+    policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
     enc = tok.get_tokenizer(sft["tokenizer"])
-    rm_ckpt = load_checkpoint(cfg.rm_ckpt, "rm", sft["tokenizer_id"])
-    for k in ("vocab_size", "pad_id"):
-        if rm_ckpt["model_config"][k] != sft["model_config"][k]:
-            raise ValueError(f"{cfg.rm_ckpt}: model_config {k}={rm_ckpt['model_config'][k]} but {cfg.sft_ckpt} has "
-                             f"{sft['model_config'][k]}; the RM must score the policy's tokens")
     if cfg.max_new_tokens >= policy.cfg.block_size:
         raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size "
                          f"{policy.cfg.block_size}")
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm = ScalarHeadGPT(GPTConfig(**rm_ckpt["model_config"]))
-    load_weights(rm, rm_ckpt["model"], cfg.rm_ckpt)
-    rm.eval().requires_grad_(False)
     critic = ScalarHeadGPT(GPTConfig(**(rm_ckpt if cfg.critic_init == "rm" else sft)["model_config"]))
     if cfg.critic_init == "rm":
         load_weights(critic, rm_ckpt["model"], cfg.rm_ckpt)
     else:
         load_weights(critic.backbone, sft["model"], cfg.sft_ckpt)
-    policy, ref, rm, critic = (m.to(device) for m in (policy, ref, rm, critic))
+    critic = critic.to(device)
     opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": cfg.policy_lr},
                              {"params": critic.parameters(), "lr": cfg.critic_lr}], weight_decay=0.0,
                             betas=(0.9, 0.95), eps=1e-8)
@@ -477,7 +484,7 @@ def main(argv=None):
         # 1-2. rollout and scoring
         prompts = data.sample_prompts(splits["train"], cfg.rollout_batch, rng)
         ro = rollout(policy, ref, rm, critic, enc, prompts, cfg, device, gen)
-        mask, Tp = ro["mask"], ro["n_prompt"]
+        mask = ro["mask"]                                                 # (B, Tr)
         texts = [tok.decode(enc, r) for r in ro["response"].tolist()]
         gold = torch.tensor([data.gold_reward(p, r) for p, r in zip(prompts, texts)])
         check_finite(f"PPO iteration {it}", rm_score=ro["scores"].sum(), value=ro["values"].sum())

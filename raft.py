@@ -22,7 +22,6 @@ Deliberate choices:
 
 Shape legend: B prompts, k samples per prompt, N = B·k rollouts, Tr response length, V vocab.
 """
-import copy
 import os
 import random
 import time
@@ -32,10 +31,10 @@ import torch
 
 import data
 import tokenizer as tok
-from model import GPTConfig, ScalarHeadGPT, pick_device
-from ppo_rlhf import load_policy, logprobs_from_logits, masked_mean, response_logits, rollout
+from model import pick_device
+from ppo_rlhf import load_models, logprobs_from_logits, masked_mean, response_logits, rollout
 from train_sft import sample_responses
-from utils import (JsonlLog, Progress, check_finite, field, load_checkpoint, load_weights, parse_config,
+from utils import (JsonlLog, Progress, check_finite, field, parse_config,
                    plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
 
 
@@ -81,14 +80,8 @@ def main(argv=None):
         raise ValueError(f"minibatches {cfg.minibatches} must divide prompts_per_iter {cfg.prompts_per_iter}")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    policy, sft = load_policy(cfg.sft_ckpt, ("sft",))
+    policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
     enc = tok.get_tokenizer(sft["tokenizer"])
-    rm_ckpt = load_checkpoint(cfg.rm_ckpt, "rm", sft["tokenizer_id"])
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm = ScalarHeadGPT(GPTConfig(**rm_ckpt["model_config"]))
-    load_weights(rm, rm_ckpt["model"], cfg.rm_ckpt)
-    rm.eval().requires_grad_(False)
-    policy, ref, rm = policy.to(device), ref.to(device), rm.to(device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
     print(f"device={device} config={asdict(cfg)}")
 

@@ -16,7 +16,6 @@ notes §3.2; TRL PR #5303).
 import base64
 import hashlib
 import os
-import re
 from collections import Counter
 
 import tiktoken
