@@ -33,6 +33,7 @@ import data
 import tokenizer as tok
 from model import pick_device
 from ppo_rlhf import load_models, logprobs_from_logits, masked_mean, response_logits, rollout
+from rloo import kl_shaped_rewards
 from train_sft import sample_responses
 from utils import (JsonlLog, Progress, check_finite, field, parse_config,
                    plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
@@ -105,8 +106,7 @@ def main(argv=None):
         texts = [tok.decode(enc, r) for r in ro["response"].tolist()]
         gold = torch.tensor([data.gold_reward(p, r) for p, r in zip(prompts, texts)])
         check_finite(f"RAFT iteration {it}", rm_score=ro["scores"].sum())
-        kl_seq = ((ro["old_logprobs"] - ro["ref_logprobs"]) * mask).sum(1)  # (N,)
-        rewards = ro["scores"].float() - cfg.kl_coef * kl_seq             # (N,)
+        rewards, kl_seq = kl_shaped_rewards(ro["scores"], ro["old_logprobs"], ro["ref_logprobs"], mask, cfg.kl_coef)
         # 3. select the best sample of each prompt
         best = best_of_k(rewards if cfg.rank_by == "R" else ro["scores"].float(), cfg.k)  # (B,)
         # 4. SFT loss on the selected samples

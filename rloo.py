@@ -105,6 +105,15 @@ class MovingAverageBaseline:
         return rewards - b, b
 
 
+def kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef):
+    """
+    Paper eq. 3: R = score - β·KL_seq with KL_seq = Σ_t (old_logprobs - ref_logprobs)_t over response tokens (k1).
+    scores (N,), the others (N, Tr) -> (R, KL_seq), both (N,) and constants (computed from no-grad rollouts).
+    """
+    kl_seq = ((old_logprobs - ref_logprobs) * mask).sum(1)               # (N,)
+    return scores.float() - kl_coef * kl_seq, kl_seq
+
+
 def reinforce_loss(seq_logprobs, advantages):
     """-mean_i A_i · log π(y_i | x_i); seq_logprobs (n,) are summed token log-probs, advantages (n,) constants."""
     return -(advantages.detach() * seq_logprobs).mean()
@@ -151,8 +160,7 @@ def main(argv=None):
         gold = torch.tensor([data.gold_reward(p, r) for p, r in zip(prompts, texts)])
         check_finite(f"RLOO iteration {it}", rm_score=ro["scores"].sum())
         # 2. KL-shaped sequence reward (a constant)
-        kl_seq = ((ro["old_logprobs"] - ro["ref_logprobs"]) * mask).sum(1)  # (N,)
-        rewards = ro["scores"].float() - cfg.kl_coef * kl_seq             # (N,)
+        rewards, kl_seq = kl_shaped_rewards(ro["scores"], ro["old_logprobs"], ro["ref_logprobs"], mask, cfg.kl_coef)
         # 3. baseline -> advantages
         b = float("nan")
         if cfg.baseline == "loo":

@@ -10,7 +10,7 @@ import tokenizer as tok
 from dpo import dpo_loss, sequence_logprobs
 from model import GPT, GPTConfig
 from raft import best_of_k
-from rloo import MovingAverageBaseline, loo_advantages, reinforce_loss
+from rloo import MovingAverageBaseline, kl_shaped_rewards, loo_advantages, reinforce_loss
 from utils import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +77,15 @@ def test_dpo_step_zero_is_ln2_and_sequence_logprobs_sum_response_tokens():
     assert lp[1].item() == pytest.approx(sum(full[1, t - 1, ids[1, t]].item() for t in (2, 3)), abs=1e-5)
     loss, st = dpo_loss(lp[:1], lp[1:], lp[:1], lp[1:], beta=0.1)
     assert loss.item() == pytest.approx(math.log(2)) and st["margin"] == 0.0
+
+
+def test_kl_shaped_reward_by_hand():
+    """R = score - β·Σ_t (old - ref) over response tokens only: 2 - 0.5·(1 + 1) = 1; padding ignored."""
+    old = torch.tensor([[-1.0, -1.0, 5.0], [-2.0, -2.0, -2.0]])
+    ref = torch.tensor([[-2.0, -2.0, 0.0], [-2.0, -2.0, -2.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    R, kl = kl_shaped_rewards(torch.tensor([2.0, 3.0]), old, ref, mask, 0.5)
+    assert R.tolist() == pytest.approx([1.0, 3.0]) and kl.tolist() == pytest.approx([2.0, 0.0])
 
 
 def test_best_of_k_picks_each_prompts_best_row():
