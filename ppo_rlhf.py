@@ -102,6 +102,8 @@ class Config:
     critic_lr: float = field(1e-4, "critic learning rate")
     grad_clip: float = field(1.0, "global grad-norm clip over policy + critic (0 = off)")
     critic_init: str = field("rm", "rm (copy of the reward model) or sft (SFT backbone, fresh head)")
+    policy_init: str = field("sft", "sft, or random: a policy not initialised from SFT (paper §5.3.3 Fig. 8; "
+                                    "the reference stays SFT)")
     critic_pretrain_iters: int = field(10, "first iterations update only the critic (paper §5.3.3)")
     # monitoring
     eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts, sample table")
@@ -417,11 +419,15 @@ def main(argv=None):
         raise ValueError(f"--score_norm {cfg.score_norm!r}: expected none, scale or norm_clip")
     if cfg.critic_init not in ("rm", "sft"):
         raise ValueError(f"--critic_init {cfg.critic_init!r}: expected rm or sft")
+    if cfg.policy_init not in ("sft", "random"):
+        raise ValueError(f"--policy_init {cfg.policy_init!r}: expected sft or random")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
 
     # 0. models: policy and reference are SFT copies; the RM is frozen; the critic is a trainable RM copy
     policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
+    if cfg.policy_init == "random":  # the ablation of Fig. 8: same architecture, fresh GPT init, SFT reference
+        policy = GPT(GPTConfig(**sft["model_config"])).to(device)
     enc = tok.get_tokenizer(sft["tokenizer"])
     if cfg.max_new_tokens >= policy.cfg.block_size:
         raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size "
@@ -511,6 +517,7 @@ def main(argv=None):
         n_tok = mask.sum()
         row = dict(iter=it, policy_updated=update_policy,
                    score_raw=ro["scores"].mean().item(), score_raw_std=ro["scores"].std().item(),
+                   scores_raw=[round(x, 3) for x in ro["scores"].tolist()],   # the distribution (paper Fig. 13)
                    score=scores.mean().item(), gold=gold.mean().item(),
                    kl_seq=k1.sum(1).mean().item(), kl_token=(k1.sum() / n_tok).item(),
                    kl_k3_seq=k3.sum(1).mean().item(), kl_exact_seq=ro["exact_kl"].sum(1).mean().item(),
