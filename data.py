@@ -174,7 +174,10 @@ def prompt_splits(seed=0):
 
 
 def sample_prompts(split_prompts, n, rng):
-    """n prompts drawn from one split ({kind: [prompt]}): the kind by KIND_WEIGHTS, then a prompt uniformly."""
+    """n prompts drawn from one split: {kind: [prompt]} (the toy task: the kind by KIND_WEIGHTS, then a prompt
+    uniformly) or a plain list (HH-RLHF prompts: uniformly)."""
+    if isinstance(split_prompts, list):
+        return rng.choices(split_prompts, k=n)
     kinds = list(KIND_WEIGHTS)
     picks = rng.choices(kinds, weights=[KIND_WEIGHTS[k] for k in kinds], k=n)
     return [rng.choice(split_prompts[k]) for k in picks]
@@ -417,6 +420,27 @@ def load_hh_jsonl(path):
     if not records:
         raise ValueError(f"{path}: no records (the file is empty)")
     return records
+
+
+def hh_splits(paths, seed=0):
+    """
+    HH-RLHF file(s) (comma-separated .jsonl / .jsonl.gz) -> {"train"|"val"|"test": [{"prompt", "chosen",
+    "rejected"}]}: all records shuffled by `seed`, cut 80/10/10 (at least one record in each split), with EOS
+    appended to both responses so that they end as the policy's own answers do.
+    """
+    records = [dict(r, chosen=r["chosen"] + EOS_TEXT, rejected=r["rejected"] + EOS_TEXT)
+               for p in paths.split(",") for r in load_hh_jsonl(p.strip())]
+    if len(records) < 3:
+        raise ValueError(f"{paths}: {len(records)} records; need at least 3 (train, val and test)")
+    random.Random(seed).shuffle(records)
+    n_val = n_test = max(1, int(SPLIT_FRACTIONS[1] * len(records)))
+    n_train = len(records) - n_val - n_test
+    return {"train": records[:n_train], "val": records[n_train:n_train + n_val], "test": records[n_train + n_val:]}
+
+
+def prompts_of(split):
+    """The prompts of a split: the toy task's {kind: [prompt]} as is, HH records -> [prompt]."""
+    return [r["prompt"] for r in split] if isinstance(split, list) else split
 
 
 if __name__ == "__main__":

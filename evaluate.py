@@ -33,8 +33,8 @@ import torch
 import data
 import tokenizer as tok
 from model import GPTConfig, ScalarHeadGPT, pad_batch, pick_device
-from ppo_rlhf import load_policy, logprobs_from_logits, response_logits
-from utils import load_checkpoint, load_weights, run_main, table
+from ppo_rlhf import load_policy, logprobs_from_logits, response_logits, rm_win_rate
+from utils import fit_prompt, load_checkpoint, load_weights, run_main, table
 
 
 def distinct_n(texts, n):
@@ -51,7 +51,9 @@ def sample_and_score(policy, sft, rm, enc, prompts, max_new_tokens, temperature,
     policy.eval()
     out = dict(texts=[], rm=[], kl=[], length=[])
     for i in range(0, len(prompts), batch_size):
-        p_ids, p_mask = pad_batch([tok.encode(enc, p) for p in prompts[i:i + batch_size]], tok.pad_id(enc), left=True)
+        room = policy.cfg.block_size - max_new_tokens                       # a long (HH) prompt keeps its end
+        p_ids, p_mask = pad_batch([fit_prompt(tok.encode(enc, p), room, True, f"prompt {p[:40]!r}")
+                                   for p in prompts[i:i + batch_size]], tok.pad_id(enc), left=True)
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)                 # (B, Tp)
         resp = policy.generate(p_ids, p_mask, max_new_tokens, tok.eos_id(enc), tok.pad_id(enc),
                                temperature=temperature, generator=gen)      # (B, Tr)
@@ -74,6 +76,8 @@ def main(argv=None):
     p.add_argument("--sft_ckpt", default="out/sft.pt", help="the SFT policy: win-rate opponent and KL reference")
     p.add_argument("--rm_ckpt", default="out/rm.pt", help="the reward model whose score is reported")
     p.add_argument("--out_dir", default="out", help="where eval.md, eval.jsonl and eval_reward_kl.png go")
+    p.add_argument("--data", default="toy", help="toy, or the HH-RLHF file(s) the stages trained on: their test "
+                   "split is used, and without a gold reward the win rate is judged by the reward model")
     p.add_argument("--n_prompts", type=int, default=512, help="test prompts (drawn with the task's kind weights)")
     p.add_argument("--max_new_tokens", type=int, default=48, help="longest response")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -88,8 +92,13 @@ def main(argv=None):
     rm = ScalarHeadGPT(GPTConfig(**rm_ckpt["model_config"]))
     load_weights(rm, rm_ckpt["model"], a.rm_ckpt)
     sft, rm = sft.to(device).eval(), rm.to(device).eval()
-    splits = data.prompt_splits(sft_ckpt["config"]["seed"])
-    prompts = data.sample_prompts(splits["test"], a.n_prompts, random.Random(a.seed))
+    has_gold = a.data == "toy"
+    if has_gold:
+        prompts = data.sample_prompts(data.prompt_splits(sft_ckpt["config"]["seed"])["test"], a.n_prompts,
+                                      random.Random(a.seed))
+    else:  # the HH test split, as the stages cut it; every prompt once
+        prompts = data.prompts_of(data.hh_splits(a.data, sft_ckpt["config"]["seed"])["test"])[:a.n_prompts]
+        print(f"{a.data}: no gold reward; 'win_vs_sft' is judged by the reward model (the policy's own judge)")
     args = (enc, prompts, a.max_new_tokens, a.temperature, device, a.seed)
 
     base = sample_and_score(sft, sft, rm, *args)
@@ -99,25 +108,29 @@ def main(argv=None):
         if ckpt["tokenizer_id"] != sft_ckpt["tokenizer_id"]:
             raise ValueError(f"{path}: tokenizer {ckpt['tokenizer_id']} differs from the SFT's {sft_ckpt['tokenizer_id']}")
         res = sample_and_score(policy.to(device), sft, rm, *args)
-        gold = [data.gold_reward(q, r) for q, r in zip(prompts, res["texts"])]
+        gold = [data.gold_reward(q, r) if has_gold else float("nan") for q, r in zip(prompts, res["texts"])]
         n = len(prompts)
+        win = (data.gold_win_rate(prompts, res["texts"], base["texts"]) if has_gold else
+               rm_win_rate(rm, enc, prompts, res["texts"], base["texts"], device))
         rows.append(dict(policy=path, stage=ckpt["stage"], gold=sum(gold) / n, rm=sum(res["rm"]) / n,
-                         win_vs_sft=data.gold_win_rate(prompts, res["texts"], base["texts"]), kl_sft=sum(res["kl"]) / n,
+                         win_vs_sft=win, win_judge="gold" if has_gold else "reward model", kl_sft=sum(res["kl"]) / n,
                          length=sum(res["length"]) / n, eos_rate=sum(t.endswith(data.EOS_TEXT) for t in res["texts"]) / n,
                          distinct2=distinct_n(res["texts"], 2), n_prompts=n,
-                         samples=[(prompts[i], res["texts"][i], gold[i]) for i in range(3)]))
+                         samples=[(prompts[i], res["texts"][i], gold[i]) for i in range(min(3, n))]))
 
-    keys = ["gold", "rm", "win_vs_sft", "kl_sft", "length", "eos_rate", "distinct2"]
+    keys = ["gold", "rm", "win_vs_sft", "kl_sft", "length", "eos_rate", "distinct2"][0 if has_gold else 1:]
     md = ["| policy | stage | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     md += [f"| {r['policy']} | {r['stage']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for r in rows]
     os.makedirs(a.out_dir, exist_ok=True)
     with open(os.path.join(a.out_dir, "eval.md"), "w") as f:
-        f.write(f"{len(prompts)} test prompts, temperature {a.temperature}, seed {a.seed}\n\n" + "\n".join(md) + "\n")
+        f.write(f"{len(prompts)} test prompts, temperature {a.temperature}, seed {a.seed}; win rate vs SFT judged by "
+                f"{'the gold reward' if has_gold else 'the reward model (no gold reward for this data)'}\n\n"
+                + "\n".join(md) + "\n")
     with open(os.path.join(a.out_dir, "eval.jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     for r in rows:
-        print(table([(q.strip(), t, g) for q, t, g in r["samples"]], ["prompt", f"{r['policy']}", "gold"], [34, 70, 5]))
+        print(table([(q[-100:].strip(), t, g) for q, t, g in r["samples"]], ["prompt", f"{r['policy']}", "gold"], [34, 70, 5]))
     print("\n".join(md))
 
     import matplotlib
@@ -125,8 +138,10 @@ def main(argv=None):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for r in rows:
-        ax.scatter(r["kl_sft"], r["gold"], label=f"{r['policy']} (gold)", marker="o")
-        ax.scatter(r["kl_sft"], r["rm"], marker="x", color=ax.collections[-1].get_facecolor()[0], label=f"{r['policy']} (RM)")
+        if has_gold:
+            ax.scatter(r["kl_sft"], r["gold"], label=f"{r['policy']} (gold)", marker="o")
+        ax.scatter(r["kl_sft"], r["rm"], marker="x", label=f"{r['policy']} (RM)",
+                   **({"color": ax.collections[-1].get_facecolor()[0]} if has_gold else {}))
     ax.set_xlabel("KL(π || π_SFT) per response (nats)")
     ax.set_ylabel("mean reward")
     ax.grid(alpha=0.3)

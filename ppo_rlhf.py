@@ -59,6 +59,7 @@ import torch.nn.functional as F
 import data
 import tokenizer as tok
 from model import GPT, GPTConfig, ScalarHeadGPT, last_token_index, pad_batch, pick_device
+from reward_model import score_texts
 from train_sft import collate, encode_demos, sample_responses, sft_loss
 from utils import (JsonlLog, Progress, check_finite, check_resume, field, fit_prompt, load_checkpoint,
                    load_weights, parse_config, plot_curves, read_jsonl, rng_state, run_main, save_checkpoint,
@@ -71,6 +72,8 @@ class Config:
     rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint (frozen); also the critic's init")
     out_dir: str = field("out", "where ppo.pt, ppo_log.jsonl and ppo_curves.png are written")
     preset: str = field("ppo_max", "the preset this config came from (set by --preset)")
+    data: str = field("toy", "toy (the built-in task, with a gold reward), or HH-RLHF .jsonl/.jsonl.gz file(s), "
+                             "comma-separated: PPO on their prompts; no gold, the win rate is judged by the RM")
     seed: int = field(0, "seeds prompts, sampling and minibatch order")
     device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
     # rollout
@@ -299,6 +302,20 @@ def collapse_signature(history, max_new_tokens, window):
     return reasons
 
 
+@torch.no_grad()
+def rm_win_rate(rm, enc, prompts, responses, opponents, device, batch_size=64):
+    """Win rate of `responses` over `opponents` on the same prompts judged by the reward model (tie = ½): the
+    judge when there is no gold reward (real data). Say so wherever it is reported: the policy is trained on
+    this very judge."""
+    wins = 0.0
+    for i in range(0, len(prompts), batch_size):
+        p = prompts[i:i + batch_size]
+        a = score_texts(rm, enc, p, responses[i:i + batch_size], device)           # (b,)
+        b = score_texts(rm, enc, p, opponents[i:i + batch_size], device)           # (b,)
+        wins += ((a > b).float() + 0.5 * (a == b).float()).sum().item()
+    return wins / len(prompts)
+
+
 def load_policy(path, stages=None):
     """A finished policy checkpoint -> (GPT, checkpoint dict); stages=None accepts every stage but the RM's."""
     ckpt = load_checkpoint(path, stages)
@@ -443,7 +460,12 @@ def main(argv=None):
                             betas=(0.9, 0.95), eps=1e-8)
     print(f"device={device} config={asdict(cfg)}")
 
-    splits = data.prompt_splits(sft["config"]["seed"])
+    has_gold = cfg.data == "toy"
+    if has_gold:
+        splits = data.prompt_splits(sft["config"]["seed"])
+    else:  # HH-RLHF records split as the SFT and RM stages split them; PPO needs only their prompts
+        hh = data.hh_splits(cfg.data, sft["config"]["seed"])
+        splits = {k: data.prompts_of(v) for k, v in hh.items()}
     rng = random.Random(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     eval_prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
@@ -451,7 +473,8 @@ def main(argv=None):
                                 torch.Generator(device=device).manual_seed(cfg.seed + 1))
     ptx_data = None
     if cfg.ptx_coef > 0:
-        demos = data.make_demonstrations(data.sample_prompts(splits["train"], 4000, rng), cfg.seed + 2)
+        demos = (data.make_demonstrations(data.sample_prompts(splits["train"], 4000, rng), cfg.seed + 2) if has_gold
+                 else [(r["prompt"], r["chosen"]) for r in hh["train"]])
         ptx_data = encode_demos(enc, demos, policy.cfg.block_size)
 
     running = RunningMoments()
@@ -492,7 +515,7 @@ def main(argv=None):
         ro = rollout(policy, ref, rm, critic, enc, prompts, cfg, device, gen)
         mask = ro["mask"]                                                 # (B, Tr)
         texts = [tok.decode(enc, r) for r in ro["response"].tolist()]
-        gold = torch.tensor([data.gold_reward(p, r) for p, r in zip(prompts, texts)])
+        gold = torch.tensor([data.gold_reward(p, r) if has_gold else float("nan") for p, r in zip(prompts, texts)])
         check_finite(f"PPO iteration {it}", rm_score=ro["scores"].sum(), value=ro["values"].sum())
         # 3. score processing (running statistics over all scores seen so far)
         scores = process_scores(ro["scores"].float(), running, cfg.score_norm, cfg.score_clip)  # (B,)
@@ -536,7 +559,8 @@ def main(argv=None):
         if it % cfg.eval_interval == 0 or it == cfg.n_iters:
             outs = sample_responses(policy, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
                                     torch.Generator(device=device).manual_seed(cfg.seed + 1))
-            row["win_rate_vs_sft"] = data.gold_win_rate(eval_prompts, outs, sft_eval)
+            row["win_rate_vs_sft"] = (data.gold_win_rate(eval_prompts, outs, sft_eval) if has_gold else
+                                      rm_win_rate(rm, enc, eval_prompts, outs, sft_eval, device))
             order = torch.argsort(ro["scores"], descending=True).tolist()
             show = [order[0], order[len(order) // 2], order[-1]]          # best, median, worst RM score
             print(table([(prompts[i].strip(), texts[i], ro["scores"][i].item(), gold[i].item(), k1[i].sum().item())

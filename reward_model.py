@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from model import GPTConfig, ScalarHeadGPT, pad_batch, pick_device
+from model import GPTConfig, ScalarHeadGPT, load_gpt2, pad_batch, pick_device
 from utils import (JsonlLog, Progress, check_finite, check_resume, field, fit_prompt, load_checkpoint,
                    load_weights, parse_config, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything,
                    table)
@@ -47,7 +47,8 @@ from utils import (JsonlLog, Progress, check_finite, check_resume, field, fit_pr
 
 @dataclass
 class Config:
-    sft_ckpt: str = field("out/sft.pt", "the SFT checkpoint the RM starts from")
+    sft_ckpt: str = field("out/sft.pt", "the SFT checkpoint the RM starts from (its tokenizer; its weights unless --init)")
+    init: str = field("sft", "sft (the SFT checkpoint's weights), or GPT-2 weights: gpt2 | ... | a local file/folder")
     out_dir: str = field("out", "where rm.pt, rm_log.jsonl and rm_loss.png are written")
     seed: int = field(0, "seeds pair generation, labels, head init and batch order")
     device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
@@ -57,6 +58,8 @@ class Config:
     n_test: int = field(1000, "pairs on test prompts (final accuracy and correlations)")
     tau: float = field(data.ANNOTATOR_TAU, "annotator noise temperature: P(a>b) = sigmoid((u_a-u_b)/tau)")
     length_bias: float = field(data.ANNOTATOR_LENGTH_BIAS, "annotator utility bonus per word (spurious)")
+    data: str = field("toy", "toy (simulated annotators), or HH-RLHF .jsonl/.jsonl.gz file(s), comma-separated")
+    # (`data` comes after tau and length_bias: in the class body it would hide the data module from them)
     # optimisation
     batch_size: int = field(32, "pairs per step")
     lr: float = field(3e-4, "learning rate (AdamW), linear warm-up then constant")
@@ -90,7 +93,7 @@ def score_texts(rm, enc, prompts, responses, device, truncate=True):
     A prompt too long for the context is cut from the left (truncate=True) or is an error."""
     seqs = []
     for p, r in zip(prompts, responses):
-        resp = tok.encode(enc, r)
+        resp = tok.encode(enc, r)[: rm.cfg.block_size // 2]   # a (real-data) response longer than this is cut off
         seqs.append(fit_prompt(tok.encode(enc, p), rm.cfg.block_size - len(resp), truncate, f"prompt {p[:40]!r}") + resp)
     ids, mask = pad_batch(seqs, tok.pad_id(enc), left=False)                 # (n, T) each
     return rm.score(ids.to(device), mask.to(device))                          # (n,)
@@ -126,9 +129,10 @@ def spearman(x, y):
 
 
 @torch.no_grad()
-def evaluate_rm(rm, enc, pairs, device, batch_size=64):
+def evaluate_rm(rm, enc, pairs, device, batch_size=64, gold=True):
     """
-    Held-out metrics on [{"prompt", "chosen", "rejected"}]:
+    Held-out metrics on [{"prompt", "chosen", "rejected"}] (gold=False for real data: only loss, acc_labels,
+    length_corr_rm and the score statistics):
       acc_labels  RM prefers the annotator's choice
       acc_gold    RM orders the pair as the gold reward does (pairs whose gold rewards differ)
       pearson / spearman   correlation of RM score and gold reward over all 2P responses
@@ -141,17 +145,20 @@ def evaluate_rm(rm, enc, pairs, device, batch_size=64):
         rc.append(a.float().cpu())
         rr.append(b.float().cpu())
     rc, rr = torch.cat(rc).numpy(), torch.cat(rr).numpy()                    # (P,), (P,)
+    rm_all = np.concatenate([rc, rr])                                         # (2P,)
+    words = np.array([len(p[k].replace(data.EOS_TEXT, "").split()) for k in ("chosen", "rejected") for p in pairs])
+    metrics = dict(loss=float(np.mean(np.logaddexp(0.0, -(rc - rr)))),  # -log sigmoid(x) = log(1 + e^-x), stable
+                   acc_labels=float(np.mean(rc > rr)), length_corr_rm=pearson(rm_all, words),
+                   score_mean=float(rm_all.mean()), score_std=float(rm_all.std()))
+    if not gold:
+        return metrics
     gc = np.array([data.gold_reward(p["prompt"], p["chosen"]) for p in pairs])
     gr = np.array([data.gold_reward(p["prompt"], p["rejected"]) for p in pairs])
     differ = gc != gr
-    rm_all, gold_all = np.concatenate([rc, rr]), np.concatenate([gc, gr])     # (2P,)
-    words = np.array([len(p[k].replace(data.EOS_TEXT, "").split()) for k in ("chosen", "rejected") for p in pairs])
-    return dict(loss=float(np.mean(np.logaddexp(0.0, -(rc - rr)))),  # -log sigmoid(x) = log(1 + e^-x), stable
-                acc_labels=float(np.mean(rc > rr)),
-                acc_gold=float(np.mean((rc > rr)[differ] == (gc > gr)[differ])),
+    gold_all = np.concatenate([gc, gr])                                       # (2P,)
+    return dict(metrics, acc_gold=float(np.mean((rc > rr)[differ] == (gc > gr)[differ])),
                 pearson=pearson(rm_all, gold_all), spearman=spearman(rm_all, gold_all),
-                length_corr_rm=pearson(rm_all, words), length_corr_gold=pearson(gold_all, words),
-                score_mean=float(rm_all.mean()), score_std=float(rm_all.std()))
+                length_corr_gold=pearson(gold_all, words))
 
 
 def make_pairs(split_prompts, n, seed, cfg):
@@ -169,17 +176,25 @@ def main(argv=None):
     enc = tok.get_tokenizer(sft["tokenizer"])
     print(f"device={device} tokenizer={sft['tokenizer_id']} config={asdict(cfg)}")
 
-    # model: SFT backbone + fresh scalar head
+    # model: SFT backbone (or GPT-2's weights) + fresh scalar head
     mcfg = GPTConfig(**sft["model_config"])
     rm = ScalarHeadGPT(mcfg)
-    load_weights(rm.backbone, sft["model"], cfg.sft_ckpt)
+    if cfg.init == "sft":
+        load_weights(rm.backbone, sft["model"], cfg.sft_ckpt)
+    else:
+        load_weights(rm.backbone, load_gpt2(cfg.init, mcfg.block_size, mcfg.vocab_size, mcfg.pad_id).state_dict(), cfg.init)
     rm.to(device)
 
-    # data: pairs on disjoint prompt splits
-    splits = data.prompt_splits(sft["config"]["seed"])  # the SFT run's splits, so test prompts stay unseen
-    train = make_pairs(splits["train"], cfg.n_train, cfg.seed + 10, cfg)
-    val = make_pairs(splits["val"], cfg.n_val, cfg.seed + 20, cfg)
-    test = make_pairs(splits["test"], cfg.n_test, cfg.seed + 30, cfg)
+    # data: pairs on disjoint prompt splits (the SFT run's splits, so test prompts stay unseen)
+    gold = cfg.data == "toy"
+    if gold:
+        splits = data.prompt_splits(sft["config"]["seed"])
+        train = make_pairs(splits["train"], cfg.n_train, cfg.seed + 10, cfg)
+        val = make_pairs(splits["val"], cfg.n_val, cfg.seed + 20, cfg)
+        test = make_pairs(splits["test"], cfg.n_test, cfg.seed + 30, cfg)
+    else:  # HH-RLHF: the human labels are the only judgement
+        splits = data.hh_splits(cfg.data, sft["config"]["seed"])
+        train, val, test = splits["train"][:cfg.n_train], splits["val"][:cfg.n_val], splits["test"][:cfg.n_test]
     n_iters = len(train) // cfg.batch_size  # one epoch
     if n_iters == 0:
         raise ValueError(f"n_train={cfg.n_train} pairs is less than one batch of {cfg.batch_size}")
@@ -216,11 +231,11 @@ def main(argv=None):
             print(f"stopping at step {step} as asked (--stop_after); continue with --resume true")
             return None
         if step % cfg.eval_interval == 0 or step == n_iters:
-            m = evaluate_rm(rm, enc, val, device)
-            log.write(step=step, val_loss=m["loss"], val_acc_labels=m["acc_labels"], val_acc_gold=m["acc_gold"],
-                      time=time.time() - t0)
-            print(progress.line(step, f"val loss {m['loss']:.4f} acc(labels) {m['acc_labels']:.3f} "
-                                      f"acc(gold) {m['acc_gold']:.3f}"))
+            m = evaluate_rm(rm, enc, val, device, gold=gold)
+            log.write(step=step, val_loss=m["loss"], val_acc_labels=m["acc_labels"], time=time.time() - t0,
+                      **({"val_acc_gold": m["acc_gold"]} if gold else {}))
+            print(progress.line(step, f"val loss {m['loss']:.4f} acc(labels) {m['acc_labels']:.3f}"
+                                      + (f" acc(gold) {m['acc_gold']:.3f}" if gold else "")))
         if step == n_iters:
             break
         batch = [train[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
@@ -240,17 +255,16 @@ def main(argv=None):
     train_time = time.time() - t0
 
     # held-out test pairs: agreement with labels and gold, correlation with gold, length sensitivity
-    metrics = evaluate_rm(rm, enc, test, device)
+    metrics = evaluate_rm(rm, enc, test, device, gold=gold)
     metrics["train_time_s"] = train_time
     log.write(step=n_iters, **{f"test_{k}": v for k, v in metrics.items()})
     with torch.no_grad():
         rm.eval()
         show = test[:8]
         sc, sr = pair_scores(rm, enc, show, device)
-    rows = []
-    for p, a, b in zip(show, sc.tolist(), sr.tolist()):
-        rows.append((p["prompt"].strip(), p["chosen"], a, data.gold_reward(p["prompt"], p["chosen"]),
-                     p["rejected"], b, data.gold_reward(p["prompt"], p["rejected"])))
+    g = (lambda p, r: data.gold_reward(p, r)) if gold else (lambda p, r: "-")   # no gold reward for real data
+    rows = [(p["prompt"][-100:].strip(), p["chosen"], a, g(p["prompt"], p["chosen"]), p["rejected"], b,
+             g(p["prompt"], p["rejected"])) for p, a, b in zip(show, sc.tolist(), sr.tolist())]
     print(table(rows, ["test prompt", "chosen", "RM", "gold", "rejected", "RM", "gold"], [30, 44, 5, 5, 44, 5, 5]))
     print(table([(k, v) for k, v in metrics.items()], ["test metric", "value"], [18, 8]))
 
@@ -258,9 +272,9 @@ def main(argv=None):
     plot_curves(os.path.join(cfg.out_dir, "rm_loss.png"), read_jsonl(log_path), "step",
                 [["train_loss", "val_loss"], ["train_acc", "val_acc_labels", "val_acc_gold"]],
                 "Reward model: Bradley-Terry loss and pairwise accuracy")
-    print(f"RM done in {train_time:.0f}s: test accuracy vs labels {metrics['acc_labels']:.3f}, vs gold "
-          f"{metrics['acc_gold']:.3f}; Spearman with gold {metrics['spearman']:.3f}, Pearson "
-          f"{metrics['pearson']:.3f} -> {ckpt_path}")
+    vs_gold = (f", vs gold {metrics['acc_gold']:.3f}; Spearman with gold {metrics['spearman']:.3f}, Pearson "
+               f"{metrics['pearson']:.3f}" if gold else " (no gold reward for this data)")
+    print(f"RM done in {train_time:.0f}s: test accuracy vs labels {metrics['acc_labels']:.3f}{vs_gold} -> {ckpt_path}")
     return metrics
 
 

@@ -90,8 +90,10 @@ def get_tokenizer(name="toy"):
         except Exception as e:  # offline: a requests/urllib error from deep inside tiktoken
             raise FileNotFoundError(
                 f"could not load tiktoken's 'gpt2' encoding ({type(e).__name__}); it is downloaded once into "
-                f"tiktoken's cache (TIKTOKEN_CACHE_DIR): run `python -c \"import tiktoken; "
-                f"tiktoken.get_encoding('gpt2')\"` on a machine with internet, or use --tokenizer toy") from None
+                f"tiktoken's cache: run `TIKTOKEN_CACHE_DIR=tiktoken_cache python -c \"import tiktoken; "
+                f"tiktoken.get_encoding('gpt2')\"` on a machine with internet, copy the tiktoken_cache folder here "
+                f"and set TIKTOKEN_CACHE_DIR to it (default cache: $TMPDIR/data-gym-cache); or use --tokenizer toy"
+            ) from None
         return tiktoken.Encoding(name="gpt2", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
                                  special_tokens={EOS_TEXT: base.eot_token, PAD_TEXT: base.n_vocab})
     raise ValueError(f"unknown tokenizer {name!r}; expected 'toy' or 'gpt2'")

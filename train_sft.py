@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from model import GPT, GPTConfig, pad_batch, pick_device
+from model import GPT, GPTConfig, load_gpt2, pad_batch, pick_device
 from utils import (JsonlLog, Progress, check_finite, check_resume, field, fit_prompt, load_checkpoint,
                    load_weights, parse_config, plot_curves, read_jsonl, rng_state, run_main, save_checkpoint,
                    seed_everything, set_rng_state, table)
@@ -46,6 +46,10 @@ class Config:
     seed: int = field(0, "seeds data generation, init and sampling")
     device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
     tokenizer: str = field("toy", "toy (shipped BPE) or gpt2 (tiktoken's, needs its cache)")
+    init: str = field("random", "random, or GPT-2 weights: gpt2 | gpt2-medium | ... (HF cache) or a local "
+                                "model.safetensors / pytorch_model.bin / folder; sets n_layer, n_head, n_embd")
+    data: str = field("toy", "toy (the built-in task), or HH-RLHF .jsonl/.jsonl.gz file(s), comma-separated: "
+                             "SFT on the chosen responses")
     # model
     n_layer: int = field(4, "transformer blocks")
     n_head: int = field(4, "attention heads")
@@ -105,7 +109,7 @@ def encode_demos(enc, pairs, block_size, truncate=True):
     (truncate=True, with a warning) or is an error naming the demonstration."""
     out = []
     for i, (p, r) in enumerate(pairs):
-        resp = tok.encode(enc, r)
+        resp = tok.encode(enc, r)[: block_size // 2]   # a (real-data) response longer than this is cut off
         prompt = fit_prompt(tok.encode(enc, p), block_size - len(resp), truncate, f"demonstration {i}")
         out.append(build_sft_example(prompt, resp))
     return out
@@ -132,7 +136,9 @@ def sample_responses(model, enc, prompts, max_new_tokens, temperature, device, g
     model.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids, mask = pad_batch([tok.encode(enc, p) for p in prompts[i:i + batch_size]], tok.pad_id(enc), left=True)
+        room = model.cfg.block_size - max_new_tokens                      # a long (HH) prompt keeps its end
+        ids, mask = pad_batch([fit_prompt(tok.encode(enc, p), room, True, f"prompt {p[:40]!r}")
+                               for p in prompts[i:i + batch_size]], tok.pad_id(enc), left=True)
         resp = model.generate(ids.to(device), mask.to(device), max_new_tokens, tok.eos_id(enc), tok.pad_id(enc),
                               temperature=temperature, generator=generator)   # (b, Tr)
         out += [tok.decode(enc, row) for row in resp.tolist()]
@@ -175,18 +181,28 @@ def main(argv=None):
     print(f"device={device} tokenizer={tok.tokenizer_id(enc)} config={asdict(cfg)}")
 
     # data: demonstrations on train prompts (training) and val prompts (validation loss)
-    splits = data.prompt_splits(cfg.seed)
     rng = random.Random(cfg.seed)
-    train = encode_demos(enc, data.make_demonstrations(data.sample_prompts(splits["train"], cfg.n_train, rng),
-                                                       cfg.seed + 1), cfg.block_size, cfg.truncate_prompts)
-    val = encode_demos(enc, data.make_demonstrations(data.sample_prompts(splits["val"], cfg.n_val, rng),
-                                                     cfg.seed + 2), cfg.block_size, cfg.truncate_prompts)
+    if cfg.data == "toy":
+        splits = data.prompt_splits(cfg.seed)
+        train = data.make_demonstrations(data.sample_prompts(splits["train"], cfg.n_train, rng), cfg.seed + 1)
+        val = data.make_demonstrations(data.sample_prompts(splits["val"], cfg.n_val, rng), cfg.seed + 2)
+    else:  # HH-RLHF: the chosen response of each record is the demonstration
+        splits = data.hh_splits(cfg.data, cfg.seed)
+        train = [(r["prompt"], r["chosen"]) for r in splits["train"][:cfg.n_train]]
+        val = [(r["prompt"], r["chosen"]) for r in splits["val"][:cfg.n_val]]
+    train = encode_demos(enc, train, cfg.block_size, cfg.truncate_prompts)
+    val = encode_demos(enc, val, cfg.block_size, cfg.truncate_prompts)
 
     if cfg.batch_size > len(train):
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(train)} training demonstrations (n_train)")
-    mcfg = GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_embd=cfg.n_embd, dropout=cfg.dropout, pad_id=tok.pad_id(enc))
-    model = GPT(mcfg).to(device)
+    if cfg.init == "random":
+        mcfg = GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                         n_embd=cfg.n_embd, dropout=cfg.dropout, pad_id=tok.pad_id(enc))
+        model = GPT(mcfg).to(device)
+    else:  # GPT-2 weights; the model's shape comes from the checkpoint, not from n_layer / n_head / n_embd
+        model = load_gpt2(cfg.init, cfg.block_size, enc.n_vocab, tok.pad_id(enc), cfg.dropout).to(device)
+        mcfg = model.cfg
+        print(f"initialised from GPT-2 weights {cfg.init}: {mcfg.n_layer} layers, {mcfg.n_head} heads, width {mcfg.n_embd}")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters; {len(train)} train / {len(val)} val demonstrations")
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -248,26 +264,35 @@ def main(argv=None):
     train_time = time.time() - t0
 
     # final evaluation: sample on test prompts, gold reward next to the demonstrations' on the same prompts
-    eval_prompts = data.sample_prompts(splits["test"], cfg.n_eval_prompts, random.Random(cfg.seed + 3))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    responses = sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device, gen)
-    demos = [d for _, d in data.make_demonstrations(eval_prompts, cfg.seed + 4)]
-    gold_sft, gold_demo = gold_by_kind(eval_prompts, responses), gold_by_kind(eval_prompts, demos)
+    metrics = dict(val_loss=vl, train_time_s=train_time, n_params=n_params)
+    if cfg.data == "toy":
+        eval_prompts = data.sample_prompts(splits["test"], cfg.n_eval_prompts, random.Random(cfg.seed + 3))
+        responses = sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device, gen)
+        demos = [d for _, d in data.make_demonstrations(eval_prompts, cfg.seed + 4)]
+        gold_sft, gold_demo = gold_by_kind(eval_prompts, responses), gold_by_kind(eval_prompts, demos)
+        print(table([(p.strip(), r, data.gold_reward(p, r)) for p, r in zip(eval_prompts[:8], responses[:8])],
+                    ["test prompt", f"SFT sample (T={cfg.temperature})", "gold"], [44, 70, 5]))
+        print(table([(k, gold_demo[k], gold_sft.get(k, float("nan"))) for k in gold_demo],
+                    ["kind", "gold: demonstrations", "gold: SFT samples"], [8, 20, 18]))
+        metrics.update(gold_sft=gold_sft["all"], gold_demos=gold_demo["all"], gold_sft_by_kind=gold_sft,
+                       gold_demos_by_kind=gold_demo)
+    else:  # no gold reward for real data: show samples next to the chosen responses
+        test = splits["test"][:cfg.n_eval_prompts]
+        eval_prompts = [r["prompt"] for r in test]
+        responses = sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device, gen)
+        print(table([(p[-120:].strip(), r, t["chosen"]) for p, r, t in zip(eval_prompts[:8], responses[:8], test)],
+                    ["test prompt (end)", f"SFT sample (T={cfg.temperature})", "chosen (data)"], [40, 50, 50]))
     ended = mean([r.endswith(data.EOS_TEXT) for r in responses])
-    print(table([(p.strip(), r, data.gold_reward(p, r)) for p, r in zip(eval_prompts[:8], responses[:8])],
-                ["test prompt", f"SFT sample (T={cfg.temperature})", "gold"], [44, 70, 5]))
-    print(table([(k, gold_demo[k], gold_sft.get(k, float("nan"))) for k in gold_demo],
-                ["kind", "gold: demonstrations", "gold: SFT samples"], [8, 20, 18]))
-    metrics = dict(val_loss=vl, gold_sft=gold_sft["all"], gold_demos=gold_demo["all"], gold_sft_by_kind=gold_sft,
-                   gold_demos_by_kind=gold_demo, ended_fraction=ended, train_time_s=train_time,
-                   n_params=n_params, n_eval_prompts=len(eval_prompts))
+    metrics.update(ended_fraction=ended, n_eval_prompts=len(eval_prompts))
     log.write(step=cfg.max_iters, **{k: v for k, v in metrics.items() if not isinstance(v, dict)})
 
     save(cfg.max_iters, metrics)
     plot_curves(os.path.join(cfg.out_dir, "sft_loss.png"), read_jsonl(log_path), "step",
                 [["train_loss", "val_loss"]], "SFT: response-token cross-entropy", logy=(0,))
-    print(f"SFT done in {train_time:.0f}s: val loss {vl:.4f}, gold reward SFT {gold_sft['all']:.3f} vs "
-          f"demonstrations {gold_demo['all']:.3f}, {100 * ended:.0f}% ended with EOS -> {ckpt_path}")
+    gold = (f"gold reward SFT {metrics['gold_sft']:.3f} vs demonstrations {metrics['gold_demos']:.3f}, "
+            if "gold_sft" in metrics else "")
+    print(f"SFT done in {train_time:.0f}s: val loss {vl:.4f}, {gold}{100 * ended:.0f}% ended with EOS -> {ckpt_path}")
     return metrics
 
 

@@ -204,7 +204,7 @@ class Progress:
     def line(self, step, text):
         elapsed = time.time() - self.t0
         eta = elapsed / max(step, 1) * (self.total - step)
-        return f"step {step:>5}/{self.total} ({100 * step / self.total:3.0f}%) | {text} | {elapsed:6.1f}s elapsed, ETA {eta:5.0f}s"
+        return f"step {step:>5}/{self.total} ({100 * step / max(self.total, 1):3.0f}%) | {text} | {elapsed:6.1f}s elapsed, ETA {eta:5.0f}s"
 
 
 def plot_curves(path, rows, x, ys, title, logy=()):
