@@ -61,7 +61,7 @@ import tokenizer as tok
 from model import GPT, GPTConfig, ScalarHeadGPT, last_token_index, pad_batch, pick_device
 from reward_model import score_texts
 from train_sft import collate, encode_demos, sample_responses, sft_loss
-from utils import (JsonlLog, Progress, check_finite, check_resume, field, fit_prompt, load_checkpoint,
+from utils import (JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt, load_checkpoint,
                    load_weights, parse_config, plot_curves, read_jsonl, rng_state, run_main, save_checkpoint,
                    seed_everything, set_rng_state, table)
 
@@ -117,6 +117,7 @@ class Config:
     ckpt_interval: int = field(25, "also write ppo.pt (with optimizer, RNG and running stats) every N iterations")
     resume: bool = field(False, "continue from out_dir/ppo.pt written by an interrupted run")
     stop_after: int = field(0, "stop after this many iterations as if killed (to test --resume); 0 = off")
+    amp: bool = field(True, "bf16 autocast on CUDA (CPU and MPS always run fp32)")
 
 
 PRESETS = {
@@ -364,9 +365,9 @@ def rollout(policy, ref, rm, critic, enc, prompts, cfg, device, generator):
     ref_logits = response_logits(ref, seq, seq_mask, Tp, cfg.temperature)  # (B, Tr, V)
     old_logprobs = logprobs_from_logits(logits, response) * mask         # (B, Tr)
     ref_logprobs = logprobs_from_logits(ref_logits, response) * mask     # (B, Tr)
-    values = (response_values(critic, seq, seq_mask, Tp) * mask if critic is not None
+    values = (response_values(critic, seq, seq_mask, Tp).float() * mask if critic is not None
               else torch.zeros_like(old_logprobs))                        # (B, Tr); no critic: zeros (RLOO, RAFT)
-    scores = rm.score(seq, seq_mask)                                      # (B,) at the last real token
+    scores = rm.score(seq, seq_mask).float()                              # (B,) at the last real token
     logp, ref_logp = F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1)  # (B, Tr, V)
     exact_kl = (logp.exp() * (logp - ref_logp)).sum(-1) * mask          # (B, Tr) KL(π||π_ref) per position
     entropy = entropy_from_logits(logits) * mask                          # (B, Tr)
@@ -400,24 +401,25 @@ def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy,
                 adv = masked_whiten(adv, m)
             if cfg.adv_clip > 0:
                 adv = torch.clamp(adv, -cfg.adv_clip, cfg.adv_clip)
-            values = response_values(critic, seq, seq_mask, Tp)           # (b, Tr)
-            vf_loss, vstats = ppo_value_loss(values, ro["values"][idx], returns[idx], m, cfg.vf_clip)
-            loss = cfg.vf_coef * vf_loss
-            st = dict(vf_loss=vf_loss.item(), **vstats)
-            if update_policy:
-                logits = response_logits(policy, seq, seq_mask, Tp, cfg.temperature)    # (b, Tr, V)
-                logprobs = logprobs_from_logits(logits, ro["response"][idx])            # (b, Tr)
-                pg_loss, pstats = ppo_policy_loss(logprobs, ro["old_logprobs"][idx], adv, m, cfg.clip_eps)
-                loss = loss + pg_loss
-                st.update(pg_loss=pg_loss.item(), **pstats)
-                if cfg.entropy_coef > 0:
-                    loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), m)
-                if cfg.ptx_coef > 0:
-                    batch = [ptx_data[i] for i in torch.randint(len(ptx_data), (cfg.ptx_batch,), generator=generator)]
-                    ids, amask, lmask = collate(batch, pad_id, device)    # (p, T') each
-                    ptx = sft_loss(policy(ids, amask), ids, lmask)
-                    loss = loss + cfg.ptx_coef * ptx
-                    st.update(ptx_loss=ptx.item())
+            with autocast(device, cfg.amp):  # bf16 matmuls on CUDA; a no-op on CPU and MPS
+                values = response_values(critic, seq, seq_mask, Tp)           # (b, Tr)
+                vf_loss, vstats = ppo_value_loss(values, ro["values"][idx], returns[idx], m, cfg.vf_clip)
+                loss = cfg.vf_coef * vf_loss
+                st = dict(vf_loss=vf_loss.item(), **vstats)
+                if update_policy:
+                    logits = response_logits(policy, seq, seq_mask, Tp, cfg.temperature)    # (b, Tr, V)
+                    logprobs = logprobs_from_logits(logits, ro["response"][idx])            # (b, Tr)
+                    pg_loss, pstats = ppo_policy_loss(logprobs, ro["old_logprobs"][idx], adv, m, cfg.clip_eps)
+                    loss = loss + pg_loss
+                    st.update(pg_loss=pg_loss.item(), **pstats)
+                    if cfg.entropy_coef > 0:
+                        loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), m)
+                    if cfg.ptx_coef > 0:
+                        batch = [ptx_data[i] for i in torch.randint(len(ptx_data), (cfg.ptx_batch,), generator=generator)]
+                        ids, amask, lmask = collate(batch, pad_id, device)    # (p, T') each
+                        ptx = sft_loss(policy(ids, amask), ids, lmask)
+                        loss = loss + cfg.ptx_coef * ptx
+                        st.update(ptx_loss=ptx.item())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -512,7 +514,8 @@ def main(argv=None):
         t_it = time.time()
         # 1-2. rollout and scoring
         prompts = data.sample_prompts(splits["train"], cfg.rollout_batch, rng)
-        ro = rollout(policy, ref, rm, critic, enc, prompts, cfg, device, gen)
+        with autocast(device, cfg.amp):
+            ro = rollout(policy, ref, rm, critic, enc, prompts, cfg, device, gen)
         mask = ro["mask"]                                                 # (B, Tr)
         texts = [tok.decode(enc, r) for r in ro["response"].tolist()]
         gold = torch.tensor([data.gold_reward(p, r) if has_gold else float("nan") for p, r in zip(prompts, texts)])

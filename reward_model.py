@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import data
 import tokenizer as tok
 from model import GPTConfig, ScalarHeadGPT, load_gpt2, pad_batch, pick_device
-from utils import (JsonlLog, Progress, check_finite, check_resume, field, fit_prompt, load_checkpoint,
+from utils import (JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt, load_checkpoint,
                    load_weights, parse_config, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything,
                    table)
 
@@ -61,7 +61,9 @@ class Config:
     data: str = field("toy", "toy (simulated annotators), or HH-RLHF .jsonl/.jsonl.gz file(s), comma-separated")
     # (`data` comes after tau and length_bias: in the class body it would hide the data module from them)
     # optimisation
-    batch_size: int = field(32, "pairs per step")
+    batch_size: int = field(32, "pairs per micro-batch")
+    grad_accum: int = field(1, "micro-batches per optimizer step (gradient accumulation)")
+    amp: bool = field(True, "bf16 autocast on CUDA (CPU and MPS always run fp32)")
     lr: float = field(3e-4, "learning rate (AdamW), linear warm-up then constant")
     warmup_iters: int = field(20, "linear warm-up steps")
     weight_decay: float = field(0.0, "AdamW weight decay")
@@ -195,9 +197,10 @@ def main(argv=None):
     else:  # HH-RLHF: the human labels are the only judgement
         splits = data.hh_splits(cfg.data, sft["config"]["seed"])
         train, val, test = splits["train"][:cfg.n_train], splits["val"][:cfg.n_val], splits["test"][:cfg.n_test]
-    n_iters = len(train) // cfg.batch_size  # one epoch
+    per_step = cfg.batch_size * cfg.grad_accum
+    n_iters = len(train) // per_step  # one epoch
     if n_iters == 0:
-        raise ValueError(f"n_train={cfg.n_train} pairs is less than one batch of {cfg.batch_size}")
+        raise ValueError(f"{len(train)} training pairs is less than one step of batch_size x grad_accum = {per_step}")
     print(f"{len(train)} train / {len(val)} val / {len(test)} test pairs; {n_iters} steps (1 epoch)")
 
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -238,15 +241,20 @@ def main(argv=None):
                                       + (f" acc(gold) {m['acc_gold']:.3f}" if gold else "")))
         if step == n_iters:
             break
-        batch = [train[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
+        batch = [train[i] for i in order[step * per_step:(step + 1) * per_step]]
         rm.train()
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_iters)
         for g in opt.param_groups:
             g["lr"] = lr
-        r_c, r_r = pair_scores(rm, enc, batch, device, cfg.truncate_prompts)  # (B,), (B,)
-        loss = pairwise_loss(r_c, r_r)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, r_c, r_r = 0.0, [], []
+        for i in range(0, per_step, cfg.batch_size):                      # grad_accum micro-batches of equal size
+            with autocast(device, cfg.amp):
+                a, b = pair_scores(rm, enc, batch[i:i + cfg.batch_size], device, cfg.truncate_prompts)  # (B,), (B,)
+                part = pairwise_loss(a.float(), b.float()) / cfg.grad_accum
+            part.backward()                                               # gradients add up over micro-batches
+            loss, r_c, r_r = loss + part.detach(), r_c + [a.detach()], r_r + [b.detach()]
+        r_c, r_r = torch.cat(r_c), torch.cat(r_r)                         # (B * grad_accum,) each
         gnorm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         check_finite(f"RM step {step + 1}", train_loss=loss.item(), grad_norm=gnorm.item())
         opt.step()

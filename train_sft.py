@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import data
 import tokenizer as tok
 from model import GPT, GPTConfig, load_gpt2, pad_batch, pick_device
-from utils import (JsonlLog, Progress, check_finite, check_resume, field, fit_prompt, load_checkpoint,
+from utils import (JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt, load_checkpoint,
                    load_weights, parse_config, plot_curves, read_jsonl, rng_state, run_main, save_checkpoint,
                    seed_everything, set_rng_state, table)
 
@@ -61,7 +61,9 @@ class Config:
     n_val: int = field(500, "demonstrations drawn from the val prompts (validation loss)")
     # optimisation
     max_iters: int = field(1500, "optimizer steps")
-    batch_size: int = field(32, "sequences per step")
+    batch_size: int = field(32, "sequences per micro-batch")
+    grad_accum: int = field(1, "micro-batches per optimizer step (gradient accumulation; exact token-weighted mean)")
+    amp: bool = field(True, "bf16 autocast on CUDA (CPU and MPS always run fp32)")
     lr: float = field(2e-3, "peak learning rate")
     warmup_iters: int = field(50, "linear warm-up steps")
     weight_decay: float = field(0.1, "AdamW weight decay on matrices")
@@ -244,19 +246,25 @@ def main(argv=None):
             print(progress.line(step, f"val loss {vl:.4f}"))
         if step == cfg.max_iters:
             break
-        # one optimizer step on a batch drawn without replacement (reshuffled each epoch)
-        if len(order) < cfg.batch_size:
-            order = list(range(len(train)))
-            rng.shuffle(order)
-        batch = [train[order.pop()] for _ in range(cfg.batch_size)]
-        ids, mask, loss_mask = collate(batch, mcfg.pad_id, device)        # (B, T) each
+        # one optimizer step on grad_accum micro-batches drawn without replacement (reshuffled each epoch)
+        micro = []
+        for _ in range(cfg.grad_accum):
+            if len(order) < cfg.batch_size:
+                order = list(range(len(train)))
+                rng.shuffle(order)
+            micro.append(collate([train[order.pop()] for _ in range(cfg.batch_size)], mcfg.pad_id, device))
+        n_tokens = sum(lm[:, 1:].sum() for _, _, lm in micro).clamp(min=1)   # response tokens in the whole step
         model.train()
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = sft_loss(model(ids, mask), ids, loss_mask)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for ids, mask, loss_mask in micro:                                # (B, T) each
+            with autocast(device, cfg.amp):
+                part = sft_loss(model(ids, mask), ids, loss_mask) * (loss_mask[:, 1:].sum() / n_tokens)
+            part.backward()                                               # gradients add up over micro-batches
+            loss = loss + part.detach()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         check_finite(f"SFT step {step + 1}", train_loss=loss.item(), grad_norm=gnorm.item())
         opt.step()

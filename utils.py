@@ -4,6 +4,7 @@ checkpoints, the JSONL log, a progress line with ETA, a loss plot and a plain-te
 (The RLHF logic lives in the stage files; read those first.)
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -157,6 +158,14 @@ def fit_prompt(prompt_ids, room, truncate, where):
                          f"(block_size minus the response); use a shorter prompt or allow truncation")
     print(f"warning: {where}: prompt truncated from the left, {len(prompt_ids)} -> {room} tokens", file=sys.stderr)
     return prompt_ids[-room:]
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA only: matmuls run in bf16, softmax / log-softmax / losses in fp32 (torch's autocast
+    lists). CPU and MPS stay in fp32, so every number the tests check is the plain fp32 math."""
+    if enabled and str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def run_main(main):
