@@ -184,17 +184,23 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None,
-                 generator=None, use_cache=True):
+                 generator=None, use_cache=True, return_logprobs=False):
         """
         Sample continuations of left-padded prompts.
         prompt (B, Tp) ids, left-padded with pad_id; prompt_mask (B, Tp) 1 on real tokens.
-        temperature 0 means greedy (argmax). A row that emits eos_id is finished: later positions get pad_id.
+        temperature 0 means greedy (argmax). A row that emits eos_id is finished: later positions get pad_id;
+        eos_id=None never stops (every row gets exactly max_new_tokens: the benchmark's fixed workload).
         Returns response ids (B, Tr), Tr <= max_new_tokens (generation stops early once every row finished).
         use_cache=False recomputes the whole sequence each step (slow; the reference the cache is tested against).
+        return_logprobs=True also returns (logprobs (B, Tr), entropy (B, Tr)) of the sampled tokens under
+        softmax(logits / temperature) *before* top-k (the distribution PPO's forward pass scores; 0 at padding),
+        so PPO can skip a second forward pass of the policy (ppo_rlhf.rollout, --fast_rollout).
         """
         B, Tp = prompt.shape
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if return_logprobs and temperature == 0:
+            raise ValueError("return_logprobs needs temperature > 0 (greedy decoding has no sampling distribution)")
         if Tp + max_new_tokens > self.cfg.block_size:
             raise ValueError(f"prompt length {Tp} + max_new_tokens {max_new_tokens} exceeds block_size "
                              f"{self.cfg.block_size}")
@@ -204,13 +210,16 @@ class GPT(nn.Module):
         caches = self.new_caches(B, Tp + max_new_tokens, prompt.device, self.wte.weight.dtype) if use_cache else None
         step_in = prompt                                                       # (B, Tp), then (B, 1)
         finished = torch.zeros(B, dtype=torch.bool, device=prompt.device)     # (B,)
-        out = []
+        out, out_logp, out_ent = [], [], []
         for _ in range(max_new_tokens):
             if use_cache:
                 h = self.hidden(step_in, mask, pos, caches)[:, -1]             # (B, C) last position only
             else:
                 h = self.hidden(seq, mask, position_ids(mask))[:, -1]          # (B, C)
             logits = self.logits(h)                                            # (B, V)
+            if return_logprobs:  # the tempered distribution before top-k, as response_logits gives it
+                logp = F.log_softmax(logits.float() / max(temperature, 1e-8), dim=-1)  # (B, V)
+                out_ent.append(-(logp.exp() * logp).sum(-1))                   # (B,)
             if temperature == 0:
                 nxt = logits.argmax(-1)                                        # (B,)
             else:
@@ -222,13 +231,19 @@ class GPT(nn.Module):
                 nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]   # (B,)
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)     # (B,) finished rows emit PAD
             out.append(nxt)
-            finished |= nxt == eos_id
-            if bool(finished.all()):
-                break
+            if return_logprobs:
+                out_logp.append(logp.gather(-1, nxt[:, None])[:, 0].masked_fill(finished, 0.0))  # (B,)
+                out_ent[-1] = out_ent[-1].masked_fill(finished, 0.0)
+            if eos_id is not None:
+                finished |= nxt == eos_id
+                if bool(finished.all()):
+                    break
             step_in = nxt[:, None]                                             # (B, 1)
             seq = torch.cat([seq, step_in], dim=1)                             # (B, T + 1)
             pos = pos[:, -1:] + 1                                              # (B, 1) next position per row
             mask = torch.cat([mask, torch.ones_like(step_in)], dim=1)          # (B, S + 1)
+        if return_logprobs:
+            return torch.stack(out, 1), torch.stack(out_logp, 1), torch.stack(out_ent, 1)  # (B, Tr) each
         return torch.stack(out, dim=1)                                         # (B, Tr)
 
 

@@ -81,6 +81,8 @@ class Config:
     rollout_batch: int = field(64, "prompts (= responses) per iteration")
     max_new_tokens: int = field(48, "longest response; hitting it without EOS is truncation")
     temperature: float = field(1.0, "sampling temperature, used for every log-prob too")
+    fast_rollout: bool = field(True, "old_logprobs from the sampling loop (false: a second policy forward, which "
+                                     "also logs the exact KL over the vocabulary)")
     # score and reward (paper §5.3.1, eq. 18; §3.1 eq. 3)
     score_norm: str = field("norm_clip", "none | scale (÷ running std) | norm_clip (running mean/std, clip ±score_clip)")
     score_clip: float = field(0.8, "δ for norm_clip")
@@ -346,34 +348,54 @@ def load_models(sft_path, rm_path, device):
 # ----------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def rollout(policy, ref, rm, critic, enc, prompts, cfg, device, generator):
-    """Steps 1-2: sample responses, then score them with every model in one no-grad pass each (critic may be None)."""
-    policy.eval()
+def rollout(policy, ref, rm, critic, enc, prompts, cfg, device, generator, fast=True):
+    """Steps 1-2 for prompt strings: encode and left-pad them, then rollout_ids. (critic may be None)"""
     room = policy.cfg.block_size - cfg.max_new_tokens
     p_ids, p_mask = pad_batch([fit_prompt(tok.encode(enc, p), room, cfg.truncate_prompts, f"prompt {p[:40]!r}")
                                for p in prompts], tok.pad_id(enc), left=True)  # (B, Tp)
-    p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+    return rollout_ids(policy, ref, rm, critic, p_ids.to(device), p_mask.to(device), cfg, tok.eos_id(enc),
+                       tok.pad_id(enc), generator, fast)
+
+
+@torch.no_grad()
+def rollout_ids(policy, ref, rm, critic, p_ids, p_mask, cfg, eos_id, pad_id, generator, fast=True):
+    """
+    Steps 1-2: sample responses to left-padded prompt ids (B, Tp), then score them with one no-grad pass per
+    model (critic may be None: RLOO, RAFT). eos_id=None samples exactly max_new_tokens (the benchmark).
+    fast=True takes old_logprobs and the entropy from the sampling loop, which already computed
+    softmax(logits / τ) at every response position: the same numbers as a second forward pass of the policy
+    (up to float rounding; tests/test_perf.py), for one fewer full forward. fast=False runs that forward and
+    also returns the exact per-position KL(π || π_ref) over the vocabulary (a monitoring metric).
+    """
+    policy.eval()
     t0 = time.time()
-    response = policy.generate(p_ids, p_mask, cfg.max_new_tokens, tok.eos_id(enc), tok.pad_id(enc),
-                               temperature=cfg.temperature, generator=generator)  # (B, Tr)
+    response, gen_logprobs, gen_entropy = policy.generate(
+        p_ids, p_mask, cfg.max_new_tokens, eos_id, pad_id, temperature=cfg.temperature, generator=generator,
+        return_logprobs=True)                                             # (B, Tr) each
     t_gen = time.time() - t0
-    mask = (response != tok.pad_id(enc)).long()                           # (B, Tr) 1 up to and incl. EOS
+    mask = (response != pad_id).long()                                    # (B, Tr) 1 up to and incl. EOS
     seq = torch.cat([p_ids, response], dim=1)                             # (B, T)
     seq_mask = torch.cat([p_mask, mask], dim=1)                           # (B, T)
     Tp = p_ids.shape[1]
-    logits = response_logits(policy, seq, seq_mask, Tp, cfg.temperature)  # (B, Tr, V)
-    ref_logits = response_logits(ref, seq, seq_mask, Tp, cfg.temperature)  # (B, Tr, V)
-    old_logprobs = logprobs_from_logits(logits, response) * mask         # (B, Tr)
-    ref_logprobs = logprobs_from_logits(ref_logits, response) * mask     # (B, Tr)
+    ref_logp = F.log_softmax(response_logits(ref, seq, seq_mask, Tp, cfg.temperature).float(), -1)  # (B, Tr, V)
+    ref_logprobs = ref_logp.gather(-1, response[..., None]).squeeze(-1) * mask  # (B, Tr)
+    out = dict(exact_kl=None)
+    if fast:
+        old_logprobs, entropy = gen_logprobs * mask, gen_entropy * mask   # (B, Tr) each
+        del ref_logp                                                      # no full-vocab tensor outlives its use
+    else:
+        logp = F.log_softmax(response_logits(policy, seq, seq_mask, Tp, cfg.temperature).float(), -1)  # (B, Tr, V)
+        old_logprobs = logp.gather(-1, response[..., None]).squeeze(-1) * mask   # (B, Tr)
+        entropy = -(logp.exp() * logp).sum(-1) * mask                     # (B, Tr)
+        out["exact_kl"] = (logp.exp() * (logp - ref_logp)).sum(-1) * mask  # (B, Tr) KL(π||π_ref) per position
+        del logp, ref_logp
     values = (response_values(critic, seq, seq_mask, Tp).float() * mask if critic is not None
               else torch.zeros_like(old_logprobs))                        # (B, Tr); no critic: zeros (RLOO, RAFT)
     scores = rm.score(seq, seq_mask).float()                              # (B,) at the last real token
-    logp, ref_logp = F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1)  # (B, Tr, V)
-    exact_kl = (logp.exp() * (logp - ref_logp)).sum(-1) * mask          # (B, Tr) KL(π||π_ref) per position
-    entropy = entropy_from_logits(logits) * mask                          # (B, Tr)
-    return dict(seq=seq, seq_mask=seq_mask, response=response, mask=mask, n_prompt=Tp,
-                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,
-                exact_kl=exact_kl, entropy=entropy, t_gen=t_gen, t_score=time.time() - t0 - t_gen)
+    out.update(seq=seq, seq_mask=seq_mask, response=response, mask=mask, n_prompt=Tp,
+               old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,
+               entropy=entropy, t_gen=t_gen, t_score=time.time() - t0 - t_gen)
+    return out
 
 
 def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy, generator, ptx_data=None,
@@ -515,7 +537,7 @@ def main(argv=None):
         # 1-2. rollout and scoring
         prompts = data.sample_prompts(splits["train"], cfg.rollout_batch, rng)
         with autocast(device, cfg.amp):
-            ro = rollout(policy, ref, rm, critic, enc, prompts, cfg, device, gen)
+            ro = rollout(policy, ref, rm, critic, enc, prompts, cfg, device, gen, cfg.fast_rollout)
         mask = ro["mask"]                                                 # (B, Tr)
         texts = [tok.decode(enc, r) for r in ro["response"].tolist()]
         gold = torch.tensor([data.gold_reward(p, r) if has_gold else float("nan") for p, r in zip(prompts, texts)])
@@ -546,10 +568,11 @@ def main(argv=None):
                    scores_raw=[round(x, 3) for x in ro["scores"].tolist()],   # the distribution (paper Fig. 13)
                    score=scores.mean().item(), gold=gold.mean().item(),
                    kl_seq=k1.sum(1).mean().item(), kl_token=(k1.sum() / n_tok).item(),
-                   kl_k3_seq=k3.sum(1).mean().item(), kl_exact_seq=ro["exact_kl"].sum(1).mean().item(),
+                   kl_k3_seq=k3.sum(1).mean().item(),
                    length=mask.sum(1).float().mean().item(), eos_rate=ended.float().mean().item(),
                    perplexity=math.exp(-(ro["old_logprobs"].sum() / n_tok).item()),
                    entropy=(ro["entropy"].sum() / n_tok).item(),
+                   **({} if ro["exact_kl"] is None else {"kl_exact_seq": ro["exact_kl"].sum(1).mean().item()}),
                    adv_mean=masked_mean(advantages, mask).item(), return_mean=masked_mean(returns, mask).item(),
                    value_mean=masked_mean(ro["values"], mask).item(),
                    explained_var=explained_variance(ro["values"], returns, mask),

@@ -121,6 +121,27 @@ def reinforce_loss(seq_logprobs, advantages):
 
 # ----------------------------------------------------------------------------------------------------
 
+def rloo_update(policy, opt, ro, adv, cfg, generator, where="RLOO update"):
+    """Step 4: one pass over the rollout in cfg.minibatches shuffled minibatches, one REINFORCE step each
+    (eq. 6 with the sequence log-prob). adv (N,). Returns the per-minibatch losses and grad norms."""
+    policy.train()
+    N, mask = len(adv), ro["mask"]
+    perm = torch.randperm(N, generator=generator).to(adv.device)
+    losses, gnorms = [], []
+    for idx in perm.chunk(cfg.minibatches):
+        logits = response_logits(policy, ro["seq"][idx], ro["seq_mask"][idx], ro["n_prompt"], cfg.temperature)
+        seq_logp = (logprobs_from_logits(logits, ro["response"][idx]) * mask[idx]).sum(1)  # (n,)
+        loss = reinforce_loss(seq_logp, adv[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        check_finite(where, loss=loss.item(), grad_norm=gnorm.item())
+        opt.step()
+        losses.append(loss.item())
+        gnorms.append(gnorm.item())
+    return losses, gnorms
+
+
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     if cfg.baseline not in ("loo", "moving_avg", "none"):
@@ -171,20 +192,8 @@ def main(argv=None):
             adv = rewards
         # 4. one pass of REINFORCE updates over shuffled minibatches
         t_train = time.time()
-        policy.train()
-        perm = torch.randperm(N, generator=torch.Generator().manual_seed(rng.randrange(2**31))).to(device)
-        losses, gnorms = [], []
-        for idx in perm.chunk(cfg.minibatches):
-            logits = response_logits(policy, ro["seq"][idx], ro["seq_mask"][idx], ro["n_prompt"], cfg.temperature)
-            seq_logp = (logprobs_from_logits(logits, ro["response"][idx]) * mask[idx]).sum(1)  # (n,)
-            loss = reinforce_loss(seq_logp, adv[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            check_finite(f"RLOO iteration {it}", loss=loss.item(), grad_norm=gnorm.item())
-            opt.step()
-            losses.append(loss.item())
-            gnorms.append(gnorm.item())
+        losses, gnorms = rloo_update(policy, opt, ro, adv, cfg, torch.Generator().manual_seed(rng.randrange(2**31)),
+                                     f"RLOO iteration {it}")
         n_tok = mask.sum()
         row = dict(iter=it, score_raw=ro["scores"].mean().item(), gold=gold.mean().item(),
                    reward=rewards.mean().item(), kl_seq=kl_seq.mean().item(), kl_token=(kl_seq.sum() / n_tok).item(),

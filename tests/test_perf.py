@@ -1,0 +1,104 @@
+"""The speed-ups keep the math: each fast path equals the plain path it replaces. Plus the benchmark's wiring
+and its FLOP count by hand."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import data
+import ppo_rlhf as ppo
+import tokenizer as tok
+from model import GPT, GPTConfig, ScalarHeadGPT
+from utils import autocast
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENC = tok.get_tokenizer("toy")
+CFG = GPTConfig(vocab_size=ENC.n_vocab, block_size=64, n_layer=2, n_head=2, n_embd=32, pad_id=tok.pad_id(ENC))
+PROMPTS = [data.make_prompt(q) for q in ("What is 2 plus 3?", "Tell me a joke.", "What is the capital of Zorbia?")]
+
+
+def _models():
+    torch.manual_seed(0)
+    policy = GPT(CFG)
+    with torch.no_grad():  # a policy that differs from the reference, so KL and ratios are not trivially 0 / 1
+        ref = copy.deepcopy(policy).requires_grad_(False)
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return policy, ref, ScalarHeadGPT(CFG).requires_grad_(False), ScalarHeadGPT(CFG)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fast_rollout_equals_plain_rollout(temperature):
+    """old_logprobs and entropy from the sampling loop = those of a second forward pass; everything else identical."""
+    cfg = ppo.Config(max_new_tokens=12, temperature=temperature)
+    models = _models()
+    fast = ppo.rollout(*models, ENC, PROMPTS, cfg, "cpu", torch.Generator().manual_seed(3), fast=True)
+    plain = ppo.rollout(*models, ENC, PROMPTS, cfg, "cpu", torch.Generator().manual_seed(3), fast=False)
+    for k in ("response", "mask", "seq", "seq_mask"):
+        assert torch.equal(fast[k], plain[k]), k
+    for k in ("ref_logprobs", "values", "scores"):
+        assert torch.equal(fast[k], plain[k]), k
+    assert torch.allclose(fast["old_logprobs"], plain["old_logprobs"], atol=1e-5)
+    assert torch.allclose(fast["entropy"], plain["entropy"], atol=1e-4)
+    assert (fast["old_logprobs"] != fast["ref_logprobs"]).any()             # the check is not vacuous
+
+
+def test_generate_logprobs_are_the_pre_top_k_tempered_distribution():
+    """generate's logprobs score the sampled tokens under softmax(logits / τ) before top-k, as response_logits does."""
+    policy = _models()[0].eval()
+    ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+    mask = (torch.arange(4) >= torch.tensor([[0], [2]])).long()
+    resp, logp, ent = policy.generate(ids, mask, 6, None, tok.pad_id(ENC), temperature=0.8, top_k=20,
+                                      generator=torch.Generator().manual_seed(0), return_logprobs=True)
+    assert resp.shape == (2, 6)                                              # eos_id None: exactly max_new_tokens
+    seq, smask = torch.cat([ids, resp], 1), torch.cat([mask, torch.ones_like(resp)], 1)
+    full = ppo.logprobs_from_logits(ppo.response_logits(policy, seq, smask, 4, 0.8), resp)
+    assert torch.allclose(logp, full, atol=1e-5)
+    assert torch.allclose(ent, ppo.entropy_from_logits(ppo.response_logits(policy, seq, smask, 4, 0.8)), atol=1e-4)
+
+
+def test_response_logits_equal_the_full_forward_at_response_positions():
+    policy = _models()[0]
+    seq = torch.randint(0, 100, (2, 10))
+    mask = torch.ones_like(seq)
+    mask[1, :3] = 0
+    assert torch.allclose(ppo.response_logits(policy, seq, mask, 4, 1.0), policy(seq, mask)[:, 3:-1], atol=1e-6)
+
+
+def test_autocast_is_fp32_on_cpu_and_bf16_on_cuda():
+    policy = _models()[0]
+    seq = torch.randint(0, 100, (2, 10))
+    with autocast("cpu"):
+        assert torch.equal(policy(seq), policy(seq)) and policy(seq).dtype == torch.float32
+    if torch.cuda.is_available():  # the same code on a GPU: bf16 matmuls, close to the fp32 logits
+        cuda = policy.cuda()
+        with autocast("cuda"):
+            half = cuda(seq.cuda())
+        assert half.dtype == torch.bfloat16
+        assert torch.allclose(half.float().cpu(), policy.cpu()(seq), atol=5e-2)
+
+
+def test_iteration_flops_by_hand():
+    """C=2, L=1, V=3, B=1, Tp=1, Tr=1, 4 epochs: body 24·C²·L = 96 per token, attention 8 per visible key,
+    head 2·C·V = 12 per scored token."""
+    w = dict(n_embd=2, n_layer=1, B=1, Tp=1, Tr=1, epochs=4, minibatch=1)
+    f = bench.iteration_flops(w, 3, "ppo")
+    body_seq = 2 * 96 + 8 * 1 + 8 * 2                                        # 216: two tokens, 1 and 2 keys
+    assert [x for x, _ in f["generate"]] == [96 + 8, 12]                     # prefill of the prompt token; 1 head
+    assert [x for x, _ in f["score"]] == [3 * body_seq, 12]                  # ref, RM, critic; ref's head
+    assert [x for x, _ in f["train"]] == [3 * 4 * 2 * body_seq, 3 * 4 * 12]  # fwd+bwd, 4 epochs, 2 nets
+    assert [x for x, _ in bench.iteration_flops(w, 3, "rloo")["train"]] == [3 * body_seq, 3 * 12]
+
+
+@pytest.mark.parametrize("algo", ["ppo", "rloo", "generate"])
+def test_bench_quick_runs(algo):
+    r = subprocess.run([sys.executable, "bench.py", "--quick", "--algo", algo], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "tokens/s" in r.stdout and "peak RSS" in r.stdout
+    if algo != "generate":
+        assert "iteration / bare-pass floor" in r.stdout and "iteration / FLOP floor" in r.stdout
