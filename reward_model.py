@@ -95,7 +95,7 @@ def score_texts(rm, enc, prompts, responses, device, truncate=True):
     A prompt too long for the context is cut from the left (truncate=True) or is an error."""
     seqs = []
     for p, r in zip(prompts, responses):
-        resp = tok.encode(enc, r)[: rm.cfg.block_size // 2]   # a (real-data) response longer than this is cut off
+        resp = tok.encode(enc, r)[: 3 * rm.cfg.block_size // 4]  # a (real-data) response this long is cut off
         seqs.append(fit_prompt(tok.encode(enc, p), rm.cfg.block_size - len(resp), truncate, f"prompt {p[:40]!r}") + resp)
     ids, mask = pad_batch(seqs, tok.pad_id(enc), left=False)                 # (n, T) each
     return rm.score(ids.to(device), mask.to(device))                          # (n,)

@@ -111,7 +111,7 @@ def encode_demos(enc, pairs, block_size, truncate=True):
     (truncate=True, with a warning) or is an error naming the demonstration."""
     out = []
     for i, (p, r) in enumerate(pairs):
-        resp = tok.encode(enc, r)[: block_size // 2]   # a (real-data) response longer than this is cut off
+        resp = tok.encode(enc, r)[: 3 * block_size // 4]   # a (real-data) response this long is cut off
         prompt = fit_prompt(tok.encode(enc, p), block_size - len(resp), truncate, f"demonstration {i}")
         out.append(build_sft_example(prompt, resp))
     return out
