@@ -82,6 +82,8 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)   # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)   # (B, nh, T, hs)
         if cache is not None:  # write the new keys/values into the preallocated buffers, attend over all so far
+            if cache["k"] is None:  # allocated on first use, in k's dtype (bf16 under CUDA autocast, else fp32)
+                cache["k"], cache["v"] = k.new_empty(cache["shape"]), v.new_empty(cache["shape"])
             n = cache["len"]
             cache["k"][:, :, n:n + T] = k
             cache["v"][:, :, n:n + T] = v
@@ -175,12 +177,11 @@ class GPT(nn.Module):
         """Logits (B, T, V) for next-token prediction at every position."""
         return self.logits(self.hidden(idx, mask, pos))                        # (B, T, V)
 
-    def new_caches(self, B, max_len, device, dtype):
-        """Empty KV cache for B rows and up to max_len positions: one {k, v, len} dict per layer."""
-        hs = self.cfg.n_embd // self.cfg.n_head
-        shape = (B, self.cfg.n_head, max_len, hs)                              # (B, nh, S_max, hs)
-        return [{"k": torch.empty(shape, device=device, dtype=dtype),
-                 "v": torch.empty(shape, device=device, dtype=dtype), "len": 0} for _ in self.h]
+    def new_caches(self, B, max_len):
+        """Empty KV cache for B rows and up to max_len positions: one {k, v, shape, len} dict per layer; the
+        (B, nh, max_len, hs) buffers are allocated by the first forward that writes them."""
+        shape = (B, self.cfg.n_head, max_len, self.cfg.n_embd // self.cfg.n_head)  # (B, nh, S_max, hs)
+        return [{"k": None, "v": None, "shape": shape, "len": 0} for _ in self.h]
 
     @torch.no_grad()
     def generate(self, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None,
@@ -207,7 +208,7 @@ class GPT(nn.Module):
         mask = prompt_mask.long()                                              # (B, Tp) grows to (B, Tp + t)
         seq = prompt                                                           # (B, Tp) grows likewise
         pos = position_ids(mask)                                               # (B, Tp)
-        caches = self.new_caches(B, Tp + max_new_tokens, prompt.device, self.wte.weight.dtype) if use_cache else None
+        caches = self.new_caches(B, Tp + max_new_tokens) if use_cache else None
         step_in = prompt                                                       # (B, Tp), then (B, 1)
         finished = torch.zeros(B, dtype=torch.bool, device=prompt.device)     # (B,)
         out, out_logp, out_ent = [], [], []
