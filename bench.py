@@ -23,6 +23,7 @@ Run (one workload per process, so peak RSS is that workload's own):
     python bench.py --vocab 50257      # PPO, GPT-2's vocabulary size
     python bench.py --algo rloo        # RLOO on the same rollouts
     python bench.py --algo generate    # KV-cache generation of 64 x 48 tokens only
+    python bench.py --algo hf_generate # the same with transformers' GPT-2 generate (needs requirements-dev.txt)
     python bench.py --algo pipeline    # the default pipeline.py end to end (~9 min), wall time and peak RSS
     python bench.py --all              # each of the above in its own process, then a summary table
     python bench.py --quick            # tiny sizes, 2 iterations: checks the wiring (the tests run this)
@@ -229,7 +230,29 @@ def bench_generate(vocab, w, n_iters):
     go = lambda: _timed(lambda: policy.generate(p_ids, torch.ones_like(p_ids), w["Tr"], None, -1, generator=gen))
     go()
     t = statistics.median(go() for _ in range(n_iters))
-    return dict(algo="generate", vocab=vocab, threads=torch.get_num_threads(), seconds=t,
+    return dict(algo="generate", vocab=vocab, threads=torch.get_num_threads(), seconds=t, rows=w["B"], new=w["Tr"],
+                tokens_per_s=w["B"] * w["Tr"] / t, peak_rss_mib=peak_rss_mib())
+
+
+def bench_hf_generate(vocab, w, n_iters):
+    """The same generation with Hugging Face transformers' GPT-2 of the same size (a test-only dependency, from
+    requirements-dev.txt; only this comparison uses it): sampling, KV cache, exactly Tr new tokens."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("--algo hf_generate needs transformers: pip install -r requirements-dev.txt") from None
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=vocab, n_positions=w["Tp"] + w["Tr"], n_embd=w["n_embd"], n_layer=w["n_layer"],
+        n_head=w["n_head"], bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+    p_ids = torch.randint(1, vocab, (w["B"], w["Tp"]))
+    kw = dict(attention_mask=torch.ones_like(p_ids), do_sample=True, max_new_tokens=w["Tr"], min_new_tokens=w["Tr"],
+              top_k=0, top_p=1.0, pad_token_id=0)
+    go = lambda: _timed(lambda: hf.generate(p_ids, **kw))
+    go()
+    t = statistics.median(go() for _ in range(n_iters))
+    return dict(algo="hf_generate", vocab=vocab, threads=torch.get_num_threads(), seconds=t, rows=w["B"], new=w["Tr"],
                 tokens_per_s=w["B"] * w["Tr"] / t, peak_rss_mib=peak_rss_mib())
 
 
@@ -245,8 +268,8 @@ def bench_pipeline(quick):
 
 def report(r):
     """Human-readable lines for one result."""
-    if r["algo"] == "generate":
-        return f"generate  vocab {r['vocab']}: {r['seconds']:.3f} s for 64 x 48 tokens = {r['tokens_per_s']:.0f} tokens/s, peak RSS {r['peak_rss_mib']:.0f} MiB"
+    if r["algo"] in ("generate", "hf_generate"):
+        return f"{r['algo']}  vocab {r['vocab']}: {r['seconds']:.3f} s for {r['rows']} x {r['new']} tokens = {r['tokens_per_s']:.0f} tokens/s, peak RSS {r['peak_rss_mib']:.0f} MiB"
     if r["algo"] == "pipeline":
         return f"pipeline.py end to end: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mib']:.0f} MiB"
     m, b, f = r["median"], r["bare_floor"], r["flop_floor"]
@@ -262,7 +285,7 @@ def report(r):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algo", default="ppo", choices=["ppo", "rloo", "generate", "pipeline"], help="what to time")
+    p.add_argument("--algo", default="ppo", choices=["ppo", "rloo", "generate", "hf_generate", "pipeline"], help="what to time")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary size of the workload (8192 or 50257)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations after the warm-up (median)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -275,7 +298,8 @@ def main(argv=None):
     if a.all:
         results = []
         jobs = [["--algo", "ppo"], ["--algo", "ppo", "--vocab", "50257"], ["--algo", "rloo"],
-                ["--algo", "rloo", "--vocab", "50257"], ["--algo", "generate"], ["--algo", "pipeline"]]
+                ["--algo", "rloo", "--vocab", "50257"], ["--algo", "generate"], ["--algo", "hf_generate"],
+                ["--algo", "pipeline"]]
         path = a.json or "out/bench.jsonl"
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         for job in jobs:
@@ -291,6 +315,8 @@ def main(argv=None):
         r = bench_rl(a.algo, a.vocab, w, n)
     elif a.algo == "generate":
         r = bench_generate(a.vocab, w, n)
+    elif a.algo == "hf_generate":
+        r = bench_hf_generate(a.vocab, w, n)
     else:
         r = bench_pipeline(a.quick)
     print(report(r), flush=True)

@@ -99,11 +99,10 @@ def _run(*args):
     return r.stdout
 
 
-def test_each_algorithm_runs_tiny_and_evaluates(tmp_path):
+def test_each_algorithm_runs_tiny_and_evaluates(tiny_pipeline, tmp_path):
     """RLOO, REINFORCE (moving average), DPO and RAFT run with the tiny preset and evaluate.py reads their checkpoints."""
-    out = str(tmp_path)
-    _run("pipeline.py", "--preset", "tiny", "--device", "cpu", "--out_dir", out)
-    common = ["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{out}/sft.pt", "--rm_ckpt", f"{out}/rm.pt"]
+    out, base = str(tmp_path), tiny_pipeline
+    common = ["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt"]
     _run("rloo.py", *common, "--out_dir", out)
     _run("rloo.py", *common, "--baseline", "moving_avg", "--k", "1", "--out_dir", f"{out}/reinforce")
     _run("dpo.py", *common, "--out_dir", out)
@@ -115,7 +114,7 @@ def test_each_algorithm_runs_tiny_and_evaluates(tmp_path):
         ck = load_checkpoint(f"{out}/{path}", stage, enc_id)
         assert ck["done"] and "win_rate_vs_sft" in ck["metrics"]
     report = _run("evaluate.py", "--policies", f"{out}/rloo.pt", f"{out}/dpo.pt", f"{out}/raft.pt", "--sft_ckpt",
-                  f"{out}/sft.pt", "--rm_ckpt", f"{out}/rm.pt", "--out_dir", out, "--n_prompts", "8",
+                  f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt", "--out_dir", out, "--n_prompts", "8",
                   "--max_new_tokens", "8", "--device", "cpu")
     assert "| rloo |" in report and "| dpo |" in report and "| raft |" in report
 
@@ -181,12 +180,11 @@ def test_value_head_ignores_left_padding():
     assert torch.allclose(v1, v2, atol=1e-6)
 
 
-def test_compare_quick_writes_table_and_plot(tmp_path):
+def test_compare_quick_writes_table_and_plot(tiny_pipeline, tmp_path):
     """compare.py --quick trains two methods from one SFT + RM and writes the table, the JSONL and the plot."""
-    out = str(tmp_path)
-    _run("pipeline.py", "--preset", "tiny", "--device", "cpu", "--out_dir", out)
+    out, base = str(tmp_path), tiny_pipeline
     report = _run("compare.py", "--quick", "--methods", "rloo", "alol_seq", "--seeds", "0", "1", "--sft_ckpt",
-                  f"{out}/sft.pt", "--rm_ckpt", f"{out}/rm.pt", "--out_dir", f"{out}/compare", "--device", "cpu")
+                  f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt", "--out_dir", f"{out}/compare", "--device", "cpu")
     assert "| rloo | 9,600 samples | 2 |" in report and "| alol_seq |" in report
     for f in ("compare.md", "compare.jsonl", "compare_reward_kl.png", "rloo_s1/rloo.pt", "alol_seq_s0/alol.pt"):
         assert os.path.getsize(os.path.join(out, "compare", f)) > 0, f
