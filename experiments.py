@@ -20,7 +20,7 @@ Run (after pipeline.py, which writes out/sft.pt and out/rm.pt):
     python experiments.py --quick --sft_ckpt out/tiny/sft.pt --rm_ckpt out/tiny/rm.pt --out_dir out/tiny/exp
 
 Outputs in out_dir: <run>/ppo_log.jsonl (+ ppo.pt, ppo_curves.png) per run, summary.md and summary.json; in
-fig_dir: one PNG per figure of FIGURES and reward_distribution.png (paper Fig. 13).
+fig_dir: one PNG per figure of FIGURES, reward_distribution.png (paper Fig. 13) and summary.md again.
 
 Deliberate deviations from the paper's ablations:
   1. The "no SFT" policy is a randomly initialised GPT (our toy has no pre-trained LM without SFT); the
@@ -174,8 +174,9 @@ def report(out_dir, fig_dir, n_iters=150):
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     md = summary_markdown(summary, notes)
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(md)
+    for d in dict.fromkeys([out_dir, fig_dir]):  # the table also goes beside the figures
+        with open(os.path.join(d, "summary.md"), "w") as f:
+            f.write(md)
     print(md)
     return summary
 
