@@ -10,7 +10,8 @@ model, with the same seed, so two runs differ only in the switches listed in EXP
   paper §5.3.2, Figs. 7, 15, 16   policy constraints: per-token KL penalty β 0.05 / 0.1 / 0.2, entropy bonus
   paper §5.3.3, Fig. 8   initialisation: policy from a random init instead of SFT; critic from the RM or from
                          SFT, with and without critic pre-training
-  paper §5.4, Fig. 9     PPO-max for 300 iterations (4× the iteration at which vanilla collapses here)
+  paper §5.4, Fig. 9     PPO-max for 300 iterations (4× the iteration at which vanilla collapses here), with the
+                         default β = 0.1 and with β = 0.2
 
 Run (after pipeline.py, which writes out/sft.pt and out/rm.pt):
     python experiments.py                         # all runs (about 65 min on 2 CPU cores), then the figures
@@ -49,6 +50,7 @@ EXPERIMENTS = {
     "kl_0.2": ({**VANILLA, "kl_coef": "0.2"}, "vanilla + token-level KL penalty β=0.2"),
     "entropy": ({**VANILLA, "entropy_coef": "0.01"}, "vanilla + entropy bonus 0.01"),
     "ppo_max_long": ({"n_iters": "300"}, "PPO-max (the ppo_rlhf.py default), 300 iterations"),
+    "ppo_max_long_kl0.2": ({"n_iters": "300", "kl_coef": "0.2"}, "PPO-max with β=0.2, 300 iterations"),
     "policy_random": ({"policy_init": "random"}, "PPO-max with a randomly initialised policy (no SFT)"),
     "critic_rm_nopre": ({"critic_pretrain_iters": "0"}, "PPO-max, critic from the RM, no critic pre-training"),
     "critic_sft_pre": ({"critic_init": "sft"}, "PPO-max, critic from SFT (fresh head), critic pre-training"),
@@ -67,7 +69,8 @@ FIGURES = {
                            ["vanilla", "kl_0.05", "kl_0.1", "kl_0.2", "entropy", "ppo_max"]),
     "initialisation": ("Initialisation (paper §5.3.3, Fig. 8)",
                        ["ppo_max", "critic_rm_nopre", "critic_sft_pre", "critic_sft_nopre", "policy_random"]),
-    "ppo_max_long": ("PPO-max for 300 iterations vs vanilla (paper §5.4, Fig. 9)", ["vanilla", "ppo_max_long"]),
+    "ppo_max_long": ("PPO-max for 300 iterations vs vanilla (paper §5.4, Fig. 9)",
+                     ["vanilla", "ppo_max_long", "ppo_max_long_kl0.2"]),
 }
 PANELS = [("score_raw", "RM score"), ("gold", "gold reward"), ("kl_seq", "KL to SFT (per response)"),
           ("perplexity", "perplexity"), ("length", "response length"), ("win_rate_vs_sft", "win rate vs SFT (gold)")]

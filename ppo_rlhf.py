@@ -263,7 +263,8 @@ def kl_rewards(old_logprobs, ref_logprobs, mask, scores, kl_coef):
 def response_logits(model, seq, mask, n_prompt, temperature):
     """Logits (B, Tr, V) / τ that predicted each response token: only those positions reach the LM head."""
     h = model.hidden(seq, mask)                                           # (B, T, C)
-    return model.logits(h[:, n_prompt - 1:-1]) / temperature              # (B, Tr, V)
+    logits = model.logits(h[:, n_prompt - 1:-1])                         # (B, Tr, V)
+    return logits if temperature == 1 else logits / temperature           # x / 1 = x: skip the pass
 
 
 def response_values(critic, seq, mask, n_prompt):
