@@ -220,16 +220,20 @@ class GPT(nn.Module):
             logits = self.logits(h).float()                                    # (B, V)
             if temperature not in (0, 1):                                      # x / 1 = x: skip the pass
                 logits = logits / temperature
+            probs = None
             if return_logprobs:  # the tempered distribution before top-k, as response_logits gives it
                 logp = F.log_softmax(logits, dim=-1)                           # (B, V)
-                out_ent.append(-(logp.exp() * logp).sum(-1))                   # (B,)
+                probs = logp.exp()                                             # (B, V) reused for sampling
+                out_ent.append(-(probs * logp).sum(-1))                        # (B,)
             if temperature == 0:
                 nxt = logits.argmax(-1)                                        # (B,)
             else:
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = sample_categorical(F.softmax(logits, dim=-1), generator)  # (B,)
+                    probs = F.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)  # (B, V)
+                elif probs is None:
+                    probs = F.softmax(logits, dim=-1)                          # (B, V)
+                nxt = sample_categorical(probs, generator)                     # (B,)
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)     # (B,) finished rows emit PAD
             out.append(nxt)
             if return_logprobs:

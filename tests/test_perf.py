@@ -118,3 +118,15 @@ def test_sample_categorical_has_the_distribution_of_multinomial():
     ref = torch.multinomial(probs.expand(n, -1), 1, generator=torch.Generator().manual_seed(0))[:, 0]
     assert (torch.bincount(ref, minlength=6).double() / n - freq).abs().max() < 0.01
     assert sample_categorical(torch.eye(4), torch.Generator().manual_seed(1)).tolist() == [0, 1, 2, 3]
+
+
+def test_logprobs_from_logits_equals_logit_minus_logsumexp_values_and_gradients():
+    logits = torch.randn(3, 5, 50, dtype=torch.float64).float().requires_grad_(True)
+    tokens = torch.randint(0, 50, (3, 5))
+    fast = ppo.logprobs_from_logits(logits, tokens)
+    plain = logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)   # the definition
+    assert torch.allclose(fast, plain, atol=1e-6)
+    w = torch.randn(3, 5)
+    g_fast, = torch.autograd.grad((fast * w).sum(), logits)
+    g_plain, = torch.autograd.grad((plain * w).sum(), logits)
+    assert torch.allclose(g_fast, g_plain, atol=1e-6)
