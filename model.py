@@ -6,7 +6,8 @@ needs on top:
   * `generate`: batched sampling for left-padded prompts with a KV cache (temperature, optional top-k;
     a row stops at EOS and is padded with PAD afterwards);
   * `ScalarHeadGPT`: the same backbone with a Linear(n_embd, 1) head, one value per position, used for the
-    reward model (score read at the last real token) and, later, the PPO critic.
+    reward model (score read at the last real token) and, later, the PPO critic;
+  * `load_gpt2`: GPT-2 weights (small to xl) from a local model.safetensors or pytorch_model.bin.
 
 References: GPT-2 (Radford et al. 2019), nanoGPT (Karpathy) for the layout.
 
@@ -18,6 +19,10 @@ Deliberate choices:
   3. PAD is not a word: its logit is set to -1e9 in GPT.logits, so it is never sampled and every stage sees
      the same distribution.
   4. No torch.compile, no DDP, no weight init tricks beyond GPT-2's (std 0.02, scaled residual projections).
+  5. Sampling inverts the CDF with one uniform number per row (sample_categorical): the distribution of
+     torch.multinomial without its B·V exponential draws, which dominated CPU generation time.
+  6. GPT-2's weights load from a local Hugging Face file (load_gpt2, bottom of this file): the same architecture,
+     so the names map one to one; safetensors is read by a short reader here, with no extra package.
 
 Shape legend (used in comments throughout):
   B  batch            T  sequence length (query positions)     S  key positions (cache + new)

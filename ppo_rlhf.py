@@ -24,7 +24,9 @@ Run (after train_sft.py and reward_model.py; writes out/ppo.pt, out/ppo_log.json
     python ppo_rlhf.py --preset vanilla --out_dir out/vanilla   # no KL, no score norm, no clips: collapses
     python ppo_rlhf.py --kl_coef 0.1 --score_norm scale         # any switch on its own
     python ppo_rlhf.py --preset vanilla_pg --out_dir out/vanilla_pg  # Back to Basics' vanilla policy gradient
+    python ppo_rlhf.py --data hh/train.jsonl.gz --sft_ckpt out/gpt2_hh/sft.pt --rm_ckpt out/gpt2_hh/rm.pt  # HH-RLHF
     python ppo_rlhf.py --help
+On CUDA the forward passes run under bf16 autocast (`--amp`); CPU and MPS run fp32.
 
 Deliberate choices (where the paper and its code disagree, see shared notes §1.5):
   1. Score processing: the paper's norm + clip (eq. 18) is the PPO-max default; the code's shipped scripts
@@ -34,9 +36,11 @@ Deliberate choices (where the paper and its code disagree, see shared notes §1.
      only the critic before the policy moves. The released code does not have it.
   4. PTX loss (paper §5.4, eq. 17) is a switch with weight 0 by default, as in the released scripts; our
      "pre-training data" is the SFT demonstrations.
-  5. Old log-probs come from a full forward pass of the policy right after the rollout (not from the sampling
-     loop), so the ratio is exactly 1 on the first minibatch; log-probs use the sampling temperature everywhere
-     (the code scores with raw logits after sampling with τ = 0.8, top-p and a repetition penalty).
+  5. Old log-probs come from the sampling loop, which already computed softmax(logits / τ) at every response
+     position (`--fast_rollout true`; the same numbers as a second forward pass up to float rounding, so the
+     first-minibatch ratio is 1 ± 1e-6; `--fast_rollout false` runs that forward, giving a ratio of exactly 1 and
+     the exact KL over the vocabulary as a metric). Log-probs use the sampling temperature everywhere (the code
+     scores with raw logits after sampling with τ = 0.8, top-p and a repetition penalty).
   6. A tiny model trains with tiny-model learning rates (policy 1e-5... see Config), not the 7B ones.
   7. One optimiser with two parameter groups (policy, critic) and one global grad-norm clip, as the code does.
   8. β = 0.1 (the code's zh script; the middle of the paper's Fig. 15 hierarchy). With the paper's 0.05, one of

@@ -16,6 +16,7 @@ and how well the RM score correlates with the gold reward (Pearson and Spearman)
 Run (after train_sft.py; writes out/rm.pt, out/rm_log.jsonl, out/rm_loss.png):
     python reward_model.py
     python reward_model.py --preset tiny --sft_ckpt out/tiny/sft.pt --out_dir out/tiny
+    python reward_model.py --sft_ckpt out/gpt2_hh/sft.pt --data hh/train.jsonl.gz --out_dir out/gpt2_hh  # HH-RLHF
     python reward_model.py --help
 
 Deliberate choices:
@@ -25,6 +26,8 @@ Deliberate choices:
      the demonstrations) and some are cut off without EOS, so "ended" is a feature the RM can learn.
   3. No reward normalisation here: PPO normalises scores itself (PPO-max score norm/clip, issue for PPO).
   4. Plain-numpy Pearson and Spearman (average ranks for ties) to avoid a scipy dependency.
+  5. Real data (`--data` HH-RLHF): the human label is the only judgement, so only loss, accuracy vs labels and the
+     length correlation are reported. `--init gpt2` starts from GPT-2's weights instead of the SFT model's.
 
 Shape legend: B pairs in a batch, T sequence length (prompt + response), P held-out pairs.
 """

@@ -9,6 +9,7 @@ its only teacher: it learns the reply format, the knowledge base and when to sto
 Run (defaults: ~1M-parameter GPT, CPU minutes; writes out/sft.pt, out/sft_log.jsonl, out/sft_loss.png):
     python train_sft.py
     python train_sft.py --preset tiny --out_dir out/tiny        # seconds: the smoke test
+    python train_sft.py --tokenizer gpt2 --init gpt2/ --data hh/train.jsonl.gz --out_dir out/gpt2_hh  # GPT-2, HH-RLHF
     python train_sft.py --help
 
 At the end it samples answers to held-out test prompts (temperature 1, as PPO's rollouts will) and prints
@@ -20,6 +21,9 @@ Deliberate choices:
   2. Right padding for training batches, with position ids from the mask (model.position_ids), so the
      same sequence gives the same logits whichever way it is padded.
   3. AdamW, linear warm-up then cosine decay to 10%, global grad-norm clip 1.0 (nanoGPT's recipe).
+  4. Real data (`--data` HH-RLHF): the chosen response is the demonstration; there is no gold reward, so the final
+     evaluation prints samples next to the chosen responses. `--init` loads GPT-2 weights (model.load_gpt2);
+     `--grad_accum` micro-batches are an exact token-weighted mean; bf16 autocast on CUDA only (`--amp`).
 
 Shape legend: B batch, T sequence length (prompt + response), V vocab.
 """
