@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from model import GPT, GPTConfig, ScalarHeadGPT, last_token_index, pad_batch, pick_device
+from model import GPT, GPTConfig, ScalarHeadGPT, last_token_index, load_gpt2, pad_batch, pick_device
 from reward_model import score_texts
 from train_sft import collate, encode_demos, sample_responses, sft_loss
 from utils import (JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt, load_checkpoint,
@@ -111,8 +111,8 @@ class Config:
     critic_lr: float = field(1e-4, "critic learning rate")
     grad_clip: float = field(1.0, "global grad-norm clip over policy + critic (0 = off)")
     critic_init: str = field("rm", "rm (copy of the reward model) or sft (SFT backbone, fresh head)")
-    policy_init: str = field("sft", "sft, or random: a policy not initialised from SFT (paper §5.3.3 Fig. 8; "
-                                    "the reference stays SFT)")
+    policy_init: str = field("sft", "sft, or a policy not initialised from SFT (paper §5.3.3 Fig. 8; the reference "
+                                    "stays SFT): random, or GPT-2 weights (gpt2 | a local file/folder, model.load_gpt2)")
     critic_pretrain_iters: int = field(10, "first iterations update only the critic (paper §5.3.3)")
     # monitoring
     eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts, sample table")
@@ -467,8 +467,6 @@ def main(argv=None):
         raise ValueError(f"--score_norm {cfg.score_norm!r}: expected none, scale or norm_clip")
     if cfg.critic_init not in ("rm", "sft"):
         raise ValueError(f"--critic_init {cfg.critic_init!r}: expected rm or sft")
-    if cfg.policy_init not in ("sft", "random"):
-        raise ValueError(f"--policy_init {cfg.policy_init!r}: expected sft or random")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
 
@@ -476,6 +474,12 @@ def main(argv=None):
     policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
     if cfg.policy_init == "random":  # the ablation of Fig. 8: same architecture, fresh GPT init, SFT reference
         policy = GPT(GPTConfig(**sft["model_config"])).to(device)
+    elif cfg.policy_init != "sft":  # Fig. 8's "pre-trained, no SFT" policy: GPT-2 weights of the SFT model's shape
+        mc = policy.cfg
+        policy = load_gpt2(cfg.policy_init, mc.block_size, mc.vocab_size, mc.pad_id).to(device)
+        if asdict(policy.cfg) != asdict(mc):
+            raise ValueError(f"--policy_init {cfg.policy_init}: GPT-2 of shape {asdict(policy.cfg)} but the SFT "
+                             f"policy (and its reference) has {asdict(mc)}")
     enc = tok.get_tokenizer(sft["tokenizer"])
     if cfg.max_new_tokens >= policy.cfg.block_size:
         raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size "

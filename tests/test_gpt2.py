@@ -143,6 +143,11 @@ def test_sft_rm_ppo_chain_from_gpt2_weights_on_hh_sample(hf_gpt2, tmp_path):
         "--eval_interval", "2")
     log = [json.loads(line) for line in open(f"{out}/ppo_log.jsonl")]
     assert len(log) == 2 and "win_rate_vs_sft" in log[-1] and log[-1]["gold"] != log[-1]["gold"]  # gold is NaN
+    # the paper's Fig. 8 ablation on real weights: the policy starts from GPT-2 itself (no SFT), the reference is SFT
+    run("ppo_rlhf.py", *common, "--sft_ckpt", f"{out}/sft.pt", "--rm_ckpt", f"{out}/rm.pt", "--n_iters", "1",
+        "--policy_init", str(d), "--out_dir", f"{out}/no_sft")
+    first = [json.loads(line) for line in open(f"{out}/no_sft/ppo_log.jsonl")][0]
+    assert first["kl_seq"] != 0.0                                   # policy (GPT-2) and reference (SFT) differ
     ev = run("evaluate.py", "--device", "cpu", "--policies", f"{out}/ppo.pt", "--sft_ckpt", f"{out}/sft.pt",
              "--rm_ckpt", f"{out}/rm.pt", "--out_dir", out, "--data", SAMPLE, "--max_new_tokens", "8")
     assert "judged by the reward model" in ev and "| gold" not in open(f"{out}/eval.md").read()
