@@ -107,6 +107,7 @@ class Config:
     # optimisation
     ppo_epochs: int = field(2, "passes over each rollout batch")
     minibatch: int = field(32, "rollouts per gradient step")
+    micro_batch: int = field(0, "rows per forward/backward inside a minibatch (gradient accumulation; 0 = all)")
     policy_lr: float = field(3e-5, "policy learning rate")
     critic_lr: float = field(1e-4, "critic learning rate")
     grad_clip: float = field(1.0, "global grad-norm clip over policy + critic (0 = off)")
@@ -405,6 +406,29 @@ def rollout_ids(policy, ref, rm, critic, p_ids, p_mask, cfg, eos_id, pad_id, gen
     return out
 
 
+def ppo_losses(policy, critic, ro, idx, adv, returns, cfg, update_policy):
+    """
+    The PPO losses on rollout rows `idx` (n,) with their (whitened/clipped) advantages `adv` (n, Tr):
+        loss = vf_coef·vf_loss [+ pg_loss - entropy_coef·entropy]     (token means over these rows)
+    Returns (loss, stats).
+    """
+    Tp, m = ro["n_prompt"], ro["mask"][idx]                               # (n, Tr)
+    seq, seq_mask = ro["seq"][idx], ro["seq_mask"][idx]                   # (n, T)
+    values = response_values(critic, seq, seq_mask, Tp)                   # (n, Tr)
+    vf_loss, vstats = ppo_value_loss(values, ro["values"][idx], returns[idx], m, cfg.vf_clip)
+    loss = cfg.vf_coef * vf_loss
+    st = dict(vf_loss=vf_loss.item(), **vstats)
+    if update_policy:
+        logits = response_logits(policy, seq, seq_mask, Tp, cfg.temperature)    # (n, Tr, V)
+        logprobs = logprobs_from_logits(logits, ro["response"][idx])            # (n, Tr)
+        pg_loss, pstats = ppo_policy_loss(logprobs, ro["old_logprobs"][idx], adv, m, cfg.clip_eps)
+        loss = loss + pg_loss
+        st.update(pg_loss=pg_loss.item(), **pstats)
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), m)
+    return loss, st
+
+
 def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy, generator, ptx_data=None,
                pad_id=None, where="PPO update"):
     """
@@ -412,47 +436,47 @@ def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy,
     cfg.minibatch; each minibatch takes one optimizer step on
         loss = pg_loss + vf_coef·vf_loss - entropy_coef·entropy + ptx_coef·ptx_loss
     with one global grad-norm clip over policy and critic. With update_policy=False only the critic learns
-    (critic pre-training, §5.3.3). Returns one stats dict per minibatch.
+    (critic pre-training, §5.3.3). cfg.micro_batch > 0 accumulates a minibatch's gradient over micro-batches of
+    that many rows, each weighted by its share of the minibatch's tokens, so the step is the same (up to float
+    summation order) with less memory. Returns one stats dict per minibatch.
     """
     policy.train()
     critic.train()
     params = [p for g in opt.param_groups for p in g["params"]]
-    device, Tp, B = ro["seq"].device, ro["n_prompt"], ro["seq"].shape[0]
+    device, B = ro["seq"].device, ro["seq"].shape[0]
     stats = []
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=generator).to(device)
         for start in range(0, B, cfg.minibatch):
-            idx = perm[start:start + cfg.minibatch]
+            idx = perm[start:start + cfg.minibatch]                       # (b,)
             m = ro["mask"][idx]                                           # (b, Tr)
-            seq, seq_mask = ro["seq"][idx], ro["seq_mask"][idx]           # (b, T)
             adv = advantages[idx]                                         # (b, Tr)
-            if cfg.adv_whiten:
+            if cfg.adv_whiten:                                            # over the whole minibatch
                 adv = masked_whiten(adv, m)
             if cfg.adv_clip > 0:
                 adv = torch.clamp(adv, -cfg.adv_clip, cfg.adv_clip)
-            with autocast(device, cfg.amp):  # bf16 matmuls on CUDA; a no-op on CPU and MPS
-                values = response_values(critic, seq, seq_mask, Tp)           # (b, Tr)
-                vf_loss, vstats = ppo_value_loss(values, ro["values"][idx], returns[idx], m, cfg.vf_clip)
-                loss = cfg.vf_coef * vf_loss
-                st = dict(vf_loss=vf_loss.item(), **vstats)
-                if update_policy:
-                    logits = response_logits(policy, seq, seq_mask, Tp, cfg.temperature)    # (b, Tr, V)
-                    logprobs = logprobs_from_logits(logits, ro["response"][idx])            # (b, Tr)
-                    pg_loss, pstats = ppo_policy_loss(logprobs, ro["old_logprobs"][idx], adv, m, cfg.clip_eps)
-                    loss = loss + pg_loss
-                    st.update(pg_loss=pg_loss.item(), **pstats)
-                    if cfg.entropy_coef > 0:
-                        loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), m)
-                    if cfg.ptx_coef > 0:
-                        batch = [ptx_data[i] for i in torch.randint(len(ptx_data), (cfg.ptx_batch,), generator=generator)]
-                        ids, amask, lmask = collate(batch, pad_id, device)    # (p, T') each
-                        ptx = sft_loss(policy(ids, amask), ids, lmask)
-                        loss = loss + cfg.ptx_coef * ptx
-                        st.update(ptx_loss=ptx.item())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            micro = cfg.micro_batch or len(idx)
+            n_tok, total, st = m.sum(), 0.0, {}
+            for c in range(0, len(idx), micro):                           # gradient accumulation
+                sl = slice(c, c + micro)
+                w = (m[sl].sum() / n_tok).item()                          # this chunk's share of the tokens
+                with autocast(device, cfg.amp):  # bf16 matmuls on CUDA; a no-op on CPU and MPS
+                    loss, st_c = ppo_losses(policy, critic, ro, idx[sl], adv[sl], returns, cfg, update_policy)
+                (w * loss).backward()
+                total += w * loss.item()
+                for k, v in st_c.items():                                 # token-weighted means, the max of maxes
+                    st[k] = max(st.get(k, v), v) if k == "ratio_max" else st.get(k, 0.0) + w * v
+            if update_policy and cfg.ptx_coef > 0:                        # PPO-ptx (eq. 17): one SFT batch
+                batch = [ptx_data[i] for i in torch.randint(len(ptx_data), (cfg.ptx_batch,), generator=generator)]
+                ids, amask, lmask = collate(batch, pad_id, device)        # (p, T') each
+                with autocast(device, cfg.amp):
+                    ptx = sft_loss(policy(ids, amask), ids, lmask)
+                (cfg.ptx_coef * ptx).backward()
+                total += cfg.ptx_coef * ptx.item()
+                st.update(ptx_loss=ptx.item())
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            check_finite(where, loss=loss.item(), grad_norm=gnorm.item())
+            check_finite(where, loss=total, grad_norm=gnorm.item())
             opt.step()
             st["grad_norm"] = gnorm.item()
             stats.append(st)

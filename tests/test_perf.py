@@ -130,3 +130,27 @@ def test_logprobs_from_logits_equals_logit_minus_logsumexp_values_and_gradients(
     g_fast, = torch.autograd.grad((fast * w).sum(), logits)
     g_plain, = torch.autograd.grad((plain * w).sum(), logits)
     assert torch.allclose(g_fast, g_plain, atol=1e-6)
+
+
+def test_ppo_micro_batches_take_the_same_step_as_the_whole_minibatch():
+    """--micro_batch accumulates token-weighted gradients: one ppo_update (SGD, so no Adam normalisation of
+    rounding noise) with micro-batches of 1 row equals the one with whole minibatches, weights and statistics."""
+    cfg = ppo.Config(max_new_tokens=10, ppo_epochs=1, minibatch=3, entropy_coef=0.01, adv_whiten=True)
+    after = []
+    for micro in (0, 1):
+        models = _models()
+        ro = ppo.rollout(*models, ENC, PROMPTS, cfg, "cpu", torch.Generator().manual_seed(5))
+        rewards = ppo.kl_rewards(ro["old_logprobs"], ro["ref_logprobs"], ro["mask"], ro["scores"], cfg.kl_coef)
+        adv, ret = ppo.compute_gae(rewards, ro["values"], ro["mask"], cfg.gamma, cfg.lam)
+        policy, critic = models[0], models[3]
+        opt = torch.optim.SGD([{"params": policy.parameters()}, {"params": critic.parameters()}], lr=0.1)
+        cfg.micro_batch = micro
+        stats = ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0))
+        after.append((policy.state_dict(), critic.state_dict(), stats[0]))
+    for k in after[0][0]:
+        assert torch.allclose(after[0][0][k], after[1][0][k], atol=1e-6), k
+    for k in after[0][1]:
+        assert torch.allclose(after[0][1][k], after[1][1][k], atol=1e-6), k
+    assert after[0][2].keys() == after[1][2].keys()
+    for k in after[0][2]:
+        assert after[0][2][k] == pytest.approx(after[1][2][k], rel=1e-4, abs=1e-6), k
