@@ -257,10 +257,16 @@ def gold_reward(prompt, response):
     return helpful + tone - ramble - repetition - no_end
 
 
+def win_rate(scores, opponent_scores):
+    """Share of pairs where scores[i] beats opponent_scores[i] (ties count ½), whatever the judge."""
+    diffs = [a - b for a, b in zip(scores, opponent_scores)]
+    return sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs)
+
+
 def gold_win_rate(prompts, responses, opponents):
     """Share of prompts where `responses` beat `opponents` by gold reward (ties count ½): the win rate vs SFT."""
-    diffs = [gold_reward(p, a) - gold_reward(p, b) for p, a, b in zip(prompts, responses, opponents)]
-    return sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs)
+    return win_rate([gold_reward(p, a) for p, a in zip(prompts, responses)],
+                    [gold_reward(p, b) for p, b in zip(prompts, opponents)])
 
 
 # ----------------------------------------------------------------------------------------------------

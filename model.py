@@ -229,7 +229,7 @@ class GPT(nn.Module):
             if return_logprobs:  # the tempered distribution before top-k, as response_logits gives it
                 logp = F.log_softmax(logits, dim=-1)                           # (B, V)
                 probs = logp.exp()                                             # (B, V) reused for sampling
-                out_ent.append(-(probs * logp).sum(-1))                        # (B,)
+                entropy = -(probs * logp).sum(-1)                              # (B,)
             if temperature == 0:
                 nxt = logits.argmax(-1)                                        # (B,)
             else:
@@ -243,7 +243,7 @@ class GPT(nn.Module):
             out.append(nxt)
             if return_logprobs:
                 out_logp.append(logp.gather(-1, nxt[:, None])[:, 0].masked_fill(finished, 0.0))  # (B,)
-                out_ent[-1] = out_ent[-1].masked_fill(finished, 0.0)
+                out_ent.append(entropy.masked_fill(finished, 0.0))            # (B,)
             if eos_id is not None:
                 finished |= nxt == eos_id
                 if bool(finished.all()):

@@ -317,13 +317,10 @@ def rm_win_rate(rm, enc, prompts, responses, opponents, device, batch_size=64):
     """Win rate of `responses` over `opponents` on the same prompts judged by the reward model (tie = ½): the
     judge when there is no gold reward (real data). Say so wherever it is reported: the policy is trained on
     this very judge."""
-    wins = 0.0
-    for i in range(0, len(prompts), batch_size):
-        p = prompts[i:i + batch_size]
-        a = score_texts(rm, enc, p, responses[i:i + batch_size], device)           # (b,)
-        b = score_texts(rm, enc, p, opponents[i:i + batch_size], device)           # (b,)
-        wins += ((a > b).float() + 0.5 * (a == b).float()).sum().item()
-    return wins / len(prompts)
+    scores = lambda texts: [x for i in range(0, len(prompts), batch_size)
+                            for x in score_texts(rm, enc, prompts[i:i + batch_size], texts[i:i + batch_size],
+                                                 device).tolist()]
+    return data.win_rate(scores(responses), scores(opponents))
 
 
 def load_policy(path, stages=None):
@@ -393,7 +390,7 @@ def rollout_ids(policy, ref, rm, critic, p_ids, p_mask, cfg, eos_id, pad_id, gen
         logits = response_logits(policy, seq, seq_mask, Tp, cfg.temperature)  # (B, Tr, V)
         old_logprobs = logprobs_from_logits(logits, response) * mask      # (B, Tr) as the update computes it
         logp, ref_logp = F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1)  # (B, Tr, V)
-        entropy = -(logp.exp() * logp).sum(-1) * mask                     # (B, Tr)
+        entropy = entropy_from_logits(logits) * mask                      # (B, Tr)
         out["exact_kl"] = (logp.exp() * (logp - ref_logp)).sum(-1) * mask  # (B, Tr) KL(π||π_ref) per position
         del logits, logp, ref_logp
     del ref_logits                                                        # no full-vocab tensor outlives its use
