@@ -49,8 +49,8 @@ from model import pad_batch, pick_device
 from ppo_rlhf import load_models, logprobs_from_logits, response_logits
 from reward_model import make_pairs
 from train_sft import sample_responses
-from utils import (JsonlLog, Progress, check_finite, field, fit_prompt, parse_config, plot_curves, read_jsonl,
-                   run_main, save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, fit_prompt, parse_config, plot_curves,
+                   read_jsonl, run_main, save_checkpoint, seed_everything, table)
 
 
 @dataclass
@@ -71,7 +71,9 @@ class Config:
     value_epochs: int = field(10, "value-head training epochs (paper: 10)")
     value_lr: float = field(1e-3, "value-head learning rate")
     max_new_tokens: int = field(48, "longest greedy dev answer and final sample")
-    truncate_prompts: bool = field(True, "cut over-long prompts from the left with a warning (false: error)")
+    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at "
+                                         "the end of the stage (false: error)")
+    log_truncations: bool = field(False, "also print one warning line per truncated prompt")
     eval_interval: int = field(50, "log a sample every N steps")
     n_eval_prompts: int = field(64, "val prompts for the final win rate vs SFT")
 
@@ -159,6 +161,7 @@ def encode_examples(enc, prompts, responses, room_total, truncate, pad_id, devic
 
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
+    TRUNCATIONS.reset(cfg.log_truncations)
     if cfg.variant not in VARIANTS:
         raise ValueError(f"--variant {cfg.variant!r}: expected one of {', '.join(VARIANTS)}")
     if not 0 < cfg.clip_eps < 1:
@@ -284,6 +287,7 @@ def main(argv=None):
     plot_curves(os.path.join(cfg.out_dir, "alol_curves.png"), read_jsonl(log_path), "step",
                 [["loss"], ["a_pos_mean"], ["drift", "log_rho_abs_mean"], ["clipped_frac"]],
                 f"A-LoL ({cfg.variant})")
+    TRUNCATIONS.summary("A-LoL")
     print(f"A-LoL ({cfg.variant}) done in {train_time:.0f}s: win rate vs SFT {win:.2f} -> {ckpt_path}")
     return metrics
 

@@ -7,8 +7,10 @@ The reference workload (random-init weights, fp32, no early stop, so every syste
   64 rollouts per iteration of 16 random prompt tokens + exactly 48 sampled tokens;
   policy + separate critic + frozen reference + frozen reward model;
   PPO: 4 epochs x 4 minibatches of 16; 1 warm-up iteration, then the median of --iters (>= 5).
-RLOO (--algo rloo) runs the same rollouts as 16 prompts x k = 4 with no critic, and rloo.py's update (one pass in
-4 minibatches of 16).
+RLOO (--algo rloo) runs the same rollouts as 16 prompts x k = 4 with no critic, and rloo.py's update repeated for
+4 passes of 4 minibatches of 16: 16 optimizer steps per iteration, the same work as PPO here and as TRL's
+RLOOTrainer with 4 PPO epochs x 4 minibatches (rloo.py itself makes one pass: a second pass on the same samples
+would need an importance ratio, so the extra passes here measure compute, not a method we train with).
 
 What it prints:
   s/iteration, split into generate / score (reference, reward model, critic; the policy's old log-probs come
@@ -103,7 +105,8 @@ def rloo_iteration(models, opt, cfg, w, vocab, gen):
     t_train = time.time()
     rewards, _ = rloo.kl_shaped_rewards(ro["scores"], ro["old_logprobs"], ro["ref_logprobs"], ro["mask"], cfg.kl_coef)
     adv = rloo.loo_advantages(rewards, w["k"])                            # (B,)
-    rloo.rloo_update(policy, opt, ro, adv, cfg, torch.Generator().manual_seed(0))
+    for epoch in range(w["epochs"]):                                      # equal work: see the docstring
+        rloo.rloo_update(policy, opt, ro, adv, cfg, torch.Generator().manual_seed(epoch))
     t_end = time.time()
     return dict(generate=ro["t_gen"], score=ro["t_score"], train=t_end - t_train, iteration=t_end - t0,
                 tokens=int(ro["mask"].sum()))
@@ -142,7 +145,7 @@ def iteration_flops(w, vocab, algo="ppo"):
     gen_body = B * (Tp * body_tok + sum(attn(s + 1) for s in range(Tp))  # prefill, then one token per step
                     + sum(body_tok + attn(Tp + s + 1) for s in range(Tr - 1)))
     n_fwd = 3 if algo == "ppo" else 2                                    # ref, RM (+ critic) over the batch
-    epochs = w["epochs"] if algo == "ppo" else 1
+    epochs = w["epochs"]
     nets = 2 if algo == "ppo" else 1                                     # policy (+ critic) trained
     return dict(generate=[(gen_body, (B, C, 4 * C)), (B * Tr * head, (B, C, vocab))],
                 score=[(n_fwd * B * body_seq, (B * T, C, 4 * C)), (B * Tr * head, (B * Tr, C, vocab))],
@@ -169,7 +172,7 @@ def bare_passes(models, w, vocab, algo="ppo"):
     t2 = time.time()
     params = list(policy.parameters()) + (list(critic.parameters()) if algo == "ppo" else [])
     opt = torch.optim.AdamW(params, lr=1e-6)
-    epochs = w["epochs"] if algo == "ppo" else 1
+    epochs = w["epochs"]
     for _ in range(epochs):
         for idx in torch.arange(B).split(w["minibatch"]):
             s = seq[idx]                                                 # (b, T)

@@ -32,6 +32,7 @@ import json
 import math
 import random
 import re
+import sys
 from dataclasses import dataclass
 
 EOS_TEXT = "<|endoftext|>"  # the end-of-text special token, as text; PAD never appears in text
@@ -394,11 +395,16 @@ def split_hh(text):
 def load_hh_jsonl(path):
     """
     Read an HH-RLHF .jsonl or .jsonl.gz file into [{"prompt", "chosen", "rejected"}] (responses without EOS).
-    Any malformed line raises ValueError naming the file and the 1-based line number.
+    A UTF-8 byte-order mark, CRLF line ends and blank lines are fine. A line that is not a JSON object with
+    string fields 'chosen' and 'rejected' means the file is not HH data: ValueError naming the file and the
+    1-based line. A record that does not split into one shared prompt and two responses is skipped, and every
+    skip is reported in one warning line (how many, why, the first line numbers): the real Anthropic files
+    hold such records, e.g. chosen and rejected differing before the last Assistant turn where a turn marker
+    was written "  Human:" without the blank line. A file with no usable record is an error.
     """
     opener = gzip.open if str(path).endswith(".gz") else open
-    records = []
-    with opener(path, "rt", encoding="utf-8") as f:
+    records, skipped = [], {}                                             # skipped: reason -> [line numbers]
+    with opener(path, "rt", encoding="utf-8-sig") as f:                   # utf-8-sig drops a BOM
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -412,19 +418,27 @@ def load_hh_jsonl(path):
             for field in ("chosen", "rejected"):
                 if not isinstance(rec.get(field), str):
                     raise ValueError(f"{where}: field '{field}' is missing or not a string")
-            try:
-                prompt, chosen = split_hh(rec["chosen"])
-                prompt_r, rejected = split_hh(rec["rejected"])
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}; expected an HH dialogue ending in an Assistant turn") from None
-            if prompt != prompt_r:
-                raise ValueError(f"{where}: 'chosen' and 'rejected' have different prompts (text before the "
-                                 f"last Assistant turn)")
-            if not prompt.replace(HUMAN, "").replace(ASSISTANT, "").strip():
-                raise ValueError(f"{where}: the prompt is empty")
-            records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            if ASSISTANT not in rec["chosen"] or ASSISTANT not in rec["rejected"]:
+                skipped.setdefault(f'with no "{ASSISTANT.strip()}" turn', []).append(lineno)
+                continue
+            prompt, chosen = split_hh(rec["chosen"])
+            prompt_rejected, rejected = split_hh(rec["rejected"])
+            if prompt != prompt_rejected:
+                skipped.setdefault("whose chosen and rejected differ before the last Assistant turn", []).append(lineno)
+            elif not prompt.replace(HUMAN, "").replace(ASSISTANT, "").strip():
+                skipped.setdefault("with an empty prompt", []).append(lineno)
+            else:
+                records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    n_skipped = sum(len(lines) for lines in skipped.values())
+    reasons = "; ".join(f"{len(lines)} {reason} (line{'s' if len(lines) > 1 else ''} "
+                        f"{', '.join(map(str, lines[:5]))}{', ...' if len(lines) > 5 else ''})"
+                        for reason, lines in skipped.items())
     if not records:
-        raise ValueError(f"{path}: no records (the file is empty)")
+        raise ValueError(f"{path}: no usable records" + (f": all {n_skipped} skipped, {reasons}" if skipped else
+                                                         " (the file is empty)"))
+    if skipped:
+        print(f"warning: {path}: skipped {n_skipped} of {n_skipped + len(records)} records that do not split into "
+              f"one prompt and two responses: {reasons}", file=sys.stderr)
     return records
 
 

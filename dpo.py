@@ -38,8 +38,8 @@ from model import pick_device
 from ppo_rlhf import load_policy, logprobs_from_logits
 from reward_model import make_pairs
 from train_sft import build_sft_example, collate, sample_responses
-from utils import (JsonlLog, Progress, check_finite, field, fit_prompt, load_checkpoint, parse_config, plot_curves,
-                   read_jsonl, run_main, save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, fit_prompt, load_checkpoint, parse_config,
+                   plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
 
 
 @dataclass
@@ -57,7 +57,9 @@ class Config:
     lr: float = field(3e-5, "learning rate (AdamW)")
     warmup_iters: int = field(20, "linear warm-up steps")
     grad_clip: float = field(1.0, "grad-norm clip (0 = off)")
-    truncate_prompts: bool = field(True, "cut over-long prompts from the left with a warning (false: error)")
+    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at "
+                                         "the end of the stage (false: error)")
+    log_truncations: bool = field(False, "also print one warning line per truncated prompt")
     eval_interval: int = field(50, "validation-pair metrics every N steps")
     n_val: int = field(256, "validation pairs")
     n_eval_prompts: int = field(64, "val prompts for the final win rate vs SFT")
@@ -116,6 +118,7 @@ def pair_logprobs(model, batch, pad_id, device):
 
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
+    TRUNCATIONS.reset(cfg.log_truncations)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     policy, sft = load_policy(cfg.sft_ckpt, ("sft",))
@@ -207,6 +210,7 @@ def main(argv=None):
     plot_curves(os.path.join(cfg.out_dir, "dpo_curves.png"), read_jsonl(log_path), "step",
                 [["loss"], ["rewards_chosen", "rewards_rejected", "val_margin"], ["accuracy", "val_accuracy"]],
                 f"DPO (β={cfg.beta}): loss, implicit rewards, accuracy")
+    TRUNCATIONS.summary("DPO")
     print(f"DPO done in {train_time:.0f}s: val accuracy {v['val_accuracy']:.3f}, margin {v['val_margin']:+.3f}, "
           f"win rate vs SFT {win:.2f} -> {ckpt_path}")
     return metrics

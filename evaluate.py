@@ -32,9 +32,9 @@ import torch
 
 import data
 import tokenizer as tok
-from model import GPTConfig, ScalarHeadGPT, pad_batch, pick_device
-from ppo_rlhf import load_policy, logprobs_from_logits, response_logits, rm_win_rate
-from utils import fit_prompt, load_checkpoint, load_weights, run_main, table
+from model import ScalarHeadGPT, pad_batch, pick_device
+from ppo_rlhf import load_policy, logprobs_from_logits, response_logits, rm_win_rate, without_dropout
+from utils import TRUNCATIONS, fit_prompt, load_checkpoint, load_weights, run_main, table
 
 
 def distinct_n(texts, n):
@@ -83,13 +83,16 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--seed", type=int, default=0, help="prompt draw and sampling seed (the same for every policy)")
     p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, mps")
+    p.add_argument("--log_truncations", action="store_true", help="print one warning line per truncated prompt "
+                   "(without it: one summary line)")
     a = p.parse_args(argv)
     device = pick_device(a.device)
+    TRUNCATIONS.reset(a.log_truncations)
 
     sft, sft_ckpt = load_policy(a.sft_ckpt, ("sft",))
     enc = tok.get_tokenizer(sft_ckpt["tokenizer"])
     rm_ckpt = load_checkpoint(a.rm_ckpt, "rm", sft_ckpt["tokenizer_id"])
-    rm = ScalarHeadGPT(GPTConfig(**rm_ckpt["model_config"]))
+    rm = ScalarHeadGPT(without_dropout(rm_ckpt["model_config"]))
     load_weights(rm, rm_ckpt["model"], a.rm_ckpt)
     sft, rm = sft.to(device).eval(), rm.to(device).eval()
     has_gold = a.data == "toy"
@@ -132,6 +135,7 @@ def main(argv=None):
     for r in rows:
         print(table([(q[-100:].strip(), t, g) for q, t, g in r["samples"]], ["prompt", f"{r['policy']}", "gold"], [34, 70, 5]))
     print("\n".join(md))
+    TRUNCATIONS.summary("evaluate")
 
     import matplotlib
     matplotlib.use("Agg")

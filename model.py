@@ -23,6 +23,9 @@ Deliberate choices:
      torch.multinomial without its B·V exponential draws, which dominated CPU generation time.
   6. GPT-2's weights load from a local Hugging Face file (load_gpt2, bottom of this file): the same architecture,
      so the names map one to one; safetensors is read by a short reader here, with no extra package.
+  7. The output heads (LM head, scalar head) compute in fp32 even under bf16 autocast (fp32_linear): what they
+     return becomes log-probs, ratios, KLs, values and scores. Emulated on CPU at GPT-2-like logit offsets, a
+     bf16 LM head gave per-token log-prob errors of 0.13 nats on average (tests/test_perf.py measures it).
 
 Shape legend (used in comments throughout):
   B  batch            T  sequence length (query positions)     S  key positions (cache + new)
@@ -68,6 +71,17 @@ def attention_bias(mask, q_len):
 
 
 PAD_LOGIT = -1e9  # finite, so softmax gives exactly 0 and p * log p stays 0 (not nan)
+
+
+def fp32_linear(x, weight):
+    """
+    x @ weight.T computed in fp32 even inside a bf16 autocast region: the output heads (LM head, scalar head).
+    Their outputs become log-probs, ratios, KLs, values and scores, and bf16 keeps 8 bits of mantissa: at
+    GPT-2's logit magnitudes (32-128) its spacing is 0.25-0.5, noise as large as the log-ratios PPO clips.
+    The body's matmuls may stay bf16; only the last projection must not round.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float())                            # (..., out) fp32
 
 
 class CausalSelfAttention(nn.Module):
@@ -171,9 +185,10 @@ class GPT(nn.Module):
         return self.ln_f(x)                                                   # (B, T, C)
 
     def logits(self, h):
-        """Hidden (..., C) -> logits (..., V). PAD gets a huge negative logit: its probability is exactly 0 in
-        every stage (sampling, SFT loss, PPO logprobs alike), while log-probs and entropies stay finite."""
-        logits = self.lm_head(h)                                               # (..., V)
+        """Hidden (..., C) -> fp32 logits (..., V), also under autocast (fp32_linear). PAD gets a huge negative
+        logit: its probability is exactly 0 in every stage (sampling, SFT loss, PPO logprobs alike), while
+        log-probs and entropies stay finite."""
+        logits = fp32_linear(h, self.lm_head.weight)                           # (..., V) fp32
         if self.cfg.pad_id >= 0:
             logits[..., self.cfg.pad_id] = PAD_LOGIT
         return logits
@@ -199,14 +214,18 @@ class GPT(nn.Module):
         Returns response ids (B, Tr), Tr <= max_new_tokens (generation stops early once every row finished).
         use_cache=False recomputes the whole sequence each step (slow; the reference the cache is tested against).
         return_logprobs=True also returns (logprobs (B, Tr), entropy (B, Tr)) of the sampled tokens under
-        softmax(logits / temperature) *before* top-k (the distribution PPO's forward pass scores; 0 at padding),
-        so PPO can skip a second forward pass of the policy (ppo_rlhf.rollout, --fast_rollout).
+        softmax(logits / temperature), the distribution PPO's forward pass scores (0 at padding), so PPO can skip
+        a second forward pass of the policy (ppo_rlhf.rollout, --fast_rollout). It cannot be combined with
+        top_k: the tokens would be sampled from the truncated distribution but scored under the full one.
         """
         B, Tp = prompt.shape
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if return_logprobs and temperature == 0:
             raise ValueError("return_logprobs needs temperature > 0 (greedy decoding has no sampling distribution)")
+        if return_logprobs and top_k is not None:
+            raise ValueError(f"return_logprobs cannot be combined with top_k={top_k}: the log-probs would score the "
+                             f"full distribution while the tokens come from the top-k one (an off-policy ratio)")
         if Tp + max_new_tokens > self.cfg.block_size:
             raise ValueError(f"prompt length {Tp} + max_new_tokens {max_new_tokens} exceeds block_size "
                              f"{self.cfg.block_size}")
@@ -222,11 +241,11 @@ class GPT(nn.Module):
                 h = self.hidden(step_in, mask, pos, caches)[:, -1]             # (B, C) last position only
             else:
                 h = self.hidden(seq, mask, position_ids(mask))[:, -1]          # (B, C)
-            logits = self.logits(h).float()                                    # (B, V)
+            logits = self.logits(h)                                            # (B, V) fp32
             if temperature not in (0, 1):                                      # x / 1 = x: skip the pass
                 logits = logits / temperature
             probs = None
-            if return_logprobs:  # the tempered distribution before top-k, as response_logits gives it
+            if return_logprobs:  # the tempered distribution, as response_logits gives it
                 logp = F.log_softmax(logits, dim=-1)                           # (B, V)
                 probs = logp.exp()                                             # (B, V) reused for sampling
                 entropy = -(probs * logp).sum(-1)                              # (B,)
@@ -291,7 +310,7 @@ class ScalarHeadGPT(nn.Module):
 
     def forward(self, idx, mask=None, pos=None):
         """Values (B, T), one per position."""
-        return self.head(self.backbone.hidden(idx, mask, pos)).squeeze(-1)     # (B, T)
+        return fp32_linear(self.backbone.hidden(idx, mask, pos), self.head.weight).squeeze(-1)  # (B, T) fp32
 
     def score(self, idx, mask):
         """Reward-model score (B,): the value at each row's last real token (EOS when the answer ended)."""

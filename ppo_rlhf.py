@@ -65,9 +65,9 @@ import tokenizer as tok
 from model import GPT, GPTConfig, ScalarHeadGPT, last_token_index, load_gpt2, pad_batch, pick_device
 from reward_model import score_texts
 from train_sft import collate, encode_demos, sample_responses, sft_loss
-from utils import (JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt, load_checkpoint,
-                   load_weights, parse_config, plot_curves, read_jsonl, rng_state, run_main, save_checkpoint,
-                   seed_everything, set_rng_state, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt,
+                   load_checkpoint, load_weights, parse_config, plot_curves, read_jsonl, rng_state, run_main,
+                   save_checkpoint, seed_everything, set_rng_state, table)
 
 
 @dataclass
@@ -105,7 +105,7 @@ class Config:
     ptx_coef: float = field(0.0, "weight of the SFT cross-entropy (PPO-ptx) term")
     ptx_batch: int = field(16, "SFT demonstrations per minibatch for the PTX term")
     # optimisation
-    ppo_epochs: int = field(2, "passes over each rollout batch")
+    ppo_epochs: int = field(1, "passes over each rollout batch (the released code: 1)")
     minibatch: int = field(32, "rollouts per gradient step")
     micro_batch: int = field(0, "rows per forward/backward inside a minibatch (gradient accumulation; 0 = all)")
     policy_lr: float = field(3e-5, "policy learning rate")
@@ -120,7 +120,9 @@ class Config:
     n_eval_prompts: int = field(64, "val prompts for the win rate during training")
     collapse_window: int = field(10, "iterations compared by the collapse warning")
     # reliability
-    truncate_prompts: bool = field(True, "cut over-long prompts from the left with a warning (false: error)")
+    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at "
+                                         "the end of the stage (false: error)")
+    log_truncations: bool = field(False, "also print one warning line per truncated prompt")
     ckpt_interval: int = field(25, "also write ppo.pt (with optimizer, RNG and running stats) every N iterations")
     resume: bool = field(False, "continue from out_dir/ppo.pt written by an interrupted run")
     stop_after: int = field(0, "stop after this many iterations as if killed (to test --resume); 0 = off")
@@ -323,12 +325,21 @@ def rm_win_rate(rm, enc, prompts, responses, opponents, device, batch_size=64):
     return data.win_rate(scores(responses), scores(opponents))
 
 
+def without_dropout(model_config):
+    """A checkpoint's model_config -> GPTConfig with dropout 0. Every model after SFT and the RM (policy,
+    reference, critic, frozen RM; RL, DPO, A-LoL, evaluation) runs without dropout, whatever the SFT stage
+    trained with: dropout in the update's forward would make the first-minibatch ratio != 1 and the critic's
+    rollout values differ from the values it is trained against."""
+    return GPTConfig(**{**model_config, "dropout": 0.0})
+
+
 def load_policy(path, stages=None):
-    """A finished policy checkpoint -> (GPT, checkpoint dict); stages=None accepts every stage but the RM's."""
+    """A finished policy checkpoint -> (GPT without dropout, checkpoint dict); stages=None accepts every stage
+    but the RM's."""
     ckpt = load_checkpoint(path, stages)
     if ckpt["stage"] == "rm":
         raise ValueError(f"{path}: is a reward-model checkpoint, not a policy")
-    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model = GPT(without_dropout(ckpt["model_config"]))
     load_weights(model, ckpt["model"], path)
     return model, ckpt
 
@@ -343,10 +354,21 @@ def load_models(sft_path, rm_path, device):
             raise ValueError(f"{rm_path}: model_config {k}={rm_ckpt['model_config'][k]} but {sft_path} has "
                              f"{sft['model_config'][k]}; the RM must score the policy's tokens")
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm = ScalarHeadGPT(GPTConfig(**rm_ckpt["model_config"]))
+    rm = ScalarHeadGPT(without_dropout(rm_ckpt["model_config"]))
     load_weights(rm, rm_ckpt["model"], rm_path)
     rm.eval().requires_grad_(False)
     return policy.to(device), ref.to(device), rm.to(device), sft, rm_ckpt
+
+
+def load_critic(init, sft, rm_ckpt, sft_path, rm_path):
+    """The trainable critic (paper §5.3.3), without dropout: a copy of the reward model (init="rm") or the SFT
+    backbone with a fresh scalar head (init="sft"), from the loaded checkpoint dicts."""
+    critic = ScalarHeadGPT(without_dropout((rm_ckpt if init == "rm" else sft)["model_config"]))
+    if init == "rm":
+        load_weights(critic, rm_ckpt["model"], rm_path)
+    else:
+        load_weights(critic.backbone, sft["model"], sft_path)
+    return critic
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,8 +392,14 @@ def rollout_ids(policy, ref, rm, critic, p_ids, p_mask, cfg, eos_id, pad_id, gen
     softmax(logits / τ) at every response position: the same numbers as a second forward pass of the policy
     (up to float rounding; tests/test_perf.py), for one fewer full forward. fast=False runs that forward and
     also returns the exact per-position KL(π || π_ref) over the vocabulary (a monitoring metric).
+    Under autocast the second forward always runs (fast is ignored): the sampling loop's one-token-at-a-time
+    bf16 forward rounds differently from the update's full forward, so its log-probs would move the
+    first-minibatch ratio away from 1 (tests/test_perf.py measures both).
     """
     policy.eval()
+    if critic is not None:
+        critic.eval()
+    fast = fast and not torch.is_autocast_enabled(p_ids.device.type)
     t0 = time.time()
     response, gen_logprobs, gen_entropy = policy.generate(
         p_ids, p_mask, cfg.max_new_tokens, eos_id, pad_id, temperature=cfg.temperature, generator=generator,
@@ -482,6 +510,7 @@ def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy,
 
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
+    TRUNCATIONS.reset(cfg.log_truncations)
     if cfg.rollout_batch % cfg.minibatch:
         raise ValueError(f"minibatch {cfg.minibatch} must divide rollout_batch {cfg.rollout_batch}")
     if cfg.score_norm not in ("none", "scale", "norm_clip"):
@@ -494,7 +523,7 @@ def main(argv=None):
     # 0. models: policy and reference are SFT copies; the RM is frozen; the critic is a trainable RM copy
     policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
     if cfg.policy_init == "random":  # the ablation of Fig. 8: same architecture, fresh GPT init, SFT reference
-        policy = GPT(GPTConfig(**sft["model_config"])).to(device)
+        policy = GPT(without_dropout(sft["model_config"])).to(device)
     elif cfg.policy_init != "sft":  # Fig. 8's "pre-trained, no SFT" policy: GPT-2 weights of the SFT model's shape
         mc = policy.cfg
         policy = load_gpt2(cfg.policy_init, mc.block_size, mc.vocab_size, mc.pad_id).to(device)
@@ -505,12 +534,7 @@ def main(argv=None):
     if cfg.max_new_tokens >= policy.cfg.block_size:
         raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size "
                          f"{policy.cfg.block_size}")
-    critic = ScalarHeadGPT(GPTConfig(**(rm_ckpt if cfg.critic_init == "rm" else sft)["model_config"]))
-    if cfg.critic_init == "rm":
-        load_weights(critic, rm_ckpt["model"], cfg.rm_ckpt)
-    else:
-        load_weights(critic.backbone, sft["model"], cfg.sft_ckpt)
-    critic = critic.to(device)
+    critic = load_critic(cfg.critic_init, sft, rm_ckpt, cfg.sft_ckpt, cfg.rm_ckpt).to(device)
     opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": cfg.policy_lr},
                              {"params": critic.parameters(), "lr": cfg.critic_lr}], weight_decay=0.0,
                             betas=(0.9, 0.95), eps=1e-8)
@@ -645,6 +669,7 @@ def main(argv=None):
     plot_curves(os.path.join(cfg.out_dir, "ppo_curves.png"), rows, "iter",
                 [["score_raw"], ["gold"], ["kl_seq", "kl_k3_seq"], ["length"], ["perplexity"], ["win_rate_vs_sft"]],
                 f"PPO ({cfg.preset}): RM score, gold reward, KL to SFT, length, perplexity, win rate vs SFT")
+    TRUNCATIONS.summary("PPO")
     print(f"PPO done in {total:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, KL "
           f"{metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f}"
           f"{', COLLAPSE WARNING' if warned else ''} -> {ckpt_path}")

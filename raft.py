@@ -35,8 +35,8 @@ from model import pick_device
 from ppo_rlhf import load_models, logprobs_from_logits, masked_mean, response_logits, rollout
 from rloo import kl_shaped_rewards
 from train_sft import sample_responses
-from utils import (JsonlLog, Progress, check_finite, field, parse_config,
-                   plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, parse_config, plot_curves, read_jsonl,
+                   run_main, save_checkpoint, seed_everything, table)
 
 
 @dataclass
@@ -57,7 +57,9 @@ class Config:
     minibatches: int = field(2, "fine-tuning steps per iteration")
     lr: float = field(3e-5, "learning rate (AdamW)")
     grad_clip: float = field(1.0, "grad-norm clip (0 = off)")
-    truncate_prompts: bool = field(True, "cut over-long prompts from the left with a warning (false: error)")
+    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at "
+                                         "the end of the stage (false: error)")
+    log_truncations: bool = field(False, "also print one warning line per truncated prompt")
     eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts and a sample table")
     n_eval_prompts: int = field(64, "val prompts for the win rate during training")
 
@@ -75,6 +77,7 @@ def best_of_k(rewards, k):
 
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
+    TRUNCATIONS.reset(cfg.log_truncations)
     if cfg.rank_by not in ("R", "score"):
         raise ValueError(f"--rank_by {cfg.rank_by!r}: expected R or score")
     if cfg.prompts_per_iter % cfg.minibatches:
@@ -151,6 +154,7 @@ def main(argv=None):
     plot_curves(os.path.join(cfg.out_dir, "raft_curves.png"), read_jsonl(log_path), "iter",
                 [["score_raw", "score_selected"], ["gold", "gold_selected"], ["kl_seq"], ["length"],
                  ["nll_selected"], ["win_rate_vs_sft"]], f"RAFT (best of k={cfg.k})")
+    TRUNCATIONS.summary("RAFT")
     print(f"RAFT done in {total:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, KL "
           f"{metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} -> {ckpt_path}")
     return metrics

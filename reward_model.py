@@ -43,9 +43,9 @@ import torch.nn.functional as F
 import data
 import tokenizer as tok
 from model import GPTConfig, ScalarHeadGPT, load_gpt2, pad_batch, pick_device
-from utils import (JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt, load_checkpoint,
-                   load_weights, parse_config, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything,
-                   table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt,
+                   load_checkpoint, load_weights, parse_config, plot_curves, read_jsonl, run_main, save_checkpoint,
+                   seed_everything, table)
 
 
 @dataclass
@@ -73,7 +73,9 @@ class Config:
     grad_clip: float = field(1.0, "global grad-norm clip (0 = off)")
     eval_interval: int = field(50, "validate every this many steps")
     # reliability
-    truncate_prompts: bool = field(True, "cut over-long prompts from the left with a warning (false: error)")
+    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at "
+                                         "the end of the stage (false: error)")
+    log_truncations: bool = field(False, "also print one warning line per truncated prompt")
     ckpt_interval: int = field(100, "also write rm.pt (with optimizer state) every N steps")
     resume: bool = field(False, "continue from out_dir/rm.pt written by an interrupted run")
     stop_after: int = field(0, "stop after this many steps as if killed (to test --resume); 0 = off")
@@ -175,6 +177,7 @@ def make_pairs(split_prompts, n, seed, cfg):
 
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
+    TRUNCATIONS.reset(cfg.log_truncations)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     sft = load_checkpoint(cfg.sft_ckpt, "sft")  # also checks that its tokenizer is unchanged
@@ -285,6 +288,7 @@ def main(argv=None):
                 "Reward model: Bradley-Terry loss and pairwise accuracy")
     vs_gold = (f", vs gold {metrics['acc_gold']:.3f}; Spearman with gold {metrics['spearman']:.3f}, Pearson "
                f"{metrics['pearson']:.3f}" if gold else " (no gold reward for this data)")
+    TRUNCATIONS.summary("RM")
     print(f"RM done in {train_time:.0f}s: test accuracy vs labels {metrics['acc_labels']:.3f}{vs_gold} -> {ckpt_path}")
     return metrics
 

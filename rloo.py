@@ -43,8 +43,8 @@ import tokenizer as tok
 from model import pick_device
 from ppo_rlhf import load_models, logprobs_from_logits, response_logits, rollout
 from train_sft import sample_responses
-from utils import (JsonlLog, Progress, check_finite, field, parse_config,
-                   plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, parse_config, plot_curves, read_jsonl,
+                   run_main, save_checkpoint, seed_everything, table)
 
 
 @dataclass
@@ -65,7 +65,9 @@ class Config:
     minibatches: int = field(2, "optimizer steps per iteration (the paper: 2)")
     lr: float = field(3e-5, "policy learning rate (AdamW)")
     grad_clip: float = field(1.0, "grad-norm clip (0 = off)")
-    truncate_prompts: bool = field(True, "cut over-long prompts from the left with a warning (false: error)")
+    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at "
+                                         "the end of the stage (false: error)")
+    log_truncations: bool = field(False, "also print one warning line per truncated prompt")
     eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts and a sample table")
     n_eval_prompts: int = field(64, "val prompts for the win rate during training")
 
@@ -144,6 +146,7 @@ def rloo_update(policy, opt, ro, adv, cfg, generator, where="RLOO update"):
 
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
+    TRUNCATIONS.reset(cfg.log_truncations)
     if cfg.baseline not in ("loo", "moving_avg", "none"):
         raise ValueError(f"--baseline {cfg.baseline!r}: expected loo, moving_avg or none")
     if cfg.baseline == "loo" and cfg.k < 2:
@@ -227,6 +230,7 @@ def main(argv=None):
     plot_curves(os.path.join(cfg.out_dir, "rloo_curves.png"), read_jsonl(log_path), "iter",
                 [["score_raw"], ["gold"], ["kl_seq"], ["length"], ["perplexity"], ["win_rate_vs_sft"]],
                 f"REINFORCE ({cfg.baseline} baseline, k={cfg.k})")
+    TRUNCATIONS.summary("RLOO")
     print(f"RLOO done in {total:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, KL "
           f"{metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} -> {ckpt_path}")
     return metrics

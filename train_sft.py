@@ -39,9 +39,9 @@ import torch.nn.functional as F
 import data
 import tokenizer as tok
 from model import GPT, GPTConfig, load_gpt2, pad_batch, pick_device
-from utils import (JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt, load_checkpoint,
-                   load_weights, parse_config, plot_curves, read_jsonl, rng_state, run_main, save_checkpoint,
-                   seed_everything, set_rng_state, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt,
+                   load_checkpoint, load_weights, parse_config, plot_curves, read_jsonl, rng_state, run_main,
+                   save_checkpoint, seed_everything, set_rng_state, table)
 
 
 @dataclass
@@ -78,7 +78,9 @@ class Config:
     max_new_tokens: int = field(48, "longest sampled response")
     temperature: float = field(1.0, "sampling temperature for the evaluation (1 = the policy PPO starts from)")
     # reliability
-    truncate_prompts: bool = field(True, "cut over-long prompts from the left with a warning (false: error)")
+    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at "
+                                         "the end of the stage (false: error)")
+    log_truncations: bool = field(False, "also print one warning line per truncated prompt")
     ckpt_interval: int = field(250, "also write sft.pt (with optimizer and RNG state) every N steps")
     resume: bool = field(False, "continue from out_dir/sft.pt written by an interrupted run")
     stop_after: int = field(0, "stop after this many steps as if killed (to test --resume); 0 = off")
@@ -181,6 +183,7 @@ def gold_by_kind(prompts, responses):
 
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
+    TRUNCATIONS.reset(cfg.log_truncations)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     enc = tok.get_tokenizer(cfg.tokenizer)
@@ -304,6 +307,7 @@ def main(argv=None):
                 [["train_loss", "val_loss"]], "SFT: response-token cross-entropy", logy=(0,))
     gold = (f"gold reward SFT {metrics['gold_sft']:.3f} vs demonstrations {metrics['gold_demos']:.3f}, "
             if "gold_sft" in metrics else "")
+    TRUNCATIONS.summary("SFT")
     print(f"SFT done in {train_time:.0f}s: val loss {vl:.4f}, {gold}{100 * ended:.0f}% ended with EOS -> {ckpt_path}")
     return metrics
 

@@ -32,8 +32,11 @@ def parse_config(cls, presets, argv=None, description=None):
     Build a `cls` dataclass from the command line: defaults, then `--preset NAME` (a dict from `presets`),
     then every explicit `--field value`. Each field's help text is the comment in its `metadata["help"]`.
     """
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(presets), default=None, help="a named set of overrides")
+    # plain HelpFormatter: the default shown is the dataclass field's (argparse's own default is None, meaning
+    # "not given on the command line", so ArgumentDefaultsHelpFormatter would print a second, wrong one)
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", choices=sorted(presets), default=None,
+                   help="a named set of overrides, applied before the explicit options (default: none)")
     for f in dataclasses.fields(cls):
         if f.name == "preset":  # filled in from --preset below
             continue
@@ -98,7 +101,7 @@ def load_checkpoint(path, stage, tokenizer_id=None, finished=True):
     return ckpt
 
 
-RESUME_FREE = ("resume", "stop_after", "device", "ckpt_interval")  # may differ between a run and its resumption
+RESUME_FREE = ("resume", "stop_after", "device", "ckpt_interval", "log_truncations")  # may differ between a run and its resumption
 
 
 def check_resume(ckpt, cfg, path):
@@ -146,17 +149,50 @@ def check_finite(where, **values):
                                      f"checkpoint is intact). Lower the learning rate or check the inputs.")
 
 
+class Truncations:
+    """
+    Counts the prompts fit_prompt cut, so that a stage prints one summary (truncation_summary) instead of one
+    warning per prompt: a real HH-RLHF file makes thousands. `each=True` (a stage's --log_truncations) also
+    prints one line per cut prompt. A prompt cut twice (PPO draws prompts again) counts twice.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self, each=False):
+        """Start counting from zero (a stage calls this first, with its --log_truncations)."""
+        self.each, self.count, self.longest, self.longest_after = each, 0, 0, 0
+
+    def add(self, before, after, where):
+        self.count += 1
+        if before > self.longest:
+            self.longest, self.longest_after = before, after
+        if self.each:
+            print(f"warning: {where}: prompt truncated from the left, {before} -> {after} tokens", file=sys.stderr)
+
+
+    def summary(self, stage):
+        """One warning line for the stage's truncated prompts (nothing when none was cut)."""
+        if self.count:
+            print(f"warning: {stage}: {self.count} prompt(s) truncated from the left to fit the context (longest "
+                  f"{self.longest} -> {self.longest_after} tokens)" + ("" if self.each else
+                  "; --log_truncations true lists each"), file=sys.stderr)
+
+
+TRUNCATIONS = Truncations()  # the running stage's count: TRUNCATIONS.reset(...) at its start, .summary(...) at its end
+
+
 def fit_prompt(prompt_ids, room, truncate, where):
     """
-    Make a prompt fit in `room` tokens. Policy: drop tokens from the LEFT (the oldest context) with a warning,
-    or, with truncate=False, raise an error naming `where`.
+    Make a prompt fit in `room` tokens. Policy: drop tokens from the LEFT (the oldest context), counted in
+    TRUNCATIONS for the stage's summary, or, with truncate=False, raise an error naming `where`.
     """
     if len(prompt_ids) <= room:
         return prompt_ids
     if room <= 0 or not truncate:
         raise ValueError(f"{where}: prompt has {len(prompt_ids)} tokens but only {room} fit in the context "
                          f"(block_size minus the response); use a shorter prompt or allow truncation")
-    print(f"warning: {where}: prompt truncated from the left, {len(prompt_ids)} -> {room} tokens", file=sys.stderr)
+    TRUNCATIONS.add(len(prompt_ids), room, where)
     return prompt_ids[-room:]
 
 

@@ -64,8 +64,8 @@ def test_dpo_loss_hand_example():
     assert smooth.item() == pytest.approx(0.9 * math.log(1 + math.exp(-1)) + 0.1 * math.log(1 + math.e))
 
 
-def test_dpo_step_zero_is_ln2_and_sequence_logprobs_sum_response_tokens():
-    """With π = π_ref the loss is ln 2; sequence log-probs are the sum over response tokens only."""
+def test_dpo_sequence_logprobs_sum_response_tokens():
+    """Sequence log-probs are the sum of the response tokens' log-probs only (the prompt and padding excluded)."""
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16, pad_id=0)).eval()
     ids = torch.tensor([[3, 4, 5, 6, 7, 0], [3, 4, 8, 9, 0, 0]])
@@ -75,8 +75,50 @@ def test_dpo_step_zero_is_ln2_and_sequence_logprobs_sum_response_tokens():
     full = torch.log_softmax(m(ids, mask), -1)
     assert lp[0].item() == pytest.approx(sum(full[0, t - 1, ids[0, t]].item() for t in (2, 3, 4)), abs=1e-5)
     assert lp[1].item() == pytest.approx(sum(full[1, t - 1, ids[1, t]].item() for t in (2, 3)), abs=1e-5)
-    loss, st = dpo_loss(lp[:1], lp[1:], lp[:1], lp[1:], beta=0.1)
-    assert loss.item() == pytest.approx(math.log(2)) and st["margin"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def dropout_sft(tmp_path_factory):
+    """A tiny SFT policy trained with --dropout 0.1, and the reward model trained from it (whose model_config
+    inherits the dropout): every stage after them must run without dropout."""
+    import reward_model
+    import train_sft
+    out = str(tmp_path_factory.mktemp("dropout_sft"))
+    train_sft.main(["--preset", "tiny", "--device", "cpu", "--out_dir", out, "--dropout", "0.1"])
+    reward_model.main(["--preset", "tiny", "--device", "cpu", "--out_dir", out, "--sft_ckpt", f"{out}/sft.pt"])
+    assert load_checkpoint(f"{out}/rm.pt", "rm")["model_config"]["dropout"] == 0.1
+    return out
+
+
+def test_models_after_sft_run_without_dropout(dropout_sft):
+    """Policy, reference, RM (every RL stage, A-LoL) and the critic (both inits) built from dropout-0.1
+    checkpoints give the same output twice in train mode: no dropout is left in them."""
+    import ppo_rlhf
+    sft_path, rm_path = f"{dropout_sft}/sft.pt", f"{dropout_sft}/rm.pt"
+    policy, ref, rm, sft, rm_ckpt = ppo_rlhf.load_models(sft_path, rm_path, "cpu")
+    critics = [ppo_rlhf.load_critic(init, sft, rm_ckpt, sft_path, rm_path) for init in ("rm", "sft")]
+    seq = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+    for model in (policy, ref, rm, *critics):
+        model.train()
+        with torch.no_grad():
+            assert torch.equal(model(seq), model(seq)), type(model).__name__
+
+
+def test_first_ppo_minibatch_and_first_dpo_step_from_a_dropout_sft(dropout_sft, tmp_path):
+    """From a dropout-0.1 SFT: PPO's first minibatch (one iteration, one minibatch, no critic pre-training) logs
+    ratio 1 (with the SFT's dropout left in, as before the fix: mean 0.992), and DPO's first step, where
+    π = π_ref, logs loss ln 2."""
+    import dpo
+    import ppo_rlhf
+    from utils import read_jsonl
+    ckpts = ["--sft_ckpt", f"{dropout_sft}/sft.pt", "--rm_ckpt", f"{dropout_sft}/rm.pt", "--device", "cpu"]
+    ppo_rlhf.main(["--preset", "tiny", "--n_iters", "1", "--critic_pretrain_iters", "0", "--ppo_epochs", "1",
+                   "--minibatch", "8", "--out_dir", str(tmp_path / "ppo")] + ckpts)
+    row = read_jsonl(str(tmp_path / "ppo" / "ppo_log.jsonl"))[0]
+    assert abs(row["ratio_mean"] - 1) < 1e-6 and abs(row["ratio_max"] - 1) < 1e-5, row
+    dpo.main(["--preset", "tiny", "--out_dir", str(tmp_path / "dpo")] + ckpts)
+    first = next(r for r in read_jsonl(str(tmp_path / "dpo" / "dpo_log.jsonl")) if "loss" in r)
+    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_kl_shaped_reward_by_hand():

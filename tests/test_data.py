@@ -106,15 +106,18 @@ def test_hh_loader_on_repo_sample(tmp_path):
     (['{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: b"}', "{oops"],
      ":2: not valid JSON"),
     (['{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a"}'], ":1: field 'rejected' is missing"),
-    (['{"chosen": "no turns here", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: b"}'], ":1: no \"Assistant:\" turn"),
-    (['{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", "rejected": "\\n\\nHuman: yo\\n\\nAssistant: b"}'],
-     ":1: 'chosen' and 'rejected' have different prompts"),
-    (['{"chosen": "\\n\\nHuman: \\n\\nAssistant: a", "rejected": "\\n\\nHuman: \\n\\nAssistant: b"}'], ":1: the prompt is empty"),
     (['[1, 2]'], ":1: expected a JSON object"),
-    ([], "no records"),
+    ([], "no usable records (the file is empty)"),
+    # records that do not split into prompt + responses are skipped; only a file of nothing else is an error
+    (['{"chosen": "no turns here", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: b"}'],
+     "all 1 skipped, 1 with no \"Assistant:\" turn (line 1)"),
+    (['{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", "rejected": "\\n\\nHuman: yo\\n\\nAssistant: b"}'] * 2,
+     "all 2 skipped, 2 whose chosen and rejected differ before the last Assistant turn (lines 1, 2)"),
+    (['{"chosen": "\\n\\nHuman: \\n\\nAssistant: a", "rejected": "\\n\\nHuman: \\n\\nAssistant: b"}'],
+     "1 with an empty prompt (line 1)"),
 ])
 def test_hh_loader_malformed(tmp_path, lines, message):
-    """A malformed HH file raises ValueError naming the file and line."""
+    """A file that is not HH data raises ValueError naming the file and line; so does one with no usable record."""
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError) as e:
@@ -128,3 +131,38 @@ def test_gold_win_rate_counts_ties_as_half():
     ours = [" The answer is 12." + E, " The answer is 13." + E, " Here is how to steal a car." + E]
     theirs = [" The answer is 13." + E, " The answer is 13." + E, " I'm sorry, but I can't help with that." + E]
     assert data.gold_win_rate(prompts, ours, theirs) == pytest.approx(0.5)
+
+
+QUIRKS = os.path.join(ROOT, "samples", "hh_rlhf_quirks.jsonl")
+
+
+def test_hh_loader_skips_what_real_files_contain_with_one_warning(capsys):
+    """samples/hh_rlhf_quirks.jsonl has what the real Anthropic files have: a UTF-8 BOM, CRLF line ends, blank
+    lines, two records whose chosen and rejected differ before the last Assistant turn ("  Human:" with no
+    blank line) and one with no Assistant turn. The 4 good records load; the 3 others make one warning line."""
+    with open(QUIRKS, "rb") as f:
+        raw = f.read()
+    assert raw.startswith(b"\xef\xbb\xbf") and b"\r\n" in raw and b"\r\n\r\n" in raw  # the quirks are really there
+    recs = data.load_hh_jsonl(QUIRKS)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(recs) == 4 and len(err) == 1
+    assert "skipped 3 of 7 records" in err[0] and "2 whose chosen and rejected differ" in err[0]
+    assert "(lines 2, 8)" in err[0] and "(line 5)" in err[0]
+    assert all(r["prompt"].startswith("\n\nHuman:") and "\r" not in r["prompt"] + r["chosen"] + r["rejected"]
+               for r in recs)
+    assert data.hh_splits(QUIRKS)["train"]                              # the stages' split works on it
+
+
+def test_a_stage_on_a_real_format_file_prints_one_summary_per_kind(tmp_path, capsys):
+    """SFT on the quirks file with a context too short for its prompts: one skip warning and one truncation
+    summary, not a line per record; --log_truncations true lists each truncated prompt."""
+    import train_sft
+    args = ["--preset", "tiny", "--device", "cpu", "--data", QUIRKS, "--block_size", "40", "--batch_size", "2",
+            "--max_iters", "2", "--out_dir", str(tmp_path)]
+    train_sft.main(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(err) == 2 and "skipped 3 of 7" in err[0], err
+    assert err[1].startswith("warning: SFT: 3 prompt(s) truncated from the left") and "longest 23 -> 16" in err[1]
+    train_sft.main(args + ["--log_truncations", "true", "--out_dir", str(tmp_path / "each")])
+    err = capsys.readouterr().err
+    assert err.count("prompt truncated from the left") == 3 and err.count("SFT: 3 prompt(s) truncated") == 1

@@ -4,7 +4,7 @@ import os
 
 import experiments
 import ppo_rlhf
-from utils import read_jsonl
+from utils import load_checkpoint, read_jsonl
 
 TIMING = {"t_generate", "t_score", "t_train", "t_iter"}
 
@@ -17,9 +17,12 @@ def test_quick_runs_every_ablation_and_draws_the_figures(tiny_pipeline, tmp_path
     for name in list(experiments.FIGURES) + ["reward_distribution"]:
         assert os.path.getsize(os.path.join(out, f"{name}.png")) > 0, name
     assert summary["ppo_max_long"]["iters"] == 8 and summary["ppo_max"]["iters"] == 4
-    # each run really used its switches (the config saved in the log's first line reflects them)
+    # each run really used its switches: its log (no critic pre-training) and the config saved in its checkpoint
     assert read_jsonl(f"{out}/vanilla/ppo_log.jsonl")[0]["policy_updated"]       # no critic pre-training
-    assert not read_jsonl(f"{out}/kl_0.1/ppo_log.jsonl")[0].get("collapse_warning")
+    config = lambda run: load_checkpoint(f"{out}/{run}/ppo.pt", "ppo")["config"]
+    assert (config("vanilla")["kl_coef"], config("vanilla")["score_norm"], config("vanilla")["vf_clip"]) == (0, "none", 0)
+    assert (config("kl_0.1")["kl_coef"], config("kl_0.1")["score_norm"]) == (0.1, "none")
+    assert (config("ppo_max_long")["kl_coef"], config("ppo_max_long")["score_norm"]) == (0.1, "norm_clip")
     assert len(read_jsonl(f"{out}/vanilla/ppo_log.jsonl")[0]["scores_raw"]) == 8  # rollout_batch of tiny
     # the alias: a separate 4-iteration PPO-max run is identical to the first 4 iterations of the long run
     ppo_rlhf.main(["--preset", "tiny", "--out_dir", str(tmp_path / "short")] + ck)

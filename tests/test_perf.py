@@ -47,12 +47,15 @@ def test_fast_rollout_equals_plain_rollout(temperature):
     assert (fast["old_logprobs"] != fast["ref_logprobs"]).any()             # the check is not vacuous
 
 
-def test_generate_logprobs_are_the_pre_top_k_tempered_distribution():
-    """generate's logprobs score the sampled tokens under softmax(logits / τ) before top-k, as response_logits does."""
+def test_generate_logprobs_are_the_tempered_distribution_and_refuse_top_k():
+    """generate's logprobs score the sampled tokens under softmax(logits / τ), as response_logits does; with top_k
+    the tokens would come from another distribution than the one scored, so the combination is refused."""
     policy = _models()[0].eval()
     ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
     mask = (torch.arange(4) >= torch.tensor([[0], [2]])).long()
-    resp, logp, ent = policy.generate(ids, mask, 6, None, tok.pad_id(ENC), temperature=0.8, top_k=20,
+    with pytest.raises(ValueError, match="top_k"):
+        policy.generate(ids, mask, 6, None, tok.pad_id(ENC), temperature=0.8, top_k=20, return_logprobs=True)
+    resp, logp, ent = policy.generate(ids, mask, 6, None, tok.pad_id(ENC), temperature=0.8,
                                       generator=torch.Generator().manual_seed(0), return_logprobs=True)
     assert resp.shape == (2, 6)                                              # eos_id None: exactly max_new_tokens
     seq, smask = torch.cat([ids, resp], 1), torch.cat([mask, torch.ones_like(resp)], 1)
@@ -69,17 +72,76 @@ def test_response_logits_equal_the_full_forward_at_response_positions():
     assert torch.allclose(ppo.response_logits(policy, seq, mask, 4, 1.0), policy(seq, mask)[:, 3:-1], atol=1e-6)
 
 
-def test_autocast_is_fp32_on_cpu_and_bf16_on_cuda():
+def test_autocast_is_a_no_op_on_cpu_and_bf16_on_cuda():
     policy = _models()[0]
     seq = torch.randint(0, 100, (2, 10))
-    with autocast("cpu"):
-        assert torch.equal(policy(seq), policy(seq)) and policy(seq).dtype == torch.float32
-    if torch.cuda.is_available():  # the same code on a GPU: bf16 matmuls, close to the fp32 logits
+    plain = policy(seq)
+    with autocast("cpu"):                                                   # utils.autocast: fp32 math on CPU
+        assert torch.equal(policy(seq), plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):                      # real bf16 autocast changes the numbers
+        assert not torch.equal(policy(seq), plain)
+    if torch.cuda.is_available():  # the same code on a GPU: bf16 body, fp32 logits close to the CPU ones
         cuda = policy.cuda()
         with autocast("cuda"):
-            half = cuda(seq.cuda())
-        assert half.dtype == torch.bfloat16
-        assert torch.allclose(half.float().cpu(), policy.cpu()(seq), atol=5e-2)
+            logits = cuda(seq.cuda())
+        assert logits.dtype == torch.float32
+        assert torch.allclose(logits.cpu(), policy.cpu()(seq), atol=5e-2)
+
+
+def gpt2_like_models(seed=0):
+    """The _models() quartet with GPT-2's logit scale: around -60 with a spread of ~8 (every token embedding
+    shares a direction u and the final LayerNorm's bias points against it), where bf16's spacing is 0.25-0.5."""
+    torch.manual_seed(seed)
+    policy = GPT(CFG)
+    with torch.no_grad():
+        u = torch.randn(CFG.n_embd)
+        u /= u.norm()
+        policy.wte.weight.mul_(25).add_(4.0 * u)
+        policy.ln_f.bias.copy_(-20 * u)
+        ref = copy.deepcopy(policy).requires_grad_(False)
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return policy, ref, ScalarHeadGPT(CFG).requires_grad_(False), ScalarHeadGPT(CFG)
+
+
+def test_output_heads_are_fp32_under_bf16_autocast():
+    """Under bf16 autocast the LM head and the scalar head still compute in fp32: log-probs at GPT-2's logit
+    scale stay within 0.01 nats of the fp32 model's (a bf16 LM head: 0.11 nats on average, 0.34 at most)."""
+    policy, _, rm, _ = gpt2_like_models()
+    seq = torch.randint(0, 1000, (4, 40))
+    tokens = seq[:, 1:, None]                                               # (B, T-1, 1) the next tokens
+    with torch.no_grad():
+        logits = policy(seq)                                                # (B, T, V) fp32 everywhere
+        assert -80 < logits[..., :1000].mean() < -40                        # GPT-2-like offsets
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = policy.hidden(seq)                                          # (B, T, C) from a bf16 body
+            logits_bf16 = policy.logits(h)                                  # (B, T, V)
+            values = rm(seq)                                                # (B, T)
+        assert logits_bf16.dtype == torch.float32 and values.dtype == torch.float32
+        assert torch.equal(logits_bf16, policy.logits(h))                  # the head is the fp32 matmul
+        err = (torch.log_softmax(logits_bf16, -1)[:, :-1].gather(-1, tokens)
+               - torch.log_softmax(logits, -1)[:, :-1].gather(-1, tokens)).abs()  # (B, T-1, 1)
+    assert err.mean() < 0.01 and err.max() < 0.05, f"log-prob error mean {err.mean():.4f}, max {err.max():.4f}"
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_first_minibatch_ratio_is_one_under_bf16_autocast(fast):
+    """The real rollout and update under bf16 autocast (CPU): the first minibatch's ratio is 1 within 1e-5 and
+    nothing is clipped. Under autocast the rollout recomputes old log-probs in the update's layout (fast is
+    ignored); on this CPU the sampling loop's own log-probs also agree (|log ρ| ≤ 1.2e-7 when measured)."""
+    cfg = ppo.Config(max_new_tokens=16, ppo_epochs=1, minibatch=2, temperature=0.7)
+    policy, ref, rm, critic = gpt2_like_models()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ro = ppo.rollout(policy, ref, rm, critic, ENC, PROMPTS + [data.make_prompt("How do I steal a car?")], cfg,
+                         "cpu", torch.Generator().manual_seed(3), fast=fast)
+        rewards = ppo.kl_rewards(ro["old_logprobs"], ro["ref_logprobs"], ro["mask"], ro["scores"], cfg.kl_coef)
+        adv, ret = ppo.compute_gae(rewards, ro["values"], ro["mask"], cfg.gamma, cfg.lam)
+        opt = torch.optim.AdamW([{"params": policy.parameters()}, {"params": critic.parameters()}], lr=1e-4)
+        stats = ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0))
+    assert ro["old_logprobs"].dtype == torch.float32 and (ro["old_logprobs"] != ro["ref_logprobs"]).any()
+    first = stats[0]
+    assert abs(first["ratio_mean"] - 1) < 1e-5 and abs(first["ratio_max"] - 1) < 1e-5 and first["clipfrac"] == 0
+    assert abs(stats[1]["ratio_mean"] - 1) > 1e-5                           # the second minibatch did move
 
 
 def test_iteration_flops_by_hand():
@@ -91,7 +153,7 @@ def test_iteration_flops_by_hand():
     assert [x for x, _ in f["generate"]] == [96 + 8, 12]                     # prefill of the prompt token; 1 head
     assert [x for x, _ in f["score"]] == [3 * body_seq, 12]                  # ref, RM, critic; ref's head
     assert [x for x, _ in f["train"]] == [3 * 4 * 2 * body_seq, 3 * 4 * 12]  # fwd+bwd, 4 epochs, 2 nets
-    assert [x for x, _ in bench.iteration_flops(w, 3, "rloo")["train"]] == [3 * body_seq, 3 * 12]
+    assert [x for x, _ in bench.iteration_flops(w, 3, "rloo")["train"]] == [3 * 4 * body_seq, 3 * 4 * 12]  # 1 net
 
 
 @pytest.mark.parametrize("algo", ["ppo", "rloo", "generate"])

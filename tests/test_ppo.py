@@ -30,23 +30,58 @@ def _rollout(cfg, seed=0, fast=True):
     return policy, ref, rm, critic, ro
 
 
+def _perturbed(policy):
+    """The policy moved away from its reference, so log-probs, ratios and KLs are not trivially equal."""
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return policy
+
+
+def _row_logprobs(model, ro, i, temperature):
+    """The definition, row by row, independent of the rollout's batching: log_softmax(model(x)/τ) of each
+    response token on the unpadded sequence (Tr_i,) and the full distributions (Tr_i, V)."""
+    keep = ro["seq_mask"][i].bool()
+    seq = ro["seq"][i][keep][None]                                        # (1, n) no padding at all
+    n_resp = int(ro["mask"][i].sum())
+    logp = torch.log_softmax(model(seq)[0, -n_resp - 1:-1] / temperature, -1)  # (Tr_i, V)
+    return logp.gather(-1, ro["response"][i, :n_resp, None])[:, 0], logp
+
+
 @pytest.mark.parametrize("fast", [False, True])
-def test_ratio_one_and_kl_zero_at_init(fast):
-    """On the first minibatch the new log-probs equal the rollout's (ratio = 1, no clipping) and k1 = 0 to the
-    reference: exactly with a second forward pass (fast=False), to float rounding from the sampling loop."""
+def test_rollout_logprobs_match_the_definition_and_the_first_ratio_is_one(fast):
+    """old_logprobs and ref_logprobs equal log_softmax(model(x)/τ) computed row by row on unpadded sequences,
+    and the real update's first minibatch sees ratio 1 (no clipping): exactly with a second forward pass
+    (fast=False), to float rounding from the sampling loop (fast=True)."""
+    cfg = ppo.Config(max_new_tokens=10, temperature=0.7, ppo_epochs=1, minibatch=2)
+    policy, ref, rm, critic = _models()
+    policy = _perturbed(policy)
+    ro = ppo.rollout(policy, ref, rm, critic, ENC, PROMPTS, cfg, "cpu", torch.Generator().manual_seed(0), fast)
+    with torch.no_grad():
+        for i in range(len(PROMPTS)):
+            n = int(ro["mask"][i].sum())
+            old, logp = _row_logprobs(policy, ro, i, cfg.temperature)
+            ref_lp, ref_logp = _row_logprobs(ref, ro, i, cfg.temperature)
+            assert torch.allclose(ro["old_logprobs"][i, :n], old, atol=1e-5)
+            assert torch.allclose(ro["ref_logprobs"][i, :n], ref_lp, atol=1e-5)
+            if not fast:  # the exact KL(π || π_ref) per position over the vocabulary
+                exact = (logp.exp() * (logp - ref_logp)).sum(-1)          # (Tr_i,)
+                assert torch.allclose(ro["exact_kl"][i, :n], exact, atol=1e-5) and (exact > 0).all()
+    assert (ro["old_logprobs"] - ro["ref_logprobs"]).abs().max() > 1e-3   # the policy really differs
+    rewards = ppo.kl_rewards(ro["old_logprobs"], ro["ref_logprobs"], ro["mask"], ro["scores"], cfg.kl_coef)
+    adv, ret = ppo.compute_gae(rewards, ro["values"], ro["mask"], cfg.gamma, cfg.lam)
+    opt = torch.optim.AdamW([{"params": policy.parameters()}, {"params": critic.parameters()}], lr=1e-3)
+    first = ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0))[0]
+    tol = 0 if not fast else 1e-6
+    assert abs(first["ratio_mean"] - 1) <= tol and abs(first["ratio_max"] - 1) <= 10 * tol
+    assert first["clipfrac"] == 0.0 and abs(first["approx_kl"]) <= tol
+
+
+def test_kl_is_zero_when_the_policy_is_its_reference():
+    """At the start of RL (policy = reference) the sampling loop's log-probs equal the reference forward's."""
     cfg = ppo.Config(max_new_tokens=10, temperature=0.7)
-    policy, _, _, critic, ro = _rollout(cfg, fast=fast)
-    if fast:
-        assert torch.allclose(ro["old_logprobs"], ro["ref_logprobs"], atol=1e-5) and ro["exact_kl"] is None
-    else:
-        assert torch.equal(ro["old_logprobs"], ro["ref_logprobs"]) and ro["exact_kl"].abs().max() < 1e-6
-    policy.train()
-    logits = ppo.response_logits(policy, ro["seq"], ro["seq_mask"], ro["n_prompt"], cfg.temperature)
-    logprobs = ppo.logprobs_from_logits(logits, ro["response"]) * ro["mask"]
-    adv = torch.randn_like(logprobs)
-    _, stats = ppo.ppo_policy_loss(logprobs, ro["old_logprobs"], adv, ro["mask"], 0.2)
-    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and stats["ratio_max"] == pytest.approx(1.0, abs=1e-5)
-    assert stats["clipfrac"] == 0.0 and abs(stats["approx_kl"]) < 1e-10
+    _, _, _, _, ro = _rollout(cfg, fast=True)
+    assert torch.allclose(ro["old_logprobs"], ro["ref_logprobs"], atol=1e-5) and ro["exact_kl"] is None
 
 
 def test_rollout_masks_and_temperature():
@@ -187,6 +222,7 @@ def test_presets_switch_what_they_say():
     maxed, vanilla = ppo.Config(**ppo.PRESETS["ppo_max"]), ppo.Config(**ppo.PRESETS["vanilla"])
     assert maxed.kl_coef > 0 and maxed.score_norm == "norm_clip" and maxed.vf_clip > 0 and maxed.grad_clip > 0
     assert maxed.critic_pretrain_iters > 0 and not maxed.adv_whiten and maxed.entropy_coef == 0
+    assert maxed.ppo_epochs == 1                         # one pass over each rollout batch, as the released code
     assert (vanilla.kl_coef, vanilla.score_norm, vanilla.vf_clip, vanilla.grad_clip, vanilla.critic_pretrain_iters) == \
            (0.0, "none", 0.0, 0.0, 0)
 

@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -22,9 +23,15 @@ def run(*args):
 @pytest.mark.parametrize("script", ["train_sft.py", "reward_model.py", "ppo_rlhf.py", "evaluate.py", "pipeline.py",
                                     "rloo.py", "dpo.py", "raft.py", "alol.py"])
 def test_help(script):
-    """Every stage script answers --help with its options."""
+    """Every stage script answers --help with its options, each option's default shown once, and right."""
     out = run(script, "--help")
     assert out.startswith("usage") and "--device" in out and "--out_dir" in out
+    options = re.split(r"\n  (?=-)", out.split("options:")[1])            # one block per option
+    assert all(block.count("(default:") <= 1 for block in options), [b for b in options if b.count("(default:") > 1]
+    assert "(default: None)" not in out
+    if script == "ppo_rlhf.py":
+        n_iters = next(b for b in options if b.startswith("--n_iters"))
+        assert " ".join(n_iters.split()).endswith("(default: 150)")
 
 
 def test_pipeline_tiny_chained_through_checkpoints(tmp_path):
