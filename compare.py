@@ -2,10 +2,12 @@
 Train every RLHF method from the same SFT policy and reward model, with several seeds, and compare them on one
 evaluation (evaluate.py): gold reward, RM score, gold win rate vs SFT, KL to SFT, length, distinct-2, wall time.
 
-Compute budget, matched by data seen:
+The budget rule (each method's own defaults, matched by data seen, not by optimizer steps):
   online  (PPO-max, RLOO, RAFT): 150 iterations × 64 sampled responses = 9,600 generated responses each
   offline (DPO, A-LoL): one pass over the reward model's 10,000 training pairs (A-LoL: over the chosen responses
           with a positive advantage), no generation during training
+The table states, for every run, the responses it generated and the policy's optimizer steps (training_budget),
+read from its checkpoint's config, so a difference in steps is visible rather than hidden in the defaults.
 Seeds change the RL stage only (prompt order, sampling, minibatches); SFT and RM are shared.
 
 Run (after pipeline.py, which writes out/sft.pt and out/rm.pt; writes out/compare/compare.md, compare.jsonl and
@@ -27,18 +29,30 @@ import raft
 import rloo
 from utils import load_checkpoint, run_main
 
-# method -> (module, extra arguments, checkpoint file, budget text)
+# method -> (module, extra arguments, checkpoint file, training data)
 METHODS = {
-    "ppo_max": (ppo_rlhf, ["--preset", "ppo_max"], "ppo.pt", "9,600 samples"),
-    "rloo": (rloo, ["--baseline", "loo", "--k", "4"], "rloo.pt", "9,600 samples"),
-    "raft": (raft, ["--k", "4"], "raft.pt", "9,600 samples"),
-    "dpo": (dpo, [], "dpo.pt", "10,000 pairs"),
-    "alol": (alol, ["--variant", "alol"], "alol.pt", "10,000 × frac(A>0)"),
-    "alol_ref_free": (alol, ["--variant", "ref_free"], "alol.pt", "10,000 × frac(A>0)"),
-    "alol_seq": (alol, ["--variant", "seq"], "alol.pt", "10,000 × frac(A>0)"),
-    "alol_kl": (alol, ["--variant", "kl"], "alol.pt", "10,000 × frac(A>0)"),
+    "ppo_max": (ppo_rlhf, ["--preset", "ppo_max"], "ppo.pt", "own samples"),
+    "rloo": (rloo, ["--baseline", "loo", "--k", "4"], "rloo.pt", "own samples"),
+    "raft": (raft, ["--k", "4"], "raft.pt", "own samples"),
+    "dpo": (dpo, [], "dpo.pt", "RM pairs"),
+    "alol": (alol, ["--variant", "alol"], "alol.pt", "RM pairs, A > 0"),
+    "alol_ref_free": (alol, ["--variant", "ref_free"], "alol.pt", "RM pairs, A > 0"),
+    "alol_seq": (alol, ["--variant", "seq"], "alol.pt", "RM pairs, A > 0"),
+    "alol_kl": (alol, ["--variant", "kl"], "alol.pt", "RM pairs, A > 0"),
 }
 KEYS = ["gold", "rm", "win_vs_sft", "kl_sft", "length", "distinct2"]
+
+
+def training_budget(ckpt):
+    """(responses generated during training, policy optimizer steps) of a finished run, from its checkpoint."""
+    c, stage = ckpt["config"], ckpt["stage"]
+    if stage == "ppo":  # critic pre-training iterations generate but do not step the policy
+        steps_per_iter = c["ppo_epochs"] * (c["rollout_batch"] // c["minibatch"])
+        return c["n_iters"] * c["rollout_batch"], (c["n_iters"] - c["critic_pretrain_iters"]) * steps_per_iter
+    if stage in ("rloo", "raft"):  # one pass of `minibatches` steps per iteration (RAFT: over the best of each k)
+        trained_rows = c["prompts_per_iter"] * (c["k"] if stage == "rloo" else 1)
+        return c["n_iters"] * c["prompts_per_iter"] * c["k"], c["n_iters"] * min(c["minibatches"], trained_rows)
+    return 0, ckpt["step"]  # offline (DPO, A-LoL): one step per saved step
 
 
 def summarize(rows):
@@ -99,25 +113,31 @@ def main(argv=None):
                 module.main(extra + ["--seed", str(seed), "--out_dir", out, "--sft_ckpt", a.sft_ckpt, "--rm_ckpt",
                                      a.rm_ckpt, "--device", a.device] + (["--preset", "tiny"] if a.quick else []))
             done = load_checkpoint(ckpt, None)
-            runs.append(dict(method=m, seed=seed, ckpt=ckpt, time_s=done["metrics"]["train_time_s"]))
+            generated, steps = training_budget(done)
+            runs.append(dict(method=m, seed=seed, ckpt=ckpt, time_s=done["metrics"]["train_time_s"],
+                             generated=generated, policy_steps=steps))
 
     rows = evaluate.main(["--policies"] + [r["ckpt"] for r in runs] + [
         "--sft_ckpt", a.sft_ckpt, "--rm_ckpt", a.rm_ckpt, "--out_dir", a.out_dir, "--device", a.device,
         "--n_prompts", str(8 if a.quick else a.n_prompts)] + (["--max_new_tokens", "12"] if a.quick else []))
     for run, row in zip(runs, rows):
-        row.update(method=run["method"], seed=run["seed"], time_s=run["time_s"])
+        row.update(method=run["method"], seed=run["seed"], time_s=run["time_s"], generated=run["generated"],
+                   policy_steps=run["policy_steps"])
         row.pop("samples", None)
     with open(os.path.join(a.out_dir, "compare.jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     summary = summarize(rows)
     md = [f"{rows[0]['n_prompts']} test prompts; mean ± std over seeds {a.seeds}; SFT: see eval.md", "",
-          "| method | budget | seeds | gold reward | RM score | gold win rate vs SFT | KL to SFT | length | distinct-2 | training time (s) |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "| method | trains on | responses generated | policy optimizer steps | seeds | gold reward | RM score | "
+          "gold win rate vs SFT | KL to SFT | length | distinct-2 | training time (s) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         cells = " | ".join(f"{s[k][0]:.3f} ± {s[k][1]:.3f}" if k != "time_s" else f"{s[k][0]:.0f} ± {s[k][1]:.0f}"
                            for k in KEYS + ["time_s"])
-        md.append(f"| {m} | {METHODS[m][3]} | {s['n']} | {cells} |")
+        budget = sorted({(r["generated"], r["policy_steps"]) for r in rows if r["method"] == m})
+        md.append(f"| {m} | {METHODS[m][3]} | {' / '.join(f'{g:,}' for g, _ in budget)} | "
+                  f"{' / '.join(f'{n:,}' for _, n in budget)} | {s['n']} | {cells} |")
     with open(os.path.join(a.out_dir, "compare.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))

@@ -10,8 +10,8 @@ One PPO iteration, as numbered in main():
   3. score        processing: none | scale (÷ running std) | norm_clip (running mean/std, clip ±δ)   §5.3.1 eq. 18
   4. reward       r_t = -β·(old_logprobs - ref_logprobs)_t on every response token, r_T += score     §3.1 eq. 3, eq. 19
   5. GAE          δ_t = r_t + γV_{t+1} - V_t, A_t = Σ (γλ)^l δ_{t+l}, returns = A + V             §3.1 eqs. 7-11
-  6. update       clipped surrogate + clipped value loss (+ entropy, + PTX) over ppo_epochs × minibatches,
-                  one global grad-norm clip over policy and critic                                   eqs. 15-17, §5.4
+  6. update       clipped surrogate + clipped value loss (+ entropy, + PTX) over ppo_epochs × minibatches
+                  (one pass, as the code), one global grad-norm clip over policy and critic         eqs. 15-17, §5.4
 
 KL, in one place: the per-token penalty uses the k1 estimator  k1_t = log π_old(a_t|s_t) - log π_ref(a_t|s_t)
 (positive when the policy puts more mass than the reference on what it sampled); its sum over a response is
@@ -39,12 +39,18 @@ Deliberate choices (where the paper and its code disagree, see shared notes §1.
   5. Old log-probs come from the sampling loop, which already computed softmax(logits / τ) at every response
      position (`--fast_rollout true`; the same numbers as a second forward pass up to float rounding, so the
      first-minibatch ratio is 1 ± 1e-6; `--fast_rollout false` runs that forward, giving a ratio of exactly 1 and
-     the exact KL over the vocabulary as a metric). Log-probs use the sampling temperature everywhere (the code
+     the exact KL over the vocabulary as a metric). Under autocast (bf16 on CUDA) the second forward always runs:
+     the sampling loop's one-token steps and the update's full forward may round bf16 matmuls differently, and
+     the first ratio must be 1 (measured under CPU bf16 autocast: 1 within 1e-5 through rollout and update,
+     tests/test_perf.py; not measured on a GPU). Log-probs use the sampling temperature everywhere (the code
      scores with raw logits after sampling with τ = 0.8, top-p and a repetition penalty).
   6. A tiny model trains with tiny-model learning rates (policy 1e-5... see Config), not the 7B ones.
   7. One optimiser with two parameter groups (policy, critic) and one global grad-norm clip, as the code does.
   8. β = 0.1 (the code's zh script; the middle of the paper's Fig. 15 hierarchy). With the paper's 0.05, one of
      three seeds on the toy task drifted into the collapse signature at iteration ~130 of 150.
+  9. Dropout is off in the policy, reference, critic and RM (without_dropout), whatever SFT and the RM trained
+     with: with an SFT dropout of 0.1 left in, the first-minibatch ratio was 0.992 on average (1.135 at most)
+     and the critic's values moved by up to 1.1 between train and eval mode.
 
 Shape legend: B rollouts per iteration, Tp prompt length (left-padded), Tr response length (right-padded with
 PAD after EOS), T = Tp + Tr, V vocab, b minibatch size. Per-token tensors are (B, Tr) over response positions;

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import rloo
 import tokenizer as tok
 from dpo import dpo_loss, sequence_logprobs
 from model import GPT, GPTConfig
@@ -106,7 +107,7 @@ def test_models_after_sft_run_without_dropout(dropout_sft):
 
 def test_first_ppo_minibatch_and_first_dpo_step_from_a_dropout_sft(dropout_sft, tmp_path):
     """From a dropout-0.1 SFT: PPO's first minibatch (one iteration, one minibatch, no critic pre-training) logs
-    ratio 1 (with the SFT's dropout left in, as before the fix: mean 0.992), and DPO's first step, where
+    ratio 1 (with the SFT's dropout left in, as before the fix: mean 0.992, max 1.135), and DPO's first step, where
     π = π_ref, logs loss ln 2."""
     import dpo
     import ppo_rlhf
@@ -227,6 +228,22 @@ def test_compare_quick_writes_table_and_plot(tiny_pipeline, tmp_path):
     out, base = str(tmp_path), tiny_pipeline
     report = _run("compare.py", "--quick", "--methods", "rloo", "alol_seq", "--seeds", "0", "1", "--sft_ckpt",
                   f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt", "--out_dir", f"{out}/compare", "--device", "cpu")
-    assert "| rloo | 9,600 samples | 2 |" in report and "| alol_seq |" in report
+    tiny = rloo.Config(**rloo.PRESETS["tiny"])                             # compare.py adds --k 4
+    generated, steps = tiny.n_iters * tiny.prompts_per_iter * 4, tiny.n_iters * tiny.minibatches
+    assert f"| rloo | own samples | {generated} | {steps} | 2 |" in report and "| alol_seq | RM pairs" in report
     for f in ("compare.md", "compare.jsonl", "compare_reward_kl.png", "rloo_s1/rloo.pt", "alol_seq_s0/alol.pt"):
         assert os.path.getsize(os.path.join(out, "compare", f)) > 0, f
+
+
+def test_training_budget_by_hand():
+    """The default runs: PPO-max 150 × 64 responses, (150 - 10 pre-training) × 1 epoch × 2 minibatches = 280 policy
+    steps (560 with the old 2 epochs); RLOO and RAFT 9,600 responses and 150 × 2 steps; DPO its saved steps."""
+    from compare import training_budget
+    ppo_cfg = dict(n_iters=150, rollout_batch=64, minibatch=32, ppo_epochs=1, critic_pretrain_iters=10)
+    assert training_budget(dict(stage="ppo", config=ppo_cfg, step=150)) == (9600, 280)
+    assert training_budget(dict(stage="ppo", config=dict(ppo_cfg, ppo_epochs=2), step=150)) == (9600, 560)
+    online = dict(n_iters=150, prompts_per_iter=16, k=4, minibatches=2)
+    assert training_budget(dict(stage="rloo", config=online, step=150)) == (9600, 300)
+    assert training_budget(dict(stage="raft", config=online, step=150)) == (9600, 300)
+    assert training_budget(dict(stage="raft", config=dict(online, prompts_per_iter=1), step=3)) == (600, 150)
+    assert training_budget(dict(stage="dpo", config={}, step=312)) == (0, 312)

@@ -106,7 +106,8 @@ def gpt2_like_models(seed=0):
 
 def test_output_heads_are_fp32_under_bf16_autocast():
     """Under bf16 autocast the LM head and the scalar head still compute in fp32: log-probs at GPT-2's logit
-    scale stay within 0.01 nats of the fp32 model's (a bf16 LM head: 0.11 nats on average, 0.34 at most)."""
+    scale stay within 0.01 nats of the fp32 model's (measured: 0.00057 on average, 0.0021 at most; with the
+    bf16 LM head of the code before, 0.094 and 0.35)."""
     policy, _, rm, _ = gpt2_like_models()
     seq = torch.randint(0, 1000, (4, 40))
     tokens = seq[:, 1:, None]                                               # (B, T-1, 1) the next tokens

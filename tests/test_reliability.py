@@ -10,7 +10,7 @@ import model
 import ppo_rlhf
 import reward_model
 import train_sft
-from utils import fit_prompt, load_checkpoint, load_weights, read_jsonl, run_main
+from utils import TRUNCATIONS, fit_prompt, load_checkpoint, load_weights, read_jsonl, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--device", "cpu"]
@@ -148,9 +148,21 @@ def test_unknown_preset_and_bad_bool_are_argparse_errors(capsys):
 
 
 def test_long_prompt_truncated_from_the_left_or_refused(capsys):
-    """Over-long prompts lose their oldest tokens with a warning, or raise an error naming where, by flag."""
+    """Over-long prompts lose their oldest tokens, counted for one summary line per stage (or one line each with
+    --log_truncations), or raise an error naming where, by flag."""
+    TRUNCATIONS.reset()
     assert fit_prompt([1, 2, 3, 4, 5], 3, True, "demonstration 7") == [3, 4, 5]
+    assert fit_prompt(list(range(9)), 4, True, "demonstration 8") == [5, 6, 7, 8]
+    assert capsys.readouterr().err == ""                                  # nothing per prompt by default
+    TRUNCATIONS.summary("SFT")
+    assert capsys.readouterr().err == ("warning: SFT: 2 prompt(s) truncated from the left to fit the context "
+                                       "(longest 9 -> 4 tokens); --log_truncations true lists each\n")
+    TRUNCATIONS.reset(each=True)
+    fit_prompt([1, 2, 3, 4, 5], 3, True, "demonstration 7")
     assert "demonstration 7: prompt truncated from the left, 5 -> 3 tokens" in capsys.readouterr().err
+    TRUNCATIONS.reset()
+    TRUNCATIONS.summary("SFT")
+    assert capsys.readouterr().err == ""                                  # nothing cut, nothing said
     assert fit_prompt([1, 2], 3, False, "x") == [1, 2]
     with pytest.raises(ValueError, match="demonstration 7: prompt has 5 tokens but only 3 fit"):
         fit_prompt([1, 2, 3, 4, 5], 3, False, "demonstration 7")
