@@ -32,9 +32,10 @@ import torch
 
 import data
 import tokenizer as tok
-from model import ScalarHeadGPT, pad_batch, pick_device
+from external import hh_rlhf
+from model import ScalarHeadGPT
 from ppo_rlhf import load_policy, logprobs_from_logits, response_logits, rm_win_rate, without_dropout
-from utils import TRUNCATIONS, fit_prompt, load_checkpoint, load_weights, run_main, table
+from utils import TRUNCATIONS, fit_prompt, load_checkpoint, load_weights, pad_batch, pick_device, run_main, table
 
 
 def distinct_n(texts, n):
@@ -100,7 +101,7 @@ def main(argv=None):
         prompts = data.sample_prompts(data.prompt_splits(sft_ckpt["config"]["seed"])["test"], a.n_prompts,
                                       random.Random(a.seed))
     else:  # the HH test split, as the stages cut it; every prompt once
-        prompts = data.prompts_of(data.hh_splits(a.data, sft_ckpt["config"]["seed"])["test"])[:a.n_prompts]
+        prompts = data.prompts_of(hh_rlhf.hh_splits(a.data, sft_ckpt["config"]["seed"])["test"])[:a.n_prompts]
         print(f"{a.data}: no gold reward; 'win_vs_sft' is judged by the reward model (the policy's own judge)")
     args = (enc, prompts, a.max_new_tokens, a.temperature, device, a.seed)
 

@@ -68,12 +68,14 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from model import GPT, GPTConfig, ScalarHeadGPT, last_token_index, load_gpt2, pad_batch, pick_device
+from external import hh_rlhf
+from external.gpt2 import load_gpt2
+from model import GPT, GPTConfig, ScalarHeadGPT, last_token_index
 from reward_model import score_texts
 from train_sft import collate, encode_demos, sample_responses, sft_loss
 from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt,
-                   load_checkpoint, load_weights, parse_config, plot_curves, read_jsonl, rng_state, run_main,
-                   save_checkpoint, seed_everything, set_rng_state, table)
+                   load_checkpoint, load_weights, pad_batch, parse_config, pick_device, plot_curves, read_jsonl,
+                   rng_state, run_main, save_checkpoint, seed_everything, set_rng_state, table)
 
 
 @dataclass
@@ -119,7 +121,7 @@ class Config:
     grad_clip: float = field(1.0, "global grad-norm clip over policy + critic (0 = off)")
     critic_init: str = field("rm", "rm (copy of the reward model) or sft (SFT backbone, fresh head)")
     policy_init: str = field("sft", "sft, or a policy not initialised from SFT (paper §5.3.3 Fig. 8; the reference "
-                                    "stays SFT): random, or GPT-2 weights (gpt2 | a local file/folder, model.load_gpt2)")
+                                    "stays SFT): random, or GPT-2 weights (gpt2 | a local file/folder, external/gpt2.py)")
     critic_pretrain_iters: int = field(10, "first iterations update only the critic (paper §5.3.3)")
     # monitoring
     eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts, sample table")
@@ -550,7 +552,7 @@ def main(argv=None):
     if has_gold:
         splits = data.prompt_splits(sft["config"]["seed"])
     else:  # HH-RLHF records split as the SFT and RM stages split them; PPO needs only their prompts
-        hh = data.hh_splits(cfg.data, sft["config"]["seed"])
+        hh = hh_rlhf.hh_splits(cfg.data, sft["config"]["seed"])
         splits = {k: data.prompts_of(v) for k, v in hh.items()}
     rng = random.Random(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)

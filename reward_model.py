@@ -42,10 +42,12 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from model import GPTConfig, ScalarHeadGPT, load_gpt2, pad_batch, pick_device
+from external import hh_rlhf
+from external.gpt2 import load_gpt2
+from model import GPTConfig, ScalarHeadGPT
 from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt,
-                   load_checkpoint, load_weights, parse_config, plot_curves, read_jsonl, run_main, save_checkpoint,
-                   seed_everything, table)
+                   load_checkpoint, load_weights, pad_batch, parse_config, pick_device, plot_curves, read_jsonl,
+                   run_main, save_checkpoint, seed_everything, table)
 
 
 @dataclass
@@ -201,7 +203,7 @@ def main(argv=None):
         val = make_pairs(splits["val"], cfg.n_val, cfg.seed + 20, cfg)
         test = make_pairs(splits["test"], cfg.n_test, cfg.seed + 30, cfg)
     else:  # HH-RLHF: the human labels are the only judgement
-        splits = data.hh_splits(cfg.data, sft["config"]["seed"])
+        splits = hh_rlhf.hh_splits(cfg.data, sft["config"]["seed"])
         train, val, test = splits["train"][:cfg.n_train], splits["val"][:cfg.n_val], splits["test"][:cfg.n_test]
     per_step = cfg.batch_size * cfg.grad_accum
     n_iters = len(train) // per_step  # one epoch

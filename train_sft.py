@@ -22,7 +22,7 @@ Deliberate choices:
      same sequence gives the same logits whichever way it is padded.
   3. AdamW, linear warm-up then cosine decay to 10%, global grad-norm clip 1.0 (nanoGPT's recipe).
   4. Real data (`--data` HH-RLHF): the chosen response is the demonstration; there is no gold reward, so the final
-     evaluation prints samples next to the chosen responses. `--init` loads GPT-2 weights (model.load_gpt2);
+     evaluation prints samples next to the chosen responses. `--init` loads GPT-2 weights (external/gpt2.py);
      `--grad_accum` micro-batches are an exact token-weighted mean; bf16 autocast on CUDA only (`--amp`).
 
 Shape legend: B batch, T sequence length (prompt + response), V vocab.
@@ -38,10 +38,12 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from model import GPT, GPTConfig, load_gpt2, pad_batch, pick_device
+from external import hh_rlhf
+from external.gpt2 import load_gpt2
+from model import GPT, GPTConfig
 from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt,
-                   load_checkpoint, load_weights, parse_config, plot_curves, read_jsonl, rng_state, run_main,
-                   save_checkpoint, seed_everything, set_rng_state, table)
+                   load_checkpoint, load_weights, pad_batch, parse_config, pick_device, plot_curves, read_jsonl,
+                   rng_state, run_main, save_checkpoint, seed_everything, set_rng_state, table)
 
 
 @dataclass
@@ -196,7 +198,7 @@ def main(argv=None):
         train = data.make_demonstrations(data.sample_prompts(splits["train"], cfg.n_train, rng), cfg.seed + 1)
         val = data.make_demonstrations(data.sample_prompts(splits["val"], cfg.n_val, rng), cfg.seed + 2)
     else:  # HH-RLHF: the chosen response of each record is the demonstration
-        splits = data.hh_splits(cfg.data, cfg.seed)
+        splits = hh_rlhf.hh_splits(cfg.data, cfg.seed)
         train = [(r["prompt"], r["chosen"]) for r in splits["train"][:cfg.n_train]]
         val = [(r["prompt"], r["chosen"]) for r in splits["val"][:cfg.n_val]]
     train = encode_demos(enc, train, cfg.block_size, cfg.truncate_prompts)

@@ -204,6 +204,33 @@ def autocast(device, enabled=True):
     return contextlib.nullcontext()
 
 
+def pad_batch(seqs, pad_id, left):
+    """List of id lists -> (ids (B, T), mask (B, T)) padded with pad_id on the left or right."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)                 # (B, T)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)                       # (B, T)
+    for i, s in enumerate(seqs):
+        span = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def pick_device(requested="auto"):
+    """'auto' -> cuda, then mps, then cpu; anything else is used as given (and checked)."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps was asked for but torch.backends.mps.is_available() is False")
+    return requested
+
+
 def run_main(main):
     """Run a stage's main(); our own errors (bad input, missing files, non-finite values) become one line, exit 2."""
     try:

@@ -1,13 +1,11 @@
-"""Make the flat top-level scripts importable from tests/ and keep torch to the machine's 2 cores."""
+"""Fixtures shared by the tests (pytest.ini puts the repository root on the import path)."""
 import os
+import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import subprocess  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,12 @@ import sys
 import pytest
 import torch
 
-import rloo
 import tokenizer as tok
-from dpo import dpo_loss, sequence_logprobs
+from algorithms import rloo
+from algorithms.dpo import dpo_loss, sequence_logprobs
+from algorithms.raft import best_of_k
+from algorithms.rloo import MovingAverageBaseline, kl_shaped_rewards, loo_advantages, reinforce_loss
 from model import GPT, GPTConfig
-from raft import best_of_k
-from rloo import MovingAverageBaseline, kl_shaped_rewards, loo_advantages, reinforce_loss
 from utils import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +109,7 @@ def test_first_ppo_minibatch_and_first_dpo_step_from_a_dropout_sft(dropout_sft, 
     """From a dropout-0.1 SFT: PPO's first minibatch (one iteration, one minibatch, no critic pre-training) logs
     ratio 1 (with the SFT's dropout left in, as before the fix: mean 0.992, max 1.135), and DPO's first step, where
     π = π_ref, logs loss ln 2."""
-    import dpo
+    from algorithms import dpo
     import ppo_rlhf
     from utils import read_jsonl
     ckpts = ["--sft_ckpt", f"{dropout_sft}/sft.pt", "--rm_ckpt", f"{dropout_sft}/rm.pt", "--device", "cpu"]
@@ -146,11 +146,11 @@ def test_each_algorithm_runs_tiny_and_evaluates(tiny_pipeline, tmp_path):
     """RLOO, REINFORCE (moving average), DPO and RAFT run with the tiny preset and evaluate.py reads their checkpoints."""
     out, base = str(tmp_path), tiny_pipeline
     common = ["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt"]
-    _run("rloo.py", *common, "--out_dir", out)
-    _run("rloo.py", *common, "--baseline", "moving_avg", "--k", "1", "--out_dir", f"{out}/reinforce")
-    _run("dpo.py", *common, "--out_dir", out)
-    _run("raft.py", *common, "--out_dir", out)
-    _run("alol.py", *common, "--out_dir", out)
+    _run("-m", "algorithms.rloo", *common, "--out_dir", out)
+    _run("-m", "algorithms.rloo", *common, "--baseline", "moving_avg", "--k", "1", "--out_dir", f"{out}/reinforce")
+    _run("-m", "algorithms.dpo", *common, "--out_dir", out)
+    _run("-m", "algorithms.raft", *common, "--out_dir", out)
+    _run("-m", "algorithms.alol", *common, "--out_dir", out)
     enc_id = tok.tokenizer_id(tok.get_tokenizer("toy"))
     for stage, path in (("rloo", "rloo.pt"), ("rloo", "reinforce/rloo.pt"), ("dpo", "dpo.pt"), ("raft", "raft.pt"),
                         ("alol", "alol.pt")):
@@ -164,7 +164,7 @@ def test_each_algorithm_runs_tiny_and_evaluates(tiny_pipeline, tmp_path):
 
 def test_alol_weights_at_init_and_variants():
     """At π = π_ref (ρ ≡ 1) A-LoL and A-LoL seq equal ref-free; negative advantages weigh nothing."""
-    from alol import alol_loss
+    from algorithms.alol import alol_loss
     g = torch.Generator().manual_seed(0)
     logp = -torch.rand(3, 5, generator=g)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).float()
@@ -178,7 +178,7 @@ def test_alol_weights_at_init_and_variants():
 
 def test_alol_clip_in_log_space_stays_finite():
     """A huge log-ratio is clipped to 1+ε before exp: the weight is exactly 1.9 and nothing overflows."""
-    from alol import alol_loss
+    from algorithms.alol import alol_loss
     logp, ref = torch.full((1, 4), -1.0), torch.full((1, 4), -300.0)   # log ρ = 1196
     mask, adv = torch.ones(1, 4), torch.tensor([1.0])
     loss, st = alol_loss(logp, ref, mask, adv, "alol", 0.9)
@@ -190,7 +190,7 @@ def test_alol_clip_in_log_space_stays_finite():
 
 def test_alol_kl_gradient_is_ref_free_with_shifted_advantage():
     """∇ of -A⁺·s + β(s - sg s_ref) equals ∇ of the ref-free loss with advantage A⁺ - β."""
-    from alol import alol_loss
+    from algorithms.alol import alol_loss
     mask, adv, beta = torch.ones(2, 3), torch.tensor([0.6, 0.3]), 0.1
     ref = -torch.rand(2, 3, generator=torch.Generator().manual_seed(1))
     a = (-torch.rand(2, 3, generator=torch.Generator().manual_seed(2))).requires_grad_()
@@ -202,7 +202,7 @@ def test_alol_kl_gradient_is_ref_free_with_shifted_advantage():
 
 def test_priority_sampling_never_draws_negative_advantages():
     """Indices are drawn ∝ A⁺: examples with A <= 0 never appear; all-negative advantages are a clear error."""
-    from alol import priority_sample
+    from algorithms.alol import priority_sample
     adv = torch.tensor([0.5, -1.0, 0.0, 1.5])
     idx = priority_sample(adv, 2000, torch.Generator().manual_seed(0))
     assert set(idx.tolist()) <= {0, 3}
@@ -213,7 +213,7 @@ def test_priority_sampling_never_draws_negative_advantages():
 
 def test_value_head_ignores_left_padding():
     """V(x) does not change when a prompt's hidden states get extra left padding (key-padding mask)."""
-    from alol import ValueHead
+    from algorithms.alol import ValueHead
     torch.manual_seed(0)
     head = ValueHead(16, n_head=2).eval()
     h = torch.randn(1, 4, 16)
@@ -224,11 +224,11 @@ def test_value_head_ignores_left_padding():
 
 
 def test_compare_quick_writes_table_and_plot(tiny_pipeline, tmp_path):
-    """compare.py --quick trains two methods from one SFT + RM and writes the table, the JSONL and the plot."""
+    """studies/compare.py --quick trains two methods from one SFT + RM and writes the table, the JSONL and the plot."""
     out, base = str(tmp_path), tiny_pipeline
-    report = _run("compare.py", "--quick", "--methods", "rloo", "alol_seq", "--seeds", "0", "1", "--sft_ckpt",
+    report = _run("-m", "studies.compare", "--quick", "--methods", "rloo", "alol_seq", "--seeds", "0", "1", "--sft_ckpt",
                   f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt", "--out_dir", f"{out}/compare", "--device", "cpu")
-    tiny = rloo.Config(**rloo.PRESETS["tiny"])                             # compare.py adds --k 4
+    tiny = rloo.Config(**rloo.PRESETS["tiny"])                             # studies/compare.py adds --k 4
     generated, steps = tiny.n_iters * tiny.prompts_per_iter * 4, tiny.n_iters * tiny.minibatches
     assert f"| rloo | own samples | {generated} | {steps} | 2 |" in report and "| alol_seq | RM pairs" in report
     for f in ("compare.md", "compare.jsonl", "compare_reward_kl.png", "rloo_s1/rloo.pt", "alol_seq_s0/alol.pt"):
@@ -238,7 +238,7 @@ def test_compare_quick_writes_table_and_plot(tiny_pipeline, tmp_path):
 def test_training_budget_by_hand():
     """The default runs: PPO-max 150 × 64 responses, (150 - 10 pre-training) × 1 epoch × 2 minibatches = 280 policy
     steps (560 with the old 2 epochs); RLOO and RAFT 9,600 responses and 150 × 2 steps; DPO its saved steps."""
-    from compare import training_budget
+    from studies.compare import training_budget
     ppo_cfg = dict(n_iters=150, rollout_batch=64, minibatch=32, ppo_epochs=1, critic_pretrain_iters=10)
     assert training_budget(dict(stage="ppo", config=ppo_cfg, step=150)) == (9600, 280)
     assert training_budget(dict(stage="ppo", config=dict(ppo_cfg, ppo_epochs=2), step=150)) == (9600, 560)

@@ -6,6 +6,7 @@ import pytest
 
 import data
 from data import EOS_TEXT as E
+from external import hh_rlhf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "samples", "hh_rlhf_sample.jsonl")
@@ -89,7 +90,7 @@ def test_annotators_follow_gold_and_length_bias():
 
 def test_hh_loader_on_repo_sample(tmp_path):
     """The HH-RLHF loader splits at the last Assistant turn, keeps multi-turn context, and reads .gz too."""
-    recs = data.load_hh_jsonl(SAMPLE)
+    recs = hh_rlhf.load_hh_jsonl(SAMPLE)
     assert len(recs) == 6
     for r in recs:
         assert r["prompt"].startswith("\n\nHuman:") and r["prompt"].endswith("\n\nAssistant:")
@@ -99,7 +100,7 @@ def test_hh_loader_on_repo_sample(tmp_path):
     gz = tmp_path / "sample.jsonl.gz"
     with open(SAMPLE, "rb") as f, gzip.open(gz, "wb") as g:
         g.write(f.read())
-    assert data.load_hh_jsonl(str(gz)) == recs
+    assert hh_rlhf.load_hh_jsonl(str(gz)) == recs
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -121,7 +122,7 @@ def test_hh_loader_malformed(tmp_path, lines, message):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError) as e:
-        data.load_hh_jsonl(str(path))
+        hh_rlhf.load_hh_jsonl(str(path))
     assert str(path) in str(e.value) and message in str(e.value)
 
 
@@ -143,14 +144,14 @@ def test_hh_loader_skips_what_real_files_contain_with_one_warning(capsys):
     with open(QUIRKS, "rb") as f:
         raw = f.read()
     assert raw.startswith(b"\xef\xbb\xbf") and b"\r\n" in raw and b"\r\n\r\n" in raw  # the quirks are really there
-    recs = data.load_hh_jsonl(QUIRKS)
+    recs = hh_rlhf.load_hh_jsonl(QUIRKS)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(recs) == 4 and len(err) == 1
     assert "skipped 3 of 7 records" in err[0] and "2 whose chosen and rejected differ" in err[0]
     assert "(lines 2, 8)" in err[0] and "(line 5)" in err[0]
     assert all(r["prompt"].startswith("\n\nHuman:") and "\r" not in r["prompt"] + r["chosen"] + r["rejected"]
                for r in recs)
-    assert data.hh_splits(QUIRKS)["train"]                              # the stages' split works on it
+    assert hh_rlhf.hh_splits(QUIRKS)["train"]                              # the stages' split works on it
 
 
 def test_a_stage_on_a_real_format_file_prints_one_summary_per_kind(tmp_path, capsys):

@@ -2,8 +2,8 @@
 helpers read logs correctly; the 150-iteration PPO-max curve really is the start of the 300-iteration run."""
 import os
 
-import experiments
 import ppo_rlhf
+from studies import experiments
 from utils import load_checkpoint, read_jsonl
 
 TIMING = {"t_generate", "t_score", "t_train", "t_iter"}

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-import bench
 import data
 import ppo_rlhf as ppo
 import tokenizer as tok
 from model import GPT, GPTConfig, ScalarHeadGPT
+from studies import bench
 from utils import autocast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +159,7 @@ def test_iteration_flops_by_hand():
 
 @pytest.mark.parametrize("algo", ["ppo", "rloo", "generate"])
 def test_bench_quick_runs(algo):
-    r = subprocess.run([sys.executable, "bench.py", "--quick", "--algo", algo], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "studies.bench", "--quick", "--algo", algo], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "tokens/s" in r.stdout and "peak RSS" in r.stdout

@@ -11,9 +11,9 @@ The implicit reward is r̂(x, y) = β·(log π(y|x) - log π_ref(y|x)); we log i
 responses, the margin and the share of pairs it orders like the labels. At step 0, π = π_ref: h = 0, loss = ln 2.
 
 Run (after train_sft.py and reward_model.py; writes out/dpo.pt, out/dpo_log.jsonl, out/dpo_curves.png):
-    python dpo.py
-    python dpo.py --beta 0.3 --label_smoothing 0.1 --out_dir out/cdpo
-    python dpo.py --help
+    python -m algorithms.dpo
+    python -m algorithms.dpo --beta 0.3 --label_smoothing 0.1 --out_dir out/cdpo
+    python -m algorithms.dpo --help
 
 Deliberate choices:
   1. The pairs are regenerated from the reward-model checkpoint's config (same seed, n_train, τ and length
@@ -36,12 +36,11 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from model import pick_device
 from ppo_rlhf import load_policy, logprobs_from_logits
 from reward_model import make_pairs
 from train_sft import build_sft_example, collate, sample_responses
 from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, fit_prompt, load_checkpoint, parse_config,
-                   plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
+                   pick_device, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
 
 
 @dataclass

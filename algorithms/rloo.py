@@ -15,11 +15,11 @@ One iteration:
   4. update    loss = -mean_i A_i · Σ_t log π(y_i,t)  over `minibatches` shuffled minibatches, one pass
 
 Run (after train_sft.py and reward_model.py; writes out/rloo.pt, out/rloo_log.jsonl, out/rloo_curves.png):
-    python rloo.py                                            # RLOO, k = 4
-    python rloo.py --baseline moving_avg --k 1 --out_dir out/reinforce
+    python -m algorithms.rloo                                            # RLOO, k = 4
+    python -m algorithms.rloo --baseline moving_avg --k 1 --out_dir out/reinforce
     python ppo_rlhf.py --preset vanilla_pg --out_dir out/vanilla_pg   # the paper's "vanilla PG" (eq. 9): PPO's
                                     # token-level path with γ = λ = 1, one step per batch, no clipping at work
-    python rloo.py --help
+    python -m algorithms.rloo --help
 
 Deliberate choices:
   1. Samples per iteration match PPO's default (16 prompts × k = 4 = 64 rollouts), so a comparison can
@@ -40,11 +40,10 @@ import torch
 
 import data
 import tokenizer as tok
-from model import pick_device
 from ppo_rlhf import load_models, logprobs_from_logits, response_logits, rollout
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, parse_config, plot_curves, read_jsonl,
-                   run_main, save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, parse_config, pick_device, plot_curves,
+                   read_jsonl, run_main, save_checkpoint, seed_everything, table)
 
 
 @dataclass

@@ -14,11 +14,11 @@ model, with the same seed, so two runs differ only in the switches listed in EXP
                          default β = 0.1 and with β = 0.2
 
 Run (after pipeline.py, which writes out/sft.pt and out/rm.pt):
-    python experiments.py                         # all runs (about 65 min on 2 CPU cores), then the figures
-    python experiments.py --only vanilla kl_0.1   # some runs
-    python experiments.py --plot_only             # redraw figures and tables from the existing logs
-    python experiments.py --fig_dir docs/experiments   # where the committed figures come from
-    python experiments.py --quick --sft_ckpt out/tiny/sft.pt --rm_ckpt out/tiny/rm.pt --out_dir out/tiny/exp
+    python -m studies.experiments                         # all runs (about 65 min on 2 CPU cores), then the figures
+    python -m studies.experiments --only vanilla kl_0.1   # some runs
+    python -m studies.experiments --plot_only             # redraw figures and tables from the existing logs
+    python -m studies.experiments --fig_dir docs/experiments   # where the committed figures come from
+    python -m studies.experiments --quick --sft_ckpt out/tiny/sft.pt --rm_ckpt out/tiny/rm.pt --out_dir out/tiny/exp
 
 Outputs in out_dir: <run>/ppo_log.jsonl (+ ppo.pt, ppo_curves.png) per run, summary.md and summary.json; in
 fig_dir: one PNG per figure of FIGURES, reward_distribution.png (paper Fig. 13) and summary.md again.

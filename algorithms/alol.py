@@ -16,9 +16,9 @@ The whole response is one action. With s_θ = Σ_t log π_θ(y_t|·) (a token su
      The clip is done in log space (log ρ ∈ [log(1-ε), log(1+ε)]), so a long response cannot overflow exp.
 
 Run (after train_sft.py and reward_model.py; writes out/alol.pt, out/alol_log.jsonl, out/alol_curves.png):
-    python alol.py                                # A-LoL
-    python alol.py --variant seq --out_dir out/alol_seq
-    python alol.py --help
+    python -m algorithms.alol                                # A-LoL
+    python -m algorithms.alol --variant seq --out_dir out/alol_seq
+    python -m algorithms.alol --help
 
 Deliberate choices:
   1. Dropout is 0 everywhere, so ρ = 1 exactly at the start (the official QLoRA code has dropout, so ρ != 1).
@@ -45,12 +45,11 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from model import pad_batch, pick_device
 from ppo_rlhf import load_models, logprobs_from_logits, response_logits
 from reward_model import make_pairs
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, fit_prompt, parse_config, plot_curves,
-                   read_jsonl, run_main, save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, fit_prompt, pad_batch, parse_config,
+                   pick_device, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
 
 
 @dataclass

@@ -12,21 +12,18 @@ Seeds change the RL stage only (prompt order, sampling, minibatches); SFT and RM
 
 Run (after pipeline.py, which writes out/sft.pt and out/rm.pt; writes out/compare/compare.md, compare.jsonl and
 compare_reward_kl.png):
-    python compare.py                                  # 5 methods × 3 seeds, about 35 minutes on 2 CPU cores
-    python compare.py --methods ppo_max rloo --seeds 0 # a subset
-    python compare.py --quick --sft_ckpt out/tiny/sft.pt --rm_ckpt out/tiny/rm.pt --out_dir out/tiny/compare
+    python -m studies.compare                                  # 5 methods × 3 seeds, about 35 minutes on 2 CPU cores
+    python -m studies.compare --methods ppo_max rloo --seeds 0 # a subset
+    python -m studies.compare --quick --sft_ckpt out/tiny/sft.pt --rm_ckpt out/tiny/rm.pt --out_dir out/tiny/compare
 """
 import argparse
 import json
 import os
 import statistics
 
-import alol
-import dpo
 import evaluate
 import ppo_rlhf
-import raft
-import rloo
+from algorithms import alol, dpo, raft, rloo
 from utils import load_checkpoint, run_main
 
 # method -> (module, extra arguments, checkpoint file, training data)

@@ -12,9 +12,9 @@ The k-1 other samples are thrown away: the paper's explanation for why RLOO, whi
 is more sample-efficient.
 
 Run (after train_sft.py and reward_model.py; writes out/raft.pt, out/raft_log.jsonl, out/raft_curves.png):
-    python raft.py
-    python raft.py --k 8 --rank_by score
-    python raft.py --help
+    python -m algorithms.raft
+    python -m algorithms.raft --k 8 --rank_by score
+    python -m algorithms.raft --help
 
 Deliberate choices:
   1. Samples per iteration match PPO's and RLOO's defaults (16 prompts × k = 4 = 64).
@@ -31,12 +31,11 @@ import torch
 
 import data
 import tokenizer as tok
-from model import pick_device
 from ppo_rlhf import load_models, logprobs_from_logits, masked_mean, response_logits, rollout
-from rloo import kl_shaped_rewards
+from algorithms.rloo import kl_shaped_rewards
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, parse_config, plot_curves, read_jsonl,
-                   run_main, save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, parse_config, pick_device, plot_curves,
+                   read_jsonl, run_main, save_checkpoint, seed_everything, table)
 
 
 @dataclass

@@ -21,14 +21,14 @@ What it prints:
   epochs x (forward + backward + AdamW step) of policy and critic; and the ratio iteration / floor.
 
 Run (one workload per process, so peak RSS is that workload's own):
-    python bench.py                    # PPO, vocab 8192
-    python bench.py --vocab 50257      # PPO, GPT-2's vocabulary size
-    python bench.py --algo rloo        # RLOO on the same rollouts
-    python bench.py --algo generate    # KV-cache generation of 64 x 48 tokens only
-    python bench.py --algo hf_generate # the same with transformers' GPT-2 generate (needs requirements-dev.txt)
-    python bench.py --algo pipeline    # the default pipeline.py end to end (~9 min), wall time and peak RSS
-    python bench.py --all              # each of the above in its own process, then a summary table
-    python bench.py --quick            # tiny sizes, 2 iterations: checks the wiring (the tests run this)
+    python -m studies.bench                    # PPO, vocab 8192
+    python -m studies.bench --vocab 50257      # PPO, GPT-2's vocabulary size
+    python -m studies.bench --algo rloo        # RLOO on the same rollouts
+    python -m studies.bench --algo generate    # KV-cache generation of 64 x 48 tokens only
+    python -m studies.bench --algo hf_generate # the same with transformers' GPT-2 generate (needs requirements-dev.txt)
+    python -m studies.bench --algo pipeline    # the default pipeline.py end to end (~9 min), wall time and peak RSS
+    python -m studies.bench --all              # each of the above in its own process, then a summary table
+    python -m studies.bench --quick            # tiny sizes, 2 iterations: checks the wiring (the tests run this)
 
 Shape legend: B rollouts, Tp prompt tokens, Tr response tokens, T = Tp + Tr, C width, V vocab, L layers.
 """
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 import ppo_rlhf
-import rloo
+from algorithms import rloo
 from model import GPT, GPTConfig, ScalarHeadGPT
 from utils import run_main
 
