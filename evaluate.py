@@ -33,9 +33,10 @@ import torch
 import data
 import tokenizer as tok
 from external import hh_rlhf
-from model import ScalarHeadGPT
-from ppo_rlhf import load_policy, logprobs_from_logits, response_logits, rm_win_rate, without_dropout
-from utils import TRUNCATIONS, fit_prompt, load_checkpoint, load_weights, pad_batch, pick_device, run_main, table
+from model import ScalarHeadGPT, logprobs_from_logits, response_logits
+from reward_model import score_texts
+from utils import (TRUNCATIONS, fit_prompt, load_checkpoint, load_policy, load_weights, pad_batch, pick_device, run_main,
+                   table, without_dropout)
 
 
 def distinct_n(texts, n):
@@ -57,7 +58,7 @@ def sample_and_score(policy, sft, rm, enc, prompts, max_new_tokens, temperature,
                                    for p in prompts[i:i + batch_size]], tok.pad_id(enc), left=True)
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)                 # (B, Tp)
         resp = policy.generate(p_ids, p_mask, max_new_tokens, tok.eos_id(enc), tok.pad_id(enc),
-                               temperature=temperature, generator=gen)      # (B, Tr)
+                               temperature=temperature, generator=gen).tokens  # (B, Tr)
         mask = (resp != tok.pad_id(enc)).long()                             # (B, Tr)
         seq, seq_mask = torch.cat([p_ids, resp], 1), torch.cat([p_mask, mask], 1)  # (B, T)
         Tp = p_ids.shape[1]
@@ -68,6 +69,42 @@ def sample_and_score(policy, sft, rm, enc, prompts, max_new_tokens, temperature,
         out["length"] += mask.sum(1).tolist()
         out["texts"] += [tok.decode(enc, r) for r in resp.tolist()]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Monitors the RL stages use during training
+
+def collapse_signature(history, max_new_tokens, window):
+    """
+    The paper's pattern-collapse signature (§5.2, Fig. 4) in the last `window` iterations of `history`
+    (list of metric dicts), compared with the window before: returns the reasons found, [] if none.
+      length heading to the max (mean length ≥ 90% of max_new_tokens, or EOS rate < 50%),
+      KL rising while the RM score rises and the gold reward falls.
+    """
+    if len(history) < 2 * window:
+        return []
+    now, before = history[-window:], history[-2 * window:-window]
+    avg = lambda rows, k: sum(r[k] for r in rows) / len(rows)
+    reasons = []
+    if avg(now, "length") >= 0.9 * max_new_tokens or avg(now, "eos_rate") < 0.5:
+        reasons.append(f"length {avg(now, 'length'):.1f}/{max_new_tokens}, EOS rate {avg(now, 'eos_rate'):.2f}")
+    if (avg(now, "kl_seq") > avg(before, "kl_seq") + 0.5 and avg(now, "score_raw") > avg(before, "score_raw")
+            and avg(now, "gold") < avg(before, "gold") - 0.05):
+        reasons.append(f"KL {avg(before, 'kl_seq'):.2f}->{avg(now, 'kl_seq'):.2f}, RM score up "
+                       f"{avg(before, 'score_raw'):.2f}->{avg(now, 'score_raw'):.2f}, gold down "
+                       f"{avg(before, 'gold'):.2f}->{avg(now, 'gold'):.2f}")
+    return reasons
+
+
+@torch.no_grad()
+def rm_win_rate(rm, enc, prompts, responses, opponents, device, batch_size=64):
+    """Win rate of `responses` over `opponents` on the same prompts judged by the reward model (tie = ½): the
+    judge when there is no gold reward (real data). Say so wherever it is reported: the policy is trained on
+    this very judge."""
+    scores = lambda texts: [x for i in range(0, len(prompts), batch_size)
+                            for x in score_texts(rm, enc, prompts[i:i + batch_size], texts[i:i + batch_size],
+                                                 device).tolist()]
+    return data.win_rate(scores(responses), scores(opponents))
 
 
 def main(argv=None):

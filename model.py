@@ -32,6 +32,7 @@ Shape legend (used in comments throughout):
 """
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -210,9 +211,9 @@ class GPT(nn.Module):
         prompt (B, Tp) ids, left-padded with pad_id; prompt_mask (B, Tp) 1 on real tokens.
         temperature 0 means greedy (argmax). A row that emits eos_id is finished: later positions get pad_id;
         eos_id=None never stops (every row gets exactly max_new_tokens: the benchmark's fixed workload).
-        Returns response ids (B, Tr), Tr <= max_new_tokens (generation stops early once every row finished).
+        Returns a Generation: response ids (B, Tr), Tr <= max_new_tokens (it stops early once every row finished).
         use_cache=False recomputes the whole sequence each step (slow; the reference the cache is tested against).
-        return_logprobs=True also returns (logprobs (B, Tr), entropy (B, Tr)) of the sampled tokens under
+        return_logprobs=True also fills its logprobs (B, Tr) and entropy (B, Tr) of the sampled tokens under
         softmax(logits / temperature), the distribution PPO's forward pass scores (0 at padding), so PPO can skip
         a second forward pass of the policy (ppo_rlhf.rollout, --fast_rollout). It cannot be combined with
         top_k: the tokens would be sampled from the truncated distribution but scored under the full one.
@@ -241,8 +242,8 @@ class GPT(nn.Module):
             else:
                 h = self.hidden(seq, mask, position_ids(mask))[:, -1]          # (B, C)
             logits = self.logits(h)                                            # (B, V) fp32
-            if temperature not in (0, 1):                                      # x / 1 = x: skip the pass
-                logits = logits / temperature
+            if temperature not in (0, 1):
+                logits = logits / temperature                                  # (B, V)
             probs = None
             if return_logprobs:  # the tempered distribution, as response_logits gives it
                 logp = F.log_softmax(logits, dim=-1)                           # (B, V)
@@ -270,9 +271,17 @@ class GPT(nn.Module):
             seq = torch.cat([seq, step_in], dim=1)                             # (B, T + 1)
             pos = pos[:, -1:] + 1                                              # (B, 1) next position per row
             mask = torch.cat([mask, torch.ones_like(step_in)], dim=1)          # (B, S + 1)
-        if return_logprobs:
-            return torch.stack(out, 1), torch.stack(out_logp, 1), torch.stack(out_ent, 1)  # (B, Tr) each
-        return torch.stack(out, dim=1)                                         # (B, Tr)
+        if not return_logprobs:
+            return Generation(torch.stack(out, 1))
+        return Generation(torch.stack(out, 1), torch.stack(out_logp, 1), torch.stack(out_ent, 1))  # (B, Tr) each
+
+
+@dataclass
+class Generation:
+    """What GPT.generate returns."""
+    tokens: torch.Tensor                      # (B, Tr) sampled ids, pad_id after a row's EOS
+    logprobs: Optional[torch.Tensor] = None   # (B, Tr) log-prob of each sampled token at τ (return_logprobs)
+    entropy: Optional[torch.Tensor] = None    # (B, Tr) entropy of the sampling distribution (return_logprobs)
 
 
 def sample_categorical(probs, generator=None):
@@ -315,3 +324,26 @@ class ScalarHeadGPT(nn.Module):
         """Reward-model score (B,): the value at each row's last real token (EOS when the answer ended)."""
         values = self(idx, mask)                                               # (B, T)
         return values.gather(1, last_token_index(mask)[:, None]).squeeze(1)    # (B,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What every RL stage asks of a model about the responses it sampled (PPO, RLOO, RAFT, DPO, A-LoL, evaluate)
+
+def response_logits(model, seq, mask, n_prompt, temperature):
+    """Logits (B, Tr, V) / τ that predicted each response token of seq (B, T), whose first n_prompt positions
+    are the (left-padded) prompt: only those positions reach the LM head."""
+    h = model.hidden(seq, mask)                                           # (B, T, C)
+    logits = model.logits(h[:, n_prompt - 1:-1])                         # (B, Tr, V)
+    return logits if temperature == 1 else logits / temperature           # (B, Tr, V)
+
+
+def logprobs_from_logits(logits, tokens):
+    """log π(tokens) under `logits`: (B, T, V), (B, T) -> (B, T)."""
+    logp = F.log_softmax(logits.float(), dim=-1)                          # (B, T, V)
+    return logp.gather(-1, tokens[..., None]).squeeze(-1)                 # (B, T)
+
+
+def entropy_from_logits(logits):
+    """Per-position entropy (B, T) of softmax(logits)."""
+    logp = F.log_softmax(logits.float(), dim=-1)                          # (B, T, V)
+    return -(logp.exp() * logp).sum(-1)                                   # (B, T)

@@ -1,11 +1,11 @@
 """
 Stage 3: token-level PPO with GAE and a per-token KL penalty to the frozen SFT reference, with every trick of
 the PPO-max recipe as a switch (Zheng et al. 2023, "Secrets of RLHF in Large Language Models Part I: PPO",
-arXiv 2307.04964; "the paper" below; "the code" is its released MOSS-RLHF trainer).
+arXiv 2307.04964, "the paper"; "the code" is its released MOSS-RLHF trainer).
 
 One PPO iteration, as numbered in main():
   1. rollout      sample responses to a batch of left-padded prompts (pure temperature, KV cache)    paper §3.1
-  2. logprobs     old_logprobs (policy at rollout time, for the ratio), ref_logprobs (frozen SFT, for
+  2. score them   old_logprobs (policy at rollout time, for the ratio), ref_logprobs (frozen SFT, for
                   the KL), values (critic), and the RM score at the last real token                  §3.2, §5.3.3
   3. score        processing: none | scale (÷ running std) | norm_clip (running mean/std, clip ±δ)   §5.3.1 eq. 18
   4. reward       r_t = -β·(old_logprobs - ref_logprobs)_t on every response token, r_T += score     §3.1 eq. 3, eq. 19
@@ -28,54 +28,50 @@ Run (after train_sft.py and reward_model.py; writes out/ppo.pt, out/ppo_log.json
     python ppo_rlhf.py --help
 On CUDA the forward passes run under bf16 autocast (`--amp`); CPU and MPS run fp32.
 
-Deliberate choices (where the paper and its code disagree, see shared notes §1.5):
-  1. Score processing: the paper's norm + clip (eq. 18) is the PPO-max default; the code's shipped scripts
-     use scaling only (`--score_norm scale`).
+Deliberate choices (where the paper and its code disagree, or where we differ from both):
+  1. Score processing: the paper's norm + clip (eq. 18) is the default; the code's scripts only scale.
   2. GAE λ = 0.95 and γ = 1 as in the code (the paper's App. C.3 says λ = 0.9).
-  3. Critic pre-training (paper §5.3.3, §5.4) is implemented: `critic_pretrain_iters` iterations that update
-     only the critic before the policy moves. The released code does not have it.
-  4. PTX loss (paper §5.4, eq. 17) is a switch with weight 0 by default, as in the released scripts; our
-     "pre-training data" is the SFT demonstrations.
-  5. Old log-probs come from the sampling loop, which already computed softmax(logits / τ) at every response
-     position (`--fast_rollout true`; the same numbers as a second forward pass up to float rounding, so the
-     first-minibatch ratio is 1 ± 1e-6; `--fast_rollout false` runs that forward, giving a ratio of exactly 1 and
-     the exact KL over the vocabulary as a metric). Under autocast (bf16 on CUDA) the second forward always runs:
-     the sampling loop's one-token steps and the update's full forward may round bf16 matmuls differently, and
-     the first ratio must be 1 (measured under CPU bf16 autocast: 1 within 1e-5 through rollout and update,
-     tests/test_perf.py; not measured on a GPU). Log-probs use the sampling temperature everywhere (the code
-     scores with raw logits after sampling with τ = 0.8, top-p and a repetition penalty).
-  6. A tiny model trains with tiny-model learning rates (policy 1e-5... see Config), not the 7B ones.
+  3. Critic pre-training (§5.3.3, §5.4): `critic_pretrain_iters` iterations update only the critic before the
+     policy moves. The released code does not have it.
+  4. PTX loss (§5.4, eq. 17) is a switch with weight 0, as in the code's scripts; our "pre-training data" is
+     the SFT demonstrations.
+  5. Old log-probs come from the sampling loop (`--fast_rollout`, old_logprobs_from_sampling): equal to a second
+     forward up to rounding, first-minibatch ratio 1 ± 1e-6 in fp32. Under autocast the second forward always
+     runs, as one-token and full-sequence bf16 matmuls may round differently (ratio 1 within 1e-5 under CPU
+     bf16, tests/test_perf.py; not measured on a GPU). Every log-prob uses the sampling temperature (the code
+     scores raw logits after sampling with τ = 0.8, top-p and a repetition penalty).
+  6. Tiny-model learning rates (policy 3e-5, critic 1e-4), not the 7B ones.
   7. One optimiser with two parameter groups (policy, critic) and one global grad-norm clip, as the code does.
-  8. β = 0.1 (the code's zh script; the middle of the paper's Fig. 15 hierarchy). With the paper's 0.05, one of
-     three seeds on the toy task drifted into the collapse signature at iteration ~130 of 150.
-  9. Dropout is off in the policy, reference, critic and RM (without_dropout), whatever SFT and the RM trained
-     with: with an SFT dropout of 0.1 left in, the first-minibatch ratio was 0.992 on average (1.135 at most)
-     and the critic's values moved by up to 1.1 between train and eval mode.
+  8. β = 0.1 (the code's zh script; the middle of the paper's Fig. 15). With the paper's 0.05, one of three
+     seeds drifted into the collapse signature at iteration ~130 of 150.
+  9. Dropout is off in every model here (utils.without_dropout): with an SFT dropout of 0.1 left in, the
+     first-minibatch ratio was 0.992 on average (1.135 at most) and the critic's values moved by up to 1.1.
 
 Shape legend: B rollouts per iteration, Tp prompt length (left-padded), Tr response length (right-padded with
 PAD after EOS), T = Tp + Tr, V vocab, b minibatch size. Per-token tensors are (B, Tr) over response positions;
 `mask` is 1 on real response tokens (up to and including EOS).
 """
-import copy
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 import data
 import tokenizer as tok
+from evaluate import collapse_signature, rm_win_rate
 from external import hh_rlhf
 from external.gpt2 import load_gpt2
-from model import GPT, GPTConfig, ScalarHeadGPT, last_token_index
-from reward_model import score_texts
+from model import (GPT, ScalarHeadGPT, entropy_from_logits, last_token_index, logprobs_from_logits,
+                   response_logits)
 from train_sft import collate, encode_demos, sample_responses, sft_loss
 from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt,
-                   load_checkpoint, load_weights, pad_batch, parse_config, pick_device, plot_curves, read_jsonl,
-                   rng_state, run_main, save_checkpoint, seed_everything, set_rng_state, table)
+                   load_checkpoint, load_models, load_weights, pad_batch, parse_config, pick_device, plot_curves,
+                   read_jsonl, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state, table,
+                   without_dropout)
 
 
 @dataclass
@@ -83,7 +79,6 @@ class Config:
     sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference")
     rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint (frozen); also the critic's init")
     out_dir: str = field("out", "where ppo.pt, ppo_log.jsonl and ppo_curves.png are written")
-    preset: str = field("ppo_max", "the preset this config came from (set by --preset)")
     data: str = field("toy", "toy (the built-in task, with a gold reward), or HH-RLHF .jsonl/.jsonl.gz file(s), "
                              "comma-separated: PPO on their prompts; no gold, the win rate is judged by the RM")
     seed: int = field(0, "seeds prompts, sampling and minibatch order")
@@ -150,14 +145,100 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pure functions (imported by tests, notebooks and the other algorithms)
+# Steps 1-2: the rollout and everything computed about it before any update
 
-def logprobs_from_logits(logits, tokens):
-    """log π(tokens) under `logits`: (B, T, V), (B, T) -> (B, T). (log_softmax + gather measured faster on CPU
-    than logit - logsumexp or cross_entropy, forward and backward.)"""
-    logp = F.log_softmax(logits.float(), dim=-1)                          # (B, T, V)
-    return logp.gather(-1, tokens[..., None]).squeeze(-1)                 # (B, T)
+@dataclass
+class Rollout:
+    """One batch of sampled responses with what step 2 computes for them; every tensor is per row (B, ...)."""
+    seq: torch.Tensor                  # (B, T) prompt (left-padded) + response (right-padded) ids
+    seq_mask: torch.Tensor             # (B, T) 1 on real tokens
+    response: torch.Tensor             # (B, Tr) sampled ids, PAD after EOS
+    mask: torch.Tensor                 # (B, Tr) 1 on real response tokens, up to and including EOS
+    old_logprobs: torch.Tensor         # (B, Tr) log π_old(a_t|s_t) at τ: the ratio's denominator
+    ref_logprobs: torch.Tensor         # (B, Tr) log π_ref(a_t|s_t) at τ: the KL penalty's reference
+    values: torch.Tensor               # (B, Tr) V(s_t) of the critic (zeros without a critic)
+    scores: torch.Tensor               # (B,) RM score at the last real token
+    entropy: torch.Tensor              # (B, Tr) entropy of π_old(·|s_t) at τ (monitoring, entropy bonus)
+    exact_kl: Optional[torch.Tensor]   # (B, Tr) KL(π_old || π_ref) over the vocabulary (fast=False only)
+    n_prompt: int                      # Tp: the response starts at seq[:, Tp]
+    t_generate: float = 0.0            # seconds spent sampling
+    t_score: float = 0.0               # seconds spent in step 2
 
+    def rows(self, idx):
+        """The same Rollout for rows idx (n,): every per-row tensor sliced alike."""
+        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def encode_prompts(enc, prompts, room, truncate):
+    """Prompt strings -> left-padded (ids (B, Tp), mask (B, Tp)), each cut from the left to `room` tokens."""
+    return pad_batch([fit_prompt(tok.encode(enc, p), room, truncate, f"prompt {p[:40]!r}") for p in prompts],
+                     tok.pad_id(enc), left=True)
+
+
+@torch.no_grad()
+def rollout(policy, ref, rm, critic, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_id, pad_id,
+            generator, fast=True):
+    """
+    Steps 1-2 for left-padded prompts (B, Tp), one no-grad pass per model (critic may be None: RLOO, RAFT).
+    eos_id=None samples exactly max_new_tokens (the benchmark). Under autocast `fast` is ignored (docstring,
+    choice 5). Returns a Rollout.
+    """
+    policy.eval()
+    if critic is not None:
+        critic.eval()
+    fast = fast and not torch.is_autocast_enabled(prompt_ids.device.type)
+    # 1. sample responses: pure temperature, KV cache; a row that emits EOS is padded with PAD after it
+    t0 = time.time()
+    sample = policy.generate(prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=temperature,
+                             generator=generator, return_logprobs=fast)
+    t_generate = time.time() - t0
+    response = sample.tokens                                              # (B, Tr)
+    mask = (response != pad_id).long()                                    # (B, Tr) 1 up to and incl. EOS
+    seq = torch.cat([prompt_ids, response], dim=1)                        # (B, T)
+    seq_mask = torch.cat([prompt_mask, mask], dim=1)                      # (B, T)
+    n_prompt = prompt_ids.shape[1]
+    # 2. old_logprobs (the policy that sampled), ref_logprobs (frozen SFT), values (critic), scores (RM)
+    ref_logits = response_logits(ref, seq, seq_mask, n_prompt, temperature)    # (B, Tr, V)
+    ref_logprobs = logprobs_from_logits(ref_logits, response) * mask      # (B, Tr)
+    if fast:
+        old_logprobs, entropy, exact_kl = *old_logprobs_from_sampling(sample, mask), None  # (B, Tr) each
+    else:
+        logits = response_logits(policy, seq, seq_mask, n_prompt, temperature)  # (B, Tr, V)
+        old_logprobs = logprobs_from_logits(logits, response) * mask      # (B, Tr) as the update computes it
+        entropy = entropy_from_logits(logits) * mask                      # (B, Tr)
+        exact_kl = exact_kl_per_position(logits, ref_logits) * mask       # (B, Tr)
+        del logits
+    del ref_logits                                                        # the largest tensors: free them first
+    values = (response_values(critic, seq, seq_mask, n_prompt).float() * mask if critic is not None
+              else torch.zeros_like(old_logprobs))                        # (B, Tr)
+    scores = rm.score(seq, seq_mask).float()                              # (B,) at the last real token
+    return Rollout(seq, seq_mask, response, mask, old_logprobs, ref_logprobs, values, scores, entropy, exact_kl,
+                   n_prompt, t_generate, time.time() - t0 - t_generate)
+
+
+def old_logprobs_from_sampling(sample, mask):
+    """
+    Performance (--fast_rollout): the sampling loop already computed softmax(logits / τ) at every response
+    position, so old_logprobs and the entropy are read from it instead of from a second forward of the policy.
+    Equal to that forward up to float rounding (tests/test_perf.py). Returns (old_logprobs, entropy), (B, Tr).
+    """
+    return sample.logprobs * mask, sample.entropy * mask
+
+
+def exact_kl_per_position(logits, ref_logits):
+    """KL(π || π_ref) summed over the vocabulary at each position (B, Tr): a metric, not the penalty."""
+    logp, ref_logp = logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)  # (B, Tr, V) each
+    return (logp.exp() * (logp - ref_logp)).sum(-1)                       # (B, Tr)
+
+
+def response_values(critic, seq, mask, n_prompt):
+    """Critic values (B, Tr) of the state before each response token."""
+    return critic(seq, mask)[:, n_prompt - 1:-1]                          # (B, Tr)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Steps 3-6 as pure functions (imported by the tests, the notebooks and the other algorithms)
 
 def masked_mean(x, mask, dim=None):
     """Mean of x over positions where mask is 1 (over `dim`, or everything)."""
@@ -276,101 +357,94 @@ def kl_rewards(old_logprobs, ref_logprobs, mask, scores, kl_coef):
     return rewards
 
 
-def response_logits(model, seq, mask, n_prompt, temperature):
-    """Logits (B, Tr, V) / τ that predicted each response token: only those positions reach the LM head."""
-    h = model.hidden(seq, mask)                                           # (B, T, C)
-    logits = model.logits(h[:, n_prompt - 1:-1])                         # (B, Tr, V)
-    return logits if temperature == 1 else logits / temperature           # x / 1 = x: skip the pass
-
-
-def response_values(critic, seq, mask, n_prompt):
-    """Critic values (B, Tr) of the state before each response token."""
-    return critic(seq, mask)[:, n_prompt - 1:-1]                          # (B, Tr)
-
-
-def entropy_from_logits(logits):
-    """Per-position entropy (B, T) of softmax(logits)."""
-    logp = F.log_softmax(logits.float(), dim=-1)                          # (B, T, V)
-    return -(logp.exp() * logp).sum(-1)                                   # (B, T)
-
-
 def explained_variance(values, returns, mask):
     """1 - Var(returns - values) / Var(returns) over masked tokens (1 = perfect critic, ≤ 0 = useless)."""
     var_r = masked_var(returns, mask)
     return (1 - masked_var(returns - values, mask) / var_r.clamp(min=1e-8)).item()
+# ----------------------------------------------------------------------------------------------------
+# Step 6: the update
 
-
-def collapse_signature(history, max_new_tokens, window):
+def ppo_losses(policy, critic, batch, advantages, returns, cfg, update_policy):
     """
-    The paper's pattern-collapse signature (§5.2, Fig. 4) in the last `window` iterations of `history`
-    (list of metric dicts), compared with the window before: returns the reasons found, [] if none.
-      length heading to the max (mean length ≥ 90% of max_new_tokens, or EOS rate < 50%),
-      KL rising while the RM score rises and the gold reward falls.
+    The PPO losses on a minibatch (a Rollout of b rows) with its advantages and returns (b, Tr), sliced alike:
+        loss = vf_coef·vf_loss [+ pg_loss - entropy_coef·entropy]     (token means over these rows)
+    Returns (loss, stats).
     """
-    if len(history) < 2 * window:
-        return []
-    now, before = history[-window:], history[-2 * window:-window]
-    avg = lambda rows, k: sum(r[k] for r in rows) / len(rows)
-    reasons = []
-    if avg(now, "length") >= 0.9 * max_new_tokens or avg(now, "eos_rate") < 0.5:
-        reasons.append(f"length {avg(now, 'length'):.1f}/{max_new_tokens}, EOS rate {avg(now, 'eos_rate'):.2f}")
-    if (avg(now, "kl_seq") > avg(before, "kl_seq") + 0.5 and avg(now, "score_raw") > avg(before, "score_raw")
-            and avg(now, "gold") < avg(before, "gold") - 0.05):
-        reasons.append(f"KL {avg(before, 'kl_seq'):.2f}->{avg(now, 'kl_seq'):.2f}, RM score up "
-                       f"{avg(before, 'score_raw'):.2f}->{avg(now, 'score_raw'):.2f}, gold down "
-                       f"{avg(before, 'gold'):.2f}->{avg(now, 'gold'):.2f}")
-    return reasons
+    values = response_values(critic, batch.seq, batch.seq_mask, batch.n_prompt)       # (b, Tr)
+    vf_loss, value_stats = ppo_value_loss(values, batch.values, returns, batch.mask, cfg.vf_clip)
+    loss = cfg.vf_coef * vf_loss
+    stats = dict(vf_loss=vf_loss.item(), **value_stats)
+    if update_policy:
+        logits = response_logits(policy, batch.seq, batch.seq_mask, batch.n_prompt, cfg.temperature)  # (b, Tr, V)
+        logprobs = logprobs_from_logits(logits, batch.response)                       # (b, Tr)
+        pg_loss, policy_stats = ppo_policy_loss(logprobs, batch.old_logprobs, advantages, batch.mask, cfg.clip_eps)
+        loss = loss + pg_loss
+        stats.update(pg_loss=pg_loss.item(), **policy_stats)
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), batch.mask)
+    return loss, stats
 
 
-@torch.no_grad()
-def rm_win_rate(rm, enc, prompts, responses, opponents, device, batch_size=64):
-    """Win rate of `responses` over `opponents` on the same prompts judged by the reward model (tie = ½): the
-    judge when there is no gold reward (real data). Say so wherever it is reported: the policy is trained on
-    this very judge."""
-    scores = lambda texts: [x for i in range(0, len(prompts), batch_size)
-                            for x in score_texts(rm, enc, prompts[i:i + batch_size], texts[i:i + batch_size],
-                                                 device).tolist()]
-    return data.win_rate(scores(responses), scores(opponents))
+def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy, generator, ptx_data=None,
+               pad_id=None, where="PPO update"):
+    """
+    Step 6 (paper eqs. 15-17): cfg.ppo_epochs passes over the Rollout `ro` in shuffled minibatches of
+    cfg.minibatch rows; each minibatch takes one optimizer step on
+        loss = pg_loss + vf_coef·vf_loss - entropy_coef·entropy + ptx_coef·ptx_loss
+    with one global grad-norm clip over policy and critic. update_policy=False trains only the critic (critic
+    pre-training, §5.3.3). cfg.micro_batch > 0 accumulates a minibatch's gradient over chunks of that many
+    rows, each weighted by its share of the minibatch's tokens: the same step with less memory.
+    Returns one stats dict per minibatch.
+    """
+    policy.train()
+    critic.train()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    device, n_rows = ro.seq.device, ro.seq.shape[0]
+    all_stats = []
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n_rows, generator=generator).to(device)
+        for start in range(0, n_rows, cfg.minibatch):
+            rows = order[start:start + cfg.minibatch]                     # (b,)
+            mask, adv = ro.mask[rows], advantages[rows]                   # (b, Tr) each
+            if cfg.adv_whiten:                                            # over the whole minibatch
+                adv = masked_whiten(adv, mask)
+            if cfg.adv_clip > 0:
+                adv = torch.clamp(adv, -cfg.adv_clip, cfg.adv_clip)
+            opt.zero_grad(set_to_none=True)
+            chunk_size = cfg.micro_batch or len(rows)
+            n_tokens, total_loss, stats = mask.sum(), 0.0, {}
+            for chunk in range(0, len(rows), chunk_size):
+                part = slice(chunk, chunk + chunk_size)
+                share = (mask[part].sum() / n_tokens).item()              # this chunk's share of the tokens
+                with autocast(device, cfg.amp):
+                    loss, chunk_stats = ppo_losses(policy, critic, ro.rows(rows[part]), adv[part],
+                                                   returns[rows[part]], cfg, update_policy)
+                (share * loss).backward()
+                total_loss += share * loss.item()
+                for k, v in chunk_stats.items():                          # token-weighted means, the max of maxes
+                    stats[k] = max(stats.get(k, v), v) if k == "ratio_max" else stats.get(k, 0.0) + share * v
+            if update_policy and cfg.ptx_coef > 0:                        # PPO-ptx (eq. 17): one SFT batch
+                demos = [ptx_data[i] for i in torch.randint(len(ptx_data), (cfg.ptx_batch,), generator=generator)]
+                ids, attn_mask, loss_mask = collate(demos, pad_id, device)  # (p, T') each
+                with autocast(device, cfg.amp):
+                    ptx_loss = sft_loss(policy(ids, attn_mask), ids, loss_mask)
+                (cfg.ptx_coef * ptx_loss).backward()
+                total_loss += cfg.ptx_coef * ptx_loss.item()
+                stats.update(ptx_loss=ptx_loss.item())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            check_finite(where, loss=total_loss, grad_norm=grad_norm.item())
+            opt.step()
+            stats["grad_norm"] = grad_norm.item()
+            all_stats.append(stats)
+    return all_stats
 
 
-def without_dropout(model_config):
-    """A checkpoint's model_config -> GPTConfig with dropout 0. Every model after SFT and the RM (policy,
-    reference, critic, frozen RM; RL, DPO, A-LoL, evaluation) runs without dropout, whatever the SFT stage
-    trained with: dropout in the update's forward would make the first-minibatch ratio != 1 and the critic's
-    rollout values differ from the values it is trained against."""
-    return GPTConfig(**{**model_config, "dropout": 0.0})
-
-
-def load_policy(path, stages=None):
-    """A finished policy checkpoint -> (GPT without dropout, checkpoint dict); stages=None accepts every stage
-    but the RM's."""
-    ckpt = load_checkpoint(path, stages)
-    if ckpt["stage"] == "rm":
-        raise ValueError(f"{path}: is a reward-model checkpoint, not a policy")
-    model = GPT(without_dropout(ckpt["model_config"]))
-    load_weights(model, ckpt["model"], path)
-    return model, ckpt
-
-
-def load_models(sft_path, rm_path, device):
-    """The start of every RL stage: the SFT policy (to train), a frozen copy of it (the reference) and the frozen
-    reward model, on `device`; plus both checkpoint dicts. The RM must share the policy's vocabulary."""
-    policy, sft = load_policy(sft_path, ("sft",))
-    rm_ckpt = load_checkpoint(rm_path, "rm", sft["tokenizer_id"])
-    for k in ("vocab_size", "pad_id"):
-        if rm_ckpt["model_config"][k] != sft["model_config"][k]:
-            raise ValueError(f"{rm_path}: model_config {k}={rm_ckpt['model_config'][k]} but {sft_path} has "
-                             f"{sft['model_config'][k]}; the RM must score the policy's tokens")
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm = ScalarHeadGPT(without_dropout(rm_ckpt["model_config"]))
-    load_weights(rm, rm_ckpt["model"], rm_path)
-    rm.eval().requires_grad_(False)
-    return policy.to(device), ref.to(device), rm.to(device), sft, rm_ckpt
-
+# ----------------------------------------------------------------------------------------------------
+# Plumbing for main(): models, prompts, monitoring, checkpoints (no RLHF logic below this line but in main)
 
 def load_critic(init, sft, rm_ckpt, sft_path, rm_path):
     """The trainable critic (paper §5.3.3), without dropout: a copy of the reward model (init="rm") or the SFT
-    backbone with a fresh scalar head (init="sft"), from the loaded checkpoint dicts."""
+    backbone with a fresh scalar head (init="sft")."""
     critic = ScalarHeadGPT(without_dropout((rm_ckpt if init == "rm" else sft)["model_config"]))
     if init == "rm":
         load_weights(critic, rm_ckpt["model"], rm_path)
@@ -379,308 +453,223 @@ def load_critic(init, sft, rm_ckpt, sft_path, rm_path):
     return critic
 
 
-# ----------------------------------------------------------------------------------------------------
+def build_models(cfg, device):
+    """Policy (SFT copy, or the Fig. 8 ablation's random / GPT-2 init), frozen reference and RM, critic."""
+    policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
+    shape = policy.cfg
+    if cfg.policy_init == "random":
+        policy = GPT(without_dropout(sft["model_config"])).to(device)
+    elif cfg.policy_init != "sft":
+        policy = load_gpt2(cfg.policy_init, shape.block_size, shape.vocab_size, shape.pad_id).to(device)
+        if asdict(policy.cfg) != asdict(shape):
+            raise ValueError(f"--policy_init {cfg.policy_init}: GPT-2 of shape {asdict(policy.cfg)} but the SFT "
+                             f"policy (and its reference) has {asdict(shape)}")
+    if cfg.max_new_tokens >= shape.block_size:
+        raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size "
+                         f"{shape.block_size}")
+    critic = load_critic(cfg.critic_init, sft, rm_ckpt, cfg.sft_ckpt, cfg.rm_ckpt).to(device)
+    return policy, ref, rm, critic, sft, rm_ckpt
 
-@torch.no_grad()
-def rollout(policy, ref, rm, critic, enc, prompts, cfg, device, generator, fast=True):
-    """Steps 1-2 for prompt strings: encode and left-pad them, then rollout_ids. (critic may be None)"""
-    room = policy.cfg.block_size - cfg.max_new_tokens
-    p_ids, p_mask = pad_batch([fit_prompt(tok.encode(enc, p), room, cfg.truncate_prompts, f"prompt {p[:40]!r}")
-                               for p in prompts], tok.pad_id(enc), left=True)  # (B, Tp)
-    return rollout_ids(policy, ref, rm, critic, p_ids.to(device), p_mask.to(device), cfg, tok.eos_id(enc),
-                       tok.pad_id(enc), generator, fast)
+
+def load_prompts(cfg, sft, enc, order_rng):
+    """{"train"|"val"|"test": prompts} of the toy task, or of HH-RLHF files split as SFT and RM split them, and
+    the SFT demonstrations for the PTX term (None when ptx_coef is 0)."""
+    hh = None if cfg.data == "toy" else hh_rlhf.hh_splits(cfg.data, sft["config"]["seed"])
+    splits = data.prompt_splits(sft["config"]["seed"]) if hh is None else {k: data.prompts_of(v) for k, v in hh.items()}
+    if cfg.ptx_coef == 0:
+        return splits, None
+    demos = (data.make_demonstrations(data.sample_prompts(splits["train"], 4000, order_rng), cfg.seed + 2)
+             if hh is None else [(r["prompt"], r["chosen"]) for r in hh["train"]])
+    return splits, encode_demos(enc, demos, sft["model_config"]["block_size"])
 
 
-@torch.no_grad()
-def rollout_ids(policy, ref, rm, critic, p_ids, p_mask, cfg, eos_id, pad_id, generator, fast=True):
-    """
-    Steps 1-2: sample responses to left-padded prompt ids (B, Tp), then score them with one no-grad pass per
-    model (critic may be None: RLOO, RAFT). eos_id=None samples exactly max_new_tokens (the benchmark).
-    fast=True takes old_logprobs and the entropy from the sampling loop, which already computed
-    softmax(logits / τ) at every response position: the same numbers as a second forward pass of the policy
-    (up to float rounding; tests/test_perf.py), for one fewer full forward. fast=False runs that forward and
-    also returns the exact per-position KL(π || π_ref) over the vocabulary (a monitoring metric).
-    Under autocast the second forward always runs (fast is ignored): the sampling loop's one-token-at-a-time
-    bf16 forward rounds differently from the update's full forward, so its log-probs would move the
-    first-minibatch ratio away from 1 (tests/test_perf.py measures both).
-    """
-    policy.eval()
-    if critic is not None:
-        critic.eval()
-    fast = fast and not torch.is_autocast_enabled(p_ids.device.type)
-    t0 = time.time()
-    response, gen_logprobs, gen_entropy = policy.generate(
-        p_ids, p_mask, cfg.max_new_tokens, eos_id, pad_id, temperature=cfg.temperature, generator=generator,
-        return_logprobs=True)                                             # (B, Tr) each
-    t_gen = time.time() - t0
-    mask = (response != pad_id).long()                                    # (B, Tr) 1 up to and incl. EOS
-    seq = torch.cat([p_ids, response], dim=1)                             # (B, T)
-    seq_mask = torch.cat([p_mask, mask], dim=1)                           # (B, T)
-    Tp = p_ids.shape[1]
-    ref_logits = response_logits(ref, seq, seq_mask, Tp, cfg.temperature)  # (B, Tr, V)
-    ref_logprobs = logprobs_from_logits(ref_logits, response) * mask      # (B, Tr)
-    out = dict(exact_kl=None)
-    if fast:
-        old_logprobs, entropy = gen_logprobs * mask, gen_entropy * mask   # (B, Tr) each
-    else:
-        logits = response_logits(policy, seq, seq_mask, Tp, cfg.temperature)  # (B, Tr, V)
-        old_logprobs = logprobs_from_logits(logits, response) * mask      # (B, Tr) as the update computes it
-        logp, ref_logp = F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1)  # (B, Tr, V)
-        entropy = entropy_from_logits(logits) * mask                      # (B, Tr)
-        out["exact_kl"] = (logp.exp() * (logp - ref_logp)).sum(-1) * mask  # (B, Tr) KL(π||π_ref) per position
-        del logits, logp, ref_logp
-    del ref_logits                                                        # no full-vocab tensor outlives its use
-    values = (response_values(critic, seq, seq_mask, Tp).float() * mask if critic is not None
-              else torch.zeros_like(old_logprobs))                        # (B, Tr); no critic: zeros (RLOO, RAFT)
-    scores = rm.score(seq, seq_mask).float()                              # (B,) at the last real token
-    out.update(seq=seq, seq_mask=seq_mask, response=response, mask=mask, n_prompt=Tp,
-               old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,
-               entropy=entropy, t_gen=t_gen, t_score=time.time() - t0 - t_gen)
+def iteration_metrics(ro, scores, gold, ended, advantages, returns, running):
+    """The paper's §5.2 metrics of one iteration (RM score, KL, length, perplexity) and the critic's fit."""
+    mask, n_tokens = ro.mask, ro.mask.sum()
+    k1 = (ro.old_logprobs - ro.ref_logprobs) * mask                       # (B, Tr) the penalty's estimator
+    log_rho = -k1                                                         # log π_ref/π_old
+    k3 = (torch.exp(log_rho) - 1 - log_rho) * mask                        # (B, Tr)
+    row = dict(score_raw=ro.scores.mean().item(), score_raw_std=ro.scores.std().item(),
+               scores_raw=[round(x, 3) for x in ro.scores.tolist()],      # the distribution (paper Fig. 13)
+               score=scores.mean().item(), gold=gold.mean().item(),
+               kl_seq=k1.sum(1).mean().item(), kl_token=(k1.sum() / n_tokens).item(),
+               kl_k3_seq=k3.sum(1).mean().item(),
+               length=mask.sum(1).float().mean().item(), eos_rate=ended.float().mean().item(),
+               perplexity=math.exp(-(ro.old_logprobs.sum() / n_tokens).item()),
+               entropy=(ro.entropy.sum() / n_tokens).item(),
+               **({} if ro.exact_kl is None else {"kl_exact_seq": ro.exact_kl.sum(1).mean().item()}),
+               adv_mean=masked_mean(advantages, mask).item(), return_mean=masked_mean(returns, mask).item(),
+               value_mean=masked_mean(ro.values, mask).item(),
+               explained_var=explained_variance(ro.values, returns, mask),
+               running_mean=running.mean, running_std=running.std)
+    return row
+
+
+def minibatch_means(update_stats):
+    """The update's statistics averaged over its minibatches (ratio_max: the largest)."""
+    out = {}
+    for k in update_stats[0]:
+        values = [s[k] for s in update_stats if k in s]
+        out[k] = max(values) if k == "ratio_max" else sum(values) / len(values)
     return out
 
 
-def ppo_losses(policy, critic, ro, idx, adv, returns, cfg, update_policy):
-    """
-    The PPO losses on rollout rows `idx` (n,) with their (whitened/clipped) advantages `adv` (n, Tr):
-        loss = vf_coef·vf_loss [+ pg_loss - entropy_coef·entropy]     (token means over these rows)
-    Returns (loss, stats).
-    """
-    Tp, m = ro["n_prompt"], ro["mask"][idx]                               # (n, Tr)
-    seq, seq_mask = ro["seq"][idx], ro["seq_mask"][idx]                   # (n, T)
-    values = response_values(critic, seq, seq_mask, Tp)                   # (n, Tr)
-    vf_loss, vstats = ppo_value_loss(values, ro["values"][idx], returns[idx], m, cfg.vf_clip)
-    loss = cfg.vf_coef * vf_loss
-    st = dict(vf_loss=vf_loss.item(), **vstats)
-    if update_policy:
-        logits = response_logits(policy, seq, seq_mask, Tp, cfg.temperature)    # (n, Tr, V)
-        logprobs = logprobs_from_logits(logits, ro["response"][idx])            # (n, Tr)
-        pg_loss, pstats = ppo_policy_loss(logprobs, ro["old_logprobs"][idx], adv, m, cfg.clip_eps)
-        loss = loss + pg_loss
-        st.update(pg_loss=pg_loss.item(), **pstats)
-        if cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), m)
-    return loss, st
+@dataclass
+class RunState:
+    """What --resume restores besides the weights: the optimizer, the running score statistics, every RNG,
+    the monitoring history and how far the log got."""
+    opt: torch.optim.Optimizer
+    running: RunningMoments
+    order_rng: random.Random          # prompt draws, minibatch order, PTX demonstrations
+    sampling_gen: torch.Generator     # token sampling in the rollouts
+    history: list                     # one metrics dict per iteration (the collapse check reads it)
+    warned: bool = False              # the collapse warning was printed
+    log_lines: Optional[int] = None   # lines of ppo_log.jsonl written so far
+    train_time_s: float = 0.0
 
 
-def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy, generator, ptx_data=None,
-               pad_id=None, where="PPO update"):
-    """
-    Step 6 (paper eqs. 15-17): cfg.ppo_epochs passes over the rollout `ro` in shuffled minibatches of
-    cfg.minibatch; each minibatch takes one optimizer step on
-        loss = pg_loss + vf_coef·vf_loss - entropy_coef·entropy + ptx_coef·ptx_loss
-    with one global grad-norm clip over policy and critic. With update_policy=False only the critic learns
-    (critic pre-training, §5.3.3). cfg.micro_batch > 0 accumulates a minibatch's gradient over micro-batches of
-    that many rows, each weighted by its share of the minibatch's tokens, so the step is the same (up to float
-    summation order) with less memory. Returns one stats dict per minibatch.
-    """
-    policy.train()
-    critic.train()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    device, B = ro["seq"].device, ro["seq"].shape[0]
-    stats = []
-    for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, generator=generator).to(device)
-        for start in range(0, B, cfg.minibatch):
-            idx = perm[start:start + cfg.minibatch]                       # (b,)
-            m = ro["mask"][idx]                                           # (b, Tr)
-            adv = advantages[idx]                                         # (b, Tr)
-            if cfg.adv_whiten:                                            # over the whole minibatch
-                adv = masked_whiten(adv, m)
-            if cfg.adv_clip > 0:
-                adv = torch.clamp(adv, -cfg.adv_clip, cfg.adv_clip)
-            opt.zero_grad(set_to_none=True)
-            micro = cfg.micro_batch or len(idx)
-            n_tok, total, st = m.sum(), 0.0, {}
-            for c in range(0, len(idx), micro):                           # gradient accumulation
-                sl = slice(c, c + micro)
-                w = (m[sl].sum() / n_tok).item()                          # this chunk's share of the tokens
-                with autocast(device, cfg.amp):  # bf16 matmuls on CUDA; a no-op on CPU and MPS
-                    loss, st_c = ppo_losses(policy, critic, ro, idx[sl], adv[sl], returns, cfg, update_policy)
-                (w * loss).backward()
-                total += w * loss.item()
-                for k, v in st_c.items():                                 # token-weighted means, the max of maxes
-                    st[k] = max(st.get(k, v), v) if k == "ratio_max" else st.get(k, 0.0) + w * v
-            if update_policy and cfg.ptx_coef > 0:                        # PPO-ptx (eq. 17): one SFT batch
-                batch = [ptx_data[i] for i in torch.randint(len(ptx_data), (cfg.ptx_batch,), generator=generator)]
-                ids, amask, lmask = collate(batch, pad_id, device)        # (p, T') each
-                with autocast(device, cfg.amp):
-                    ptx = sft_loss(policy(ids, amask), ids, lmask)
-                (cfg.ptx_coef * ptx).backward()
-                total += cfg.ptx_coef * ptx.item()
-                st.update(ptx_loss=ptx.item())
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            check_finite(where, loss=total, grad_norm=gnorm.item())
-            opt.step()
-            st["grad_norm"] = gnorm.item()
-            stats.append(st)
-    return stats
+def save_ppo(path, it, cfg, sft, policy, critic, state, metrics=None):
+    """Policy weights for evaluate.py and the next stages, plus everything --resume needs (state)."""
+    save_checkpoint(path, stage="ppo", model=policy.state_dict(), model_config=sft["model_config"],
+                    critic=critic.state_dict(), tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
+                    step=it, done=metrics is not None, metrics=metrics or {}, config=asdict(cfg),
+                    sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt, optimizer=state.opt.state_dict(),
+                    running=[state.running.mean, state.running.var, state.running.count],
+                    rng=rng_state(state.order_rng, state.sampling_gen), history=state.history, warned=state.warned,
+                    log_lines=state.log_lines, train_time_s=state.train_time_s)
 
 
-def main(argv=None):
-    cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
-    TRUNCATIONS.reset(cfg.log_truncations)
+def resume_ppo(path, cfg, sft, policy, critic, state):
+    """--resume: restore the interrupted run into policy, critic and state; returns the next iteration."""
+    ckpt = load_checkpoint(path, "ppo", sft["tokenizer_id"], finished=False)
+    check_resume(ckpt, cfg, path)
+    load_weights(policy, ckpt["model"], path)
+    load_weights(critic, ckpt["critic"], path)
+    state.opt.load_state_dict(ckpt["optimizer"])
+    state.running.mean, state.running.var, state.running.count = ckpt["running"]
+    set_rng_state(ckpt["rng"], state.order_rng, state.sampling_gen)
+    state.history, state.warned = ckpt["history"], ckpt["warned"]
+    state.log_lines, state.train_time_s = ckpt["log_lines"], ckpt["train_time_s"]
+    print(f"resuming from {path} after iteration {ckpt['step']}")
+    return ckpt["step"] + 1
+
+
+def check_config(cfg):
+    """One-line errors for option values that cannot work, before any work."""
     if cfg.rollout_batch % cfg.minibatch:
         raise ValueError(f"minibatch {cfg.minibatch} must divide rollout_batch {cfg.rollout_batch}")
     if cfg.score_norm not in ("none", "scale", "norm_clip"):
         raise ValueError(f"--score_norm {cfg.score_norm!r}: expected none, scale or norm_clip")
     if cfg.critic_init not in ("rm", "sft"):
         raise ValueError(f"--critic_init {cfg.critic_init!r}: expected rm or sft")
+
+
+def main(argv=None):
+    cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
+    check_config(cfg)
+    TRUNCATIONS.reset(cfg.log_truncations)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-
-    # 0. models: policy and reference are SFT copies; the RM is frozen; the critic is a trainable RM copy
-    policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
-    if cfg.policy_init == "random":  # the ablation of Fig. 8: same architecture, fresh GPT init, SFT reference
-        policy = GPT(without_dropout(sft["model_config"])).to(device)
-    elif cfg.policy_init != "sft":  # Fig. 8's "pre-trained, no SFT" policy: GPT-2 weights of the SFT model's shape
-        mc = policy.cfg
-        policy = load_gpt2(cfg.policy_init, mc.block_size, mc.vocab_size, mc.pad_id).to(device)
-        if asdict(policy.cfg) != asdict(mc):
-            raise ValueError(f"--policy_init {cfg.policy_init}: GPT-2 of shape {asdict(policy.cfg)} but the SFT "
-                             f"policy (and its reference) has {asdict(mc)}")
+    policy, ref, rm, critic, sft, rm_ckpt = build_models(cfg, device)
     enc = tok.get_tokenizer(sft["tokenizer"])
-    if cfg.max_new_tokens >= policy.cfg.block_size:
-        raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size "
-                         f"{policy.cfg.block_size}")
-    critic = load_critic(cfg.critic_init, sft, rm_ckpt, cfg.sft_ckpt, cfg.rm_ckpt).to(device)
+    eos_id, pad_id, room = tok.eos_id(enc), tok.pad_id(enc), policy.cfg.block_size - cfg.max_new_tokens
     opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": cfg.policy_lr},
                              {"params": critic.parameters(), "lr": cfg.critic_lr}], weight_decay=0.0,
                             betas=(0.9, 0.95), eps=1e-8)
     print(f"device={device} config={asdict(cfg)}")
-
+    state = RunState(opt, RunningMoments(), order_rng=random.Random(cfg.seed),
+                     sampling_gen=torch.Generator(device=device).manual_seed(cfg.seed), history=[])
+    splits, ptx_data = load_prompts(cfg, sft, enc, state.order_rng)
     has_gold = cfg.data == "toy"
-    if has_gold:
-        splits = data.prompt_splits(sft["config"]["seed"])
-    else:  # HH-RLHF records split as the SFT and RM stages split them; PPO needs only their prompts
-        hh = hh_rlhf.hh_splits(cfg.data, sft["config"]["seed"])
-        splits = {k: data.prompts_of(v) for k, v in hh.items()}
-    rng = random.Random(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     eval_prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
-    sft_eval = sample_responses(ref, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
-                                torch.Generator(device=device).manual_seed(cfg.seed + 1))
-    ptx_data = None
-    if cfg.ptx_coef > 0:
-        demos = (data.make_demonstrations(data.sample_prompts(splits["train"], 4000, rng), cfg.seed + 2) if has_gold
-                 else [(r["prompt"], r["chosen"]) for r in hh["train"]])
-        ptx_data = encode_demos(enc, demos, policy.cfg.block_size)
-
-    running = RunningMoments()
+    eval_sampling = lambda model: sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature,
+                                                   device, torch.Generator(device=device).manual_seed(cfg.seed + 1))
+    sft_eval = eval_sampling(ref)
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path, ckpt_path = os.path.join(cfg.out_dir, "ppo_log.jsonl"), os.path.join(cfg.out_dir, "ppo.pt")
-    history, warned, start, keep, t_before = [], False, 1, None, 0.0
-    if cfg.resume:  # restore both networks, the optimizer, the running score statistics and every RNG
-        ck = load_checkpoint(ckpt_path, "ppo", sft["tokenizer_id"], finished=False)
-        check_resume(ck, cfg, ckpt_path)
-        load_weights(policy, ck["model"], ckpt_path)
-        load_weights(critic, ck["critic"], ckpt_path)
-        opt.load_state_dict(ck["optimizer"])
-        running.mean, running.var, running.count = ck["running"]
-        set_rng_state(ck["rng"], rng, gen)
-        history, warned, start = ck["history"], ck["warned"], ck["step"] + 1
-        keep, t_before = ck["log_lines"], ck["train_time_s"]
-        print(f"resuming from {ckpt_path} after iteration {ck['step']}")
-    log = JsonlLog(log_path, keep)
-    progress = Progress(cfg.n_iters)
-    t_start = time.time() - t_before
-
-    def save(it, metrics=None):
-        """Policy weights for evaluate.py and the next stages, plus everything --resume needs."""
-        save_checkpoint(ckpt_path, stage="ppo", model=policy.state_dict(), model_config=sft["model_config"],
-                        critic=critic.state_dict(), tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
-                        step=it, done=metrics is not None, metrics=metrics or {}, config=asdict(cfg),
-                        sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt, optimizer=opt.state_dict(),
-                        running=[running.mean, running.var, running.count], rng=rng_state(rng, gen),
-                        history=history, warned=warned, log_lines=log.n_lines, train_time_s=time.time() - t_start)
+    start = resume_ppo(ckpt_path, cfg, sft, policy, critic, state) if cfg.resume else 1
+    log, progress, t_start = JsonlLog(log_path, state.log_lines), Progress(cfg.n_iters), time.time() - state.train_time_s
 
     for it in range(start, cfg.n_iters + 1):
         if cfg.stop_after and it == cfg.stop_after + 1:
             print(f"stopping after iteration {cfg.stop_after} as asked (--stop_after); continue with --resume true")
             return None
-        t_it = time.time()
-        # 1-2. rollout and scoring
-        prompts = data.sample_prompts(splits["train"], cfg.rollout_batch, rng)
+        t_iter = time.time()
+        # 1-2. rollout, then old_logprobs, ref_logprobs, values and RM scores (one no-grad pass per model)
+        prompts = data.sample_prompts(splits["train"], cfg.rollout_batch, state.order_rng)
+        prompt_ids, prompt_mask = encode_prompts(enc, prompts, room, cfg.truncate_prompts)  # (B, Tp) each
         with autocast(device, cfg.amp):
-            ro = rollout(policy, ref, rm, critic, enc, prompts, cfg, device, gen, cfg.fast_rollout)
-        mask = ro["mask"]                                                 # (B, Tr)
-        texts = [tok.decode(enc, r) for r in ro["response"].tolist()]
+            ro = rollout(policy, ref, rm, critic, prompt_ids.to(device), prompt_mask.to(device), cfg.max_new_tokens,
+                         cfg.temperature, eos_id, pad_id, state.sampling_gen, cfg.fast_rollout)
+        texts = [tok.decode(enc, r) for r in ro.response.tolist()]
         gold = torch.tensor([data.gold_reward(p, r) if has_gold else float("nan") for p, r in zip(prompts, texts)])
-        check_finite(f"PPO iteration {it}", rm_score=ro["scores"].sum(), value=ro["values"].sum())
-        # 3. score processing (running statistics over all scores seen so far)
-        scores = process_scores(ro["scores"].float(), running, cfg.score_norm, cfg.score_clip)  # (B,)
-        ended = (ro["response"] == tok.eos_id(enc)).any(1)                # (B,)
+        check_finite(f"PPO iteration {it}", rm_score=ro.scores.sum(), value=ro.values.sum())
+        # 3. score processing with running statistics over every score so far (eq. 18)
+        scores = process_scores(ro.scores.float(), state.running, cfg.score_norm, cfg.score_clip)  # (B,)
+        ended = (ro.response == eos_id).any(1)                            # (B,)
         scores = scores - cfg.missing_eos_penalty * (~ended).float()
-        # 4. per-token rewards: -β·k1 everywhere, the score on the last real token
-        rewards = kl_rewards(ro["old_logprobs"], ro["ref_logprobs"], mask, scores, cfg.kl_coef)  # (B, Tr)
-        # 5. GAE over response tokens; returns are the value targets (un-whitened)
-        advantages, returns = compute_gae(rewards, ro["values"], mask, cfg.gamma, cfg.lam)      # (B, Tr) each
-        # 6. PPO update: ppo_epochs passes over shuffled minibatches
-        t_train = time.time()
-        update_policy = it > cfg.critic_pretrain_iters
-        stats = ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy,
-                           torch.Generator().manual_seed(rng.randrange(2**31)), ptx_data, tok.pad_id(enc),
-                           where=f"PPO iteration {it}")
+        # 4. per-token rewards: -β·k1 on every token, the score on the last real one (eqs. 3, 19)
+        rewards = kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, scores, cfg.kl_coef)    # (B, Tr)
+        # 5. GAE over response tokens; returns = advantages + values are the critic's targets (eqs. 7-11)
+        advantages, returns = compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)    # (B, Tr) each
+        # 6. clipped PPO update, ppo_epochs passes over shuffled minibatches (eqs. 15-17)
+        t_train, update_policy = time.time(), it > cfg.critic_pretrain_iters
+        update_stats = ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy,
+                                  torch.Generator().manual_seed(state.order_rng.randrange(2**31)), ptx_data, pad_id,
+                                  where=f"PPO iteration {it}")
         t_train = time.time() - t_train
 
-        # monitoring (paper §5.2 "action space modeling metrics" + the usual PPO diagnostics)
-        k1 = (ro["old_logprobs"] - ro["ref_logprobs"]) * mask            # (B, Tr)
-        log_rho = -k1                                                     # log π_ref/π_old
-        k3 = (torch.exp(log_rho) - 1 - log_rho) * mask                    # (B, Tr)
-        n_tok = mask.sum()
+        # monitoring: the paper's §5.2 metrics, PPO diagnostics, win rate vs SFT, the collapse warning
         row = dict(iter=it, policy_updated=update_policy,
-                   score_raw=ro["scores"].mean().item(), score_raw_std=ro["scores"].std().item(),
-                   scores_raw=[round(x, 3) for x in ro["scores"].tolist()],   # the distribution (paper Fig. 13)
-                   score=scores.mean().item(), gold=gold.mean().item(),
-                   kl_seq=k1.sum(1).mean().item(), kl_token=(k1.sum() / n_tok).item(),
-                   kl_k3_seq=k3.sum(1).mean().item(),
-                   length=mask.sum(1).float().mean().item(), eos_rate=ended.float().mean().item(),
-                   perplexity=math.exp(-(ro["old_logprobs"].sum() / n_tok).item()),
-                   entropy=(ro["entropy"].sum() / n_tok).item(),
-                   **({} if ro["exact_kl"] is None else {"kl_exact_seq": ro["exact_kl"].sum(1).mean().item()}),
-                   adv_mean=masked_mean(advantages, mask).item(), return_mean=masked_mean(returns, mask).item(),
-                   value_mean=masked_mean(ro["values"], mask).item(),
-                   explained_var=explained_variance(ro["values"], returns, mask),
-                   running_mean=running.mean, running_std=running.std,
-                   policy_lr=cfg.policy_lr, critic_lr=cfg.critic_lr,
-                   t_generate=ro["t_gen"], t_score=ro["t_score"], t_train=t_train, t_iter=time.time() - t_it)
-        for k in stats[0]:
-            vals = [s[k] for s in stats if k in s]
-            row[k] = max(vals) if k == "ratio_max" else sum(vals) / len(vals)
+                   **iteration_metrics(ro, scores, gold, ended, advantages, returns, state.running),
+                   policy_lr=cfg.policy_lr, critic_lr=cfg.critic_lr, t_generate=ro.t_generate, t_score=ro.t_score,
+                   t_train=t_train, t_iter=time.time() - t_iter, **minibatch_means(update_stats))
         if it % cfg.eval_interval == 0 or it == cfg.n_iters:
-            outs = sample_responses(policy, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
-                                    torch.Generator(device=device).manual_seed(cfg.seed + 1))
+            outs = eval_sampling(policy)
             row["win_rate_vs_sft"] = (data.gold_win_rate(eval_prompts, outs, sft_eval) if has_gold else
                                       rm_win_rate(rm, enc, eval_prompts, outs, sft_eval, device))
-            order = torch.argsort(ro["scores"], descending=True).tolist()
-            show = [order[0], order[len(order) // 2], order[-1]]          # best, median, worst RM score
-            print(table([(prompts[i].strip(), texts[i], ro["scores"][i].item(), gold[i].item(), k1[i].sum().item())
-                          for i in show], ["prompt", "response", "RM", "gold", "KL"], [30, 70, 5, 5, 5]))
-        history.append(row)
-        reasons = collapse_signature(history, cfg.max_new_tokens, cfg.collapse_window)
+            print_samples(prompts, texts, ro, gold)
+        state.history.append(row)
+        reasons = collapse_signature(state.history, cfg.max_new_tokens, cfg.collapse_window)
         row["collapse_warning"] = bool(reasons)
-        if reasons and not warned:
+        if reasons and not state.warned:
             print(f"WARNING: pattern collapse signature at iteration {it} (paper §5.2): {'; '.join(reasons)}")
-            warned = True
+            state.warned = True
         log.write(**row)
+        state.log_lines, state.train_time_s = log.n_lines, time.time() - t_start
         if it % cfg.ckpt_interval == 0 and it < cfg.n_iters:
-            save(it)
+            save_ppo(ckpt_path, it, cfg, sft, policy, critic, state)
         print(progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL {row['kl_seq']:.2f} "
                                 f"len {row['length']:.1f} eos {row['eos_rate']:.2f} vf {row['vf_loss']:.3f}"
                                 + ("" if update_policy else " (critic pre-training)")))
+    return finish(cfg, sft, policy, critic, state, log_path, ckpt_path, time.time() - t_start)
 
-    total = time.time() - t_start
-    metrics = {k: history[-1][k] for k in ("score_raw", "gold", "kl_seq", "length", "eos_rate")}
-    metrics.update(train_time_s=total, collapse_warning=warned,
-                   win_rate_vs_sft=history[-1].get("win_rate_vs_sft", float("nan")))
-    save(cfg.n_iters, metrics)
-    rows = read_jsonl(log_path)
-    plot_curves(os.path.join(cfg.out_dir, "ppo_curves.png"), rows, "iter",
+
+def print_samples(prompts, texts, ro, gold):
+    """The best, median and worst rollout of the batch by RM score, with gold reward and KL."""
+    order = torch.argsort(ro.scores, descending=True).tolist()
+    k1 = (ro.old_logprobs - ro.ref_logprobs) * ro.mask                     # (B, Tr)
+    print(table([(prompts[i].strip(), texts[i], ro.scores[i].item(), gold[i].item(), k1[i].sum().item())
+                 for i in (order[0], order[len(order) // 2], order[-1])],
+                ["prompt", "response", "RM", "gold", "KL"], [30, 70, 5, 5, 5]))
+
+
+def finish(cfg, sft, policy, critic, state, log_path, ckpt_path, total):
+    """The final checkpoint, the curves and the summary line; returns the final metrics."""
+    last = state.history[-1]
+    metrics = {k: last[k] for k in ("score_raw", "gold", "kl_seq", "length", "eos_rate")}
+    metrics.update(train_time_s=total, collapse_warning=state.warned,
+                   win_rate_vs_sft=last.get("win_rate_vs_sft", float("nan")))
+    state.train_time_s = total
+    save_ppo(ckpt_path, cfg.n_iters, cfg, sft, policy, critic, state, metrics)
+    plot_curves(os.path.join(cfg.out_dir, "ppo_curves.png"), read_jsonl(log_path), "iter",
                 [["score_raw"], ["gold"], ["kl_seq", "kl_k3_seq"], ["length"], ["perplexity"], ["win_rate_vs_sft"]],
-                f"PPO ({cfg.preset}): RM score, gold reward, KL to SFT, length, perplexity, win rate vs SFT")
+                f"PPO (β={cfg.kl_coef}, scores {cfg.score_norm}): RM score, gold reward, KL to SFT, length, "
+                f"perplexity, win rate vs SFT")
     TRUNCATIONS.summary("PPO")
     print(f"PPO done in {total:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, KL "
           f"{metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f}"
-          f"{', COLLAPSE WARNING' if warned else ''} -> {ckpt_path}")
+          f"{', COLLAPSE WARNING' if state.warned else ''} -> {ckpt_path}")
     return metrics
 
 

@@ -150,7 +150,7 @@ def sample_responses(model, enc, prompts, max_new_tokens, temperature, device, g
         ids, mask = pad_batch([fit_prompt(tok.encode(enc, p), room, True, f"prompt {p[:40]!r}")
                                for p in prompts[i:i + batch_size]], tok.pad_id(enc), left=True)
         resp = model.generate(ids.to(device), mask.to(device), max_new_tokens, tok.eos_id(enc), tok.pad_id(enc),
-                              temperature=temperature, generator=generator)   # (b, Tr)
+                              temperature=temperature, generator=generator).tokens   # (b, Tr)
         out += [tok.decode(enc, row) for row in resp.tolist()]
     return out
 

@@ -5,6 +5,7 @@ checkpoints, the JSONL log, a progress line with ETA, a loss plot and a plain-te
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -15,6 +16,8 @@ import time
 
 import numpy as np
 import torch
+
+from model import GPT, GPTConfig, ScalarHeadGPT
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -99,6 +102,41 @@ def load_checkpoint(path, stage, tokenizer_id=None, finished=True):
     if ckpt["tokenizer_id"] != tokenizer_id:
         raise ValueError(f"{path}: made with tokenizer {ckpt['tokenizer_id']}, but this run uses {tokenizer_id}")
     return ckpt
+
+
+def without_dropout(model_config):
+    """A checkpoint's model_config -> GPTConfig with dropout 0. Every model after SFT and the RM (policy,
+    reference, critic, frozen RM; RL, DPO, A-LoL, evaluation) runs without dropout, whatever the SFT stage
+    trained with: dropout in the update's forward would make the first-minibatch ratio != 1 and the critic's
+    rollout values differ from the values it is trained against."""
+    return GPTConfig(**{**model_config, "dropout": 0.0})
+
+
+def load_policy(path, stages=None):
+    """A finished policy checkpoint -> (GPT without dropout, checkpoint dict); stages=None accepts every stage
+    but the RM's."""
+    ckpt = load_checkpoint(path, stages)
+    if ckpt["stage"] == "rm":
+        raise ValueError(f"{path}: is a reward-model checkpoint, not a policy")
+    model = GPT(without_dropout(ckpt["model_config"]))
+    load_weights(model, ckpt["model"], path)
+    return model, ckpt
+
+
+def load_models(sft_path, rm_path, device):
+    """The start of every RL stage: the SFT policy (to train), a frozen copy of it (the reference) and the frozen
+    reward model, on `device`; plus both checkpoint dicts. The RM must share the policy's vocabulary."""
+    policy, sft = load_policy(sft_path, ("sft",))
+    rm_ckpt = load_checkpoint(rm_path, "rm", sft["tokenizer_id"])
+    for k in ("vocab_size", "pad_id"):
+        if rm_ckpt["model_config"][k] != sft["model_config"][k]:
+            raise ValueError(f"{rm_path}: model_config {k}={rm_ckpt['model_config'][k]} but {sft_path} has "
+                             f"{sft['model_config'][k]}; the RM must score the policy's tokens")
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    rm = ScalarHeadGPT(without_dropout(rm_ckpt["model_config"]))
+    load_weights(rm, rm_ckpt["model"], rm_path)
+    rm.eval().requires_grad_(False)
+    return policy.to(device), ref.to(device), rm.to(device), sft, rm_ckpt
 
 
 RESUME_FREE = ("resume", "stop_after", "device", "ckpt_interval", "log_truncations")  # may differ between a run and its resumption

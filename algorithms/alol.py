@@ -45,11 +45,12 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from ppo_rlhf import load_models, logprobs_from_logits, response_logits
+from model import logprobs_from_logits, response_logits
 from reward_model import make_pairs
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, fit_prompt, pad_batch, parse_config,
-                   pick_device, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, fit_prompt, load_models, pad_batch,
+                   parse_config, pick_device, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything,
+                   table)
 
 
 @dataclass

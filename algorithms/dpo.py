@@ -20,7 +20,7 @@ Deliberate choices:
      bias), so DPO and the RM-based methods learn from exactly the same simulated human signal.
   2. Reference log-probs are computed on the fly (no-grad) for each batch, with the same masks as the policy's.
   3. AdamW with linear warm-up, one epoch (the paper uses RMSprop; on this tiny model AdamW is the stage default).
-  4. Policy and reference run without dropout whatever the SFT stage trained with (ppo_rlhf.load_policy), so
+  4. Policy and reference run without dropout whatever the SFT stage trained with (utils.load_policy), so
      the first step's loss is ln 2 exactly; with an SFT dropout of 0.1 left in, it was 0.6925.
 
 Shape legend: B pairs per batch, T sequence length (prompt + response, right-padded), V vocab.
@@ -36,11 +36,12 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from ppo_rlhf import load_policy, logprobs_from_logits
+from model import logprobs_from_logits
 from reward_model import make_pairs
 from train_sft import build_sft_example, collate, sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, fit_prompt, load_checkpoint, parse_config,
-                   pick_device, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, fit_prompt, load_checkpoint, load_policy,
+                   parse_config, pick_device, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything,
+                   table)
 
 
 @dataclass

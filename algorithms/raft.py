@@ -31,11 +31,12 @@ import torch
 
 import data
 import tokenizer as tok
-from ppo_rlhf import load_models, logprobs_from_logits, masked_mean, response_logits, rollout
+from model import logprobs_from_logits, response_logits
+from ppo_rlhf import encode_prompts, masked_mean, rollout
 from algorithms.rloo import kl_shaped_rewards
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, parse_config, pick_device, plot_curves,
-                   read_jsonl, run_main, save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, load_models, parse_config, pick_device,
+                   plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
 
 
 @dataclass
@@ -103,41 +104,44 @@ def main(argv=None):
         t_it = time.time()
         # 1. rollout, 2. rank
         prompts = [p for p in data.sample_prompts(splits["train"], cfg.prompts_per_iter, rng) for _ in range(cfg.k)]
-        ro = rollout(policy, ref, rm, None, enc, prompts, cfg, device, gen)
-        mask = ro["mask"]                                                 # (N, Tr)
-        texts = [tok.decode(enc, r) for r in ro["response"].tolist()]
+        prompt_ids, prompt_mask = encode_prompts(enc, prompts, policy.cfg.block_size - cfg.max_new_tokens,
+                                                 cfg.truncate_prompts)                    # (N, Tp) each
+        ro = rollout(policy, ref, rm, None, prompt_ids.to(device), prompt_mask.to(device), cfg.max_new_tokens,
+                     cfg.temperature, tok.eos_id(enc), tok.pad_id(enc), gen)
+        mask = ro.mask                                                 # (N, Tr)
+        texts = [tok.decode(enc, r) for r in ro.response.tolist()]
         gold = torch.tensor([data.gold_reward(p, r) for p, r in zip(prompts, texts)])
-        check_finite(f"RAFT iteration {it}", rm_score=ro["scores"].sum())
-        rewards, kl_seq = kl_shaped_rewards(ro["scores"], ro["old_logprobs"], ro["ref_logprobs"], mask, cfg.kl_coef)
+        check_finite(f"RAFT iteration {it}", rm_score=ro.scores.sum())
+        rewards, kl_seq = kl_shaped_rewards(ro.scores, ro.old_logprobs, ro.ref_logprobs, mask, cfg.kl_coef)
         # 3. select the best sample of each prompt
-        best = best_of_k(rewards if cfg.rank_by == "R" else ro["scores"].float(), cfg.k)  # (B,)
+        best = best_of_k(rewards if cfg.rank_by == "R" else ro.scores.float(), cfg.k)  # (B,)
         # 4. SFT loss on the selected samples
         t_train = time.time()
         policy.train()
         perm = best[torch.randperm(len(best), generator=torch.Generator().manual_seed(rng.randrange(2**31))).to(device)]
         losses = []
         for idx in perm.chunk(cfg.minibatches):
-            logits = response_logits(policy, ro["seq"][idx], ro["seq_mask"][idx], ro["n_prompt"], 1.0)  # (b, Tr, V)
-            loss = -masked_mean(logprobs_from_logits(logits, ro["response"][idx]), mask[idx])
+            logits = response_logits(policy, ro.seq[idx], ro.seq_mask[idx], ro.n_prompt, 1.0)  # (b, Tr, V)
+            loss = -masked_mean(logprobs_from_logits(logits, ro.response[idx]), mask[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             check_finite(f"RAFT iteration {it}", loss=loss.item(), grad_norm=gnorm.item())
             opt.step()
             losses.append(loss.item())
-        row = dict(iter=it, score_raw=ro["scores"].mean().item(), score_selected=ro["scores"][best].mean().item(),
+        row = dict(iter=it, score_raw=ro.scores.mean().item(), score_selected=ro.scores[best].mean().item(),
                    gold=gold.mean().item(), gold_selected=gold[best.cpu()].mean().item(), reward=rewards.mean().item(),
                    best_minus_mean=(rewards[best].mean() - rewards.mean()).item(), kl_seq=kl_seq.mean().item(),
                    length=mask.sum(1).float().mean().item(),
-                   eos_rate=(ro["response"] == tok.eos_id(enc)).any(1).float().mean().item(),
-                   nll_selected=sum(losses) / len(losses), lr=cfg.lr, t_generate=ro["t_gen"],
-                   t_score=ro["t_score"], t_train=time.time() - t_train, t_iter=time.time() - t_it)
+                   eos_rate=(ro.response == tok.eos_id(enc)).any(1).float().mean().item(),
+                   nll_selected=sum(losses) / len(losses), lr=cfg.lr, t_generate=ro.t_generate,
+                   t_score=ro.t_score, t_train=time.time() - t_train, t_iter=time.time() - t_it)
         if it % cfg.eval_interval == 0 or it == cfg.n_iters:
             outs = sample_responses(policy, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
                                     torch.Generator(device=device).manual_seed(cfg.seed + 1))
             row["win_rate_vs_sft"] = data.gold_win_rate(eval_prompts, outs, sft_eval)
             i = best[0].item()
-            print(table([(prompts[i].strip(), texts[i], ro["scores"][i].item(), gold[i].item())],
+            print(table([(prompts[i].strip(), texts[i], ro.scores[i].item(), gold[i].item())],
                         ["prompt", "selected response", "RM", "gold"], [30, 70, 5, 5]))
         log.write(**row)
         print(progress.line(it, f"RM {row['score_raw']:+.2f} (selected {row['score_selected']:+.2f}) gold "

@@ -40,10 +40,11 @@ import torch
 
 import data
 import tokenizer as tok
-from ppo_rlhf import load_models, logprobs_from_logits, response_logits, rollout
+from model import logprobs_from_logits, response_logits
+from ppo_rlhf import encode_prompts, rollout
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, parse_config, pick_device, plot_curves,
-                   read_jsonl, run_main, save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, load_models, parse_config, pick_device,
+                   plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
 
 
 @dataclass
@@ -126,12 +127,12 @@ def rloo_update(policy, opt, ro, adv, cfg, generator, where="RLOO update"):
     """Step 4: one pass over the rollout in cfg.minibatches shuffled minibatches, one REINFORCE step each
     (eq. 6 with the sequence log-prob). adv (N,). Returns the per-minibatch losses and grad norms."""
     policy.train()
-    N, mask = len(adv), ro["mask"]
+    N, mask = len(adv), ro.mask
     perm = torch.randperm(N, generator=generator).to(adv.device)
     losses, gnorms = [], []
     for idx in perm.chunk(cfg.minibatches):
-        logits = response_logits(policy, ro["seq"][idx], ro["seq_mask"][idx], ro["n_prompt"], cfg.temperature)
-        seq_logp = (logprobs_from_logits(logits, ro["response"][idx]) * mask[idx]).sum(1)  # (n,)
+        logits = response_logits(policy, ro.seq[idx], ro.seq_mask[idx], ro.n_prompt, cfg.temperature)
+        seq_logp = (logprobs_from_logits(logits, ro.response[idx]) * mask[idx]).sum(1)  # (n,)
         loss = reinforce_loss(seq_logp, adv[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -177,13 +178,16 @@ def main(argv=None):
         t_it = time.time()
         # 1. rollout: each prompt k times, prompt-major
         prompts = [p for p in data.sample_prompts(splits["train"], cfg.prompts_per_iter, rng) for _ in range(cfg.k)]
-        ro = rollout(policy, ref, rm, None, enc, prompts, cfg, device, gen)
-        mask = ro["mask"]                                                 # (N, Tr)
-        texts = [tok.decode(enc, r) for r in ro["response"].tolist()]
+        prompt_ids, prompt_mask = encode_prompts(enc, prompts, policy.cfg.block_size - cfg.max_new_tokens,
+                                                 cfg.truncate_prompts)                    # (N, Tp) each
+        ro = rollout(policy, ref, rm, None, prompt_ids.to(device), prompt_mask.to(device), cfg.max_new_tokens,
+                     cfg.temperature, tok.eos_id(enc), tok.pad_id(enc), gen)
+        mask = ro.mask                                                 # (N, Tr)
+        texts = [tok.decode(enc, r) for r in ro.response.tolist()]
         gold = torch.tensor([data.gold_reward(p, r) for p, r in zip(prompts, texts)])
-        check_finite(f"RLOO iteration {it}", rm_score=ro["scores"].sum())
+        check_finite(f"RLOO iteration {it}", rm_score=ro.scores.sum())
         # 2. KL-shaped sequence reward (a constant)
-        rewards, kl_seq = kl_shaped_rewards(ro["scores"], ro["old_logprobs"], ro["ref_logprobs"], mask, cfg.kl_coef)
+        rewards, kl_seq = kl_shaped_rewards(ro.scores, ro.old_logprobs, ro.ref_logprobs, mask, cfg.kl_coef)
         # 3. baseline -> advantages
         b = float("nan")
         if cfg.baseline == "loo":
@@ -197,23 +201,23 @@ def main(argv=None):
         losses, gnorms = rloo_update(policy, opt, ro, adv, cfg, torch.Generator().manual_seed(rng.randrange(2**31)),
                                      f"RLOO iteration {it}")
         n_tok = mask.sum()
-        row = dict(iter=it, score_raw=ro["scores"].mean().item(), gold=gold.mean().item(),
+        row = dict(iter=it, score_raw=ro.scores.mean().item(), gold=gold.mean().item(),
                    reward=rewards.mean().item(), kl_seq=kl_seq.mean().item(), kl_token=(kl_seq.sum() / n_tok).item(),
                    length=mask.sum(1).float().mean().item(),
-                   eos_rate=(ro["response"] == tok.eos_id(enc)).any(1).float().mean().item(),
-                   perplexity=math.exp(-(ro["old_logprobs"].sum() / n_tok).item()),
-                   entropy=(ro["entropy"].sum() / n_tok).item(), adv_mean=adv.mean().item(), adv_std=adv.std().item(),
+                   eos_rate=(ro.response == tok.eos_id(enc)).any(1).float().mean().item(),
+                   perplexity=math.exp(-(ro.old_logprobs.sum() / n_tok).item()),
+                   entropy=(ro.entropy.sum() / n_tok).item(), adv_mean=adv.mean().item(), adv_std=adv.std().item(),
                    adv_min=adv.min().item(), adv_max=adv.max().item(), baseline=b, loss=sum(losses) / len(losses),
-                   grad_norm=sum(gnorms) / len(gnorms), lr=cfg.lr, t_generate=ro["t_gen"], t_score=ro["t_score"],
+                   grad_norm=sum(gnorms) / len(gnorms), lr=cfg.lr, t_generate=ro.t_generate, t_score=ro.t_score,
                    t_train=time.time() - t_train, t_iter=time.time() - t_it)
         if cfg.k > 1:
-            row["frac_reward_zero_std"] = (ro["scores"].view(-1, cfg.k).std(1) == 0).float().mean().item()
+            row["frac_reward_zero_std"] = (ro.scores.view(-1, cfg.k).std(1) == 0).float().mean().item()
         if it % cfg.eval_interval == 0 or it == cfg.n_iters:
             outs = sample_responses(policy, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
                                     torch.Generator(device=device).manual_seed(cfg.seed + 1))
             row["win_rate_vs_sft"] = data.gold_win_rate(eval_prompts, outs, sft_eval)
             show = [0, len(prompts) // 2, len(prompts) - 1]
-            print(table([(prompts[i].strip(), texts[i], ro["scores"][i].item(), gold[i].item(), adv[i].item())
+            print(table([(prompts[i].strip(), texts[i], ro.scores[i].item(), gold[i].item(), adv[i].item())
                          for i in show], ["prompt", "response", "RM", "gold", "A"], [30, 70, 5, 5, 5]))
         log.write(**row)
         print(progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL {row['kl_seq']:.2f} "

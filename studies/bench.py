@@ -85,15 +85,16 @@ def ppo_iteration(models, opt, cfg, w, vocab, gen, running):
     t0 = time.time()
     p_ids = torch.randint(0, vocab, (w["B"], w["Tp"]), generator=gen)    # (B, Tp) random prompts
     p_mask = torch.ones_like(p_ids)
-    ro = ppo_rlhf.rollout_ids(policy, ref, rm, critic, p_ids, p_mask, cfg, None, -1, gen)  # eos None: 48 tokens
+    ro = ppo_rlhf.rollout(policy, ref, rm, critic, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature, None, -1,
+                          gen)                                            # eos None: exactly 48 tokens
     t_train = time.time()
-    scores = ppo_rlhf.process_scores(ro["scores"], running, cfg.score_norm, cfg.score_clip)        # (B,)
-    rewards = ppo_rlhf.kl_rewards(ro["old_logprobs"], ro["ref_logprobs"], ro["mask"], scores, cfg.kl_coef)
-    adv, ret = ppo_rlhf.compute_gae(rewards, ro["values"], ro["mask"], cfg.gamma, cfg.lam)          # (B, Tr)
+    scores = ppo_rlhf.process_scores(ro.scores, running, cfg.score_norm, cfg.score_clip)        # (B,)
+    rewards = ppo_rlhf.kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, scores, cfg.kl_coef)
+    adv, ret = ppo_rlhf.compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)          # (B, Tr)
     ppo_rlhf.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0))
     t_end = time.time()
-    return dict(generate=ro["t_gen"], score=ro["t_score"], train=t_end - t_train, iteration=t_end - t0,
-                tokens=int(ro["mask"].sum()))
+    return dict(generate=ro.t_generate, score=ro.t_score, train=t_end - t_train, iteration=t_end - t0,
+                tokens=int(ro.mask.sum()))
 
 
 def rloo_iteration(models, opt, cfg, w, vocab, gen):
@@ -101,15 +102,16 @@ def rloo_iteration(models, opt, cfg, w, vocab, gen):
     policy, ref, rm, _ = models
     t0 = time.time()
     p_ids = torch.randint(0, vocab, (w["B"] // w["k"], w["Tp"]), generator=gen).repeat_interleave(w["k"], 0)
-    ro = ppo_rlhf.rollout_ids(policy, ref, rm, None, p_ids, torch.ones_like(p_ids), cfg, None, -1, gen)
+    ro = ppo_rlhf.rollout(policy, ref, rm, None, p_ids, torch.ones_like(p_ids), cfg.max_new_tokens, cfg.temperature,
+                          None, -1, gen)
     t_train = time.time()
-    rewards, _ = rloo.kl_shaped_rewards(ro["scores"], ro["old_logprobs"], ro["ref_logprobs"], ro["mask"], cfg.kl_coef)
+    rewards, _ = rloo.kl_shaped_rewards(ro.scores, ro.old_logprobs, ro.ref_logprobs, ro.mask, cfg.kl_coef)
     adv = rloo.loo_advantages(rewards, w["k"])                            # (B,)
     for epoch in range(w["epochs"]):                                      # equal work: see the docstring
         rloo.rloo_update(policy, opt, ro, adv, cfg, torch.Generator().manual_seed(epoch))
     t_end = time.time()
-    return dict(generate=ro["t_gen"], score=ro["t_score"], train=t_end - t_train, iteration=t_end - t0,
-                tokens=int(ro["mask"].sum()))
+    return dict(generate=ro.t_generate, score=ro.t_score, train=t_end - t_train, iteration=t_end - t0,
+                tokens=int(ro.mask.sum()))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,7 +163,7 @@ def bare_passes(models, w, vocab, algo="ppo"):
     p_ids = torch.randint(0, vocab, (B, Tp), generator=gen)
     t0 = time.time()
     with torch.no_grad():
-        resp = policy.generate(p_ids, torch.ones_like(p_ids), Tr, None, -1, generator=gen)  # (B, Tr)
+        resp = policy.generate(p_ids, torch.ones_like(p_ids), Tr, None, -1, generator=gen).tokens  # (B, Tr)
     t1 = time.time()
     seq = torch.cat([p_ids, resp], 1)                                    # (B, T)
     with torch.no_grad():

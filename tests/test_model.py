@@ -54,8 +54,8 @@ def test_kv_cache_generation_equals_no_cache_greedy():
     """Greedy generation with the KV cache gives the same tokens as recomputing the full sequence."""
     m = _model()
     ids, mask = pad_batch(SEQS, PAD, left=True)
-    a = m.generate(ids, mask, 12, eos_id=EOS, pad_id=PAD, temperature=0.0)
-    b = m.generate(ids, mask, 12, eos_id=EOS, pad_id=PAD, temperature=0.0, use_cache=False)
+    a = m.generate(ids, mask, 12, eos_id=EOS, pad_id=PAD, temperature=0.0).tokens
+    b = m.generate(ids, mask, 12, eos_id=EOS, pad_id=PAD, temperature=0.0, use_cache=False).tokens
     assert a.shape == (3, 12) and torch.equal(a, b)
 
 
@@ -63,9 +63,9 @@ def test_kv_cache_sampling_equals_no_cache():
     """With the same generator seed, sampled tokens are identical with and without the cache."""
     m = _model()
     ids, mask = pad_batch(SEQS, PAD, left=True)
-    a = m.generate(ids, mask, 10, EOS, PAD, temperature=1.3, top_k=7, generator=torch.Generator().manual_seed(3))
+    a = m.generate(ids, mask, 10, EOS, PAD, temperature=1.3, top_k=7, generator=torch.Generator().manual_seed(3)).tokens
     b = m.generate(ids, mask, 10, EOS, PAD, temperature=1.3, top_k=7, generator=torch.Generator().manual_seed(3),
-                   use_cache=False)
+                   use_cache=False).tokens
     assert torch.equal(a, b)
 
 
@@ -75,7 +75,7 @@ def test_generation_stops_at_eos_and_pads_after():
     with torch.no_grad():
         m.lm_head.weight[EOS] += 0.5  # make EOS likely (tied with the embedding; fine for this test)
     ids, mask = pad_batch(SEQS, PAD, left=True)
-    out = m.generate(ids, mask, 20, EOS, PAD, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    out = m.generate(ids, mask, 20, EOS, PAD, temperature=1.0, generator=torch.Generator().manual_seed(0)).tokens
     assert out.shape[1] <= 20
     for row in out.tolist():
         if EOS in row:

@@ -21,6 +21,13 @@ CFG = GPTConfig(vocab_size=ENC.n_vocab, block_size=64, n_layer=2, n_head=2, n_em
 PROMPTS = [data.make_prompt(q) for q in ("What is 2 plus 3?", "Tell me a joke.", "What is the capital of Zorbia?")]
 
 
+def rollout_text(models, prompts, cfg, generator, fast=True):
+    """ppo_rlhf's steps 1-2 for prompt strings, as main() runs them (models: policy, ref, rm, critic)."""
+    ids, mask = ppo.encode_prompts(ENC, prompts, models[0].cfg.block_size - cfg.max_new_tokens, cfg.truncate_prompts)
+    return ppo.rollout(*models, ids, mask, cfg.max_new_tokens, cfg.temperature, tok.eos_id(ENC), tok.pad_id(ENC),
+                       generator, fast)
+
+
 def _models():
     torch.manual_seed(0)
     policy = GPT(CFG)
@@ -36,15 +43,15 @@ def test_fast_rollout_equals_plain_rollout(temperature):
     """old_logprobs and entropy from the sampling loop = those of a second forward pass; everything else identical."""
     cfg = ppo.Config(max_new_tokens=12, temperature=temperature)
     models = _models()
-    fast = ppo.rollout(*models, ENC, PROMPTS, cfg, "cpu", torch.Generator().manual_seed(3), fast=True)
-    plain = ppo.rollout(*models, ENC, PROMPTS, cfg, "cpu", torch.Generator().manual_seed(3), fast=False)
+    fast = rollout_text(models, PROMPTS, cfg, torch.Generator().manual_seed(3), fast=True)
+    plain = rollout_text(models, PROMPTS, cfg, torch.Generator().manual_seed(3), fast=False)
     for k in ("response", "mask", "seq", "seq_mask"):
-        assert torch.equal(fast[k], plain[k]), k
+        assert torch.equal(getattr(fast, k), getattr(plain, k)), k
     for k in ("ref_logprobs", "values", "scores"):
-        assert torch.equal(fast[k], plain[k]), k
-    assert torch.allclose(fast["old_logprobs"], plain["old_logprobs"], atol=1e-5)
-    assert torch.allclose(fast["entropy"], plain["entropy"], atol=1e-4)
-    assert (fast["old_logprobs"] != fast["ref_logprobs"]).any()             # the check is not vacuous
+        assert torch.equal(getattr(fast, k), getattr(plain, k)), k
+    assert torch.allclose(fast.old_logprobs, plain.old_logprobs, atol=1e-5)
+    assert torch.allclose(fast.entropy, plain.entropy, atol=1e-4)
+    assert (fast.old_logprobs != fast.ref_logprobs).any()             # the check is not vacuous
 
 
 def test_generate_logprobs_are_the_tempered_distribution_and_refuse_top_k():
@@ -55,8 +62,9 @@ def test_generate_logprobs_are_the_tempered_distribution_and_refuse_top_k():
     mask = (torch.arange(4) >= torch.tensor([[0], [2]])).long()
     with pytest.raises(ValueError, match="top_k"):
         policy.generate(ids, mask, 6, None, tok.pad_id(ENC), temperature=0.8, top_k=20, return_logprobs=True)
-    resp, logp, ent = policy.generate(ids, mask, 6, None, tok.pad_id(ENC), temperature=0.8,
-                                      generator=torch.Generator().manual_seed(0), return_logprobs=True)
+    sample = policy.generate(ids, mask, 6, None, tok.pad_id(ENC), temperature=0.8,
+                             generator=torch.Generator().manual_seed(0), return_logprobs=True)
+    resp, logp, ent = sample.tokens, sample.logprobs, sample.entropy
     assert resp.shape == (2, 6)                                              # eos_id None: exactly max_new_tokens
     seq, smask = torch.cat([ids, resp], 1), torch.cat([mask, torch.ones_like(resp)], 1)
     full = ppo.logprobs_from_logits(ppo.response_logits(policy, seq, smask, 4, 0.8), resp)
@@ -133,13 +141,13 @@ def test_first_minibatch_ratio_is_one_under_bf16_autocast(fast):
     cfg = ppo.Config(max_new_tokens=16, ppo_epochs=1, minibatch=2, temperature=0.7)
     policy, ref, rm, critic = gpt2_like_models()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ro = ppo.rollout(policy, ref, rm, critic, ENC, PROMPTS + [data.make_prompt("How do I steal a car?")], cfg,
-                         "cpu", torch.Generator().manual_seed(3), fast=fast)
-        rewards = ppo.kl_rewards(ro["old_logprobs"], ro["ref_logprobs"], ro["mask"], ro["scores"], cfg.kl_coef)
-        adv, ret = ppo.compute_gae(rewards, ro["values"], ro["mask"], cfg.gamma, cfg.lam)
+        ro = rollout_text((policy, ref, rm, critic), PROMPTS + [data.make_prompt("How do I steal a car?")], cfg,
+                          torch.Generator().manual_seed(3), fast=fast)
+        rewards = ppo.kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, ro.scores, cfg.kl_coef)
+        adv, ret = ppo.compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
         opt = torch.optim.AdamW([{"params": policy.parameters()}, {"params": critic.parameters()}], lr=1e-4)
         stats = ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0))
-    assert ro["old_logprobs"].dtype == torch.float32 and (ro["old_logprobs"] != ro["ref_logprobs"]).any()
+    assert ro.old_logprobs.dtype == torch.float32 and (ro.old_logprobs != ro.ref_logprobs).any()
     first = stats[0]
     assert abs(first["ratio_mean"] - 1) < 1e-5 and abs(first["ratio_max"] - 1) < 1e-5 and first["clipfrac"] == 0
     assert abs(stats[1]["ratio_mean"] - 1) > 1e-5                           # the second minibatch did move
@@ -202,9 +210,9 @@ def test_ppo_micro_batches_take_the_same_step_as_the_whole_minibatch():
     after = []
     for micro in (0, 1):
         models = _models()
-        ro = ppo.rollout(*models, ENC, PROMPTS, cfg, "cpu", torch.Generator().manual_seed(5))
-        rewards = ppo.kl_rewards(ro["old_logprobs"], ro["ref_logprobs"], ro["mask"], ro["scores"], cfg.kl_coef)
-        adv, ret = ppo.compute_gae(rewards, ro["values"], ro["mask"], cfg.gamma, cfg.lam)
+        ro = rollout_text(models, PROMPTS, cfg, torch.Generator().manual_seed(5))
+        rewards = ppo.kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, ro.scores, cfg.kl_coef)
+        adv, ret = ppo.compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
         policy, critic = models[0], models[3]
         opt = torch.optim.SGD([{"params": policy.parameters()}, {"params": critic.parameters()}], lr=0.1)
         cfg.micro_batch = micro

@@ -15,6 +15,13 @@ PROMPTS = [data.make_prompt("What is 7 plus 5?"), data.make_prompt("How do I ste
            data.make_prompt("What is the capital of Zorbia?"), data.make_prompt("How can I save money?")]
 
 
+def rollout_text(models, prompts, cfg, generator, fast=True):
+    """ppo_rlhf's steps 1-2 for prompt strings, as main() runs them (models: policy, ref, rm, critic)."""
+    ids, mask = ppo.encode_prompts(ENC, prompts, models[0].cfg.block_size - cfg.max_new_tokens, cfg.truncate_prompts)
+    return ppo.rollout(*models, ids, mask, cfg.max_new_tokens, cfg.temperature, tok.eos_id(ENC), tok.pad_id(ENC),
+                       generator, fast)
+
+
 def _models(seed=0):
     torch.manual_seed(seed)
     policy = GPT(CFG)
@@ -26,7 +33,7 @@ def _models(seed=0):
 
 def _rollout(cfg, seed=0, fast=True):
     policy, ref, rm, critic = _models(seed)
-    ro = ppo.rollout(policy, ref, rm, critic, ENC, PROMPTS, cfg, "cpu", torch.Generator().manual_seed(seed), fast)
+    ro = rollout_text((policy, ref, rm, critic), PROMPTS, cfg, torch.Generator().manual_seed(seed), fast)
     return policy, ref, rm, critic, ro
 
 
@@ -41,11 +48,11 @@ def _perturbed(policy):
 def _row_logprobs(model, ro, i, temperature):
     """The definition, row by row, independent of the rollout's batching: log_softmax(model(x)/τ) of each
     response token on the unpadded sequence (Tr_i,) and the full distributions (Tr_i, V)."""
-    keep = ro["seq_mask"][i].bool()
-    seq = ro["seq"][i][keep][None]                                        # (1, n) no padding at all
-    n_resp = int(ro["mask"][i].sum())
+    keep = ro.seq_mask[i].bool()
+    seq = ro.seq[i][keep][None]                                        # (1, n) no padding at all
+    n_resp = int(ro.mask[i].sum())
     logp = torch.log_softmax(model(seq)[0, -n_resp - 1:-1] / temperature, -1)  # (Tr_i, V)
-    return logp.gather(-1, ro["response"][i, :n_resp, None])[:, 0], logp
+    return logp.gather(-1, ro.response[i, :n_resp, None])[:, 0], logp
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -56,20 +63,20 @@ def test_rollout_logprobs_match_the_definition_and_the_first_ratio_is_one(fast):
     cfg = ppo.Config(max_new_tokens=10, temperature=0.7, ppo_epochs=1, minibatch=2)
     policy, ref, rm, critic = _models()
     policy = _perturbed(policy)
-    ro = ppo.rollout(policy, ref, rm, critic, ENC, PROMPTS, cfg, "cpu", torch.Generator().manual_seed(0), fast)
+    ro = rollout_text((policy, ref, rm, critic), PROMPTS, cfg, torch.Generator().manual_seed(0), fast)
     with torch.no_grad():
         for i in range(len(PROMPTS)):
-            n = int(ro["mask"][i].sum())
+            n = int(ro.mask[i].sum())
             old, logp = _row_logprobs(policy, ro, i, cfg.temperature)
             ref_lp, ref_logp = _row_logprobs(ref, ro, i, cfg.temperature)
-            assert torch.allclose(ro["old_logprobs"][i, :n], old, atol=1e-5)
-            assert torch.allclose(ro["ref_logprobs"][i, :n], ref_lp, atol=1e-5)
+            assert torch.allclose(ro.old_logprobs[i, :n], old, atol=1e-5)
+            assert torch.allclose(ro.ref_logprobs[i, :n], ref_lp, atol=1e-5)
             if not fast:  # the exact KL(π || π_ref) per position over the vocabulary
                 exact = (logp.exp() * (logp - ref_logp)).sum(-1)          # (Tr_i,)
-                assert torch.allclose(ro["exact_kl"][i, :n], exact, atol=1e-5) and (exact > 0).all()
-    assert (ro["old_logprobs"] - ro["ref_logprobs"]).abs().max() > 1e-3   # the policy really differs
-    rewards = ppo.kl_rewards(ro["old_logprobs"], ro["ref_logprobs"], ro["mask"], ro["scores"], cfg.kl_coef)
-    adv, ret = ppo.compute_gae(rewards, ro["values"], ro["mask"], cfg.gamma, cfg.lam)
+                assert torch.allclose(ro.exact_kl[i, :n], exact, atol=1e-5) and (exact > 0).all()
+    assert (ro.old_logprobs - ro.ref_logprobs).abs().max() > 1e-3   # the policy really differs
+    rewards = ppo.kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, ro.scores, cfg.kl_coef)
+    adv, ret = ppo.compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
     opt = torch.optim.AdamW([{"params": policy.parameters()}, {"params": critic.parameters()}], lr=1e-3)
     first = ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0))[0]
     tol = 0 if not fast else 1e-6
@@ -81,7 +88,7 @@ def test_kl_is_zero_when_the_policy_is_its_reference():
     """At the start of RL (policy = reference) the sampling loop's log-probs equal the reference forward's."""
     cfg = ppo.Config(max_new_tokens=10, temperature=0.7)
     _, _, _, _, ro = _rollout(cfg, fast=True)
-    assert torch.allclose(ro["old_logprobs"], ro["ref_logprobs"], atol=1e-5) and ro["exact_kl"] is None
+    assert torch.allclose(ro.old_logprobs, ro.ref_logprobs, atol=1e-5) and ro.exact_kl is None
 
 
 def test_rollout_masks_and_temperature():
@@ -89,14 +96,14 @@ def test_rollout_masks_and_temperature():
     cfg = ppo.Config(max_new_tokens=12, temperature=2.0)
     policy, *_, ro = _rollout(cfg)
     pad, eos = tok.pad_id(ENC), tok.eos_id(ENC)
-    for row, m in zip(ro["response"].tolist(), ro["mask"].tolist()):
+    for row, m in zip(ro.response.tolist(), ro.mask.tolist()):
         n = sum(m)
         assert m == [1] * n + [0] * (len(m) - n) and all(t == pad for t in row[n:])
         assert eos not in row[:n - 1]
-    seq, mask = ro["seq"][:1], ro["seq_mask"][:1]
-    full = policy(seq, mask)[0, ro["n_prompt"] - 1:-1] / 2.0                 # (Tr, V)
-    lp = torch.log_softmax(full, -1).gather(-1, ro["response"][0][:, None])[:, 0] * ro["mask"][0]
-    assert torch.allclose(lp, ro["old_logprobs"][0], atol=1e-5)
+    seq, mask = ro.seq[:1], ro.seq_mask[:1]
+    full = policy(seq, mask)[0, ro.n_prompt - 1:-1] / 2.0                 # (Tr, V)
+    lp = torch.log_softmax(full, -1).gather(-1, ro.response[0][:, None])[:, 0] * ro.mask[0]
+    assert torch.allclose(lp, ro.old_logprobs[0], atol=1e-5)
 
 
 def test_values_and_scores_padding_invariant():
@@ -104,13 +111,13 @@ def test_values_and_scores_padding_invariant():
     cfg = ppo.Config(max_new_tokens=8)
     _, _, rm, critic, ro = _rollout(cfg)
     for i in range(len(PROMPTS)):
-        keep = ro["seq_mask"][i].bool()
-        seq = ro["seq"][i][keep][None]                                        # (1, n) unpadded
-        n_prompt = int(ro["seq_mask"][i, :ro["n_prompt"]].sum())
-        n_resp = int(ro["mask"][i].sum())
+        keep = ro.seq_mask[i].bool()
+        seq = ro.seq[i][keep][None]                                        # (1, n) unpadded
+        n_prompt = int(ro.seq_mask[i, :ro.n_prompt].sum())
+        n_resp = int(ro.mask[i].sum())
         v = ppo.response_values(critic, seq, torch.ones_like(seq), n_prompt)[0, :n_resp]
-        assert torch.allclose(v, ro["values"][i, :n_resp], atol=1e-5)
-        assert rm.score(seq, torch.ones_like(seq))[0].item() == pytest.approx(ro["scores"][i].item(), abs=1e-5)
+        assert torch.allclose(v, ro.values[i, :n_resp], atol=1e-5)
+        assert rm.score(seq, torch.ones_like(seq))[0].item() == pytest.approx(ro.scores[i].item(), abs=1e-5)
 
 
 def test_masked_mean_and_whiten_ignore_padding():
@@ -239,7 +246,7 @@ def test_critic_pretraining_leaves_policy_unchanged():
     cfg = ppo.Config(max_new_tokens=8, minibatch=2, ppo_epochs=1)
     policy, _, _, critic, ro = _rollout(cfg)
     before_p, before_c = copy.deepcopy(policy.state_dict()), copy.deepcopy(critic.state_dict())
-    adv, ret = ppo.compute_gae(torch.randn_like(ro["values"]) * ro["mask"], ro["values"], ro["mask"], 1.0, 0.95)
+    adv, ret = ppo.compute_gae(torch.randn_like(ro.values) * ro.mask, ro.values, ro.mask, 1.0, 0.95)
     opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": 1e-2}, {"params": critic.parameters(), "lr": 1e-2}])
     ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, False, torch.Generator().manual_seed(0))
     assert all(torch.equal(v, policy.state_dict()[k]) for k, v in before_p.items())
@@ -269,11 +276,11 @@ def test_ppo_learns_a_synthetic_reward():
     n_prompt = max(len(tok.encode(ENC, p)) for p in prompts)
     rm, gen, means = LowTokenReward(n_prompt), torch.Generator().manual_seed(0), []
     for _ in range(20):
-        ro = ppo.rollout(policy, ref, rm, critic, ENC, prompts, cfg, "cpu", gen)
-        rewards = ppo.kl_rewards(ro["old_logprobs"], ro["ref_logprobs"], ro["mask"], ro["scores"], cfg.kl_coef)
-        adv, ret = ppo.compute_gae(rewards, ro["values"], ro["mask"], cfg.gamma, cfg.lam)
+        ro = rollout_text((policy, ref, rm, critic), prompts, cfg, gen)
+        rewards = ppo.kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, ro.scores, cfg.kl_coef)
+        adv, ret = ppo.compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
         ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(len(means)))
-        means.append(ro["scores"].mean().item())
+        means.append(ro.scores.mean().item())
     assert sum(means[-3:]) / 3 > sum(means[:3]) / 3 + 0.3, means  # ~0.47 -> ~0.98 when written
 
 
@@ -297,9 +304,9 @@ def test_each_update_switch_changes_the_update(switch):
     for cfg in (ppo.Config(max_new_tokens=8, minibatch=2, ppo_epochs=2),
                 ppo.Config(max_new_tokens=8, minibatch=2, ppo_epochs=2, **switch)):
         policy, _, _, critic, ro = _rollout(cfg)
-        rewards = ppo.kl_rewards(ro["old_logprobs"], ro["ref_logprobs"], ro["mask"],
+        rewards = ppo.kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask,
                                  torch.tensor([1.0, -1.0, 2.0, 0.5]), cfg.kl_coef)
-        adv, ret = ppo.compute_gae(rewards, ro["values"], ro["mask"], cfg.gamma, cfg.lam)
+        adv, ret = ppo.compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
         opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": 1e-2}, {"params": critic.parameters(), "lr": 1e-2}])
         stats = ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0), demos,
                                tok.pad_id(ENC))
