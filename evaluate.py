@@ -25,6 +25,7 @@ Shape legend: B prompts in a batch, Tp prompt length, Tr response length, V voca
 """
 import argparse
 import json
+import math
 import os
 import random
 
@@ -35,8 +36,8 @@ import tokenizer as tok
 from external import hh_rlhf
 from model import ScalarHeadGPT, logprobs_from_logits, response_logits
 from reward_model import score_texts
-from utils import (TRUNCATIONS, fit_prompt, load_checkpoint, load_policy, load_weights, pad_batch, pick_device, run_main,
-                   table, without_dropout)
+from utils import (TRUNCATIONS, fit_prompt, load_checkpoint, load_policy, load_weights, masked_mean, masked_var,
+                   pad_batch, pick_device, run_main, table, without_dropout)
 
 
 def distinct_n(texts, n):
@@ -105,6 +106,52 @@ def rm_win_rate(rm, enc, prompts, responses, opponents, device, batch_size=64):
                             for x in score_texts(rm, enc, prompts[i:i + batch_size], texts[i:i + batch_size],
                                                  device).tolist()]
     return data.win_rate(scores(responses), scores(opponents))
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(returns - values) / Var(returns) over masked tokens (1 = perfect critic, ≤ 0 = useless)."""
+    var_r = masked_var(returns, mask)
+    return (1 - masked_var(returns - values, mask) / var_r.clamp(min=1e-8)).item()
+
+
+def iteration_metrics(ro, scores, gold, ended, advantages, returns, running):
+    """The paper's §5.2 metrics of one iteration (RM score, KL, length, perplexity) and the critic's fit."""
+    mask, n_tokens = ro.mask, ro.mask.sum()
+    k1 = (ro.old_logprobs - ro.ref_logprobs) * mask                       # (B, Tr) the penalty's estimator
+    log_rho = -k1                                                         # log π_ref/π_old
+    k3 = (torch.exp(log_rho) - 1 - log_rho) * mask                        # (B, Tr)
+    row = dict(score_raw=ro.scores.mean().item(), score_raw_std=ro.scores.std().item(),
+               scores_raw=[round(x, 3) for x in ro.scores.tolist()],      # the distribution (paper Fig. 13)
+               score=scores.mean().item(), gold=gold.mean().item(),
+               kl_seq=k1.sum(1).mean().item(), kl_token=(k1.sum() / n_tokens).item(),
+               kl_k3_seq=k3.sum(1).mean().item(),
+               length=mask.sum(1).float().mean().item(), eos_rate=ended.float().mean().item(),
+               perplexity=math.exp(-(ro.old_logprobs.sum() / n_tokens).item()),
+               entropy=(ro.entropy.sum() / n_tokens).item(),
+               **({} if ro.exact_kl is None else {"kl_exact_seq": ro.exact_kl.sum(1).mean().item()}),
+               adv_mean=masked_mean(advantages, mask).item(), return_mean=masked_mean(returns, mask).item(),
+               value_mean=masked_mean(ro.values, mask).item(),
+               explained_var=explained_variance(ro.values, returns, mask),
+               running_mean=running.mean, running_std=running.std)
+    return row
+
+
+def minibatch_means(update_stats):
+    """The update's statistics averaged over its minibatches (ratio_max: the largest)."""
+    out = {}
+    for k in update_stats[0]:
+        values = [s[k] for s in update_stats if k in s]
+        out[k] = max(values) if k == "ratio_max" else sum(values) / len(values)
+    return out
+
+
+def print_samples(prompts, texts, ro, gold):
+    """The best, median and worst rollout of the batch by RM score, with gold reward and KL."""
+    order = torch.argsort(ro.scores, descending=True).tolist()
+    k1 = (ro.old_logprobs - ro.ref_logprobs) * ro.mask                     # (B, Tr)
+    print(table([(prompts[i].strip(), texts[i], ro.scores[i].item(), gold[i].item(), k1[i].sum().item())
+                 for i in (order[0], order[len(order) // 2], order[-1])],
+                ["prompt", "response", "RM", "gold", "KL"], [30, 70, 5, 5, 5]))
 
 
 def main(argv=None):

@@ -62,16 +62,15 @@ import torch
 
 import data
 import tokenizer as tok
-from evaluate import collapse_signature, rm_win_rate
+from evaluate import collapse_signature, iteration_metrics, minibatch_means, print_samples, rm_win_rate
 from external import hh_rlhf
 from external.gpt2 import load_gpt2
-from model import (GPT, ScalarHeadGPT, entropy_from_logits, last_token_index, logprobs_from_logits,
-                   response_logits)
+from model import GPT, entropy_from_logits, last_token_index, logprobs_from_logits, response_logits
 from train_sft import collate, encode_demos, sample_responses, sft_loss
 from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt,
-                   load_checkpoint, load_models, load_weights, pad_batch, parse_config, pick_device, plot_curves,
-                   read_jsonl, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state, table,
-                   without_dropout)
+                   load_checkpoint, load_critic, load_models, load_weights, masked_mean, masked_whiten, pad_batch,
+                   parse_config, pick_device, plot_curves, read_jsonl, rng_state, run_main, save_checkpoint,
+                   seed_everything, set_rng_state, without_dropout)
 
 
 @dataclass
@@ -240,30 +239,6 @@ def response_values(critic, seq, mask, n_prompt):
 # ----------------------------------------------------------------------------------------------------
 # Steps 3-6 as pure functions (imported by the tests, the notebooks and the other algorithms)
 
-def masked_mean(x, mask, dim=None):
-    """Mean of x over positions where mask is 1 (over `dim`, or everything)."""
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_var(x, mask):
-    """Unbiased variance of x over mask."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
-
-
-def masked_whiten(x, mask, shift_mean=True):
-    """(x - μ) / σ over masked positions (shift_mean=False keeps the mean: (x - μ)/σ + μ). Padding stays 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
-
-
 def compute_gae(rewards, values, mask, gamma, lam):
     """
     Generalised advantage estimation over response tokens (paper eqs. 7-11), right-padded (B, T) tensors:
@@ -357,10 +332,6 @@ def kl_rewards(old_logprobs, ref_logprobs, mask, scores, kl_coef):
     return rewards
 
 
-def explained_variance(values, returns, mask):
-    """1 - Var(returns - values) / Var(returns) over masked tokens (1 = perfect critic, ≤ 0 = useless)."""
-    var_r = masked_var(returns, mask)
-    return (1 - masked_var(returns - values, mask) / var_r.clamp(min=1e-8)).item()
 # ----------------------------------------------------------------------------------------------------
 # Step 6: the update
 
@@ -442,17 +413,6 @@ def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy,
 # ----------------------------------------------------------------------------------------------------
 # Plumbing for main(): models, prompts, monitoring, checkpoints (no RLHF logic below this line but in main)
 
-def load_critic(init, sft, rm_ckpt, sft_path, rm_path):
-    """The trainable critic (paper §5.3.3), without dropout: a copy of the reward model (init="rm") or the SFT
-    backbone with a fresh scalar head (init="sft")."""
-    critic = ScalarHeadGPT(without_dropout((rm_ckpt if init == "rm" else sft)["model_config"]))
-    if init == "rm":
-        load_weights(critic, rm_ckpt["model"], rm_path)
-    else:
-        load_weights(critic.backbone, sft["model"], sft_path)
-    return critic
-
-
 def build_models(cfg, device):
     """Policy (SFT copy, or the Fig. 8 ablation's random / GPT-2 init), frozen reference and RM, critic."""
     policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
@@ -481,37 +441,6 @@ def load_prompts(cfg, sft, enc, order_rng):
     demos = (data.make_demonstrations(data.sample_prompts(splits["train"], 4000, order_rng), cfg.seed + 2)
              if hh is None else [(r["prompt"], r["chosen"]) for r in hh["train"]])
     return splits, encode_demos(enc, demos, sft["model_config"]["block_size"])
-
-
-def iteration_metrics(ro, scores, gold, ended, advantages, returns, running):
-    """The paper's §5.2 metrics of one iteration (RM score, KL, length, perplexity) and the critic's fit."""
-    mask, n_tokens = ro.mask, ro.mask.sum()
-    k1 = (ro.old_logprobs - ro.ref_logprobs) * mask                       # (B, Tr) the penalty's estimator
-    log_rho = -k1                                                         # log π_ref/π_old
-    k3 = (torch.exp(log_rho) - 1 - log_rho) * mask                        # (B, Tr)
-    row = dict(score_raw=ro.scores.mean().item(), score_raw_std=ro.scores.std().item(),
-               scores_raw=[round(x, 3) for x in ro.scores.tolist()],      # the distribution (paper Fig. 13)
-               score=scores.mean().item(), gold=gold.mean().item(),
-               kl_seq=k1.sum(1).mean().item(), kl_token=(k1.sum() / n_tokens).item(),
-               kl_k3_seq=k3.sum(1).mean().item(),
-               length=mask.sum(1).float().mean().item(), eos_rate=ended.float().mean().item(),
-               perplexity=math.exp(-(ro.old_logprobs.sum() / n_tokens).item()),
-               entropy=(ro.entropy.sum() / n_tokens).item(),
-               **({} if ro.exact_kl is None else {"kl_exact_seq": ro.exact_kl.sum(1).mean().item()}),
-               adv_mean=masked_mean(advantages, mask).item(), return_mean=masked_mean(returns, mask).item(),
-               value_mean=masked_mean(ro.values, mask).item(),
-               explained_var=explained_variance(ro.values, returns, mask),
-               running_mean=running.mean, running_std=running.std)
-    return row
-
-
-def minibatch_means(update_stats):
-    """The update's statistics averaged over its minibatches (ratio_max: the largest)."""
-    out = {}
-    for k in update_stats[0]:
-        values = [s[k] for s in update_stats if k in s]
-        out[k] = max(values) if k == "ratio_max" else sum(values) / len(values)
-    return out
 
 
 @dataclass
@@ -643,15 +572,6 @@ def main(argv=None):
                                 f"len {row['length']:.1f} eos {row['eos_rate']:.2f} vf {row['vf_loss']:.3f}"
                                 + ("" if update_policy else " (critic pre-training)")))
     return finish(cfg, sft, policy, critic, state, log_path, ckpt_path, time.time() - t_start)
-
-
-def print_samples(prompts, texts, ro, gold):
-    """The best, median and worst rollout of the batch by RM score, with gold reward and KL."""
-    order = torch.argsort(ro.scores, descending=True).tolist()
-    k1 = (ro.old_logprobs - ro.ref_logprobs) * ro.mask                     # (B, Tr)
-    print(table([(prompts[i].strip(), texts[i], ro.scores[i].item(), gold[i].item(), k1[i].sum().item())
-                 for i in (order[0], order[len(order) // 2], order[-1])],
-                ["prompt", "response", "RM", "gold", "KL"], [30, 70, 5, 5, 5]))
 
 
 def finish(cfg, sft, policy, critic, state, log_path, ckpt_path, total):

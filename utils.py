@@ -139,6 +139,17 @@ def load_models(sft_path, rm_path, device):
     return policy.to(device), ref.to(device), rm.to(device), sft, rm_ckpt
 
 
+def load_critic(init, sft, rm_ckpt, sft_path, rm_path):
+    """The trainable critic (paper §5.3.3), without dropout: a copy of the reward model (init="rm") or the SFT
+    backbone with a fresh scalar head (init="sft")."""
+    critic = ScalarHeadGPT(without_dropout((rm_ckpt if init == "rm" else sft)["model_config"]))
+    if init == "rm":
+        load_weights(critic, rm_ckpt["model"], rm_path)
+    else:
+        load_weights(critic.backbone, sft["model"], sft_path)
+    return critic
+
+
 RESUME_FREE = ("resume", "stop_after", "device", "ckpt_interval", "log_truncations")  # may differ between a run and its resumption
 
 
@@ -276,6 +287,32 @@ def run_main(main):
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------- masked tensors
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over positions where mask is 1 (over `dim`, or everything)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x, mask):
+    """Unbiased variance of x over mask."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - μ) / σ over masked positions (shift_mean=False keeps the mean: (x - μ)/σ + μ). Padding stays 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
 
 
 # ---------------------------------------------------------------------------------------------- logging

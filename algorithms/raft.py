@@ -32,11 +32,11 @@ import torch
 import data
 import tokenizer as tok
 from model import logprobs_from_logits, response_logits
-from ppo_rlhf import encode_prompts, masked_mean, rollout
+from ppo_rlhf import encode_prompts, rollout
 from algorithms.rloo import kl_shaped_rewards
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, load_models, parse_config, pick_device,
-                   plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, load_models, masked_mean, parse_config,
+                   pick_device, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
 
 
 @dataclass

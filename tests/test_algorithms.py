@@ -94,10 +94,10 @@ def dropout_sft(tmp_path_factory):
 def test_models_after_sft_run_without_dropout(dropout_sft):
     """Policy, reference, RM (every RL stage, A-LoL) and the critic (both inits) built from dropout-0.1
     checkpoints give the same output twice in train mode: no dropout is left in them."""
-    import ppo_rlhf
+    from utils import load_critic, load_models
     sft_path, rm_path = f"{dropout_sft}/sft.pt", f"{dropout_sft}/rm.pt"
-    policy, ref, rm, sft, rm_ckpt = ppo_rlhf.load_models(sft_path, rm_path, "cpu")
-    critics = [ppo_rlhf.load_critic(init, sft, rm_ckpt, sft_path, rm_path) for init in ("rm", "sft")]
+    policy, ref, rm, sft, rm_ckpt = load_models(sft_path, rm_path, "cpu")
+    critics = [load_critic(init, sft, rm_ckpt, sft_path, rm_path) for init in ("rm", "sft")]
     seq = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
     for model in (policy, ref, rm, *critics):
         model.train()

@@ -8,6 +8,7 @@ import data
 import ppo_rlhf as ppo
 import tokenizer as tok
 from model import GPT, GPTConfig, ScalarHeadGPT
+from utils import masked_mean, masked_whiten
 
 ENC = tok.get_tokenizer("toy")
 CFG = GPTConfig(vocab_size=ENC.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=32, pad_id=tok.pad_id(ENC))
@@ -124,13 +125,13 @@ def test_masked_mean_and_whiten_ignore_padding():
     """Huge values at padding change neither the masked mean nor the whitened real entries; padding stays 0."""
     x = torch.tensor([[1.0, 2.0, 3.0, 1e6], [4.0, 5.0, -1e6, 7e5]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    assert ppo.masked_mean(x, mask).item() == pytest.approx(3.0)
-    assert ppo.masked_mean(x, mask, dim=1).tolist() == pytest.approx([2.0, 4.5])
-    w = ppo.masked_whiten(x, mask)
+    assert masked_mean(x, mask).item() == pytest.approx(3.0)
+    assert masked_mean(x, mask, dim=1).tolist() == pytest.approx([2.0, 4.5])
+    w = masked_whiten(x, mask)
     real = w[mask.bool()]
     assert real.mean().item() == pytest.approx(0.0, abs=1e-6) and real.var().item() == pytest.approx(1.0, abs=1e-4)
     assert (w[~mask.bool()] == 0).all()
-    kept = ppo.masked_whiten(x, mask, shift_mean=False)[mask.bool()]
+    kept = masked_whiten(x, mask, shift_mean=False)[mask.bool()]
     assert kept.mean().item() == pytest.approx(3.0, abs=1e-5)
 
 
