@@ -24,7 +24,7 @@ Deliberate choices:
      through the model in one batch of 2B rows.
   2. Both responses of a pair are different candidates for the same prompt (data.CANDIDATE style, wider than
      the demonstrations) and some are cut off without EOS, so "ended" is a feature the RM can learn.
-  3. No reward normalisation here: PPO normalises scores itself (PPO-max score norm/clip, issue for PPO).
+  3. No reward normalisation here: PPO normalises the scores itself (ppo_rlhf.process_scores, paper eq. 18).
   4. Plain-numpy Pearson and Spearman (average ranks for ties) to avoid a scipy dependency.
   5. Real data (`--data` HH-RLHF): the human label is the only judgement, so only loss, accuracy vs labels and the
      length correlation are reported. `--init gpt2` starts from GPT-2's weights instead of the SFT model's.

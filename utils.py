@@ -41,17 +41,12 @@ def parse_config(cls, presets, argv=None, description=None):
     p.add_argument("--preset", choices=sorted(presets), default=None,
                    help="a named set of overrides, applied before the explicit options (default: none)")
     for f in dataclasses.fields(cls):
-        if f.name == "preset":  # filled in from --preset below
-            continue
         typ = _str2bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
         p.add_argument(f"--{f.name}", type=typ, default=None, help=f"{f.metadata.get('help', '')} (default: {f.default})")
     args = p.parse_args(argv)
     cfg = cls(**presets.get(args.preset, {})) if args.preset else cls()
     overrides = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
-    cfg = dataclasses.replace(cfg, **overrides)
-    if hasattr(cfg, "preset"):
-        cfg = dataclasses.replace(cfg, preset=args.preset or "default")
-    return cfg
+    return dataclasses.replace(cfg, **overrides)
 
 
 def field(default, help):

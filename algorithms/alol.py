@@ -58,7 +58,6 @@ class Config:
     sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: π_ref (frozen) and the initial policy")
     rm_ckpt: str = field("out/rm.pt", "reward model; its config says which pairs it was trained on")
     out_dir: str = field("out", "where alol.pt, alol_log.jsonl and alol_curves.png are written")
-    preset: str = field("default", "the preset this config came from (set by --preset)")
     seed: int = field(0, "seeds value-head init, sampling and the final check")
     device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
     variant: str = field("alol", "alol | ref_free | seq | kl")

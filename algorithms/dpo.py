@@ -49,7 +49,6 @@ class Config:
     sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference")
     rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint: its config says which pairs it was trained on")
     out_dir: str = field("out", "where dpo.pt, dpo_log.jsonl and dpo_curves.png are written")
-    preset: str = field("default", "the preset this config came from (set by --preset)")
     seed: int = field(0, "seeds batch order and the final sampling")
     device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
     beta: float = field(0.1, "β: strength of the implicit KL constraint (paper: 0.1)")

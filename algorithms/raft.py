@@ -44,7 +44,6 @@ class Config:
     sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference")
     rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint (frozen)")
     out_dir: str = field("out", "where raft.pt, raft_log.jsonl and raft_curves.png are written")
-    preset: str = field("default", "the preset this config came from (set by --preset)")
     seed: int = field(0, "seeds prompts, sampling and minibatch order")
     device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
     n_iters: int = field(150, "iterations (sample, rank, fine-tune)")

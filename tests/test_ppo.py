@@ -1,5 +1,6 @@
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -225,23 +226,6 @@ def test_running_moments_match_all_data():
     assert rm.std == pytest.approx(xs.std(unbiased=False).item(), abs=1e-5)
 
 
-def test_presets_switch_what_they_say():
-    """vanilla turns off KL, score normalisation, value clipping, grad clipping and critic pre-training."""
-    maxed, vanilla = ppo.Config(**ppo.PRESETS["ppo_max"]), ppo.Config(**ppo.PRESETS["vanilla"])
-    assert maxed.kl_coef > 0 and maxed.score_norm == "norm_clip" and maxed.vf_clip > 0 and maxed.grad_clip > 0
-    assert maxed.critic_pretrain_iters > 0 and not maxed.adv_whiten and maxed.entropy_coef == 0
-    assert maxed.ppo_epochs == 1                         # one pass over each rollout batch, as the released code
-    assert (vanilla.kl_coef, vanilla.score_norm, vanilla.vf_clip, vanilla.grad_clip, vanilla.critic_pretrain_iters) == \
-           (0.0, "none", 0.0, 0.0, 0)
-
-
-def test_vanilla_pg_preset_is_one_unclipped_step_of_reward_to_go():
-    """vanilla_pg: γ = λ = 1 (returns = reward-to-go), one epoch of one minibatch (ρ = 1), raw scores, plain value MSE."""
-    c = ppo.Config(**ppo.PRESETS["vanilla_pg"])
-    assert (c.gamma, c.lam, c.ppo_epochs, c.minibatch, c.rollout_batch, c.vf_clip, c.score_norm) == \
-           (1.0, 1.0, 1, 64, 64, 0.0, "none")
-
-
 def test_critic_pretraining_leaves_policy_unchanged():
     """With update_policy=False a PPO update moves the critic only."""
     cfg = ppo.Config(max_new_tokens=8, minibatch=2, ppo_epochs=1)
@@ -295,25 +279,123 @@ def test_collapse_signature():
     assert "gold down" in ppo.collapse_signature(hacked, 48, 3)[0]
 
 
-@pytest.mark.parametrize("switch", [dict(entropy_coef=0.1), dict(adv_whiten=True), dict(adv_clip=0.05),
-                                    dict(clip_eps=0.01), dict(ptx_coef=1.0), dict(vf_clip=0.0), dict(grad_clip=0.01)])
-def test_each_update_switch_changes_the_update(switch):
-    """Turning one switch on changes the weights a PPO update produces (from identical starts and minibatches)."""
-    from train_sft import encode_demos
+# ----------------------------------------------------------------------------------------------------
+# Each PPO-max switch moves the update the way it is meant to, on a fixed rollout batch
+
+def _fixed_batch(scores=0.0, zero_values=True):
+    """A rollout of a policy moved away from its reference, with fixed scores and (by default) zero values, so
+    the only advantages are those the switch under test creates."""
+    policy, ref, rm, critic = _models()
+    policy = _perturbed(policy)
+    cfg = ppo.Config(max_new_tokens=10)
+    ro = rollout_text((policy, ref, rm, critic), PROMPTS, cfg, torch.Generator().manual_seed(0))
+    ro = replace(ro, scores=torch.full_like(ro.scores, scores),
+                 values=torch.zeros_like(ro.values) if zero_values else ro.values)
+    return policy, ref, critic, ro
+
+
+def _update(cfg, lr=0.05, steps=1, demos=None, **batch):
+    """ppo_update (plain SGD, so step sizes are comparable) on _fixed_batch(**batch); returns the models after
+    and the rollout."""
+    policy, ref, critic, ro = _fixed_batch(**batch)
+    rewards = ppo.kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, ro.scores, cfg.kl_coef)
+    adv, ret = ppo.compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
+    opt = torch.optim.SGD([{"params": policy.parameters()}, {"params": critic.parameters()}], lr=lr)
+    for step in range(steps):
+        ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(step), demos,
+                       tok.pad_id(ENC))
+    return policy, ref, critic, ro
+
+
+def _logprobs(model, ro):
+    with torch.no_grad():
+        return ppo.logprobs_from_logits(ppo.response_logits(model, ro.seq, ro.seq_mask, ro.n_prompt, 1.0),
+                                        ro.response) * ro.mask              # (B, Tr)
+
+
+def _kl_to_ref(policy, ref, ro):
+    """(k1 on the batch's sampled tokens, the exact KL(π || π_ref) over the vocabulary), position means."""
+    with torch.no_grad():
+        logits, ref_logits = (ppo.response_logits(m, ro.seq, ro.seq_mask, ro.n_prompt, 1.0) for m in (policy, ref))
+        k1 = (_logprobs(policy, ro) - _logprobs(ref, ro)).sum() / ro.mask.sum()
+        return k1.item(), ppo.masked_mean(ppo.exact_kl_per_position(logits, ref_logits), ro.mask).item()
+
+
+def test_a_larger_kl_coefficient_moves_the_policy_toward_the_reference():
+    """Scores 0, values 0: with β = 0 nothing drives the policy; with β = 1 the KL reward pulls it to π_ref, on
+    the penalised tokens (k1: 0.086 -> 0.068) and over the whole vocabulary (exact KL: 0.0477 -> 0.0475)."""
+    free = _update(ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0), lr=0.2, steps=3)
+    held = _update(ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=1.0), lr=0.2, steps=3)
+    policy, ref, _, ro = _fixed_batch()
+    k1_start, kl_start = _kl_to_ref(policy, ref, ro)
+    assert _kl_to_ref(free[0], free[1], free[3]) == pytest.approx((k1_start, kl_start), abs=1e-6)
+    k1_held, kl_held = _kl_to_ref(held[0], held[1], held[3])
+    assert k1_held < 0.9 * k1_start and kl_held < kl_start
+
+
+def test_the_value_clip_bounds_how_far_values_move():
+    """Returns far from the rollout values (score 5): unclipped, the critic moves toward them; with ε_v = 0.05
+    the clipped loss stops pulling a value once it is ε_v away from the rollout's."""
+    moved = {}
+    for vf_clip in (0.0, 0.05):
+        cfg = ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0, vf_clip=vf_clip)
+        _, _, critic, ro = _update(cfg, lr=0.002, steps=100, scores=5.0, zero_values=False)
+        with torch.no_grad():
+            new = ppo.response_values(critic, ro.seq, ro.seq_mask, ro.n_prompt)
+        moved[vf_clip] = (ppo.masked_mean((new - ro.values).abs(), ro.mask).item(),
+                          ((new - ro.values).abs() * ro.mask).max().item())
+    assert moved[0.0][0] > 3.0 and moved[0.05][0] < 0.1 and moved[0.05][1] < 0.15, moved  # ≈ ε_v, not 3.7
+
+
+def test_a_smaller_ratio_clip_keeps_the_policy_closer_to_the_rollout_policy():
+    """Many epochs on one batch with a large constant advantage: ε = 0.01 moves the log-probs less than ε = 0.2."""
+    change = {}
+    for clip_eps in (0.2, 0.01):
+        cfg = ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0, clip_eps=clip_eps, ppo_epochs=8)
+        policy, _, _, ro = _update(cfg, lr=2.0, scores=3.0)
+        change[clip_eps] = ((_logprobs(policy, ro) - ro.old_logprobs).abs().sum() / ro.mask.sum()).item()
+    assert change[0.01] < 0.5 * change[0.2], change
+
+
+def test_the_entropy_bonus_raises_the_entropy():
+    """With no advantage at all (scores 0, values 0, β = 0) only the entropy bonus acts, and it raises entropy."""
+    def entropy(policy, ro):
+        with torch.no_grad():
+            logits = ppo.response_logits(policy, ro.seq, ro.seq_mask, ro.n_prompt, 1.0)
+            return ppo.masked_mean(ppo.entropy_from_logits(logits), ro.mask).item()
+    before = entropy(*_fixed_batch()[::3])
+    plain = _update(ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0), lr=2.0)
+    bonus = _update(ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0, entropy_coef=0.5), lr=2.0)
+    assert entropy(plain[0], plain[3]) == pytest.approx(before, abs=1e-6)
+    assert entropy(bonus[0], bonus[3]) > before + 3e-4       # near ln V already: a small but certain rise
+
+
+def test_whitening_removes_a_constant_advantage_and_clipping_shrinks_a_large_one():
+    """A score of 3 on every row gives every token a positive advantage: unwhitened it raises the sampled
+    tokens' log-probs; whitened per minibatch it is ~0 (only the KL part varies); clipped to ±0.05 it moves less."""
+    change = {}
+    for name, switch in (("plain", {}), ("whiten", dict(adv_whiten=True)), ("clip", dict(adv_clip=0.05))):
+        cfg = ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0, **switch)
+        policy, _, _, ro = _update(cfg, lr=0.5, scores=3.0)
+        change[name] = ((_logprobs(policy, ro) - ro.old_logprobs).sum() / ro.mask.sum()).item()
+    assert change["plain"] > 0.02 and abs(change["whiten"]) < 0.1 * change["plain"], change
+    assert 0 < change["clip"] < 0.2 * change["plain"], change
+
+
+def test_ptx_raises_the_likelihood_of_the_demonstrations_and_grad_clip_shortens_the_step():
+    from train_sft import collate, encode_demos, sft_loss
     demos = encode_demos(ENC, data.make_demonstrations(PROMPTS, 0), 64)
-    results = []
-    for cfg in (ppo.Config(max_new_tokens=8, minibatch=2, ppo_epochs=2),
-                ppo.Config(max_new_tokens=8, minibatch=2, ppo_epochs=2, **switch)):
-        policy, _, _, critic, ro = _rollout(cfg)
-        rewards = ppo.kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask,
-                                 torch.tensor([1.0, -1.0, 2.0, 0.5]), cfg.kl_coef)
-        adv, ret = ppo.compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
-        opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": 1e-2}, {"params": critic.parameters(), "lr": 1e-2}])
-        stats = ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0), demos,
-                               tok.pad_id(ENC))
-        results.append((policy.state_dict(), critic.state_dict(), stats))
-    (p0, c0, s0), (p1, c1, s1) = results
-    changed = any(not torch.allclose(p0[k], p1[k]) for k in p0) or any(not torch.allclose(c0[k], c1[k]) for k in c0)
-    assert changed
-    if "ptx_coef" in switch:
-        assert "ptx_loss" in s1[0] and "ptx_loss" not in s0[0]
+    ids, attn, loss_mask = collate(demos, tok.pad_id(ENC), "cpu")
+
+    def demo_loss(policy):
+        with torch.no_grad():
+            return sft_loss(policy(ids, attn), ids, loss_mask).item()
+    base = _update(ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0), demos=demos)[0]
+    ptx = _update(ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0, ptx_coef=1.0, ptx_batch=4), demos=demos)[0]
+    assert demo_loss(ptx) < demo_loss(base) - 0.01
+    start = _fixed_batch()[0].state_dict()
+    step = {}
+    for grad_clip in (0.0, 0.01):
+        policy = _update(ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=1.0, grad_clip=grad_clip))[0]
+        step[grad_clip] = sum((policy.state_dict()[k] - start[k]).norm() ** 2 for k in start).sqrt().item()
+    assert step[0.01] < 0.5 * step[0.0] and step[0.01] <= 0.05 * 0.01 * 1.01 + 1e-6, step
