@@ -172,12 +172,10 @@ def prompt_splits(seed=0):
 
 
 def sample_prompts(split_prompts, n, rng):
-    """n prompts drawn from one split: {kind: [prompt]} (the toy task: the kind by KIND_WEIGHTS, then a prompt
-    uniformly) or a plain list (HH-RLHF prompts: uniformly)."""
-    if isinstance(split_prompts, list):
-        return rng.choices(split_prompts, k=n)
-    kinds = list(KIND_WEIGHTS)
-    picks = rng.choices(kinds, weights=[KIND_WEIGHTS[k] for k in kinds], k=n)
+    """n prompts drawn from one split {kind: [prompt]}: the kind by KIND_WEIGHTS (weight 1 for a kind the toy task
+    does not have, such as HH-RLHF's single "hh"), then a prompt uniformly."""
+    kinds = list(split_prompts)
+    picks = rng.choices(kinds, weights=[KIND_WEIGHTS.get(k, 1.0) for k in kinds], k=n)
     return [rng.choice(split_prompts[k]) for k in picks]
 
 
@@ -375,11 +373,6 @@ def corpus_text(seed=0, n=3000):
         texts.append(generate_response(p, rng, DEMO).replace(EOS_TEXT, ""))
         texts.append(generate_response(p, rng, CANDIDATE).replace(EOS_TEXT, ""))
     return "".join(texts)
-
-
-def prompts_of(split):
-    """The prompts of a split: the toy task's {kind: [prompt]} as is, HH records -> [prompt]."""
-    return [r["prompt"] for r in split] if isinstance(split, list) else split
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def main(argv=None):
         prompts = data.sample_prompts(data.prompt_splits(sft_ckpt["config"]["seed"])["test"], a.n_prompts,
                                       random.Random(a.seed))
     else:  # the HH test split, as the stages cut it; every prompt once
-        prompts = data.prompts_of(hh_rlhf.hh_splits(a.data, sft_ckpt["config"]["seed"])["test"])[:a.n_prompts]
+        prompts = hh_rlhf.prompt_splits(a.data, sft_ckpt["config"]["seed"])["test"]["hh"][:a.n_prompts]
         print(f"{a.data}: no gold reward; 'win_vs_sft' is judged by the reward model (the policy's own judge)")
     args = (enc, prompts, a.max_new_tokens, a.temperature, device, a.seed)
 

@@ -432,14 +432,14 @@ def build_models(cfg, device):
 
 
 def load_prompts(cfg, sft, enc, order_rng):
-    """{"train"|"val"|"test": prompts} of the toy task, or of HH-RLHF files split as SFT and RM split them, and
-    the SFT demonstrations for the PTX term (None when ptx_coef is 0)."""
-    hh = None if cfg.data == "toy" else hh_rlhf.hh_splits(cfg.data, sft["config"]["seed"])
-    splits = data.prompt_splits(sft["config"]["seed"]) if hh is None else {k: data.prompts_of(v) for k, v in hh.items()}
+    """{"train"|"val"|"test": {kind: [prompt]}} of the toy task, or of HH-RLHF files split as SFT and RM split
+    them, and the SFT demonstrations for the PTX term (None when ptx_coef is 0)."""
+    seed = sft["config"]["seed"]
+    splits = data.prompt_splits(seed) if cfg.data == "toy" else hh_rlhf.prompt_splits(cfg.data, seed)
     if cfg.ptx_coef == 0:
         return splits, None
     demos = (data.make_demonstrations(data.sample_prompts(splits["train"], 4000, order_rng), cfg.seed + 2)
-             if hh is None else [(r["prompt"], r["chosen"]) for r in hh["train"]])
+             if cfg.data == "toy" else [(r["prompt"], r["chosen"]) for r in hh_rlhf.hh_splits(cfg.data, seed)["train"]])
     return splits, encode_demos(enc, demos, sft["model_config"]["block_size"])
 
 

@@ -86,3 +86,7 @@ def hh_splits(paths, seed=0):
     return {"train": records[:n_train], "val": records[n_train:n_train + n_val], "test": records[n_train + n_val:]}
 
 
+def prompt_splits(paths, seed=0):
+    """The prompts of hh_splits in the toy task's shape, {"train"|"val"|"test": {"hh": [prompt]}}, so that every
+    stage draws prompts the same way (data.sample_prompts) whatever the data."""
+    return {name: {"hh": [r["prompt"] for r in records]} for name, records in hh_splits(paths, seed).items()}

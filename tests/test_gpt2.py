@@ -116,8 +116,9 @@ def test_hh_splits_multi_turn_and_gz(tmp_path):
     assert all(r["chosen"].endswith(data.EOS_TEXT) and r["rejected"].endswith(data.EOS_TEXT) for r in recs)
     multi = [r for r in recs if r["prompt"].count("\n\nAssistant:") > 1]
     assert multi and all(r["prompt"].endswith("\n\nAssistant:") for r in multi)   # everything up to the last turn
-    assert data.sample_prompts(data.prompts_of(splits["train"]), 5, __import__("random").Random(0))[0] in \
-        data.prompts_of(splits["train"])
+    prompts = hh_rlhf.prompt_splits(f"{SAMPLE},{gz}", seed=0)                 # the toy task's shape: {kind: [prompt]}
+    assert prompts["train"] == {"hh": [r["prompt"] for r in splits["train"]]}
+    assert set(data.sample_prompts(prompts["train"], 5, __import__("random").Random(0))) <= set(prompts["train"]["hh"])
 
 
 def run(*args):
