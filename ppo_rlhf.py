@@ -411,7 +411,7 @@ def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy,
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plumbing for main(): models, prompts, monitoring, checkpoints (no RLHF logic below this line but in main)
+# Plumbing for main(): models, prompts, checkpoints, config checks (main() itself holds the algorithm)
 
 def build_models(cfg, device):
     """Policy (SFT copy, or the Fig. 8 ablation's random / GPT-2 init), frozen reference and RM, critic."""
@@ -499,6 +499,7 @@ def main(argv=None):
     TRUNCATIONS.reset(cfg.log_truncations)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    # 0. models: the policy and the critic train; the reference (a copy of SFT) and the reward model stay frozen
     policy, ref, rm, critic, sft, rm_ckpt = build_models(cfg, device)
     enc = tok.get_tokenizer(sft["tokenizer"])
     eos_id, pad_id, room = tok.eos_id(enc), tok.pad_id(enc), policy.cfg.block_size - cfg.max_new_tokens
@@ -513,6 +514,7 @@ def main(argv=None):
     eval_prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
     eval_sampling = lambda model: sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature,
                                                    device, torch.Generator(device=device).manual_seed(cfg.seed + 1))
+    # the same seed every time: the policy and SFT answer the fixed val prompts with the same random stream
     sft_eval = eval_sampling(ref)
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path, ckpt_path = os.path.join(cfg.out_dir, "ppo_log.jsonl"), os.path.join(cfg.out_dir, "ppo.pt")
@@ -543,9 +545,9 @@ def main(argv=None):
         advantages, returns = compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)    # (B, Tr) each
         # 6. clipped PPO update, ppo_epochs passes over shuffled minibatches (eqs. 15-17)
         t_train, update_policy = time.time(), it > cfg.critic_pretrain_iters
-        update_stats = ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy,
-                                  torch.Generator().manual_seed(state.order_rng.randrange(2**31)), ptx_data, pad_id,
-                                  where=f"PPO iteration {it}")
+        minibatch_gen = torch.Generator().manual_seed(state.order_rng.randrange(2**31))   # this update's shuffles
+        update_stats = ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy, minibatch_gen,
+                                  ptx_data, pad_id, where=f"PPO iteration {it}")
         t_train = time.time() - t_train
 
         # monitoring: the paper's §5.2 metrics, PPO diagnostics, win rate vs SFT, the collapse warning

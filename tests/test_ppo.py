@@ -8,6 +8,7 @@ import torch
 import data
 import ppo_rlhf as ppo
 import tokenizer as tok
+from evaluate import collapse_signature
 from model import GPT, GPTConfig, ScalarHeadGPT
 from utils import masked_mean, masked_whiten
 
@@ -272,11 +273,11 @@ def test_ppo_learns_a_synthetic_reward():
 def test_collapse_signature():
     """The warning fires for length at the max or for KL up + RM up + gold down, and not for a healthy run."""
     healthy = [dict(length=20, eos_rate=1.0, kl_seq=1.0, score_raw=3.0, gold=0.6)] * 6
-    assert ppo.collapse_signature(healthy, 48, 3) == []
+    assert collapse_signature(healthy, 48, 3) == []
     long = healthy[:3] + [dict(length=47, eos_rate=0.2, kl_seq=1.0, score_raw=3.0, gold=0.6)] * 3
-    assert "length" in ppo.collapse_signature(long, 48, 3)[0]
+    assert "length" in collapse_signature(long, 48, 3)[0]
     hacked = healthy[:3] + [dict(length=25, eos_rate=1.0, kl_seq=3.0, score_raw=5.0, gold=0.2)] * 3
-    assert "gold down" in ppo.collapse_signature(hacked, 48, 3)[0]
+    assert "gold down" in collapse_signature(hacked, 48, 3)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
