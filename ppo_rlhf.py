@@ -67,10 +67,9 @@ from external import hh_rlhf
 from external.gpt2 import load_gpt2
 from model import GPT, entropy_from_logits, last_token_index, logprobs_from_logits, response_logits
 from train_sft import collate, encode_demos, sample_responses, sft_loss
-from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt,
-                   load_checkpoint, load_critic, load_models, load_weights, masked_mean, masked_whiten, pad_batch,
-                   parse_config, pick_device, plot_curves, read_jsonl, rng_state, run_main, save_checkpoint,
-                   seed_everything, set_rng_state, without_dropout)
+from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, field, fit_prompt,
+                   load_critic, load_models, masked_mean, masked_whiten, pad_batch, parse_config, pick_device,
+                   plot_curves, read_jsonl, resume_run, run_main, save_run, seed_everything, without_dropout)
 
 
 @dataclass
@@ -443,44 +442,12 @@ def load_prompts(cfg, sft, enc, order_rng):
     return splits, encode_demos(enc, demos, sft["model_config"]["block_size"])
 
 
-@dataclass
-class RunState:
-    """What --resume restores besides the weights: the optimizer, the running score statistics, every RNG,
-    the monitoring history and how far the log got."""
-    opt: torch.optim.Optimizer
-    running: RunningMoments
-    order_rng: random.Random          # prompt draws, minibatch order, PTX demonstrations
-    sampling_gen: torch.Generator     # token sampling in the rollouts
-    history: list                     # one metrics dict per iteration (the collapse check reads it)
-    warned: bool = False              # the collapse warning was printed
-    log_lines: Optional[int] = None   # lines of ppo_log.jsonl written so far
-    train_time_s: float = 0.0
-
-
-def save_ppo(path, it, cfg, sft, policy, critic, state, metrics=None):
-    """Policy weights for evaluate.py and the next stages, plus everything --resume needs (state)."""
-    save_checkpoint(path, stage="ppo", model=policy.state_dict(), model_config=sft["model_config"],
-                    critic=critic.state_dict(), tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
-                    step=it, done=metrics is not None, metrics=metrics or {}, config=asdict(cfg),
-                    sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt, optimizer=state.opt.state_dict(),
-                    running=[state.running.mean, state.running.var, state.running.count],
-                    rng=rng_state(state.order_rng, state.sampling_gen), history=state.history, warned=state.warned,
-                    log_lines=state.log_lines, train_time_s=state.train_time_s)
-
-
-def resume_ppo(path, cfg, sft, policy, critic, state):
-    """--resume: restore the interrupted run into policy, critic and state; returns the next iteration."""
-    ckpt = load_checkpoint(path, "ppo", sft["tokenizer_id"], finished=False)
-    check_resume(ckpt, cfg, path)
-    load_weights(policy, ckpt["model"], path)
-    load_weights(critic, ckpt["critic"], path)
-    state.opt.load_state_dict(ckpt["optimizer"])
-    state.running.mean, state.running.var, state.running.count = ckpt["running"]
-    set_rng_state(ckpt["rng"], state.order_rng, state.sampling_gen)
-    state.history, state.warned = ckpt["history"], ckpt["warned"]
-    state.log_lines, state.train_time_s = ckpt["log_lines"], ckpt["train_time_s"]
-    print(f"resuming from {path} after iteration {ckpt['step']}")
-    return ckpt["step"] + 1
+def save_ppo(path, it, cfg, sft, policy, critic, state, running, log, t_start, metrics=None):
+    """Policy weights for evaluate.py and the next stages, plus everything --resume needs (utils.save_run)."""
+    state.extra["running"] = [running.mean, running.var, running.count]
+    save_run(path, "ppo", it, cfg, state, dict(model=policy, critic=critic), log, t_start, metrics,
+             model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
+             sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
 
 
 def check_config(cfg):
@@ -507,9 +474,11 @@ def main(argv=None):
                              {"params": critic.parameters(), "lr": cfg.critic_lr}], weight_decay=0.0,
                             betas=(0.9, 0.95), eps=1e-8)
     print(f"device={device} config={asdict(cfg)}")
-    state = RunState(opt, RunningMoments(), order_rng=random.Random(cfg.seed),
-                     sampling_gen=torch.Generator(device=device).manual_seed(cfg.seed), history=[])
-    splits, ptx_data = load_prompts(cfg, sft, enc, state.order_rng)
+    order_rng = random.Random(cfg.seed)                 # prompt draws, minibatch order, PTX demonstrations
+    sampling_gen = torch.Generator(device=device).manual_seed(cfg.seed)   # token sampling in the rollouts
+    running = RunningMoments()                          # score statistics over the whole run (step 3)
+    state = RunState(opt, order_rng, sampling_gen, extra=dict(running=[], history=[], warned=False))
+    splits, ptx_data = load_prompts(cfg, sft, enc, order_rng)
     has_gold = cfg.data == "toy"
     eval_prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
     eval_sampling = lambda model: sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature,
@@ -518,7 +487,11 @@ def main(argv=None):
     sft_eval = eval_sampling(ref)
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path, ckpt_path = os.path.join(cfg.out_dir, "ppo_log.jsonl"), os.path.join(cfg.out_dir, "ppo.pt")
-    start = resume_ppo(ckpt_path, cfg, sft, policy, critic, state) if cfg.resume else 1
+    start = 1
+    if cfg.resume:
+        start = resume_run(ckpt_path, "ppo", cfg, sft["tokenizer_id"], state, dict(model=policy, critic=critic)) + 1
+        running.mean, running.var, running.count = state.extra["running"]
+    history = state.extra["history"]                    # one metrics dict per iteration, saved with the run
     log, progress, t_start = JsonlLog(log_path, state.log_lines), Progress(cfg.n_iters), time.time() - state.train_time_s
 
     for it in range(start, cfg.n_iters + 1):
@@ -527,16 +500,16 @@ def main(argv=None):
             return None
         t_iter = time.time()
         # 1-2. rollout, then old_logprobs, ref_logprobs, values and RM scores (one no-grad pass per model)
-        prompts = data.sample_prompts(splits["train"], cfg.rollout_batch, state.order_rng)
+        prompts = data.sample_prompts(splits["train"], cfg.rollout_batch, order_rng)
         prompt_ids, prompt_mask = encode_prompts(enc, prompts, room, cfg.truncate_prompts)  # (B, Tp) each
         with autocast(device, cfg.amp):
             ro = rollout(policy, ref, rm, critic, prompt_ids.to(device), prompt_mask.to(device), cfg.max_new_tokens,
-                         cfg.temperature, eos_id, pad_id, state.sampling_gen, cfg.fast_rollout)
+                         cfg.temperature, eos_id, pad_id, sampling_gen, cfg.fast_rollout)
         texts = [tok.decode(enc, r) for r in ro.response.tolist()]
         gold = torch.tensor([data.gold_reward(p, r) if has_gold else float("nan") for p, r in zip(prompts, texts)])
         check_finite(f"PPO iteration {it}", rm_score=ro.scores.sum(), value=ro.values.sum())
         # 3. score processing with running statistics over every score so far (eq. 18)
-        scores = process_scores(ro.scores.float(), state.running, cfg.score_norm, cfg.score_clip)  # (B,)
+        scores = process_scores(ro.scores.float(), running, cfg.score_norm, cfg.score_clip)  # (B,)
         ended = (ro.response == eos_id).any(1)                            # (B,)
         scores = scores - cfg.missing_eos_penalty * (~ended).float()
         # 4. per-token rewards: -β·k1 on every token, the score on the last real one (eqs. 3, 19)
@@ -545,14 +518,14 @@ def main(argv=None):
         advantages, returns = compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)    # (B, Tr) each
         # 6. clipped PPO update, ppo_epochs passes over shuffled minibatches (eqs. 15-17)
         t_train, update_policy = time.time(), it > cfg.critic_pretrain_iters
-        minibatch_gen = torch.Generator().manual_seed(state.order_rng.randrange(2**31))   # this update's shuffles
+        minibatch_gen = torch.Generator().manual_seed(order_rng.randrange(2**31))   # this update's shuffles
         update_stats = ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy, minibatch_gen,
                                   ptx_data, pad_id, where=f"PPO iteration {it}")
         t_train = time.time() - t_train
 
         # monitoring: the paper's §5.2 metrics, PPO diagnostics, win rate vs SFT, the collapse warning
         row = dict(iter=it, policy_updated=update_policy,
-                   **iteration_metrics(ro, scores, gold, ended, advantages, returns, state.running),
+                   **iteration_metrics(ro, scores, gold, ended, advantages, returns, running),
                    policy_lr=cfg.policy_lr, critic_lr=cfg.critic_lr, t_generate=ro.t_generate, t_score=ro.t_score,
                    t_train=t_train, t_iter=time.time() - t_iter, **minibatch_means(update_stats))
         if it % cfg.eval_interval == 0 or it == cfg.n_iters:
@@ -560,38 +533,35 @@ def main(argv=None):
             row["win_rate_vs_sft"] = (data.gold_win_rate(eval_prompts, outs, sft_eval) if has_gold else
                                       rm_win_rate(rm, enc, eval_prompts, outs, sft_eval, device))
             print_samples(prompts, texts, ro, gold)
-        state.history.append(row)
-        reasons = collapse_signature(state.history, cfg.max_new_tokens, cfg.collapse_window)
+        history.append(row)
+        reasons = collapse_signature(history, cfg.max_new_tokens, cfg.collapse_window)
         row["collapse_warning"] = bool(reasons)
-        if reasons and not state.warned:
+        if reasons and not state.extra["warned"]:
             print(f"WARNING: pattern collapse signature at iteration {it} (paper §5.2): {'; '.join(reasons)}")
-            state.warned = True
+            state.extra["warned"] = True
         log.write(**row)
-        state.log_lines, state.train_time_s = log.n_lines, time.time() - t_start
         if it % cfg.ckpt_interval == 0 and it < cfg.n_iters:
-            save_ppo(ckpt_path, it, cfg, sft, policy, critic, state)
+            save_ppo(ckpt_path, it, cfg, sft, policy, critic, state, running, log, t_start)
         print(progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL {row['kl_seq']:.2f} "
                                 f"len {row['length']:.1f} eos {row['eos_rate']:.2f} vf {row['vf_loss']:.3f}"
                                 + ("" if update_policy else " (critic pre-training)")))
-    return finish(cfg, sft, policy, critic, state, log_path, ckpt_path, time.time() - t_start)
+    return finish(cfg, sft, policy, critic, state, running, log, t_start, ckpt_path)
 
 
-def finish(cfg, sft, policy, critic, state, log_path, ckpt_path, total):
+def finish(cfg, sft, policy, critic, state, running, log, t_start, ckpt_path):
     """The final checkpoint, the curves and the summary line; returns the final metrics."""
-    last = state.history[-1]
+    total, last, warned = time.time() - t_start, state.extra["history"][-1], state.extra["warned"]
     metrics = {k: last[k] for k in ("score_raw", "gold", "kl_seq", "length", "eos_rate")}
-    metrics.update(train_time_s=total, collapse_warning=state.warned,
-                   win_rate_vs_sft=last.get("win_rate_vs_sft", float("nan")))
-    state.train_time_s = total
-    save_ppo(ckpt_path, cfg.n_iters, cfg, sft, policy, critic, state, metrics)
-    plot_curves(os.path.join(cfg.out_dir, "ppo_curves.png"), read_jsonl(log_path), "iter",
+    metrics.update(train_time_s=total, collapse_warning=warned, win_rate_vs_sft=last.get("win_rate_vs_sft", float("nan")))
+    save_ppo(ckpt_path, cfg.n_iters, cfg, sft, policy, critic, state, running, log, t_start, metrics)
+    plot_curves(os.path.join(cfg.out_dir, "ppo_curves.png"), read_jsonl(log.path), "iter",
                 [["score_raw"], ["gold"], ["kl_seq", "kl_k3_seq"], ["length"], ["perplexity"], ["win_rate_vs_sft"]],
                 f"PPO (β={cfg.kl_coef}, scores {cfg.score_norm}): RM score, gold reward, KL to SFT, length, "
                 f"perplexity, win rate vs SFT")
     TRUNCATIONS.summary("PPO")
     print(f"PPO done in {total:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, KL "
           f"{metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f}"
-          f"{', COLLAPSE WARNING' if state.warned else ''} -> {ckpt_path}")
+          f"{', COLLAPSE WARNING' if warned else ''} -> {ckpt_path}")
     return metrics
 
 

@@ -45,9 +45,9 @@ import tokenizer as tok
 from external import hh_rlhf
 from external.gpt2 import load_gpt2
 from model import GPTConfig, ScalarHeadGPT
-from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt,
+from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, field, fit_prompt,
                    load_checkpoint, load_weights, pad_batch, parse_config, pick_device, plot_curves, read_jsonl,
-                   run_main, save_checkpoint, seed_everything, table)
+                   resume_run, run_main, save_run, seed_everything, table)
 
 
 @dataclass
@@ -214,30 +214,20 @@ def main(argv=None):
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path, ckpt_path = os.path.join(cfg.out_dir, "rm_log.jsonl"), os.path.join(cfg.out_dir, "rm.pt")
-    start, keep, t_before = 0, None, 0.0
-    if cfg.resume:  # the batch order is fixed by the seed, so weights, optimizer and step are all it needs
-        ck = load_checkpoint(ckpt_path, "rm", sft["tokenizer_id"], finished=False)
-        check_resume(ck, cfg, ckpt_path)
-        load_weights(rm, ck["model"], ckpt_path)
-        opt.load_state_dict(ck["optimizer"])
-        start, keep, t_before = ck["step"], ck["log_lines"], ck["train_time_s"]
-        print(f"resuming from {ckpt_path} at step {start}")
-    log = JsonlLog(log_path, keep)
+    # the batch order is fixed by the seed, so weights, optimizer and step are all --resume needs
+    state, weights = RunState(opt), dict(model=rm)
+    meta = dict(model_config=asdict(mcfg), tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
+                sft_ckpt=cfg.sft_ckpt)
+    start = resume_run(ckpt_path, "rm", cfg, sft["tokenizer_id"], state, weights) if cfg.resume else 0
+    log = JsonlLog(log_path, state.log_lines)
     progress = Progress(n_iters)
     order = list(range(len(train)))
     random.Random(cfg.seed).shuffle(order)
-    t0 = time.time() - t_before
-
-    def save(step, metrics=None):
-        """The checkpoint: weights and config for PPO, plus what --resume needs."""
-        save_checkpoint(ckpt_path, stage="rm", model=rm.state_dict(), model_config=asdict(mcfg),
-                        tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"], step=step,
-                        done=metrics is not None, metrics=metrics or {}, config=asdict(cfg), sft_ckpt=cfg.sft_ckpt,
-                        optimizer=opt.state_dict(), log_lines=log.n_lines, train_time_s=time.time() - t0)
+    t0 = time.time() - state.train_time_s
 
     for step in range(start, n_iters + 1):
         if step > start and step % cfg.ckpt_interval == 0 and step < n_iters:
-            save(step)
+            save_run(ckpt_path, "rm", step, cfg, state, weights, log, t0, **meta)
         if cfg.stop_after and step == cfg.stop_after:
             print(f"stopping at step {step} as asked (--stop_after); continue with --resume true")
             return None
@@ -284,7 +274,7 @@ def main(argv=None):
     print(table(rows, ["test prompt", "chosen", "RM", "gold", "rejected", "RM", "gold"], [30, 44, 5, 5, 44, 5, 5]))
     print(table([(k, v) for k, v in metrics.items()], ["test metric", "value"], [18, 8]))
 
-    save(n_iters, metrics)
+    save_run(ckpt_path, "rm", n_iters, cfg, state, weights, log, t0, metrics, **meta)
     plot_curves(os.path.join(cfg.out_dir, "rm_loss.png"), read_jsonl(log_path), "step",
                 [["train_loss", "val_loss"], ["train_acc", "val_acc_labels", "val_acc_gold"]],
                 "Reward model: Bradley-Terry loss and pairwise accuracy")

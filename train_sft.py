@@ -41,9 +41,9 @@ import tokenizer as tok
 from external import hh_rlhf
 from external.gpt2 import load_gpt2
 from model import GPT, GPTConfig
-from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, check_resume, field, fit_prompt,
-                   load_checkpoint, load_weights, pad_batch, parse_config, pick_device, plot_curves, read_jsonl,
-                   rng_state, run_main, save_checkpoint, seed_everything, set_rng_state, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, field, fit_prompt, pad_batch,
+                   parse_config, pick_device, plot_curves, read_jsonl, resume_run, run_main, save_run,
+                   seed_everything, table)
 
 
 @dataclass
@@ -223,29 +223,18 @@ def main(argv=None):
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path, ckpt_path = os.path.join(cfg.out_dir, "sft_log.jsonl"), os.path.join(cfg.out_dir, "sft.pt")
-    order, start, keep, t_before = [], 0, None, 0.0
-    if cfg.resume:  # restore weights, optimizer, data order and RNG from the interrupted run's checkpoint
-        ck = load_checkpoint(ckpt_path, "sft", tok.tokenizer_id(enc), finished=False)
-        check_resume(ck, cfg, ckpt_path)
-        load_weights(model, ck["model"], ckpt_path)
-        opt.load_state_dict(ck["optimizer"])
-        set_rng_state(ck["rng"], rng)
-        order, start, keep, t_before = list(ck["order"]), ck["step"], ck["log_lines"], ck["train_time_s"]
-        print(f"resuming from {ckpt_path} at step {start}")
-    log = JsonlLog(log_path, keep)
+    state = RunState(opt, rng, extra=dict(order=[]))  # order: the epoch's remaining demonstrations, popped per batch
+    weights = dict(model=model)
+    meta = dict(model_config=asdict(mcfg), tokenizer=cfg.tokenizer, tokenizer_id=tok.tokenizer_id(enc))
+    start = resume_run(ckpt_path, "sft", cfg, meta["tokenizer_id"], state, weights) if cfg.resume else 0
+    order = state.extra["order"]                      # the list the checkpoint saves (changed in place only)
+    log = JsonlLog(log_path, state.log_lines)
     progress = Progress(cfg.max_iters)
-    t0 = time.time() - t_before
-
-    def save(step, metrics=None):
-        """The checkpoint: weights and config for the next stage, plus everything --resume needs."""
-        save_checkpoint(ckpt_path, stage="sft", model=model.state_dict(), model_config=asdict(mcfg),
-                        tokenizer=cfg.tokenizer, tokenizer_id=tok.tokenizer_id(enc), step=step, done=metrics is not None,
-                        metrics=metrics or {}, config=asdict(cfg), optimizer=opt.state_dict(), rng=rng_state(rng),
-                        order=order, log_lines=log.n_lines, train_time_s=time.time() - t0)
+    t0 = time.time() - state.train_time_s
 
     for step in range(start, cfg.max_iters + 1):
         if step > start and step % cfg.ckpt_interval == 0 and step < cfg.max_iters:
-            save(step)
+            save_run(ckpt_path, "sft", step, cfg, state, weights, log, t0, **meta)
         if cfg.stop_after and step == cfg.stop_after:
             print(f"stopping at step {step} as asked (--stop_after); continue with --resume true")
             return None
@@ -259,7 +248,7 @@ def main(argv=None):
         micro = []
         for _ in range(cfg.grad_accum):
             if len(order) < cfg.batch_size:
-                order = list(range(len(train)))
+                order[:] = range(len(train))
                 rng.shuffle(order)
             micro.append(collate([train[order.pop()] for _ in range(cfg.batch_size)], mcfg.pad_id, device))
         n_tokens = sum(lm[:, 1:].sum() for _, _, lm in micro).clamp(min=1)   # response tokens in the whole step
@@ -304,7 +293,7 @@ def main(argv=None):
     metrics.update(ended_fraction=ended, n_eval_prompts=len(eval_prompts))
     log.write(step=cfg.max_iters, **{k: v for k, v in metrics.items() if not isinstance(v, dict)})
 
-    save(cfg.max_iters, metrics)
+    save_run(ckpt_path, "sft", cfg.max_iters, cfg, state, weights, log, t0, metrics, **meta)
     plot_curves(os.path.join(cfg.out_dir, "sft_loss.png"), read_jsonl(log_path), "step",
                 [["train_loss", "val_loss"]], "SFT: response-token cross-entropy", logy=(0,))
     gold = (f"gold reward SFT {metrics['gold_sft']:.3f} vs demonstrations {metrics['gold_demos']:.3f}, "

@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -282,6 +283,47 @@ def run_main(main):
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+@dataclasses.dataclass
+class RunState:
+    """What --resume restores in every stage besides the weights: the optimizer, the stage's random streams and
+    its own plain values (`extra`: SFT's data order, PPO's running score statistics and monitoring history);
+    resume_run also fills in how far the log got and the training time so far."""
+    opt: torch.optim.Optimizer
+    rng: Optional[random.Random] = None            # the stage's Python RNG (data order, prompt draws)
+    generator: Optional[torch.Generator] = None    # the RL stages' sampling generator
+    extra: dict = dataclasses.field(default_factory=dict)
+    log_lines: Optional[int] = None                # lines of the stage's JSONL log that belong to the run
+    train_time_s: float = 0.0
+
+
+def save_run(path, stage, step, cfg, state, weights, log, t0, metrics=None, **meta):
+    """A stage's checkpoint, written atomically: the modules in `weights` ({key: module}), what later stages
+    read (`meta`), and everything --resume needs. metrics=None marks a run that has not finished."""
+    rng = {} if state.rng is None else {"rng": rng_state(state.rng, state.generator)}
+    save_checkpoint(path, stage=stage, **{key: module.state_dict() for key, module in weights.items()}, **meta,
+                    step=step, done=metrics is not None, metrics=metrics or {}, config=dataclasses.asdict(cfg),
+                    optimizer=state.opt.state_dict(), **rng, **state.extra, log_lines=log.n_lines,
+                    train_time_s=time.time() - t0)
+
+
+def resume_run(path, stage, cfg, tokenizer_id, state, weights):
+    """--resume: the interrupted run's weights and state back in place (its config must match cfg); returns the
+    step it stopped after."""
+    ckpt = load_checkpoint(path, stage, tokenizer_id, finished=False)
+    check_resume(ckpt, cfg, path)
+    for key, module in weights.items():
+        load_weights(module, ckpt[key], path)
+    state.opt.load_state_dict(ckpt["optimizer"])
+    if state.rng is not None:
+        set_rng_state(ckpt["rng"], state.rng, state.generator)
+    state.extra = {key: ckpt[key] for key in state.extra}
+    state.log_lines, state.train_time_s = ckpt["log_lines"], ckpt["train_time_s"]
+    print(f"resuming from {path} after step {ckpt['step']}")
+    return ckpt["step"]
 
 
 # ---------------------------------------------------------------------------------------------- masked tensors
