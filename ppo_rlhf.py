@@ -481,9 +481,9 @@ def main(argv=None):
     splits, ptx_data = load_prompts(cfg, sft, enc, order_rng)
     has_gold = cfg.data == "toy"
     eval_prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
+    # the same seed every time: the policy and SFT answer the fixed val prompts with the same random stream
     eval_sampling = lambda model: sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature,
                                                    device, torch.Generator(device=device).manual_seed(cfg.seed + 1))
-    # the same seed every time: the policy and SFT answer the fixed val prompts with the same random stream
     sft_eval = eval_sampling(ref)
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path, ckpt_path = os.path.join(cfg.out_dir, "ppo_log.jsonl"), os.path.join(cfg.out_dir, "ppo.pt")
