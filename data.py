@@ -376,6 +376,9 @@ def corpus_text(seed=0, n=3000):
 
 
 if __name__ == "__main__":
+    import argparse
+    argparse.ArgumentParser(description="Print example prompts, demonstrations and preference pairs of the toy "
+                                        "task.").parse_args()
     splits = prompt_splits(0)
     for name, by_kind in splits.items():
         print(f"{name:5s} prompts:", {k: len(v) for k, v in by_kind.items()})

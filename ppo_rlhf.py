@@ -451,13 +451,9 @@ def save_ppo(path, it, cfg, sft, policy, critic, state, running, log, t_start, m
 
 
 def check_config(cfg):
-    """One-line errors for option values that cannot work, before any work."""
+    """One-line errors for option combinations that cannot work (each value alone: utils.check_options)."""
     if cfg.rollout_batch % cfg.minibatch:
         raise ValueError(f"minibatch {cfg.minibatch} must divide rollout_batch {cfg.rollout_batch}")
-    if cfg.score_norm not in ("none", "scale", "norm_clip"):
-        raise ValueError(f"--score_norm {cfg.score_norm!r}: expected none, scale or norm_clip")
-    if cfg.critic_init not in ("rm", "sft"):
-        raise ValueError(f"--critic_init {cfg.critic_init!r}: expected rm or sft")
 
 
 def main(argv=None):

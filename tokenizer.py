@@ -127,10 +127,17 @@ def decode(enc, ids):
 
 
 if __name__ == "__main__":
+    import argparse
     import data
+    p = argparse.ArgumentParser(description="Train the toy BPE on the toy task's corpus and write its ranks file.")
+    p.add_argument("--out", default=TOY_RANKS, help=f"ranks file to write (default: {TOY_RANKS}, the shipped one)")
+    out = p.parse_args().out
     text = data.corpus_text(seed=0)
     ranks = train_bpe(text)
-    save_ranks(ranks, TOY_RANKS)
+    save_ranks(ranks, out)
+    if out != TOY_RANKS:
+        print(f"wrote {out}: {len(ranks)} ranks ({len(ranks) - 256} merges)")
+        raise SystemExit(0)
     enc = get_tokenizer("toy")
     sample = data.make_prompt("What is the capital of Zorbia?") + " Sure! The capital of Zorbia is Velmar." + EOS_TEXT
     ids = encode(enc, sample)

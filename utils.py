@@ -31,10 +31,40 @@ def _str2bool(s):
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+# What an option's value must be, by name: one table for every stage's Config, checked by parse_config before any
+# work. A field not named here has no range (paths, seeds, booleans; file contents are checked where they load).
+AT_LEAST_1 = ("n_layer", "n_head", "n_embd", "block_size", "n_train", "n_val", "n_test", "batch_size",
+              "grad_accum", "eval_interval", "n_eval_prompts", "max_new_tokens", "ckpt_interval", "n_iters",
+              "rollout_batch", "minibatch", "ppo_epochs", "ptx_batch", "collapse_window", "prompts_per_iter", "k",
+              "minibatches", "epochs", "value_epochs", "warmup_iters")
+AT_LEAST_0 = ("max_iters", "weight_decay", "grad_clip", "kl_coef", "missing_eos_penalty", "entropy_coef",
+              "ptx_coef", "vf_coef", "vf_clip", "adv_clip", "critic_pretrain_iters", "stop_after", "micro_batch")
+ABOVE_0 = ("lr", "policy_lr", "critic_lr", "value_lr", "temperature", "tau", "beta", "score_clip")
+RANGES = {"dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+          "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"), "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+          "clip_eps": (lambda v: 0 < v < 1, "in (0, 1)")}
+CHOICES = {"score_norm": ("none", "scale", "norm_clip"), "critic_init": ("rm", "sft"), "baseline": ("loo", "moving_avg", "none"),
+           "rank_by": ("R", "score"), "variant": ("alol", "ref_free", "seq", "kl"), "tokenizer": ("toy", "gpt2")}
+
+
+def check_options(cfg):
+    """One-line ValueError for the first option whose value cannot work, named as on the command line."""
+    for name, value in dataclasses.asdict(cfg).items():
+        wrong = ((name in AT_LEAST_1 and value < 1 and "at least 1") or (name in AT_LEAST_0 and value < 0 and "0 or more")
+                 or (name in ABOVE_0 and value <= 0 and "greater than 0")
+                 or (name in RANGES and not RANGES[name][0](value) and RANGES[name][1])
+                 or (name in CHOICES and value not in CHOICES[name] and "one of " + ", ".join(CHOICES[name])))
+        if wrong:
+            raise ValueError(f"--{name} {value!r}: must be {wrong}")
+    if getattr(cfg, "device", "auto") not in ("auto", "cpu", "mps") and not str(cfg.device).startswith("cuda"):
+        raise ValueError(f"--device {cfg.device!r}: must be auto, cpu, cuda, cuda:N or mps")
+
+
 def parse_config(cls, presets, argv=None, description=None):
     """
     Build a `cls` dataclass from the command line: defaults, then `--preset NAME` (a dict from `presets`),
-    then every explicit `--field value`. Each field's help text is the comment in its `metadata["help"]`.
+    then every explicit `--field value`, checked by check_options before the stage does any work. Each field's
+    help text is the comment in its `metadata["help"]`.
     """
     # plain HelpFormatter: the default shown is the dataclass field's (argparse's own default is None, meaning
     # "not given on the command line", so ArgumentDefaultsHelpFormatter would print a second, wrong one)
@@ -47,7 +77,9 @@ def parse_config(cls, presets, argv=None, description=None):
     args = p.parse_args(argv)
     cfg = cls(**presets.get(args.preset, {})) if args.preset else cls()
     overrides = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
-    return dataclasses.replace(cfg, **overrides)
+    cfg = dataclasses.replace(cfg, **overrides)
+    check_options(cfg)
+    return cfg
 
 
 def field(default, help):
@@ -168,19 +200,23 @@ def load_weights(module, state_dict, path):
         raise ValueError(f"{path}: weights do not fit the model config ({detail})") from None
 
 
-def rng_state(rng, generator=None):
-    """Every random state a stage uses, as plain types a weights_only checkpoint can hold."""
-    version, internal, gauss = rng.getstate()
-    state = dict(python=[version, list(internal), gauss], torch=torch.get_rng_state())
+def rng_state(rng=None, generator=None):
+    """Every random state a stage uses (torch's global one always: dropout draws from it), as plain types a
+    weights_only checkpoint can hold."""
+    state = dict(torch=torch.get_rng_state())
+    if rng is not None:
+        version, internal, gauss = rng.getstate()
+        state["python"] = [version, list(internal), gauss]
     if generator is not None:
         state["generator"] = generator.get_state()
     return state
 
 
-def set_rng_state(state, rng, generator=None):
-    version, internal, gauss = state["python"]
-    rng.setstate((version, tuple(internal), gauss))
+def set_rng_state(state, rng=None, generator=None):
     torch.set_rng_state(state["torch"])
+    if rng is not None:
+        version, internal, gauss = state["python"]
+        rng.setstate((version, tuple(internal), gauss))
     if generator is not None:
         generator.set_state(state["generator"])
 
@@ -293,7 +329,7 @@ class RunState:
     its own plain values (`extra`: SFT's data order, PPO's running score statistics and monitoring history);
     resume_run also fills in how far the log got and the training time so far."""
     opt: torch.optim.Optimizer
-    rng: Optional[random.Random] = None            # the stage's Python RNG (data order, prompt draws)
+    rng: Optional[random.Random] = None            # the stage's Python RNG (data order, prompt draws), if any
     generator: Optional[torch.Generator] = None    # the RL stages' sampling generator
     extra: dict = dataclasses.field(default_factory=dict)
     log_lines: Optional[int] = None                # lines of the stage's JSONL log that belong to the run
@@ -303,11 +339,10 @@ class RunState:
 def save_run(path, stage, step, cfg, state, weights, log, t0, metrics=None, **meta):
     """A stage's checkpoint, written atomically: the modules in `weights` ({key: module}), what later stages
     read (`meta`), and everything --resume needs. metrics=None marks a run that has not finished."""
-    rng = {} if state.rng is None else {"rng": rng_state(state.rng, state.generator)}
     save_checkpoint(path, stage=stage, **{key: module.state_dict() for key, module in weights.items()}, **meta,
                     step=step, done=metrics is not None, metrics=metrics or {}, config=dataclasses.asdict(cfg),
-                    optimizer=state.opt.state_dict(), **rng, **state.extra, log_lines=log.n_lines,
-                    train_time_s=time.time() - t0)
+                    optimizer=state.opt.state_dict(), rng=rng_state(state.rng, state.generator), **state.extra,
+                    log_lines=log.n_lines, train_time_s=time.time() - t0)
 
 
 def resume_run(path, stage, cfg, tokenizer_id, state, weights):
@@ -318,8 +353,10 @@ def resume_run(path, stage, cfg, tokenizer_id, state, weights):
     for key, module in weights.items():
         load_weights(module, ckpt[key], path)
     state.opt.load_state_dict(ckpt["optimizer"])
-    if state.rng is not None:
-        set_rng_state(ckpt["rng"], state.rng, state.generator)
+    if "rng" not in ckpt:
+        raise ValueError(f"{path}: written before checkpoints kept their random state; it cannot be resumed "
+                         f"exactly: start the run again without --resume")
+    set_rng_state(ckpt["rng"], state.rng, state.generator)
     state.extra = {key: ckpt[key] for key in state.extra}
     state.log_lines, state.train_time_s = ckpt["log_lines"], ckpt["train_time_s"]
     print(f"resuming from {path} after step {ckpt['step']}")

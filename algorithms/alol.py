@@ -161,10 +161,6 @@ def encode_examples(enc, prompts, responses, room_total, truncate, pad_id, devic
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     TRUNCATIONS.reset(cfg.log_truncations)
-    if cfg.variant not in VARIANTS:
-        raise ValueError(f"--variant {cfg.variant!r}: expected one of {', '.join(VARIANTS)}")
-    if not 0 < cfg.clip_eps < 1:
-        raise ValueError(f"--clip_eps {cfg.clip_eps}: expected 0 < ε < 1")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)

@@ -77,8 +77,6 @@ def best_of_k(rewards, k):
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     TRUNCATIONS.reset(cfg.log_truncations)
-    if cfg.rank_by not in ("R", "score"):
-        raise ValueError(f"--rank_by {cfg.rank_by!r}: expected R or score")
     if cfg.prompts_per_iter % cfg.minibatches:
         raise ValueError(f"minibatches {cfg.minibatches} must divide prompts_per_iter {cfg.prompts_per_iter}")
     seed_everything(cfg.seed)

@@ -78,3 +78,12 @@ def test_pipeline_script_tiny_is_deterministic(tmp_path):
         assert strip(read_jsonl(str(a / log))) == strip(read_jsonl(str(b / log))), log
     evals = [[{k: v for k, v in r.items() if k != "policy"} for r in read_jsonl(str(d / "eval.jsonl"))] for d in (a, b)]
     assert evals[0] == evals[1] and len(evals[0]) == 2
+
+
+@pytest.mark.parametrize("script", ["tokenizer.py", "data.py"])
+def test_help_of_the_helper_scripts_changes_nothing(script):
+    """`--help` prints usage and exits; tokenizer.py no longer retrains (and rewrites) the shipped ranks file."""
+    ranks = os.path.join(ROOT, "tokenizer", "toy.tiktoken")
+    before = (os.path.getmtime(ranks), open(ranks, "rb").read())
+    assert run(script, "--help").startswith("usage")
+    assert (os.path.getmtime(ranks), open(ranks, "rb").read()) == before
