@@ -68,8 +68,9 @@ from external.gpt2 import load_gpt2
 from model import GPT, entropy_from_logits, last_token_index, logprobs_from_logits, response_logits
 from train_sft import collate, encode_demos, sample_responses, sft_loss
 from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, field, fit_prompt,
-                   load_critic, load_models, masked_mean, masked_whiten, pad_batch, parse_config, pick_device,
-                   plot_curves, read_jsonl, resume_run, run_main, save_run, seed_everything, without_dropout)
+                   input_fingerprints, load_critic, load_models, masked_mean, masked_whiten, pad_batch,
+                   parse_config, pick_device, plot_curves, read_jsonl, resume_run, run_main, save_run,
+                   seed_everything, without_dropout)
 
 
 @dataclass
@@ -473,7 +474,8 @@ def main(argv=None):
     order_rng = random.Random(cfg.seed)                 # prompt draws, minibatch order, PTX demonstrations
     sampling_gen = torch.Generator(device=device).manual_seed(cfg.seed)   # token sampling in the rollouts
     running = RunningMoments()                          # score statistics over the whole run (step 3)
-    state = RunState(opt, order_rng, sampling_gen, extra=dict(running=[], history=[], warned=False))
+    state = RunState(opt, order_rng, sampling_gen, extra=dict(running=[], history=[], warned=False),
+                     inputs=input_fingerprints(cfg))
     splits, ptx_data = load_prompts(cfg, sft, enc, order_rng)
     has_gold = cfg.data == "toy"
     eval_prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))

@@ -46,8 +46,8 @@ from external import hh_rlhf
 from external.gpt2 import load_gpt2
 from model import GPTConfig, ScalarHeadGPT
 from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, field, fit_prompt,
-                   load_checkpoint, load_weights, pad_batch, parse_config, pick_device, plot_curves, read_jsonl,
-                   resume_run, run_main, save_run, seed_everything, table)
+                   input_fingerprints, load_checkpoint, load_weights, pad_batch, parse_config, pick_device,
+                   plot_curves, read_jsonl, resume_run, run_main, save_run, seed_everything, table)
 
 
 @dataclass
@@ -215,7 +215,7 @@ def main(argv=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path, ckpt_path = os.path.join(cfg.out_dir, "rm_log.jsonl"), os.path.join(cfg.out_dir, "rm.pt")
     # the batch order is fixed by the seed, so weights, optimizer and step are all --resume needs
-    state, weights = RunState(opt), dict(model=rm)
+    state, weights = RunState(opt, inputs=input_fingerprints(cfg)), dict(model=rm)
     meta = dict(model_config=asdict(mcfg), tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
                 sft_ckpt=cfg.sft_ckpt)
     start = resume_run(ckpt_path, "rm", cfg, sft["tokenizer_id"], state, weights) if cfg.resume else 0

@@ -41,9 +41,9 @@ import tokenizer as tok
 from external import hh_rlhf
 from external.gpt2 import load_gpt2
 from model import GPT, GPTConfig
-from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, field, fit_prompt, pad_batch,
-                   parse_config, pick_device, plot_curves, read_jsonl, resume_run, run_main, save_run,
-                   seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, field, fit_prompt,
+                   input_fingerprints, pad_batch, parse_config, pick_device, plot_curves, read_jsonl, resume_run,
+                   run_main, save_run, seed_everything, table)
 
 
 @dataclass
@@ -223,7 +223,7 @@ def main(argv=None):
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path, ckpt_path = os.path.join(cfg.out_dir, "sft_log.jsonl"), os.path.join(cfg.out_dir, "sft.pt")
-    state = RunState(opt, rng, extra=dict(order=[]))  # order: the epoch's remaining demonstrations, popped per batch
+    state = RunState(opt, rng, extra=dict(order=[]), inputs=input_fingerprints(cfg))  # order: the epoch's remaining demonstrations, popped per batch
     weights = dict(model=model)
     meta = dict(model_config=asdict(mcfg), tokenizer=cfg.tokenizer, tokenizer_id=tok.tokenizer_id(enc))
     start = resume_run(ckpt_path, "sft", cfg, meta["tokenizer_id"], state, weights) if cfg.resume else 0

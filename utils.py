@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -178,17 +179,53 @@ def load_critic(init, sft, rm_ckpt, sft_path, rm_path):
     return critic
 
 
-RESUME_FREE = ("resume", "stop_after", "device", "ckpt_interval", "log_truncations")  # may differ between a run and its resumption
+# may differ between a run and its resumption (out_dir: the folder may have moved)
+RESUME_FREE = ("resume", "stop_after", "device", "ckpt_interval", "log_truncations", "out_dir")
+INPUT_FIELDS = ("sft_ckpt", "rm_ckpt", "data", "init", "policy_init")  # options that may name input files
+_SHA256 = {}  # (real path, size, mtime) -> hex digest: each input file is read once per process
+
+
+def file_sha256(path):
+    """The SHA-256 of a file's contents (cached while the file is unchanged)."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
+
+
+def input_fingerprints(cfg):
+    """{option: [SHA-256 of each file it names]} for the options that name input files (--data may name several,
+    comma-separated). --resume compares these instead of the paths: the same file reached another way (relative
+    or absolute, another working directory) is the same input; a retrained checkpoint at the same path is not."""
+    out = {}
+    for name in INPUT_FIELDS:
+        value = getattr(cfg, name, None)
+        files = [p.strip() for p in value.split(",")] if isinstance(value, str) else []
+        if files and all(os.path.isfile(f) for f in files):
+            out[name] = [file_sha256(f) for f in files]
+    return out
 
 
 def check_resume(ckpt, cfg, path):
-    """--resume only continues the same run: every config field but RESUME_FREE must match the checkpoint's."""
+    """--resume only continues the same run: every config field but RESUME_FREE must match the checkpoint's, and
+    every input file must have the contents it had when the run started."""
     if ckpt.get("done", True):  # checkpoints without the flag are finished ones
         raise ValueError(f"{path}: this run already finished (step {ckpt['step']}); nothing to resume")
-    saved, now = ckpt["config"], dataclasses.asdict(cfg)
-    diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in now.items() if k not in RESUME_FREE and saved.get(k) != v]
+    saved, now, started_with = ckpt["config"], dataclasses.asdict(cfg), ckpt.get("inputs") or {}
+    diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in now.items()
+            if k not in RESUME_FREE and k not in started_with and saved.get(k) != v]
     if diff:
         raise ValueError(f"{path}: --resume needs the interrupted run's config, but it had " + ", ".join(diff))
+    current = input_fingerprints(cfg)
+    changed = [f"--{k} {now[k]}" for k in started_with if current.get(k) != started_with[k]]
+    if changed:
+        raise ValueError(f"{path}: --resume needs the inputs the run started with, but {', '.join(changed)} is not "
+                         f"the same file any more (other contents)")
 
 
 def load_weights(module, state_dict, path):
@@ -334,6 +371,7 @@ class RunState:
     extra: dict = dataclasses.field(default_factory=dict)
     log_lines: Optional[int] = None                # lines of the stage's JSONL log that belong to the run
     train_time_s: float = 0.0
+    inputs: Optional[dict] = None                  # input_fingerprints when the run started
 
 
 def save_run(path, stage, step, cfg, state, weights, log, t0, metrics=None, **meta):
@@ -342,7 +380,7 @@ def save_run(path, stage, step, cfg, state, weights, log, t0, metrics=None, **me
     save_checkpoint(path, stage=stage, **{key: module.state_dict() for key, module in weights.items()}, **meta,
                     step=step, done=metrics is not None, metrics=metrics or {}, config=dataclasses.asdict(cfg),
                     optimizer=state.opt.state_dict(), rng=rng_state(state.rng, state.generator), **state.extra,
-                    log_lines=log.n_lines, train_time_s=time.time() - t0)
+                    log_lines=log.n_lines, train_time_s=time.time() - t0, inputs=state.inputs)
 
 
 def resume_run(path, stage, cfg, tokenizer_id, state, weights):
@@ -358,7 +396,7 @@ def resume_run(path, stage, cfg, tokenizer_id, state, weights):
                          f"exactly: start the run again without --resume")
     set_rng_state(ckpt["rng"], state.rng, state.generator)
     state.extra = {key: ckpt[key] for key in state.extra}
-    state.log_lines, state.train_time_s = ckpt["log_lines"], ckpt["train_time_s"]
+    state.log_lines, state.train_time_s, state.inputs = ckpt["log_lines"], ckpt["train_time_s"], ckpt.get("inputs")
     print(f"resuming from {path} after step {ckpt['step']}")
     return ckpt["step"]
 

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 
@@ -78,6 +79,30 @@ def test_ppo_resume_is_exact(base, tmp_path):
     assert ppo_rlhf.main(args + ["--stop_after", "2"]) is None
     ppo_rlhf.main(args + ["--resume", "true"])
     _same_run(base, out, "ppo", "ppo_log.jsonl")
+
+
+def test_resume_compares_input_contents_not_paths(base, tmp_path, monkeypatch):
+    """A PPO run resumed through other spellings of the same input paths (relative, from another working
+    directory, with the output folder moved) continues exactly; a retrained rm.pt at the same path is refused."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for f in ("sft.pt", "rm.pt"):
+        shutil.copy(f"{base}/{f}", inputs / f)
+    first = tmp_path / "first"
+    args = TINY + ["--ckpt_interval", "2"]
+    ppo_rlhf.main(args + ["--out_dir", str(first), "--sft_ckpt", str(inputs / "sft.pt"), "--rm_ckpt",
+                          str(inputs / "rm.pt"), "--stop_after", "2"])
+    moved = tmp_path / "moved"
+    shutil.move(str(first), str(moved))
+    monkeypatch.chdir(inputs)                                             # relative paths, another directory
+    ppo_rlhf.main(args + ["--out_dir", str(moved), "--sft_ckpt", "sft.pt", "--rm_ckpt", "./rm.pt", "--resume", "true"])
+    _same_run(base, str(moved), "ppo", "ppo_log.jsonl")
+    again = tmp_path / "again"
+    ppo_rlhf.main(args + ["--out_dir", str(again), "--sft_ckpt", "sft.pt", "--rm_ckpt", "rm.pt", "--stop_after", "2"])
+    reward_model.main(TINY + ["--out_dir", str(tmp_path / "rm2"), "--sft_ckpt", "sft.pt", "--seed", "1"])
+    shutil.copy(tmp_path / "rm2" / "rm.pt", inputs / "rm.pt")             # retrained: same path, other contents
+    with pytest.raises(ValueError, match=r"needs the inputs the run started with, but --rm_ckpt rm.pt is not the same"):
+        ppo_rlhf.main(args + ["--out_dir", str(again), "--sft_ckpt", "sft.pt", "--rm_ckpt", "rm.pt", "--resume", "true"])
 
 
 def test_resume_refuses_another_config(base, tmp_path):
