@@ -67,10 +67,10 @@ from external import hh_rlhf
 from external.gpt2 import load_gpt2
 from model import GPT, entropy_from_logits, last_token_index, logprobs_from_logits, response_logits
 from train_sft import collate, encode_demos, sample_responses, sft_loss
-from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, field, fit_prompt,
-                   input_fingerprints, load_critic, load_models, masked_mean, masked_whiten, pad_batch,
-                   parse_config, pick_device, plot_curves, read_jsonl, resume_run, run_main, save_run,
-                   seed_everything, without_dropout)
+from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, check_fresh_start,
+                   claim_out_dir, field, fit_prompt, input_fingerprints, load_critic, load_models, masked_mean,
+                   masked_whiten, pad_batch, parse_config, pick_device, plot_curves, read_jsonl, release_out_dir,
+                   resume_run, run_main, save_run, seed_everything, without_dropout)
 
 
 @dataclass
@@ -127,6 +127,7 @@ class Config:
     log_truncations: bool = field(False, "also print one warning line per truncated prompt")
     ckpt_interval: int = field(25, "also write ppo.pt (with optimizer, RNG and running stats) every N iterations")
     resume: bool = field(False, "continue from out_dir/ppo.pt written by an interrupted run")
+    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage")
     stop_after: int = field(0, "stop after this many iterations as if killed (to test --resume); 0 = off")
     amp: bool = field(True, "bf16 autocast on CUDA (CPU and MPS always run fp32)")
 
@@ -461,6 +462,8 @@ def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     check_config(cfg)
     TRUNCATIONS.reset(cfg.log_truncations)
+    claim_out_dir(cfg.out_dir)                        # one run per folder at a time
+    check_fresh_start(os.path.join(cfg.out_dir, "ppo.pt"), cfg)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     # 0. models: the policy and the critic train; the reference (a copy of SFT) and the reward model stay frozen
@@ -495,6 +498,7 @@ def main(argv=None):
     for it in range(start, cfg.n_iters + 1):
         if cfg.stop_after and it == cfg.stop_after + 1:
             print(f"stopping after iteration {cfg.stop_after} as asked (--stop_after); continue with --resume true")
+            release_out_dir(cfg.out_dir)
             return None
         t_iter = time.time()
         # 1-2. rollout, then old_logprobs, ref_logprobs, values and RM scores (one no-grad pass per model)
@@ -560,6 +564,7 @@ def finish(cfg, sft, policy, critic, state, running, log, t_start, ckpt_path):
     print(f"PPO done in {total:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, KL "
           f"{metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f}"
           f"{', COLLAPSE WARNING' if warned else ''} -> {ckpt_path}")
+    release_out_dir(cfg.out_dir)
     return metrics
 
 

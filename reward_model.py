@@ -45,9 +45,10 @@ import tokenizer as tok
 from external import hh_rlhf
 from external.gpt2 import load_gpt2
 from model import GPTConfig, ScalarHeadGPT
-from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, field, fit_prompt,
-                   input_fingerprints, load_checkpoint, load_weights, pad_batch, parse_config, pick_device,
-                   plot_curves, read_jsonl, resume_run, run_main, save_run, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, check_fresh_start,
+                   claim_out_dir, field, fit_prompt, input_fingerprints, load_checkpoint, load_weights, pad_batch,
+                   parse_config, pick_device, plot_curves, read_jsonl, release_out_dir, resume_run, run_main,
+                   save_run, seed_everything, table)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Config:
     log_truncations: bool = field(False, "also print one warning line per truncated prompt")
     ckpt_interval: int = field(100, "also write rm.pt (with optimizer state) every N steps")
     resume: bool = field(False, "continue from out_dir/rm.pt written by an interrupted run")
+    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage")
     stop_after: int = field(0, "stop after this many steps as if killed (to test --resume); 0 = off")
 
 
@@ -180,6 +182,8 @@ def make_pairs(split_prompts, n, seed, cfg):
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     TRUNCATIONS.reset(cfg.log_truncations)
+    claim_out_dir(cfg.out_dir)                        # one run per folder at a time
+    check_fresh_start(os.path.join(cfg.out_dir, "rm.pt"), cfg)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     sft = load_checkpoint(cfg.sft_ckpt, "sft")  # also checks that its tokenizer is unchanged
@@ -230,6 +234,7 @@ def main(argv=None):
             save_run(ckpt_path, "rm", step, cfg, state, weights, log, t0, **meta)
         if cfg.stop_after and step == cfg.stop_after:
             print(f"stopping at step {step} as asked (--stop_after); continue with --resume true")
+            release_out_dir(cfg.out_dir)
             return None
         if step % cfg.eval_interval == 0 or step == n_iters:
             m = evaluate_rm(rm, enc, val, device, gold=gold)
@@ -282,6 +287,7 @@ def main(argv=None):
                f"{metrics['pearson']:.3f}" if gold else " (no gold reward for this data)")
     TRUNCATIONS.summary("RM")
     print(f"RM done in {train_time:.0f}s: test accuracy vs labels {metrics['acc_labels']:.3f}{vs_gold} -> {ckpt_path}")
+    release_out_dir(cfg.out_dir)
     return metrics
 
 

@@ -41,9 +41,9 @@ import tokenizer as tok
 from external import hh_rlhf
 from external.gpt2 import load_gpt2
 from model import GPT, GPTConfig
-from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, field, fit_prompt,
-                   input_fingerprints, pad_batch, parse_config, pick_device, plot_curves, read_jsonl, resume_run,
-                   run_main, save_run, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, check_fresh_start,
+                   claim_out_dir, field, fit_prompt, input_fingerprints, pad_batch, parse_config, pick_device,
+                   plot_curves, read_jsonl, release_out_dir, resume_run, run_main, save_run, seed_everything, table)
 
 
 @dataclass
@@ -85,6 +85,7 @@ class Config:
     log_truncations: bool = field(False, "also print one warning line per truncated prompt")
     ckpt_interval: int = field(250, "also write sft.pt (with optimizer and RNG state) every N steps")
     resume: bool = field(False, "continue from out_dir/sft.pt written by an interrupted run")
+    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage")
     stop_after: int = field(0, "stop after this many steps as if killed (to test --resume); 0 = off")
 
 
@@ -186,6 +187,8 @@ def gold_by_kind(prompts, responses):
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     TRUNCATIONS.reset(cfg.log_truncations)
+    claim_out_dir(cfg.out_dir)                        # one run per folder at a time
+    check_fresh_start(os.path.join(cfg.out_dir, "sft.pt"), cfg)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     enc = tok.get_tokenizer(cfg.tokenizer)
@@ -237,6 +240,7 @@ def main(argv=None):
             save_run(ckpt_path, "sft", step, cfg, state, weights, log, t0, **meta)
         if cfg.stop_after and step == cfg.stop_after:
             print(f"stopping at step {step} as asked (--stop_after); continue with --resume true")
+            release_out_dir(cfg.out_dir)
             return None
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             vl = eval_loss(model, val, cfg, mcfg.pad_id, device)
@@ -300,6 +304,7 @@ def main(argv=None):
             if "gold_sft" in metrics else "")
     TRUNCATIONS.summary("SFT")
     print(f"SFT done in {train_time:.0f}s: val loss {vl:.4f}, {gold}{100 * ended:.0f}% ended with EOS -> {ckpt_path}")
+    release_out_dir(cfg.out_dir)
     return metrics
 
 

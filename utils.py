@@ -4,6 +4,7 @@ checkpoints, the JSONL log, a progress line with ETA, a loss plot and a plain-te
 (The RLHF logic lives in the stage files; read those first.)
 """
 import argparse
+import atexit
 import contextlib
 import copy
 import dataclasses
@@ -97,11 +98,78 @@ def seed_everything(seed):
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, **ckpt):
-    """Write atomically: to a temporary file first, then rename (a kill mid-save leaves the old file intact)."""
+    """Write atomically: to a temporary file of this process first, then rename (a kill mid-save leaves the old
+    file intact; two writers never share a temporary file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+
+
+def claim_out_dir(out_dir):
+    """Make this process the owner of out_dir while it runs: a lock file holding its PID. A folder held by another
+    live process is an error naming it; a lock left by a dead (killed) process is taken over with a note. The same
+    process may claim again (pipeline.py runs every stage in one process); release_out_dir, or the process's exit,
+    gives the folder back."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = os.path.join(out_dir, ".lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    holder = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder == os.getpid():
+                return
+            if holder and _alive(holder):
+                raise ValueError(f"{out_dir}: in use by another run (PID {holder}); wait for it to finish, or choose "
+                                 f"another --out_dir")
+            print(f"note: {out_dir}: taking over the lock of PID {holder or '?'}, which is not running", file=sys.stderr)
+            os.remove(lock)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(release_out_dir, out_dir)  # also when the stage stops on an error (not when killed)
+        return
+
+
+def release_out_dir(out_dir):
+    """Give out_dir back (claim_out_dir): remove its lock when this process holds it."""
+    lock = os.path.join(out_dir, ".lock")
+    try:
+        with open(lock) as f:
+            mine = f.read().strip() == str(os.getpid())
+        if mine:
+            os.remove(lock)
+    except OSError:
+        pass
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def check_fresh_start(ckpt_path, cfg):
+    """A run without --resume must not silently replace an unfinished one (its checkpoint and log would go):
+    refuse, offering --resume true or --overwrite true."""
+    if cfg.resume or cfg.overwrite or not os.path.exists(ckpt_path):
+        return
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception:
+        return  # not ours or damaged: the stage's own loading reports it when it matters
+    if isinstance(ckpt, dict) and ckpt.get("done") is False:
+        raise ValueError(f"{ckpt_path}: an unfinished run is here (step {ckpt.get('step')}); continue it with "
+                         f"--resume true, or start over with --overwrite true")
 
 
 def load_checkpoint(path, stage, tokenizer_id=None, finished=True):
@@ -180,7 +248,7 @@ def load_critic(init, sft, rm_ckpt, sft_path, rm_path):
 
 
 # may differ between a run and its resumption (out_dir: the folder may have moved)
-RESUME_FREE = ("resume", "stop_after", "device", "ckpt_interval", "log_truncations", "out_dir")
+RESUME_FREE = ("resume", "overwrite", "stop_after", "device", "ckpt_interval", "log_truncations", "out_dir")
 INPUT_FIELDS = ("sft_ckpt", "rm_ckpt", "data", "init", "policy_init")  # options that may name input files
 _SHA256 = {}  # (real path, size, mtime) -> hex digest: each input file is read once per process
 

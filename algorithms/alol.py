@@ -48,9 +48,9 @@ import tokenizer as tok
 from model import logprobs_from_logits, response_logits
 from reward_model import make_pairs
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, fit_prompt, load_models, pad_batch,
-                   parse_config, pick_device, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything,
-                   table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, claim_out_dir, field, fit_prompt, load_models,
+                   pad_batch, parse_config, pick_device, plot_curves, read_jsonl, release_out_dir, run_main,
+                   save_checkpoint, seed_everything, table)
 
 
 @dataclass
@@ -161,6 +161,7 @@ def encode_examples(enc, prompts, responses, room_total, truncate, pad_id, devic
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     TRUNCATIONS.reset(cfg.log_truncations)
+    claim_out_dir(cfg.out_dir)                        # one run per folder at a time
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
@@ -284,6 +285,7 @@ def main(argv=None):
                 f"A-LoL ({cfg.variant})")
     TRUNCATIONS.summary("A-LoL")
     print(f"A-LoL ({cfg.variant}) done in {train_time:.0f}s: win rate vs SFT {win:.2f} -> {ckpt_path}")
+    release_out_dir(cfg.out_dir)
     return metrics
 
 

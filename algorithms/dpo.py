@@ -39,9 +39,9 @@ import tokenizer as tok
 from model import logprobs_from_logits
 from reward_model import make_pairs
 from train_sft import build_sft_example, collate, sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, fit_prompt, load_checkpoint, load_policy,
-                   parse_config, pick_device, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything,
-                   table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, claim_out_dir, field, fit_prompt, load_checkpoint,
+                   load_policy, parse_config, pick_device, plot_curves, read_jsonl, release_out_dir, run_main,
+                   save_checkpoint, seed_everything, table)
 
 
 @dataclass
@@ -120,6 +120,7 @@ def pair_logprobs(model, batch, pad_id, device):
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     TRUNCATIONS.reset(cfg.log_truncations)
+    claim_out_dir(cfg.out_dir)                        # one run per folder at a time
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     policy, sft = load_policy(cfg.sft_ckpt, ("sft",))
@@ -214,6 +215,7 @@ def main(argv=None):
     TRUNCATIONS.summary("DPO")
     print(f"DPO done in {train_time:.0f}s: val accuracy {v['val_accuracy']:.3f}, margin {v['val_margin']:+.3f}, "
           f"win rate vs SFT {win:.2f} -> {ckpt_path}")
+    release_out_dir(cfg.out_dir)
     return metrics
 
 

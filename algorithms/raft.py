@@ -35,8 +35,9 @@ from model import logprobs_from_logits, response_logits
 from ppo_rlhf import encode_prompts, rollout
 from algorithms.rloo import kl_shaped_rewards
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, load_models, masked_mean, parse_config,
-                   pick_device, plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, claim_out_dir, field, load_models, masked_mean,
+                   parse_config, pick_device, plot_curves, read_jsonl, release_out_dir, run_main, save_checkpoint,
+                   seed_everything, table)
 
 
 @dataclass
@@ -77,6 +78,7 @@ def best_of_k(rewards, k):
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     TRUNCATIONS.reset(cfg.log_truncations)
+    claim_out_dir(cfg.out_dir)                        # one run per folder at a time
     if cfg.prompts_per_iter % cfg.minibatches:
         raise ValueError(f"minibatches {cfg.minibatches} must divide prompts_per_iter {cfg.prompts_per_iter}")
     seed_everything(cfg.seed)
@@ -157,6 +159,7 @@ def main(argv=None):
     TRUNCATIONS.summary("RAFT")
     print(f"RAFT done in {total:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, KL "
           f"{metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} -> {ckpt_path}")
+    release_out_dir(cfg.out_dir)
     return metrics
 
 

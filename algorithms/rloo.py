@@ -43,8 +43,9 @@ import tokenizer as tok
 from model import logprobs_from_logits, response_logits
 from ppo_rlhf import encode_prompts, rollout
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, load_models, parse_config, pick_device,
-                   plot_curves, read_jsonl, run_main, save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, claim_out_dir, field, load_models, parse_config,
+                   pick_device, plot_curves, read_jsonl, release_out_dir, run_main, save_checkpoint,
+                   seed_everything, table)
 
 
 @dataclass
@@ -146,6 +147,7 @@ def rloo_update(policy, opt, ro, adv, cfg, generator, where="RLOO update"):
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     TRUNCATIONS.reset(cfg.log_truncations)
+    claim_out_dir(cfg.out_dir)                        # one run per folder at a time
     if cfg.baseline == "loo" and cfg.k < 2:
         raise ValueError(f"--baseline loo needs --k >= 2 (got {cfg.k})")
     N = cfg.prompts_per_iter * cfg.k
@@ -233,6 +235,7 @@ def main(argv=None):
     TRUNCATIONS.summary("RLOO")
     print(f"RLOO done in {total:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, KL "
           f"{metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} -> {ckpt_path}")
+    release_out_dir(cfg.out_dir)
     return metrics
 
 

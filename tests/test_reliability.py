@@ -149,10 +149,11 @@ def test_bad_inputs_give_one_line_errors(base, tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
     ppo_args = TINY + ["--out_dir", str(tmp_path), "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt"]
+    rm_args = TINY + ["--out_dir", str(tmp_path)]
     cases = [
-        (reward_model.main, TINY + ["--sft_ckpt", str(tmp_path / "nope.pt")], "nope.pt: checkpoint not found"),
-        (reward_model.main, TINY + ["--sft_ckpt", f"{base}/rm.pt"], "is a 'rm' checkpoint; expected 'sft'"),
-        (reward_model.main, TINY + ["--sft_ckpt", str(junk)], "junk.pt: cannot be read as a checkpoint"),
+        (reward_model.main, rm_args + ["--sft_ckpt", str(tmp_path / "nope.pt")], "nope.pt: checkpoint not found"),
+        (reward_model.main, rm_args + ["--sft_ckpt", f"{base}/rm.pt"], "is a 'rm' checkpoint; expected 'sft'"),
+        (reward_model.main, rm_args + ["--sft_ckpt", str(junk)], "junk.pt: cannot be read as a checkpoint"),
         (ppo_rlhf.main, ppo_args + ["--score_norm", "whiten"], "--score_norm 'whiten': must be one of none, scale, norm_clip"),
         (ppo_rlhf.main, ppo_args + ["--critic_init", "random"], "--critic_init 'random': must be one of rm, sft"),
         (ppo_rlhf.main, ppo_args + ["--minibatch", "3"], "minibatch 3 must divide rollout_batch 8"),
@@ -161,8 +162,8 @@ def test_bad_inputs_give_one_line_errors(base, tmp_path, capsys):
     ]
     cases.append((evaluate.main, ["--policies", f"{base}/rm.pt", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt",
                                   f"{base}/rm.pt", "--device", "cpu"], "rm.pt: is a reward-model checkpoint, not a policy"))
-    cases.append((train_sft.main, TINY + ["--n_train", "8"], "batch_size 16 is larger than the 8 training demonstrations"))
-    cases.append((reward_model.main, TINY + ["--sft_ckpt", f"{base}/sft.pt", "--n_train", "8"],
+    cases.append((train_sft.main, rm_args + ["--n_train", "8"], "batch_size 16 is larger than the 8 training demonstrations"))
+    cases.append((reward_model.main, rm_args + ["--sft_ckpt", f"{base}/sft.pt", "--n_train", "8"],
                   "8 training pairs is less than one step of batch_size x grad_accum = 16"))
     for main, argv, message in cases:
         assert message in _error_line(capsys, main, argv)
@@ -265,3 +266,35 @@ def test_option_values_are_checked_before_any_work(stage, argv, message, tmp_pat
     argv = argv + inputs + ["--out_dir", str(out)]
     assert _error_line(capsys, main, argv) == f"error: {message}"
     assert not out.exists()
+
+
+def test_one_run_per_output_folder(base, tmp_path, capsys):
+    """A folder held by a live run (its PID in out_dir/.lock) refuses a second run with one line naming it; a lock
+    left by a dead process is taken over with a note; a finished run leaves no lock behind."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(str(holder.pid))
+        message = _error_line(capsys, train_sft.main, TINY + ["--out_dir", str(out)])
+        assert message == f"error: {out}: in use by another run (PID {holder.pid}); wait for it to finish, or choose another --out_dir"
+        assert not (out / "sft_log.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    train_sft.main(TINY + ["--out_dir", str(out)])                        # the holder is gone: taken over
+    assert f"taking over the lock of PID {holder.pid}" in capsys.readouterr().err
+    assert not (out / ".lock").exists() and os.path.exists(out / "sft.pt")
+
+
+def test_a_new_run_does_not_replace_an_unfinished_one(tmp_path, capsys):
+    """Without --resume, a run over an interrupted one is refused (its checkpoint untouched); --overwrite starts over."""
+    out = str(tmp_path)
+    train_sft.main(TINY + ["--out_dir", out, "--ckpt_interval", "10", "--stop_after", "10"])
+    before = open(f"{out}/sft.pt", "rb").read()
+    message = _error_line(capsys, train_sft.main, TINY + ["--out_dir", out])
+    assert message == (f"error: {out}/sft.pt: an unfinished run is here (step 10); continue it with --resume true, "
+                       f"or start over with --overwrite true")
+    assert open(f"{out}/sft.pt", "rb").read() == before
+    train_sft.main(TINY + ["--out_dir", out, "--overwrite", "true"])
+    assert load_checkpoint(f"{out}/sft.pt", "sft")["done"]
