@@ -424,6 +424,10 @@ def run_main(main):
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("stopped (Ctrl-C); the last periodic checkpoint in --out_dir is intact: run the same command with "
+              "--resume true to continue from it", file=sys.stderr)
+        sys.exit(130)
 
 
 # ---------------------------------------------------------------------------------------------- runs

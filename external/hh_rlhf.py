@@ -6,8 +6,10 @@ last "\n\nAssistant:" into the prompt (all earlier turns) and the final response
 """
 import gzip
 import json
+import os
 import random
 import sys
+import zlib
 
 from data import ASSISTANT, EOS_TEXT, HUMAN, SPLIT_FRACTIONS
 
@@ -20,20 +22,16 @@ def split_hh(text):
     return text[: i + len(ASSISTANT)], text[i + len(ASSISTANT):]
 
 
-def load_hh_jsonl(path):
-    """
-    Read an HH-RLHF .jsonl or .jsonl.gz file into [{"prompt", "chosen", "rejected"}] (responses without EOS).
-    A UTF-8 byte-order mark, CRLF line ends and blank lines are fine. A line that is not a JSON object with
-    string fields 'chosen' and 'rejected' means the file is not HH data: ValueError naming the file and the
-    1-based line. A record that does not split into one shared prompt and two responses is skipped, and every
-    skip is reported in one warning line (how many, why, the first line numbers): the real Anthropic files
-    hold such records, e.g. chosen and rejected differing before the last Assistant turn where a turn marker
-    was written "  Human:" without the blank line. A file with no usable record is an error.
-    """
+def _read_records(path):
+    """load_hh_jsonl's loop: (records, {skip reason: [line numbers]})."""
     opener = gzip.open if str(path).endswith(".gz") else open
     records, skipped = [], {}                                             # skipped: reason -> [line numbers]
-    with opener(path, "rt", encoding="utf-8-sig") as f:                   # utf-8-sig drops a BOM
-        for lineno, line in enumerate(f, 1):
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")          # utf-8-sig drops a BOM
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text") from None
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -52,11 +50,32 @@ def load_hh_jsonl(path):
             prompt, chosen = split_hh(rec["chosen"])
             prompt_rejected, rejected = split_hh(rec["rejected"])
             if prompt != prompt_rejected:
-                skipped.setdefault("whose chosen and rejected differ before the last Assistant turn", []).append(lineno)
+                reason = "whose chosen and rejected differ before the last Assistant turn"
+                skipped.setdefault(reason, []).append(lineno)
             elif not prompt.replace(HUMAN, "").replace(ASSISTANT, "").strip():
                 skipped.setdefault("with an empty prompt", []).append(lineno)
             else:
                 records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return records, skipped
+
+
+def load_hh_jsonl(path):
+    """
+    Read an HH-RLHF .jsonl or .jsonl.gz file into [{"prompt", "chosen", "rejected"}] (responses without EOS).
+    A UTF-8 byte-order mark, CRLF line ends and blank lines are fine. A line that is not a JSON object with
+    string fields 'chosen' and 'rejected' means the file is not HH data: ValueError naming the file and the
+    1-based line. A record that does not split into one shared prompt and two responses is skipped, and every
+    skip is reported in one warning line (how many, why, the first line numbers): the real Anthropic files
+    hold such records, e.g. chosen and rejected differing before the last Assistant turn where a turn marker
+    was written "  Human:" without the blank line. A file with no usable record is an error.
+    """
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder; --data takes HH-RLHF .jsonl or .jsonl.gz files")
+    try:
+        records, skipped = _read_records(path)
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a damaged / not-really-gzip .gz
+        detail = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise ValueError(f"{path}: cannot be read ({detail}); is it a complete .jsonl / .jsonl.gz file?") from None
     n_skipped = sum(len(lines) for lines in skipped.values())
     reasons = "; ".join(f"{len(lines)} {reason} (line{'s' if len(lines) > 1 else ''} "
                         f"{', '.join(map(str, lines[:5]))}{', ...' if len(lines) > 5 else ''})"
@@ -76,8 +95,11 @@ def hh_splits(paths, seed=0):
     "rejected"}]}: all records shuffled by `seed`, cut 80/10/10 (at least one record in each split), with EOS
     appended to both responses so that they end as the policy's own answers do.
     """
+    files = [p.strip() for p in paths.split(",")]
+    if not all(files):
+        raise ValueError(f"--data {paths!r}: an empty file name (a stray comma?); give comma-separated files")
     records = [dict(r, chosen=r["chosen"] + EOS_TEXT, rejected=r["rejected"] + EOS_TEXT)
-               for p in paths.split(",") for r in load_hh_jsonl(p.strip())]
+               for p in files for r in load_hh_jsonl(p)]
     if len(records) < 3:
         raise ValueError(f"{paths}: {len(records)} records; need at least 3 (train, val and test)")
     random.Random(seed).shuffle(records)

@@ -167,3 +167,23 @@ def test_a_stage_on_a_real_format_file_prints_one_summary_per_kind(tmp_path, cap
     train_sft.main(args + ["--log_truncations", "true", "--out_dir", str(tmp_path / "each")])
     err = capsys.readouterr().err
     assert err.count("prompt truncated from the left") == 3 and err.count("SFT: 3 prompt(s) truncated") == 1
+
+
+def test_hh_loader_errors_are_one_line_naming_the_file(tmp_path):
+    """A folder, a damaged or not-really-gzip .gz, non-UTF-8 bytes and a stray comma in --data: ValueError with
+    the file (and line) in the user's terms, not a traceback from gzip or the codec."""
+    good = open(SAMPLE, "rb").read()
+    (tmp_path / "not_gzip.jsonl.gz").write_bytes(good)
+    with gzip.open(tmp_path / "whole.jsonl.gz", "wb") as g:
+        g.write(good)
+    (tmp_path / "cut.jsonl.gz").write_bytes((tmp_path / "whole.jsonl.gz").read_bytes()[:200])
+    (tmp_path / "latin1.jsonl").write_bytes(good.split(b"\n")[0] + b"\n" + '{"chosen": "caf\u00e9"}'.encode("latin-1"))
+    cases = [(str(tmp_path), "is a folder"), (str(tmp_path / "not_gzip.jsonl.gz"), "cannot be read ("),
+             (str(tmp_path / "cut.jsonl.gz"), "cannot be read ("), (str(tmp_path / "latin1.jsonl"), "latin1.jsonl:2: not UTF-8 text"),
+             (str(tmp_path / "missing.jsonl"), "cannot be read (No such file or directory)")]
+    for path, message in cases:
+        with pytest.raises(ValueError) as e:
+            hh_rlhf.load_hh_jsonl(path)
+        assert path in str(e.value) and message in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match="an empty file name"):
+        hh_rlhf.hh_splits(f"{SAMPLE},")

@@ -298,3 +298,13 @@ def test_a_new_run_does_not_replace_an_unfinished_one(tmp_path, capsys):
     assert open(f"{out}/sft.pt", "rb").read() == before
     train_sft.main(TINY + ["--out_dir", out, "--overwrite", "true"])
     assert load_checkpoint(f"{out}/sft.pt", "sft")["done"]
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        run_main(interrupted)
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--resume true" in err and "Traceback" not in err
