@@ -101,9 +101,23 @@ def save_checkpoint(path, **ckpt):
     """Write atomically: to a temporary file of this process first, then rename (a kill mid-save leaves the old
     file intact; two writers never share a temporary file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ckpt["weights_sha256"] = {key: weights_sha256(ckpt[key]) for key in WEIGHT_KEYS if key in ckpt}
     tmp = f"{path}.{os.getpid()}.tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+
+
+WEIGHT_KEYS = ("model", "critic")  # the state dicts a checkpoint's checksum covers
+
+
+def weights_sha256(state_dict):
+    """SHA-256 over a state dict's names and raw tensor bytes: damaged bytes that still unpickle (they load as odd
+    numbers or NaN) are caught on load instead of much later as a training failure."""
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def claim_out_dir(out_dir):
@@ -187,6 +201,10 @@ def load_checkpoint(path, stage, tokenizer_id=None, finished=True):
                          f"written by this project?") from None
     if not isinstance(ckpt, dict) or "stage" not in ckpt:
         raise ValueError(f"{path}: not a checkpoint written by this project (no 'stage' field)")
+    for key, expected in ckpt.get("weights_sha256", {}).items():
+        if key not in ckpt or weights_sha256(ckpt[key]) != expected:
+            raise ValueError(f"{path}: the '{key}' weights do not match the checksum written with them: the file "
+                             f"was damaged after it was saved; use another copy or train the stage again")
     stages = (stage,) if isinstance(stage, str) else tuple(stage or ())
     if stage is not None and ckpt["stage"] not in stages:
         raise ValueError(f"{path}: is a '{ckpt['stage']}' checkpoint; expected '{' or '.join(stages)}'")

@@ -308,3 +308,18 @@ def test_ctrl_c_is_one_line_saying_how_to_resume(capsys):
     assert e.value.code == 130
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--resume true" in err and "Traceback" not in err
+
+
+def test_damaged_weights_that_still_load_are_caught_by_the_checksum(base, tmp_path):
+    """8 flipped bytes inside a weight tensor still unpickle; the checksum written with the weights catches them."""
+    data = bytearray(open(f"{base}/sft.pt", "rb").read())
+    ckpt = load_checkpoint(f"{base}/sft.pt", "sft")
+    raw = ckpt["model"]["wte.weight"].contiguous().view(-1).view(torch.uint8).numpy().tobytes()[4096:4160]
+    at = bytes(data).find(raw)
+    assert at > 0
+    data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
+    damaged = tmp_path / "sft.pt"
+    damaged.write_bytes(bytes(data))
+    torch.load(damaged, map_location="cpu", weights_only=True)                   # it still unpickles
+    with pytest.raises(ValueError, match="'model' weights do not match the checksum"):
+        load_checkpoint(str(damaged), "sft")
