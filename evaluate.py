@@ -24,7 +24,6 @@ Deliberate choices:
 Shape legend: B prompts in a batch, Tp prompt length, Tr response length, V vocab.
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -36,8 +35,8 @@ import tokenizer as tok
 from external import hh_rlhf
 from model import ScalarHeadGPT, logprobs_from_logits, response_logits
 from reward_model import score_texts
-from utils import (TRUNCATIONS, fit_prompt, load_checkpoint, load_policy, load_weights, masked_mean, masked_var,
-                   pad_batch, pick_device, run_main, table, without_dropout)
+from utils import (TRUNCATIONS, check_options, fit_prompt, json_line, load_checkpoint, load_policy, load_weights,
+                   make_out_dir, masked_mean, masked_var, pad_batch, pick_device, run_main, table, without_dropout)
 
 
 def distinct_n(texts, n):
@@ -171,10 +170,18 @@ def main(argv=None):
     p.add_argument("--log_truncations", action="store_true", help="print one warning line per truncated prompt "
                    "(without it: one summary line)")
     a = p.parse_args(argv)
+    check_options(a)
     device = pick_device(a.device)
     TRUNCATIONS.reset(a.log_truncations)
 
+    # every input and the output folder are checked before any sampling: a bad last --policies entry or an
+    # unwritable --out_dir is found in seconds, not after the other policies were evaluated
     sft, sft_ckpt = load_policy(a.sft_ckpt, ("sft",))
+    for path in a.policies:
+        ckpt = load_checkpoint(path, None, sft_ckpt["tokenizer_id"])
+        if ckpt["stage"] == "rm":
+            raise ValueError(f"{path}: is a reward-model checkpoint, not a policy")
+    make_out_dir(a.out_dir)
     enc = tok.get_tokenizer(sft_ckpt["tokenizer"])
     rm_ckpt = load_checkpoint(a.rm_ckpt, "rm", sft_ckpt["tokenizer_id"])
     rm = ScalarHeadGPT(without_dropout(rm_ckpt["model_config"]))
@@ -193,8 +200,6 @@ def main(argv=None):
     rows = []
     for path in a.policies:
         policy, ckpt = load_policy(path)  # any stage that writes a policy
-        if ckpt["tokenizer_id"] != sft_ckpt["tokenizer_id"]:
-            raise ValueError(f"{path}: tokenizer {ckpt['tokenizer_id']} differs from the SFT's {sft_ckpt['tokenizer_id']}")
         res = sample_and_score(policy.to(device), sft, rm, *args)
         gold = [data.gold_reward(q, r) if has_gold else float("nan") for q, r in zip(prompts, res["texts"])]
         n = len(prompts)
@@ -209,14 +214,13 @@ def main(argv=None):
     keys = ["gold", "rm", "win_vs_sft", "kl_sft", "length", "eos_rate", "distinct2"][0 if has_gold else 1:]
     md = ["| policy | stage | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     md += [f"| {r['policy']} | {r['stage']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for r in rows]
-    os.makedirs(a.out_dir, exist_ok=True)
     with open(os.path.join(a.out_dir, "eval.md"), "w") as f:
         f.write(f"{len(prompts)} test prompts, temperature {a.temperature}, seed {a.seed}; win rate vs SFT judged by "
                 f"{'the gold reward' if has_gold else 'the reward model (no gold reward for this data)'}\n\n"
                 + "\n".join(md) + "\n")
     with open(os.path.join(a.out_dir, "eval.jsonl"), "w") as f:
         for r in rows:
-            f.write(json.dumps(r) + "\n")
+            f.write(json_line(r))
     for r in rows:
         print(table([(q[-100:].strip(), t, g) for q, t, g in r["samples"]], ["prompt", f"{r['policy']}", "gold"], [34, 70, 5]))
     print("\n".join(md))

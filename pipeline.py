@@ -11,6 +11,8 @@ Run:
     python pipeline.py                                  # default config, CPU minutes
     python pipeline.py --preset tiny --out_dir out/tiny # seconds (what the smoke test runs)
     python pipeline.py --ppo_preset vanilla --out_dir out/vanilla   # the baseline that collapses
+    python pipeline.py --resume true    # after a kill or Ctrl-C: finished stages are kept, the interrupted one
+                                        # continues from its last checkpoint, the rest run
 
 Each stage can also be run on its own with its full set of options (`python ppo_rlhf.py --help`).
 """
@@ -22,7 +24,7 @@ import evaluate
 import ppo_rlhf
 import reward_model
 import train_sft
-from utils import run_main
+from utils import finished_run, parse_config, run_main, str2bool
 
 
 def main(argv=None):
@@ -34,26 +36,38 @@ def main(argv=None):
                    help="PPO recipe (ignored with --preset tiny)")
     p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, mps")
     p.add_argument("--seed", default=0, type=int, help="seed for every stage")
+    p.add_argument("--resume", default=False, type=str2bool,
+                   help="continue a stopped pipeline: keep the stages that finished with these options, resume the "
+                        "interrupted one from its last checkpoint, run the rest")
+    p.add_argument("--overwrite", default=False, type=str2bool, help="start every stage over, even an unfinished one")
     a = p.parse_args(argv)
-    common = ["--out_dir", a.out_dir, "--device", a.device, "--seed", str(a.seed)]
+    common = ["--out_dir", a.out_dir, "--device", a.device, "--seed", str(a.seed), "--overwrite", str(a.overwrite)]
     sft_path, rm_path, ppo_path = (os.path.join(a.out_dir, f) for f in ("sft.pt", "rm.pt", "ppo.pt"))
     tiny = a.preset == "tiny"
     t0, times = time.time(), {}
 
-    def stage(name, fn, args):
+    def stage(name, module, args, ckpt_path=None):
+        """Run one stage's main(args); with --resume, a stage that finished with these options is kept (its
+        metrics read back from its checkpoint) and an interrupted one continues from its checkpoint."""
         print("=" * 30, name, "=" * 30)
         t = time.time()
-        out = fn(args)
+        if a.resume and ckpt_path and not a.overwrite:
+            stage_name = os.path.basename(ckpt_path)[:-len(".pt")]        # a stage's checkpoint is named after it
+            kept = finished_run(ckpt_path, stage_name, parse_config(module.Config, module.PRESETS, args))
+            if kept is not None:
+                print(f"{ckpt_path}: finished with these options; kept")
+                return kept
+            args = args + ["--resume", str(os.path.exists(ckpt_path))]
+        out = module.main(args)
         times[name] = time.time() - t
         return out
 
-    sft = stage("1 SFT", train_sft.main, common + ["--preset", a.preset])
-    rm = stage("2 reward model", reward_model.main, common + ["--preset", a.preset, "--sft_ckpt", sft_path])
-    ppo = stage("3 PPO", ppo_rlhf.main, common + ["--preset", "tiny" if tiny else a.ppo_preset,
-                                                   "--sft_ckpt", sft_path, "--rm_ckpt", rm_path])
-    ev = stage("4 evaluate", evaluate.main, ["--out_dir", a.out_dir, "--device", a.device, "--seed", str(a.seed),
-                                             "--sft_ckpt", sft_path, "--rm_ckpt", rm_path,
-                                             "--policies", sft_path, ppo_path]
+    sft = stage("1 SFT", train_sft, common + ["--preset", a.preset], sft_path)
+    rm = stage("2 reward model", reward_model, common + ["--preset", a.preset, "--sft_ckpt", sft_path], rm_path)
+    ppo = stage("3 PPO", ppo_rlhf, common + ["--preset", "tiny" if tiny else a.ppo_preset,
+                                             "--sft_ckpt", sft_path, "--rm_ckpt", rm_path], ppo_path)
+    ev = stage("4 evaluate", evaluate, ["--out_dir", a.out_dir, "--device", a.device, "--seed", str(a.seed),
+                                        "--sft_ckpt", sft_path, "--rm_ckpt", rm_path, "--policies", sft_path, ppo_path]
                + (["--n_prompts", "16", "--max_new_tokens", "12"] if tiny else []))
     print("=" * 30, f"pipeline done in {time.time() - t0:.0f}s", "=" * 30)
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))

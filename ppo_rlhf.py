@@ -70,7 +70,7 @@ from train_sft import collate, encode_demos, sample_responses, sft_loss
 from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, check_fresh_start,
                    claim_out_dir, field, fit_prompt, input_fingerprints, load_critic, load_models, masked_mean,
                    masked_whiten, pad_batch, parse_config, pick_device, plot_curves, read_jsonl, release_out_dir,
-                   resume_run, run_main, save_run, seed_everything, without_dropout)
+                   resume_run, run_main, save_run, seed_everything, stop_here, without_dropout)
 
 
 @dataclass
@@ -496,10 +496,6 @@ def main(argv=None):
     log, progress, t_start = JsonlLog(log_path, state.log_lines), Progress(cfg.n_iters), time.time() - state.train_time_s
 
     for it in range(start, cfg.n_iters + 1):
-        if cfg.stop_after and it == cfg.stop_after + 1:
-            print(f"stopping after iteration {cfg.stop_after} as asked (--stop_after); continue with --resume true")
-            release_out_dir(cfg.out_dir)
-            return None
         t_iter = time.time()
         # 1-2. rollout, then old_logprobs, ref_logprobs, values and RM scores (one no-grad pass per model)
         prompts = data.sample_prompts(splits["train"], cfg.rollout_batch, order_rng)
@@ -547,6 +543,8 @@ def main(argv=None):
         print(progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL {row['kl_seq']:.2f} "
                                 f"len {row['length']:.1f} eos {row['eos_rate']:.2f} vf {row['vf_loss']:.3f}"
                                 + ("" if update_policy else " (critic pre-training)")))
+        if stop_here(cfg, it, cfg.n_iters, "iteration"):
+            return None
     return finish(cfg, sft, policy, critic, state, running, log, t_start, ckpt_path)
 
 
@@ -555,11 +553,11 @@ def finish(cfg, sft, policy, critic, state, running, log, t_start, ckpt_path):
     total, last, warned = time.time() - t_start, state.extra["history"][-1], state.extra["warned"]
     metrics = {k: last[k] for k in ("score_raw", "gold", "kl_seq", "length", "eos_rate")}
     metrics.update(train_time_s=total, collapse_warning=warned, win_rate_vs_sft=last.get("win_rate_vs_sft", float("nan")))
-    save_ppo(ckpt_path, cfg.n_iters, cfg, sft, policy, critic, state, running, log, t_start, metrics)
     plot_curves(os.path.join(cfg.out_dir, "ppo_curves.png"), read_jsonl(log.path), "iter",
                 [["score_raw"], ["gold"], ["kl_seq", "kl_k3_seq"], ["length"], ["perplexity"], ["win_rate_vs_sft"]],
                 f"PPO (β={cfg.kl_coef}, scores {cfg.score_norm}): RM score, gold reward, KL to SFT, length, "
                 f"perplexity, win rate vs SFT")
+    save_ppo(ckpt_path, cfg.n_iters, cfg, sft, policy, critic, state, running, log, t_start, metrics)  # last file
     TRUNCATIONS.summary("PPO")
     print(f"PPO done in {total:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, KL "
           f"{metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f}"

@@ -48,7 +48,7 @@ from model import GPTConfig, ScalarHeadGPT
 from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, check_fresh_start,
                    claim_out_dir, field, fit_prompt, input_fingerprints, load_checkpoint, load_weights, pad_batch,
                    parse_config, pick_device, plot_curves, read_jsonl, release_out_dir, resume_run, run_main,
-                   save_run, seed_everything, table)
+                   save_run, seed_everything, stop_here, table)
 
 
 @dataclass
@@ -232,9 +232,7 @@ def main(argv=None):
     for step in range(start, n_iters + 1):
         if step > start and step % cfg.ckpt_interval == 0 and step < n_iters:
             save_run(ckpt_path, "rm", step, cfg, state, weights, log, t0, **meta)
-        if cfg.stop_after and step == cfg.stop_after:
-            print(f"stopping at step {step} as asked (--stop_after); continue with --resume true")
-            release_out_dir(cfg.out_dir)
+        if stop_here(cfg, step, n_iters):
             return None
         if step % cfg.eval_interval == 0 or step == n_iters:
             m = evaluate_rm(rm, enc, val, device, gold=gold)
@@ -279,10 +277,10 @@ def main(argv=None):
     print(table(rows, ["test prompt", "chosen", "RM", "gold", "rejected", "RM", "gold"], [30, 44, 5, 5, 44, 5, 5]))
     print(table([(k, v) for k, v in metrics.items()], ["test metric", "value"], [18, 8]))
 
-    save_run(ckpt_path, "rm", n_iters, cfg, state, weights, log, t0, metrics, **meta)
     plot_curves(os.path.join(cfg.out_dir, "rm_loss.png"), read_jsonl(log_path), "step",
                 [["train_loss", "val_loss"], ["train_acc", "val_acc_labels", "val_acc_gold"]],
                 "Reward model: Bradley-Terry loss and pairwise accuracy")
+    save_run(ckpt_path, "rm", n_iters, cfg, state, weights, log, t0, metrics, **meta)  # last: see save_run
     vs_gold = (f", vs gold {metrics['acc_gold']:.3f}; Spearman with gold {metrics['spearman']:.3f}, Pearson "
                f"{metrics['pearson']:.3f}" if gold else " (no gold reward for this data)")
     TRUNCATIONS.summary("RM")

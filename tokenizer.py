@@ -71,8 +71,22 @@ def save_ranks(ranks, path):
 
 
 def load_ranks(path):
-    with open(path) as f:
-        return {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
+    """The ranks file back as {token_bytes: rank}; a damaged file is a one-line error naming the line."""
+    ranks, fix = {}, "restore it with `git checkout tokenizer/toy.tiktoken`, or retrain it with `python tokenizer.py`"
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:  # wrong field count, bad base64, a rank that is not a number
+                raise ValueError(f"{path}:{number}: not a 'base64-token rank' line ({line[:40]!r}); the tokenizer "
+                                 f"file is damaged: {fix}") from None
+    if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
+        raise ValueError(f"{path}: the ranks are not 0..{len(ranks) - 1} once each over all 256 bytes; the tokenizer "
+                         f"file is damaged: {fix}")
+    return ranks
 
 
 def get_tokenizer(name="toy"):

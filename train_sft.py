@@ -43,7 +43,8 @@ from external.gpt2 import load_gpt2
 from model import GPT, GPTConfig
 from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, check_fresh_start,
                    claim_out_dir, field, fit_prompt, input_fingerprints, pad_batch, parse_config, pick_device,
-                   plot_curves, read_jsonl, release_out_dir, resume_run, run_main, save_run, seed_everything, table)
+                   plot_curves, read_jsonl, release_out_dir, resume_run, run_main, save_run, seed_everything,
+                   stop_here, table)
 
 
 @dataclass
@@ -238,9 +239,7 @@ def main(argv=None):
     for step in range(start, cfg.max_iters + 1):
         if step > start and step % cfg.ckpt_interval == 0 and step < cfg.max_iters:
             save_run(ckpt_path, "sft", step, cfg, state, weights, log, t0, **meta)
-        if cfg.stop_after and step == cfg.stop_after:
-            print(f"stopping at step {step} as asked (--stop_after); continue with --resume true")
-            release_out_dir(cfg.out_dir)
+        if stop_here(cfg, step, cfg.max_iters):
             return None
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             vl = eval_loss(model, val, cfg, mcfg.pad_id, device)
@@ -297,9 +296,9 @@ def main(argv=None):
     metrics.update(ended_fraction=ended, n_eval_prompts=len(eval_prompts))
     log.write(step=cfg.max_iters, **{k: v for k, v in metrics.items() if not isinstance(v, dict)})
 
-    save_run(ckpt_path, "sft", cfg.max_iters, cfg, state, weights, log, t0, metrics, **meta)
     plot_curves(os.path.join(cfg.out_dir, "sft_loss.png"), read_jsonl(log_path), "step",
                 [["train_loss", "val_loss"]], "SFT: response-token cross-entropy", logy=(0,))
+    save_run(ckpt_path, "sft", cfg.max_iters, cfg, state, weights, log, t0, metrics, **meta)  # last: see save_run
     gold = (f"gold reward SFT {metrics['gold_sft']:.3f} vs demonstrations {metrics['gold_demos']:.3f}, "
             if "gold_sft" in metrics else "")
     TRUNCATIONS.summary("SFT")

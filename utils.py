@@ -8,11 +8,13 @@ import atexit
 import contextlib
 import copy
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from typing import Optional
@@ -25,7 +27,7 @@ from model import GPT, GPTConfig, ScalarHeadGPT
 
 # ---------------------------------------------------------------------------------------------- config
 
-def _str2bool(s):
+def str2bool(s):
     if s.lower() in ("1", "true", "yes", "y", "on"):
         return True
     if s.lower() in ("0", "false", "no", "n", "off"):
@@ -38,7 +40,7 @@ def _str2bool(s):
 AT_LEAST_1 = ("n_layer", "n_head", "n_embd", "block_size", "n_train", "n_val", "n_test", "batch_size",
               "grad_accum", "eval_interval", "n_eval_prompts", "max_new_tokens", "ckpt_interval", "n_iters",
               "rollout_batch", "minibatch", "ppo_epochs", "ptx_batch", "collapse_window", "prompts_per_iter", "k",
-              "minibatches", "epochs", "value_epochs", "warmup_iters")
+              "minibatches", "epochs", "value_epochs", "warmup_iters", "n_prompts")
 AT_LEAST_0 = ("max_iters", "weight_decay", "grad_clip", "kl_coef", "missing_eos_penalty", "entropy_coef",
               "ptx_coef", "vf_coef", "vf_clip", "adv_clip", "critic_pretrain_iters", "stop_after", "micro_batch")
 ABOVE_0 = ("lr", "policy_lr", "critic_lr", "value_lr", "temperature", "tau", "beta", "score_clip")
@@ -50,14 +52,18 @@ CHOICES = {"score_norm": ("none", "scale", "norm_clip"), "critic_init": ("rm", "
 
 
 def check_options(cfg):
-    """One-line ValueError for the first option whose value cannot work, named as on the command line."""
-    for name, value in dataclasses.asdict(cfg).items():
+    """One-line ValueError for the first option whose value cannot work, named as on the command line (cfg: a
+    Config dataclass, or an argparse namespace)."""
+    for name, value in (dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else vars(cfg)).items():
         wrong = ((name in AT_LEAST_1 and value < 1 and "at least 1") or (name in AT_LEAST_0 and value < 0 and "0 or more")
                  or (name in ABOVE_0 and value <= 0 and "greater than 0")
                  or (name in RANGES and not RANGES[name][0](value) and RANGES[name][1])
                  or (name in CHOICES and value not in CHOICES[name] and "one of " + ", ".join(CHOICES[name])))
         if wrong:
             raise ValueError(f"--{name} {value!r}: must be {wrong}")
+    length = getattr(cfg, "n_iters", None) or getattr(cfg, "max_iters", None)
+    if getattr(cfg, "stop_after", 0) and length and cfg.stop_after >= length:
+        raise ValueError(f"--stop_after {cfg.stop_after}: must be less than the run's length ({length}), or 0 for off")
     if getattr(cfg, "device", "auto") not in ("auto", "cpu", "mps") and not str(cfg.device).startswith("cuda"):
         raise ValueError(f"--device {cfg.device!r}: must be auto, cpu, cuda, cuda:N or mps")
 
@@ -74,7 +80,7 @@ def parse_config(cls, presets, argv=None, description=None):
     p.add_argument("--preset", choices=sorted(presets), default=None,
                    help="a named set of overrides, applied before the explicit options (default: none)")
     for f in dataclasses.fields(cls):
-        typ = _str2bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
+        typ = str2bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
         p.add_argument(f"--{f.name}", type=typ, default=None, help=f"{f.metadata.get('help', '')} (default: {f.default})")
     args = p.parse_args(argv)
     cfg = cls(**presets.get(args.preset, {})) if args.preset else cls()
@@ -103,11 +109,27 @@ def save_checkpoint(path, **ckpt):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     ckpt["weights_sha256"] = {key: weights_sha256(ckpt[key]) for key in WEIGHT_KEYS if key in ckpt}
     tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError ("file write failed")
+        if isinstance(e, RuntimeError) and "write" not in str(e):
+            raise
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(getattr(e, "errno", None) or errno.EIO,
+                      "cannot write it: " + write_failure(e, os.path.dirname(os.path.abspath(path))), path) from None
 
 
 WEIGHT_KEYS = ("model", "critic")  # the state dicts a checkpoint's checksum covers
+
+
+def write_failure(error, folder):
+    """Why a write failed, in a user's terms: a full disk is named as such (torch's own message does not)."""
+    full = getattr(error, "errno", None) == errno.ENOSPC
+    with contextlib.suppress(OSError):
+        full = full or shutil.disk_usage(folder).free < (1 << 20)
+    return "no space left on the device" if full else " ".join(str(getattr(error, "strerror", None) or error).split())
 
 
 def weights_sha256(state_dict):
@@ -125,8 +147,7 @@ def claim_out_dir(out_dir):
     live process is an error naming it; a lock left by a dead (killed) process is taken over with a note. The same
     process may claim again (pipeline.py runs every stage in one process); release_out_dir, or the process's exit,
     gives the folder back."""
-    os.makedirs(out_dir, exist_ok=True)
-    lock = os.path.join(out_dir, ".lock")
+    lock = os.path.join(make_out_dir(out_dir), ".lock")
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -148,6 +169,19 @@ def claim_out_dir(out_dir):
             f.write(str(os.getpid()))
         atexit.register(release_out_dir, out_dir)  # also when the stage stops on an error (not when killed)
         return
+
+
+def make_out_dir(out_dir):
+    """Create out_dir (with its parents) or say in one line why it cannot hold a run's files; returns it."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir {out_dir}: is a file, not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(errno.EACCES, "permission denied")
+    except OSError as e:
+        raise ValueError(f"--out_dir {out_dir}: cannot write there ({write_failure(e, out_dir)})") from None
+    return out_dir
 
 
 def release_out_dir(out_dir):
@@ -186,6 +220,9 @@ def check_fresh_start(ckpt_path, cfg):
                          f"--resume true, or start over with --overwrite true")
 
 
+CHECKPOINT_KEYS = ("model", "model_config", "tokenizer", "tokenizer_id", "step", "config")  # in every stage's
+
+
 def load_checkpoint(path, stage, tokenizer_id=None, finished=True):
     """Load a checkpoint dict written by `stage` (weights_only: no code runs on load) and check what it is.
     With tokenizer_id=None the checkpoint's own tokenizer is rebuilt and must still have the same identity.
@@ -201,6 +238,13 @@ def load_checkpoint(path, stage, tokenizer_id=None, finished=True):
                          f"written by this project?") from None
     if not isinstance(ckpt, dict) or "stage" not in ckpt:
         raise ValueError(f"{path}: not a checkpoint written by this project (no 'stage' field)")
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    unknown = set(ckpt.get("model_config", {})) - {f.name for f in dataclasses.fields(GPTConfig)}
+    if missing or unknown or not isinstance(ckpt["model"], dict):
+        what = (f"missing {', '.join(missing)}" if missing else f"unknown model_config fields {sorted(unknown)}"
+                if unknown else "'model' is not a set of weights")
+        raise ValueError(f"{path}: not a complete '{ckpt['stage']}' checkpoint ({what}); "
+                         f"was it edited by hand or written by another program?")
     for key, expected in ckpt.get("weights_sha256", {}).items():
         if key not in ckpt or weights_sha256(ckpt[key]) != expected:
             raise ValueError(f"{path}: the '{key}' weights do not match the checksum written with them: the file "
@@ -302,11 +346,29 @@ def check_resume(ckpt, cfg, path):
     every input file must have the contents it had when the run started."""
     if ckpt.get("done", True):  # checkpoints without the flag are finished ones
         raise ValueError(f"{path}: this run already finished (step {ckpt['step']}); nothing to resume")
+    check_same_run(ckpt, cfg, path)
+
+
+def finished_run(path, stage, cfg):
+    """pipeline.py --resume: the metrics of a finished `stage` run of exactly `cfg` (same config, same input
+    contents) at `path`; None when there is no checkpoint there or an unfinished one (the stage runs or resumes)."""
+    if not os.path.exists(path):
+        return None
+    ckpt = load_checkpoint(path, stage, finished=False)
+    if not ckpt.get("done", True):
+        return None
+    check_same_run(ckpt, cfg, path)
+    return ckpt["metrics"]
+
+
+def check_same_run(ckpt, cfg, path):
+    """The checkpoint's run had cfg's config (RESUME_FREE fields aside) and inputs with the same contents."""
     saved, now, started_with = ckpt["config"], dataclasses.asdict(cfg), ckpt.get("inputs") or {}
     diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in now.items()
             if k not in RESUME_FREE and k not in started_with and saved.get(k) != v]
     if diff:
-        raise ValueError(f"{path}: --resume needs the interrupted run's config, but it had " + ", ".join(diff))
+        raise ValueError(f"{path}: --resume continues the run saved here, but it was made with " + ", ".join(diff)
+                         + "; give the same options, or start over with --overwrite true (without --resume)")
     current = input_fingerprints(cfg)
     changed = [f"--{k} {now[k]}" for k in started_with if current.get(k) != started_with[k]]
     if changed:
@@ -442,6 +504,11 @@ def run_main(main):
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # the file system said no: a full disk, a read-only folder, a path that is a file...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; checkpoints written before are intact (once fixed, continue with "
+              f"--resume true)", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("stopped (Ctrl-C); the last periodic checkpoint in --out_dir is intact: run the same command with "
               "--resume true to continue from it", file=sys.stderr)
@@ -449,6 +516,25 @@ def run_main(main):
 
 
 # ---------------------------------------------------------------------------------------------- runs
+
+def stop_here(cfg, step, total, unit="step"):
+    """--stop_after N: True once `step` reaches N, where the stage returns as if it had been killed just after that
+    step's checkpoint (if any), to try --resume; the line printed says whether there is a checkpoint to resume."""
+    if not cfg.stop_after:
+        return False
+    if cfg.stop_after >= total:
+        raise ValueError(f"--stop_after {cfg.stop_after}: must be less than the run's {total} {unit}s, or 0 for off")
+    if step != cfg.stop_after:
+        return False
+    saved = step // cfg.ckpt_interval * cfg.ckpt_interval
+    if saved or cfg.resume:
+        print(f"stopping after {unit} {step} as asked (--stop_after); continue with --resume true")
+    else:
+        print(f"stopping after {unit} {step} as asked (--stop_after), before the first checkpoint ({unit} "
+              f"{cfg.ckpt_interval}, --ckpt_interval): nothing was saved, so there is nothing to resume")
+    release_out_dir(cfg.out_dir)
+    return True
+
 
 @dataclasses.dataclass
 class RunState:
@@ -466,7 +552,9 @@ class RunState:
 
 def save_run(path, stage, step, cfg, state, weights, log, t0, metrics=None, **meta):
     """A stage's checkpoint, written atomically: the modules in `weights` ({key: module}), what later stages
-    read (`meta`), and everything --resume needs. metrics=None marks a run that has not finished."""
+    read (`meta`), and everything --resume needs. metrics=None marks a run that has not finished. Stages write
+    their final checkpoint last, after the log and the plot: a run killed before it resumes from its last periodic
+    checkpoint and writes them all again, so a finished checkpoint means every file of the stage is there."""
     save_checkpoint(path, stage=stage, **{key: module.state_dict() for key, module in weights.items()}, **meta,
                     step=step, done=metrics is not None, metrics=metrics or {}, config=dataclasses.asdict(cfg),
                     optimizer=state.opt.state_dict(), rng=rng_state(state.rng, state.generator), **state.extra,
@@ -535,11 +623,26 @@ class JsonlLog:
 
     def write(self, **row):
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_line(row))
         self.n_lines += 1
 
 
+def json_line(row):
+    """One line of strict JSON: NaN and ±inf (a metric that does not exist, e.g. the gold reward of real data)
+    are written as null, which every JSON reader accepts (bare NaN is not JSON)."""
+    def strict(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: strict(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [strict(x) for x in v]
+        return v
+    return json.dumps(strict(row), allow_nan=False) + "\n"
+
+
 def read_jsonl(path):
+    """The rows of a JSONL file (null where a value did not exist)."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -569,7 +672,7 @@ def plot_curves(path, rows, x, ys, title, logy=()):
         ax.set_visible(False)
     for i, (ax, group) in enumerate(zip(axes.flat, ys)):
         for key in group:
-            pts = [(r[x], r[key]) for r in rows if key in r]
+            pts = [(r[x], r[key]) for r in rows if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), label=key, marker="." if len(pts) < 30 else None)
         ax.set_xlabel(x)

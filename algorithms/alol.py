@@ -15,7 +15,8 @@ The whole response is one action. With s_θ = Σ_t log π_θ(y_t|·) (a token su
        kl        -A⁺ · s_θ + β·(s_θ - sg[s_ref])            (no ρ)
      The clip is done in log space (log ρ ∈ [log(1-ε), log(1+ε)]), so a long response cannot overflow exp.
 
-Run (after train_sft.py and reward_model.py; writes out/alol.pt, out/alol_log.jsonl, out/alol_curves.png):
+Run (after train_sft.py and reward_model.py; writes out/alol.pt, out/alol_log.jsonl, out/alol_curves.png;
+alol.pt also every --ckpt_interval steps, for --resume true):
     python -m algorithms.alol                                # A-LoL
     python -m algorithms.alol --variant seq --out_dir out/alol_seq
     python -m algorithms.alol --help
@@ -48,9 +49,9 @@ import tokenizer as tok
 from model import logprobs_from_logits, response_logits
 from reward_model import make_pairs
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, claim_out_dir, field, fit_prompt, load_models,
-                   pad_batch, parse_config, pick_device, plot_curves, read_jsonl, release_out_dir, run_main,
-                   save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, check_finite, check_fresh_start, claim_out_dir, field,
+                   fit_prompt, input_fingerprints, load_models, pad_batch, parse_config, pick_device, plot_curves,
+                   read_jsonl, release_out_dir, resume_run, run_main, save_run, seed_everything, stop_here, table)
 
 
 @dataclass
@@ -75,6 +76,10 @@ class Config:
     log_truncations: bool = field(False, "also print one warning line per truncated prompt")
     eval_interval: int = field(50, "log a sample every N steps")
     n_eval_prompts: int = field(64, "val prompts for the final win rate vs SFT")
+    ckpt_interval: int = field(100, "also write alol.pt (with optimizer, value head and sampler state) every N steps")
+    resume: bool = field(False, "continue from out_dir/alol.pt written by an interrupted run")
+    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage")
+    stop_after: int = field(0, "stop after this many steps as if killed (to test --resume); 0 = off")
 
 
 PRESETS = {
@@ -162,6 +167,8 @@ def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     TRUNCATIONS.reset(cfg.log_truncations)
     claim_out_dir(cfg.out_dir)                        # one run per folder at a time
+    ckpt_path, log_path = os.path.join(cfg.out_dir, "alol.pt"), os.path.join(cfg.out_dir, "alol_log.jsonl")
+    check_fresh_start(ckpt_path, cfg)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
@@ -211,6 +218,13 @@ def main(argv=None):
     print(f"value head: {len(dev)} dev prompts, reward centre {center:.2f}, mean greedy R {dev_r.mean():.3f}, "
           f"best held-out MSE {best:.4f} "
           f"(baseline {dev_r[hold_idx].var(unbiased=False):.4f})")
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(cfg.seed)                         # priority sampling (step 2)
+    state, weights = RunState(opt, generator=gen, inputs=input_fingerprints(cfg)), dict(model=policy, value_head=vhead)
+    # --resume: the fit above is seeded; loading the interrupted run's value head over it makes the advantages
+    # below exactly the ones it trained with on every device
+    start = resume_run(ckpt_path, "alol", cfg, sft["tokenizer_id"], state, weights) + 1 if cfg.resume else 1
+    t_run = t0 - state.train_time_s                                      # this run's start, resumed or not
 
     # 1. advantages of the existing data: the chosen responses of the RM's training pairs
     rcfg = rm_ckpt["config"]
@@ -233,17 +247,16 @@ def main(argv=None):
     print(f"{len(pairs)} examples, {frac_pos:.0%} with A > 0 (A quantiles 10/50/90%: {q[0]:+.3f} {q[1]:+.3f} "
           f"{q[2]:+.3f}); {n_iters} steps; value fit {time.time() - t0:.0f}s")
 
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log_path = os.path.join(cfg.out_dir, "alol_log.jsonl")
-    log = JsonlLog(log_path)
-    log.write(step=0, frac_pos=frac_pos, value_mse=best, value_mse_constant=dev_r[hold_idx].var(unbiased=False).item(),
-              reward_center=center, dev_reward=dev_r.mean().item(), adv_q10=q[0], adv_q50=q[1],
-              adv_q90=q[2])
+    log = JsonlLog(log_path, state.log_lines)
+    if start == 1:
+        log.write(step=0, frac_pos=frac_pos, value_mse=best,
+                  value_mse_constant=dev_r[hold_idx].var(unbiased=False).item(), reward_center=center,
+                  dev_reward=dev_r.mean().item(), adv_q10=q[0], adv_q50=q[1], adv_q90=q[2])
+    meta = dict(model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
+                sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
     progress = Progress(n_iters)
     t_train = time.time()
-    for step in range(1, n_iters + 1):
+    for step in range(start, n_iters + 1):
         idx = priority_sample(A.cpu(), cfg.batch_size, gen).tolist()
         seq, seq_mask, resp, mask, Tp = encode_examples(enc, [prompts[i] for i in idx], [responses[i] for i in idx],
                                                         block, cfg.truncate_prompts, pad, device)
@@ -262,7 +275,11 @@ def main(argv=None):
         if step % cfg.eval_interval == 0 or step == n_iters:
             print(progress.line(step, f"loss {loss.item():+.4f} A⁺ {st['a_pos_mean']:.3f} drift {st['drift']:+.2f} "
                                       f"clipped {st['clipped_frac']:.2f}"))
-    train_time = time.time() - t0
+        if step % cfg.ckpt_interval == 0 and step < n_iters:
+            save_run(ckpt_path, "alol", step, cfg, state, weights, log, t_run, **meta)
+        if stop_here(cfg, step, n_iters):
+            return None
+    train_time = time.time() - t_run
 
     # final check on val prompts: gold win rate vs SFT samples (evaluate.py does the full evaluation)
     ev = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
@@ -275,14 +292,10 @@ def main(argv=None):
     metrics = dict(win_rate_vs_sft=win, gold=sum(data.gold_reward(p, o) for p, o in zip(ev, outs)) / len(ev),
                    frac_pos=frac_pos, value_mse=best, train_time_s=train_time)
     log.write(step=n_iters, **metrics)
-    ckpt_path = os.path.join(cfg.out_dir, "alol.pt")
-    save_checkpoint(ckpt_path, stage="alol", model=policy.state_dict(), model_config=sft["model_config"],
-                    tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"], step=n_iters, done=True,
-                    metrics=metrics, config=asdict(cfg), sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt,
-                    value_head=vhead.state_dict())
     plot_curves(os.path.join(cfg.out_dir, "alol_curves.png"), read_jsonl(log_path), "step",
                 [["loss"], ["a_pos_mean"], ["drift", "log_rho_abs_mean"], ["clipped_frac"]],
                 f"A-LoL ({cfg.variant})")
+    save_run(ckpt_path, "alol", n_iters, cfg, state, weights, log, t_run, metrics, **meta)
     TRUNCATIONS.summary("A-LoL")
     print(f"A-LoL ({cfg.variant}) done in {train_time:.0f}s: win rate vs SFT {win:.2f} -> {ckpt_path}")
     release_out_dir(cfg.out_dir)

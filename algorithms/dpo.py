@@ -10,7 +10,8 @@ when the response ended) and π_ref the frozen SFT policy:
 The implicit reward is r̂(x, y) = β·(log π(y|x) - log π_ref(y|x)); we log its value on chosen and rejected
 responses, the margin and the share of pairs it orders like the labels. At step 0, π = π_ref: h = 0, loss = ln 2.
 
-Run (after train_sft.py and reward_model.py; writes out/dpo.pt, out/dpo_log.jsonl, out/dpo_curves.png):
+Run (after train_sft.py and reward_model.py; writes out/dpo.pt, out/dpo_log.jsonl, out/dpo_curves.png;
+dpo.pt also every --ckpt_interval steps, for --resume true):
     python -m algorithms.dpo
     python -m algorithms.dpo --beta 0.3 --label_smoothing 0.1 --out_dir out/cdpo
     python -m algorithms.dpo --help
@@ -39,9 +40,10 @@ import tokenizer as tok
 from model import logprobs_from_logits
 from reward_model import make_pairs
 from train_sft import build_sft_example, collate, sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, claim_out_dir, field, fit_prompt, load_checkpoint,
-                   load_policy, parse_config, pick_device, plot_curves, read_jsonl, release_out_dir, run_main,
-                   save_checkpoint, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, check_finite, check_fresh_start, claim_out_dir, field,
+                   fit_prompt, input_fingerprints, load_checkpoint, load_policy, parse_config, pick_device,
+                   plot_curves, read_jsonl, release_out_dir, resume_run, run_main, save_run, seed_everything,
+                   stop_here, table)
 
 
 @dataclass
@@ -65,6 +67,10 @@ class Config:
     n_val: int = field(256, "validation pairs")
     n_eval_prompts: int = field(64, "val prompts for the final win rate vs SFT")
     max_new_tokens: int = field(48, "longest sampled response in the final win-rate check")
+    ckpt_interval: int = field(100, "also write dpo.pt (with optimizer and data order) every N steps")
+    resume: bool = field(False, "continue from out_dir/dpo.pt written by an interrupted run")
+    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage")
+    stop_after: int = field(0, "stop after this many steps as if killed (to test --resume); 0 = off")
 
 
 PRESETS = {
@@ -121,6 +127,8 @@ def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     TRUNCATIONS.reset(cfg.log_truncations)
     claim_out_dir(cfg.out_dir)                        # one run per folder at a time
+    ckpt_path, log_path = os.path.join(cfg.out_dir, "dpo.pt"), os.path.join(cfg.out_dir, "dpo_log.jsonl")
+    check_fresh_start(ckpt_path, cfg)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     policy, sft = load_policy(cfg.sft_ckpt, ("sft",))
@@ -149,10 +157,12 @@ def main(argv=None):
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
     pad = tok.pad_id(enc)
     rng = random.Random(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log_path = os.path.join(cfg.out_dir, "dpo_log.jsonl")
-    log = JsonlLog(log_path)
-    progress = Progress(n_iters)
+    state = RunState(opt, rng, extra=dict(order=[]), inputs=input_fingerprints(cfg))  # order: the epoch's remaining pairs
+    meta = dict(model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
+                sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
+    start = resume_run(ckpt_path, "dpo", cfg, sft["tokenizer_id"], state, dict(model=policy)) if cfg.resume else 0
+    order = state.extra["order"]                      # the list the checkpoint saves (changed in place only)
+    log, progress = JsonlLog(log_path, state.log_lines), Progress(n_iters)
 
     @torch.no_grad()
     def validate():
@@ -165,8 +175,12 @@ def main(argv=None):
             stats.append(st)
         return {f"val_{k}": sum(s[k] for s in stats) / len(stats) for k in stats[0]}
 
-    t0, step, order = time.time(), 0, []
-    for step in range(n_iters + 1):
+    t0 = time.time() - state.train_time_s
+    for step in range(start, n_iters + 1):
+        if step > start and step % cfg.ckpt_interval == 0 and step < n_iters:
+            save_run(ckpt_path, "dpo", step, cfg, state, dict(model=policy), log, t0, **meta)
+        if stop_here(cfg, step, n_iters):
+            return None
         if step % cfg.eval_interval == 0 or step == n_iters:
             v = validate()
             log.write(step=step, **v, time=time.time() - t0)
@@ -174,7 +188,7 @@ def main(argv=None):
         if step == n_iters:
             break
         if len(order) < cfg.batch_size:
-            order = list(range(len(train)))
+            order[:] = range(len(train))
             rng.shuffle(order)
         batch = [train[order.pop()] for _ in range(cfg.batch_size)]
         with torch.no_grad():
@@ -205,13 +219,10 @@ def main(argv=None):
     metrics = dict(**v, win_rate_vs_sft=win, gold=sum(data.gold_reward(p, o) for p, o in zip(prompts, outs)) / len(prompts),
                    train_time_s=train_time)
     log.write(step=n_iters, **metrics)
-    ckpt_path = os.path.join(cfg.out_dir, "dpo.pt")
-    save_checkpoint(ckpt_path, stage="dpo", model=policy.state_dict(), model_config=sft["model_config"],
-                    tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"], step=n_iters, done=True,
-                    metrics=metrics, config=asdict(cfg), sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
     plot_curves(os.path.join(cfg.out_dir, "dpo_curves.png"), read_jsonl(log_path), "step",
                 [["loss"], ["rewards_chosen", "rewards_rejected", "val_margin"], ["accuracy", "val_accuracy"]],
                 f"DPO (β={cfg.beta}): loss, implicit rewards, accuracy")
+    save_run(ckpt_path, "dpo", n_iters, cfg, state, dict(model=policy), log, t0, metrics, **meta)
     TRUNCATIONS.summary("DPO")
     print(f"DPO done in {train_time:.0f}s: val accuracy {v['val_accuracy']:.3f}, margin {v['val_margin']:+.3f}, "
           f"win rate vs SFT {win:.2f} -> {ckpt_path}")

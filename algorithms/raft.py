@@ -11,7 +11,8 @@ One iteration:
 The k-1 other samples are thrown away: the paper's explanation for why RLOO, which learns from all of them,
 is more sample-efficient.
 
-Run (after train_sft.py and reward_model.py; writes out/raft.pt, out/raft_log.jsonl, out/raft_curves.png):
+Run (after train_sft.py and reward_model.py; writes out/raft.pt, out/raft_log.jsonl, out/raft_curves.png;
+raft.pt also every --ckpt_interval iterations, for --resume true):
     python -m algorithms.raft
     python -m algorithms.raft --k 8 --rank_by score
     python -m algorithms.raft --help
@@ -35,9 +36,9 @@ from model import logprobs_from_logits, response_logits
 from ppo_rlhf import encode_prompts, rollout
 from algorithms.rloo import kl_shaped_rewards
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, claim_out_dir, field, load_models, masked_mean,
-                   parse_config, pick_device, plot_curves, read_jsonl, release_out_dir, run_main, save_checkpoint,
-                   seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, check_finite, check_fresh_start, claim_out_dir, field,
+                   input_fingerprints, load_models, masked_mean, parse_config, pick_device, plot_curves, read_jsonl,
+                   release_out_dir, resume_run, run_main, save_run, seed_everything, stop_here, table)
 
 
 @dataclass
@@ -62,6 +63,10 @@ class Config:
     log_truncations: bool = field(False, "also print one warning line per truncated prompt")
     eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts and a sample table")
     n_eval_prompts: int = field(64, "val prompts for the win rate during training")
+    ckpt_interval: int = field(25, "also write raft.pt (with optimizer and RNG state) every N iterations")
+    resume: bool = field(False, "continue from out_dir/raft.pt written by an interrupted run")
+    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage")
+    stop_after: int = field(0, "stop after this many iterations as if killed (to test --resume); 0 = off")
 
 
 PRESETS = {
@@ -79,6 +84,8 @@ def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     TRUNCATIONS.reset(cfg.log_truncations)
     claim_out_dir(cfg.out_dir)                        # one run per folder at a time
+    ckpt_path, log_path = os.path.join(cfg.out_dir, "raft.pt"), os.path.join(cfg.out_dir, "raft_log.jsonl")
+    check_fresh_start(ckpt_path, cfg)
     if cfg.prompts_per_iter % cfg.minibatches:
         raise ValueError(f"minibatches {cfg.minibatches} must divide prompts_per_iter {cfg.prompts_per_iter}")
     seed_everything(cfg.seed)
@@ -94,12 +101,13 @@ def main(argv=None):
     eval_prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
     sft_eval = sample_responses(ref, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
                                 torch.Generator(device=device).manual_seed(cfg.seed + 1))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log_path = os.path.join(cfg.out_dir, "raft_log.jsonl")
-    log = JsonlLog(log_path)
-    progress = Progress(cfg.n_iters)
-    t_start = time.time()
-    for it in range(1, cfg.n_iters + 1):
+    state = RunState(opt, rng, gen, inputs=input_fingerprints(cfg))
+    start = resume_run(ckpt_path, "raft", cfg, sft["tokenizer_id"], state, dict(model=policy)) + 1 if cfg.resume else 1
+    log, progress = JsonlLog(log_path, state.log_lines), Progress(cfg.n_iters)
+    t_start = time.time() - state.train_time_s
+    meta = dict(model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
+                sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
+    for it in range(start, cfg.n_iters + 1):
         t_it = time.time()
         # 1. rollout, 2. rank
         prompts = [p for p in data.sample_prompts(splits["train"], cfg.prompts_per_iter, rng) for _ in range(cfg.k)]
@@ -143,19 +151,20 @@ def main(argv=None):
             print(table([(prompts[i].strip(), texts[i], ro.scores[i].item(), gold[i].item())],
                         ["prompt", "selected response", "RM", "gold"], [30, 70, 5, 5]))
         log.write(**row)
+        if it % cfg.ckpt_interval == 0 and it < cfg.n_iters:
+            save_run(ckpt_path, "raft", it, cfg, state, dict(model=policy), log, t_start, **meta)
         print(progress.line(it, f"RM {row['score_raw']:+.2f} (selected {row['score_selected']:+.2f}) gold "
                                 f"{row['gold']:+.3f} KL {row['kl_seq']:.2f} len {row['length']:.1f}"))
+        if stop_here(cfg, it, cfg.n_iters, "iteration"):
+            return None
 
     total = time.time() - t_start
     metrics = {k: row[k] for k in ("score_raw", "gold", "kl_seq", "length", "eos_rate")}
     metrics.update(train_time_s=total, win_rate_vs_sft=row.get("win_rate_vs_sft", float("nan")))
-    ckpt_path = os.path.join(cfg.out_dir, "raft.pt")
-    save_checkpoint(ckpt_path, stage="raft", model=policy.state_dict(), model_config=sft["model_config"],
-                    tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"], step=cfg.n_iters, done=True,
-                    metrics=metrics, config=asdict(cfg), sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
     plot_curves(os.path.join(cfg.out_dir, "raft_curves.png"), read_jsonl(log_path), "iter",
                 [["score_raw", "score_selected"], ["gold", "gold_selected"], ["kl_seq"], ["length"],
                  ["nll_selected"], ["win_rate_vs_sft"]], f"RAFT (best of k={cfg.k})")
+    save_run(ckpt_path, "raft", cfg.n_iters, cfg, state, dict(model=policy), log, t_start, metrics, **meta)
     TRUNCATIONS.summary("RAFT")
     print(f"RAFT done in {total:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, KL "
           f"{metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} -> {ckpt_path}")

@@ -14,7 +14,8 @@ One iteration:
                none:       A = R (plain REINFORCE, a diagnostic)
   4. update    loss = -mean_i A_i · Σ_t log π(y_i,t)  over `minibatches` shuffled minibatches, one pass
 
-Run (after train_sft.py and reward_model.py; writes out/rloo.pt, out/rloo_log.jsonl, out/rloo_curves.png):
+Run (after train_sft.py and reward_model.py; writes out/rloo.pt, out/rloo_log.jsonl, out/rloo_curves.png;
+rloo.pt also every --ckpt_interval iterations, for --resume true):
     python -m algorithms.rloo                                            # RLOO, k = 4
     python -m algorithms.rloo --baseline moving_avg --k 1 --out_dir out/reinforce
     python ppo_rlhf.py --preset vanilla_pg --out_dir out/vanilla_pg   # the paper's "vanilla PG" (eq. 9): PPO's
@@ -43,9 +44,9 @@ import tokenizer as tok
 from model import logprobs_from_logits, response_logits
 from ppo_rlhf import encode_prompts, rollout
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, claim_out_dir, field, load_models, parse_config,
-                   pick_device, plot_curves, read_jsonl, release_out_dir, run_main, save_checkpoint,
-                   seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, check_finite, check_fresh_start, claim_out_dir, field,
+                   input_fingerprints, load_models, parse_config, pick_device, plot_curves, read_jsonl,
+                   release_out_dir, resume_run, run_main, save_run, seed_everything, stop_here, table)
 
 
 @dataclass
@@ -70,6 +71,10 @@ class Config:
     log_truncations: bool = field(False, "also print one warning line per truncated prompt")
     eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts and a sample table")
     n_eval_prompts: int = field(64, "val prompts for the win rate during training")
+    ckpt_interval: int = field(25, "also write rloo.pt (with optimizer and RNG state) every N iterations")
+    resume: bool = field(False, "continue from out_dir/rloo.pt written by an interrupted run")
+    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage")
+    stop_after: int = field(0, "stop after this many iterations as if killed (to test --resume); 0 = off")
 
 
 PRESETS = {
@@ -148,6 +153,8 @@ def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     TRUNCATIONS.reset(cfg.log_truncations)
     claim_out_dir(cfg.out_dir)                        # one run per folder at a time
+    ckpt_path, log_path = os.path.join(cfg.out_dir, "rloo.pt"), os.path.join(cfg.out_dir, "rloo_log.jsonl")
+    check_fresh_start(ckpt_path, cfg)
     if cfg.baseline == "loo" and cfg.k < 2:
         raise ValueError(f"--baseline loo needs --k >= 2 (got {cfg.k})")
     N = cfg.prompts_per_iter * cfg.k
@@ -168,12 +175,16 @@ def main(argv=None):
     sft_eval = sample_responses(ref, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
                                 torch.Generator(device=device).manual_seed(cfg.seed + 1))
     moving = MovingAverageBaseline()
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log_path = os.path.join(cfg.out_dir, "rloo_log.jsonl")
-    log = JsonlLog(log_path)
-    progress = Progress(cfg.n_iters)
-    t_start = time.time()
-    for it in range(1, cfg.n_iters + 1):
+    state = RunState(opt, rng, gen, extra=dict(moving=[0.0, 0]), inputs=input_fingerprints(cfg))
+    start = 1
+    if cfg.resume:
+        start = resume_run(ckpt_path, "rloo", cfg, sft["tokenizer_id"], state, dict(model=policy)) + 1
+        moving.total, moving.count = state.extra["moving"]
+    log, progress = JsonlLog(log_path, state.log_lines), Progress(cfg.n_iters)
+    t_start = time.time() - state.train_time_s
+    meta = dict(model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
+                sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
+    for it in range(start, cfg.n_iters + 1):
         t_it = time.time()
         # 1. rollout: each prompt k times, prompt-major
         prompts = [p for p in data.sample_prompts(splits["train"], cfg.prompts_per_iter, rng) for _ in range(cfg.k)]
@@ -219,19 +230,21 @@ def main(argv=None):
             print(table([(prompts[i].strip(), texts[i], ro.scores[i].item(), gold[i].item(), adv[i].item())
                          for i in show], ["prompt", "response", "RM", "gold", "A"], [30, 70, 5, 5, 5]))
         log.write(**row)
+        state.extra["moving"] = [moving.total, moving.count]
+        if it % cfg.ckpt_interval == 0 and it < cfg.n_iters:
+            save_run(ckpt_path, "rloo", it, cfg, state, dict(model=policy), log, t_start, **meta)
         print(progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL {row['kl_seq']:.2f} "
                                 f"len {row['length']:.1f} loss {row['loss']:+.3f}"))
+        if stop_here(cfg, it, cfg.n_iters, "iteration"):
+            return None
 
     total = time.time() - t_start
     metrics = {k: row[k] for k in ("score_raw", "gold", "kl_seq", "length", "eos_rate")}
     metrics.update(train_time_s=total, win_rate_vs_sft=row.get("win_rate_vs_sft", float("nan")))
-    ckpt_path = os.path.join(cfg.out_dir, "rloo.pt")
-    save_checkpoint(ckpt_path, stage="rloo", model=policy.state_dict(), model_config=sft["model_config"],
-                    tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"], step=cfg.n_iters, done=True,
-                    metrics=metrics, config=asdict(cfg), sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
     plot_curves(os.path.join(cfg.out_dir, "rloo_curves.png"), read_jsonl(log_path), "iter",
                 [["score_raw"], ["gold"], ["kl_seq"], ["length"], ["perplexity"], ["win_rate_vs_sft"]],
                 f"REINFORCE ({cfg.baseline} baseline, k={cfg.k})")
+    save_run(ckpt_path, "rloo", cfg.n_iters, cfg, state, dict(model=policy), log, t_start, metrics, **meta)
     TRUNCATIONS.summary("RLOO")
     print(f"RLOO done in {total:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, KL "
           f"{metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} -> {ckpt_path}")

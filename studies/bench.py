@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import ppo_rlhf
 from algorithms import rloo
 from model import GPT, GPTConfig, ScalarHeadGPT
-from utils import run_main
+from utils import json_line, run_main
 
 WORKLOAD = dict(n_layer=4, n_head=4, n_embd=128, B=64, Tp=16, Tr=48, epochs=4, minibatch=16, k=4)
 QUICK = dict(n_layer=1, n_head=2, n_embd=32, B=8, Tp=4, Tr=6, epochs=2, minibatch=4, k=2)
@@ -327,7 +327,7 @@ def main(argv=None):
     print(report(r), flush=True)
     if a.json:
         with open(a.json, "a") as f:
-            f.write(json.dumps(r) + "\n")
+            f.write(json_line(r))
     return r
 
 

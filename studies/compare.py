@@ -17,14 +17,13 @@ compare_reward_kl.png):
     python -m studies.compare --quick --sft_ckpt out/tiny/sft.pt --rm_ckpt out/tiny/rm.pt --out_dir out/tiny/compare
 """
 import argparse
-import json
 import os
 import statistics
 
 import evaluate
 import ppo_rlhf
 from algorithms import alol, dpo, raft, rloo
-from utils import load_checkpoint, run_main
+from utils import json_line, load_checkpoint, run_main
 
 # method -> (module, extra arguments, checkpoint file, training data)
 METHODS = {
@@ -123,7 +122,7 @@ def main(argv=None):
         row.pop("samples", None)
     with open(os.path.join(a.out_dir, "compare.jsonl"), "w") as f:
         for r in rows:
-            f.write(json.dumps(r) + "\n")
+            f.write(json_line(r))
     summary = summarize(rows)
     md = [f"{rows[0]['n_prompts']} test prompts; mean ± std over seeds {a.seeds}; SFT: see eval.md", "",
           "| method | trains on | responses generated | policy optimizer steps | seeds | gold reward | RM score | "

@@ -16,3 +16,19 @@ def tiny_pipeline(tmp_path_factory):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory):
+    """One unbroken tiny run of SFT -> RM -> PPO (in this process, with periodic checkpoints): the inputs of many
+    tests, and what resumed runs are compared against."""
+    import ppo_rlhf
+    import reward_model
+    import train_sft
+    tiny = ["--preset", "tiny", "--device", "cpu"]
+    out = str(tmp_path_factory.mktemp("base"))
+    train_sft.main(tiny + ["--out_dir", out, "--ckpt_interval", "10"])
+    reward_model.main(tiny + ["--out_dir", out, "--sft_ckpt", f"{out}/sft.pt", "--ckpt_interval", "4"])
+    ppo_rlhf.main(tiny + ["--out_dir", out, "--sft_ckpt", f"{out}/sft.pt", "--rm_ckpt", f"{out}/rm.pt",
+                          "--ckpt_interval", "2"])
+    return out
