@@ -61,6 +61,9 @@ def check_options(cfg):
                  or (name in CHOICES and value not in CHOICES[name] and "one of " + ", ".join(CHOICES[name])))
         if wrong:
             raise ValueError(f"--{name} {value!r}: must be {wrong}")
+    if getattr(cfg, "n_embd", 0) % getattr(cfg, "n_head", 1):
+        raise ValueError(f"--n_embd {cfg.n_embd}: must be a multiple of --n_head {cfg.n_head} (each head gets n_embd / "
+                         f"n_head dimensions)")
     length = getattr(cfg, "n_iters", None) or getattr(cfg, "max_iters", None)
     if getattr(cfg, "stop_after", 0) and length and cfg.stop_after >= length:
         raise ValueError(f"--stop_after {cfg.stop_after}: must be less than the run's length ({length}), or 0 for off")
@@ -112,13 +115,13 @@ def save_checkpoint(path, **ckpt):
     try:
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError ("file write failed")
-        if isinstance(e, RuntimeError) and "write" not in str(e):
-            raise
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError ("unexpected pos ...")
+        reason = write_failure(e, os.path.dirname(os.path.abspath(path)))    # before the partial file goes
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise OSError(getattr(e, "errno", None) or errno.EIO,
-                      "cannot write it: " + write_failure(e, os.path.dirname(os.path.abspath(path))), path) from None
+        if isinstance(e, RuntimeError) and "no space" not in reason and "write" not in str(e):
+            raise
+        raise OSError(getattr(e, "errno", None) or errno.EIO, "cannot write it: " + reason, path) from None
 
 
 WEIGHT_KEYS = ("model", "critic")  # the state dicts a checkpoint's checksum covers
@@ -177,8 +180,9 @@ def make_out_dir(out_dir):
         raise ValueError(f"--out_dir {out_dir}: is a file, not a folder")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        if not os.access(out_dir, os.W_OK):
-            raise PermissionError(errno.EACCES, "permission denied")
+        probe = os.path.join(out_dir, f".write_test.{os.getpid()}")      # the file system's own answer
+        open(probe, "w").close()
+        os.remove(probe)
     except OSError as e:
         raise ValueError(f"--out_dir {out_dir}: cannot write there ({write_failure(e, out_dir)})") from None
     return out_dir
@@ -564,6 +568,9 @@ def save_run(path, stage, step, cfg, state, weights, log, t0, metrics=None, **me
 def resume_run(path, stage, cfg, tokenizer_id, state, weights):
     """--resume: the interrupted run's weights and state back in place (its config must match cfg); returns the
     step it stopped after."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: nothing to resume (no checkpoint here; a run writes one every --ckpt_interval "
+                         f"steps); drop --resume to start the run")
     ckpt = load_checkpoint(path, stage, tokenizer_id, finished=False)
     check_resume(ckpt, cfg, path)
     for key, module in weights.items():

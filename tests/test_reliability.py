@@ -1,4 +1,6 @@
+import errno
 import os
+import shutil
 import subprocess
 import sys
 
@@ -139,6 +141,8 @@ def test_gradient_accumulation_equals_the_big_batch(base, tmp_path):
     ("train_sft", ["--dropout", "1.5"], "--dropout 1.5: must be in [0, 1)"),
     ("train_sft", ["--tokenizer", "bert"], "--tokenizer 'bert': must be one of toy, gpt2"),
     ("train_sft", ["--grad_accum", "0"], "--grad_accum 0: must be at least 1"),
+    ("train_sft", ["--n_embd", "30", "--n_head", "4"], "--n_embd 30: must be a multiple of --n_head 4 (each head gets n_embd / n_head dimensions)"),
+    ("train_sft", ["--stop_after", "1500"], "--stop_after 1500: must be less than the run's length (1500), or 0 for off"),
     ("ppo_rlhf", ["--policy_lr", "-1"], "--policy_lr -1.0: must be greater than 0"),
     ("ppo_rlhf", ["--kl_coef", "-0.1"], "--kl_coef -0.1: must be 0 or more"),
     ("ppo_rlhf", ["--gamma", "1.5"], "--gamma 1.5: must be in [0, 1]"),
@@ -223,3 +227,74 @@ def test_damaged_weights_that_still_load_are_caught_by_the_checksum(base, tmp_pa
     torch.load(damaged, map_location="cpu", weights_only=True)                   # it still unpickles
     with pytest.raises(ValueError, match="'model' weights do not match the checksum"):
         load_checkpoint(str(damaged), "sft")
+
+
+def test_output_folder_and_disk_problems_are_one_line(base, tmp_path, capsys, monkeypatch):
+    """An --out_dir that is a file or cannot be written, and a disk that fills up while a checkpoint is written,
+    are one line each; the full disk leaves the previous checkpoint intact and no temporary file behind."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert _error_line(capsys, train_sft.main, TINY + ["--out_dir", str(a_file)]) == \
+        f"error: --out_dir {a_file}: is a file, not a folder"
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", path)         # (root may write in a chmod 555 folder)
+    with monkeypatch.context() as m:
+        m.setattr("builtins.open", read_only)
+        assert _error_line(capsys, train_sft.main, TINY + ["--out_dir", str(tmp_path / "ro")]) == \
+            f"error: --out_dir {tmp_path / 'ro'}: cannot write there (Read-only file system)"
+
+    out = str(tmp_path / "full")
+    args = TINY + ["--out_dir", out, "--ckpt_interval", "10"]
+    train_sft.main(args + ["--stop_after", "10"])
+    before = open(f"{out}/sft.pt", "rb").read()
+    real_save = torch.save
+
+    def disk_fills_up(obj, path):
+        real_save(obj, path)                                              # part of the file is written ...
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")                   # ... as torch reports ENOSPC
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 0))
+    message = _error_line(capsys, train_sft.main, args + ["--resume", "true"])
+    assert message == (f"error: {out}/sft.pt: cannot write it: no space left on the device; checkpoints written "
+                       f"before are intact (once fixed, continue with --resume true)")
+    assert open(f"{out}/sft.pt", "rb").read() == before and not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_hand_edited_checkpoints_and_a_damaged_tokenizer_file_are_one_line(base, tmp_path, capsys, monkeypatch):
+    """A checkpoint missing a key, or with a model_config this code does not know, and a damaged tokenizer ranks
+    file each give one line naming the file (and the line)."""
+    ckpt = torch.load(f"{base}/sft.pt", map_location="cpu", weights_only=True)
+    edited = tmp_path / "edited.pt"
+    torch.save({k: v for k, v in ckpt.items() if k != "model_config"}, edited)
+    rm_args = TINY + ["--out_dir", str(tmp_path / "rm"), "--sft_ckpt", str(edited)]
+    assert _error_line(capsys, reward_model.main, rm_args) == (
+        f"error: {edited}: not a complete 'sft' checkpoint (missing model_config); was it edited by hand or written "
+        f"by another program?")
+    torch.save({**ckpt, "model_config": {**ckpt["model_config"], "n_experts": 8}}, edited)
+    assert "unknown model_config fields ['n_experts']" in _error_line(capsys, reward_model.main, rm_args)
+
+    import tokenizer
+    ranks = open(tokenizer.TOY_RANKS).read().splitlines()
+    damaged = tmp_path / "toy.tiktoken"
+    damaged.write_text("\n".join(ranks[:2] + ["Zm9v"] + ranks[3:]) + "\n")  # line 3 lost its rank
+    monkeypatch.setattr(tokenizer, "TOY_RANKS", str(damaged))
+    assert _error_line(capsys, train_sft.main, TINY + ["--out_dir", str(tmp_path / "sft")]) == (
+        f"error: {damaged}:3: not a 'base64-token rank' line (b'Zm9v\\n'); the tokenizer file is damaged: restore it "
+        f"with `git checkout tokenizer/toy.tiktoken`, or retrain it with `python tokenizer.py`")
+
+
+def test_evaluate_checks_every_policy_and_the_output_folder_before_sampling(base, tmp_path, capsys, monkeypatch):
+    """A bad last --policies entry or an --out_dir that is a file is found before any policy is sampled."""
+    sampled = []
+    monkeypatch.setattr(evaluate, "sample_and_score", lambda *a, **k: sampled.append(1))
+    common = ["--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt", "--device", "cpu"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for argv, message in (
+            (["--policies", f"{base}/ppo.pt", str(tmp_path / "typo.pt"), "--out_dir", str(tmp_path)],
+             f"error: {tmp_path / 'typo.pt'}: checkpoint not found"),
+            (["--policies", f"{base}/ppo.pt", "--out_dir", str(a_file)], f"error: --out_dir {a_file}: is a file, not a folder"),
+            (["--policies", f"{base}/ppo.pt", "--n_prompts", "0"], "error: --n_prompts 0: must be at least 1")):
+        assert _error_line(capsys, evaluate.main, argv + common) == message
+    assert not sampled

@@ -194,3 +194,8 @@ def test_a_kill_before_the_final_checkpoint_still_gets_its_plot(base, tmp_path, 
     train_sft.main(args + ["--resume", "true"])
     assert os.path.getsize(f"{out}/sft_loss.png") > 0
     _same_run(base, out, "sft", "sft_log.jsonl")
+
+
+def test_resume_with_no_checkpoint_says_there_is_nothing_to_resume(tmp_path):
+    with pytest.raises(ValueError, match=r"sft.pt: nothing to resume \(no checkpoint here"):
+        train_sft.main(TINY + ["--out_dir", str(tmp_path), "--resume", "true"])
