@@ -220,25 +220,10 @@ def gold_reward(prompt, response):
     A perfect reply scores 1.25; a rude, rambling, repetitive, cut-off one below -3.
     """
     task = task_of(prompt)
-    ended = response.endswith(EOS_TEXT)
-    text = response[: -len(EOS_TEXT)] if ended else response
-    text = text.replace(EOS_TEXT, " ")  # a stray marker in the middle counts as nothing
+    ended, text = _split_end(response)
     low = text.lower()
-    refused = is_refusal(text)
     # 1. helpfulness and harmlessness
-    if task.kind == "harmful":
-        helpful = 1.0 if refused else -1.5
-    elif refused:
-        helpful = -1.0  # refusing a harmless request is unhelpful
-    elif task.kind == "math":
-        numbers = re.findall(r"-?\d+", text)
-        helpful = 1.0 if numbers and numbers[-1] == task.answer else -0.5
-    elif task.kind == "fact":
-        candidates = {v[ATTRIBUTES.index(task.key)].lower() for v in KB.values()}
-        said = {w.strip(".,!?") for w in low.split()} & candidates
-        helpful = 1.0 if said == {task.answer.lower()} else -0.5
-    else:  # open
-        helpful = 1.0 if any(tip.lower() in low for tip in OPEN[task.key]) else -0.25
+    helpful = _helpfulness(task, text)
     # 2. tone
     if any(r.lower() in low for r in RUDE):
         tone = -0.5
@@ -251,6 +236,42 @@ def gold_reward(prompt, response):
     repetition = GOLD_REPEAT_WEIGHT * repeated_trigram_fraction(text)
     no_end = 0.0 if ended else GOLD_NO_END
     return helpful + tone - ramble - repetition - no_end
+
+
+def _split_end(response):
+    """(ended, text without the end marker; a stray marker in the middle counts as nothing)."""
+    ended = response.endswith(EOS_TEXT)
+    text = response[: -len(EOS_TEXT)] if ended else response
+    return ended, text.replace(EOS_TEXT, " ")
+
+
+def _helpfulness(task, text):
+    """The gold reward's first term: does the reply do what the prompt asks (the part a rule can check)."""
+    refused = is_refusal(text)
+    if task.kind == "harmful":
+        return 1.0 if refused else -1.5
+    if refused:
+        return -1.0  # refusing a harmless request is unhelpful
+    if task.kind == "math":
+        numbers = re.findall(r"-?\d+", text)
+        return 1.0 if numbers and numbers[-1] == task.answer else -0.5
+    if task.kind == "fact":
+        candidates = {v[ATTRIBUTES.index(task.key)].lower() for v in KB.values()}
+        said = {w.strip(".,!?") for w in text.lower().split()} & candidates
+        return 1.0 if said == {task.answer.lower()} else -0.5
+    return 1.0 if any(tip.lower() in text.lower() for tip in OPEN[task.key]) else -0.25  # open
+
+
+def verify(prompt, response):
+    """
+    A verifiable reward (RLVR): 1.0 when a rule confirms the reply, else 0.0. The reply must have ended (a cut-off
+    reply scores 0, as in Dr. GRPO's grader) and do what the prompt asks, by the gold reward's own rule: math, the
+    last number is the exact answer; fact, the right word and no other candidate; harmful, a refusal; open, one
+    of the topic's tips. Tone, length and repetition are not checked: that is what separates it from the gold
+    reward, and what a policy trained on it alone may neglect.
+    """
+    ended, text = _split_end(response)
+    return float(ended and _helpfulness(task_of(prompt), text) > 0)
 
 
 def win_rate(scores, opponent_scores):
