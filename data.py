@@ -274,6 +274,28 @@ def verify(prompt, response):
     return float(ended and _helpfulness(task_of(prompt), text) > 0)
 
 
+REWARDS = ("rm", "verifier", "gold")  # what an online method may optimise (--reward): the RM, or a rule here
+
+
+def rule_rewards(source, prompts, responses):
+    """The reward of each response from a rule instead of the reward model: "verifier" (verify: RLVR) or "gold"
+    (gold_reward: an oracle, the upper bound of what optimising the true reward gives)."""
+    judge = {"verifier": verify, "gold": gold_reward}[source]
+    return [judge(p, r) for p, r in zip(prompts, responses)]
+
+
+def only_kinds(splits, kinds):
+    """Prompt splits {name: {kind: [prompt]}} restricted to `kinds` ("all", or comma-separated kinds: --tasks)."""
+    if kinds == "all":
+        return splits
+    wanted = [k.strip() for k in kinds.split(",")]
+    unknown = [k for k in wanted if k not in splits["train"]]
+    if unknown or not wanted:
+        raise ValueError(f"--tasks {kinds!r}: unknown kind {', '.join(unknown)}; use all, or some of "
+                         f"{', '.join(splits['train'])}")
+    return {name: {k: split[k] for k in wanted} for name, split in splits.items()}
+
+
 def win_rate(scores, opponent_scores):
     """Share of pairs where scores[i] beats opponent_scores[i] (ties count ½), whatever the judge."""
     diffs = [a - b for a, b in zip(scores, opponent_scores)]

@@ -90,6 +90,9 @@ class Config:
     fast_rollout: bool = field(True, "old_logprobs from the sampling loop (false: a second policy forward, which "
                                      "also logs the exact KL over the vocabulary)")
     # score and reward (paper §5.3.1, eq. 18; §3.1 eq. 3)
+    reward: str = field("rm", "rm (the reward model's score), or a rule of the toy task in its place: verifier "
+                              "(RLVR: data.verify) or gold (the true reward, an oracle)")
+    tasks: str = field("all", "prompt kinds to train on (toy task): all, or comma-separated of math, fact, harmful, open")
     score_norm: str = field("norm_clip", "none | scale (÷ running std) | norm_clip (running mean/std, clip ±score_clip)")
     score_clip: float = field(0.8, "δ for norm_clip")
     missing_eos_penalty: float = field(0.0, "subtracted from the processed score of responses without EOS")
@@ -436,7 +439,7 @@ def load_prompts(cfg, sft, enc, order_rng):
     """{"train"|"val"|"test": {kind: [prompt]}} of the toy task, or of HH-RLHF files split as SFT and RM split
     them, and the SFT demonstrations for the PTX term (None when ptx_coef is 0)."""
     seed = sft["config"]["seed"]
-    splits = data.prompt_splits(seed) if cfg.data == "toy" else hh_rlhf.prompt_splits(cfg.data, seed)
+    splits = data.only_kinds(data.prompt_splits(seed), cfg.tasks) if cfg.data == "toy" else hh_rlhf.prompt_splits(cfg.data, seed)
     if cfg.ptx_coef == 0:
         return splits, None
     demos = (data.make_demonstrations(data.sample_prompts(splits["train"], 4000, order_rng), cfg.seed + 2)
@@ -456,6 +459,8 @@ def check_config(cfg):
     """One-line errors for option combinations that cannot work (each value alone: utils.check_options)."""
     if cfg.rollout_batch % cfg.minibatch:
         raise ValueError(f"minibatch {cfg.minibatch} must divide rollout_batch {cfg.rollout_batch}")
+    if cfg.data != "toy" and (cfg.reward != "rm" or cfg.tasks != "all"):
+        raise ValueError(f"--reward {cfg.reward} / --tasks {cfg.tasks}: the rules and kinds exist for the toy task only")
 
 
 def main(argv=None):
@@ -506,8 +511,10 @@ def main(argv=None):
         texts = [tok.decode(enc, r) for r in ro.response.tolist()]
         gold = torch.tensor([data.gold_reward(p, r) if has_gold else float("nan") for p, r in zip(prompts, texts)])
         check_finite(f"PPO iteration {it}", rm_score=ro.scores.sum(), value=ro.values.sum())
-        # 3. score processing with running statistics over every score so far (eq. 18)
-        scores = process_scores(ro.scores.float(), running, cfg.score_norm, cfg.score_clip)  # (B,)
+        # 3. score processing with running statistics over every score so far (eq. 18); --reward: a rule's instead
+        raw = ro.scores.float() if cfg.reward == "rm" else torch.tensor(data.rule_rewards(cfg.reward, prompts, texts),
+                                                                        device=device)  # (B,)
+        scores = process_scores(raw, running, cfg.score_norm, cfg.score_clip)  # (B,)
         ended = (ro.response == eos_id).any(1)                            # (B,)
         scores = scores - cfg.missing_eos_penalty * (~ended).float()
         # 4. per-token rewards: -β·k1 on every token, the score on the last real one (eqs. 3, 19)

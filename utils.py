@@ -40,15 +40,19 @@ def str2bool(s):
 AT_LEAST_1 = ("n_layer", "n_head", "n_embd", "block_size", "n_train", "n_val", "n_test", "batch_size",
               "grad_accum", "eval_interval", "n_eval_prompts", "max_new_tokens", "ckpt_interval", "n_iters",
               "rollout_batch", "minibatch", "ppo_epochs", "ptx_batch", "collapse_window", "prompts_per_iter", "k",
-              "minibatches", "epochs", "value_epochs", "warmup_iters", "n_prompts")
+              "minibatches", "epochs", "value_epochs", "warmup_iters", "n_prompts", "max_sample_rounds")
 AT_LEAST_0 = ("max_iters", "weight_decay", "grad_clip", "kl_coef", "missing_eos_penalty", "entropy_coef",
-              "ptx_coef", "vf_coef", "vf_clip", "adv_clip", "critic_pretrain_iters", "stop_after", "micro_batch")
+              "ptx_coef", "vf_coef", "vf_clip", "adv_clip", "critic_pretrain_iters", "stop_after", "micro_batch",
+              "clip_high", "overlong_cache")
 ABOVE_0 = ("lr", "policy_lr", "critic_lr", "value_lr", "temperature", "tau", "beta", "score_clip")
 RANGES = {"dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
           "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"), "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-          "clip_eps": (lambda v: 0 < v < 1, "in (0, 1)")}
+          "clip_eps": (lambda v: 0 < v < 1, "in (0, 1)"), "clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
+          "group_size": (lambda v: v >= 2, "at least 2 (the baseline is the group's mean)")}
 CHOICES = {"score_norm": ("none", "scale", "norm_clip"), "critic_init": ("rm", "sft"), "baseline": ("loo", "moving_avg", "none"),
-           "rank_by": ("R", "score"), "variant": ("alol", "ref_free", "seq", "kl"), "tokenizer": ("toy", "gpt2")}
+           "rank_by": ("R", "score"), "variant": ("alol", "ref_free", "seq", "kl"), "tokenizer": ("toy", "gpt2"),
+           "reward": ("rm", "verifier", "gold"), "scale": ("group", "batch", "none"), "ratio_level": ("token", "sequence"),
+           "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")}
 
 
 def check_options(cfg):
@@ -685,7 +689,8 @@ def plot_curves(path, rows, x, ys, title, logy=()):
         ax.set_xlabel(x)
         if i in logy:
             ax.set_yscale("log")
-        ax.legend()
+        if ax.lines:                                    # a panel whose keys have no values yet stays empty
+            ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

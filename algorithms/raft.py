@@ -51,8 +51,11 @@ class Config:
     n_iters: int = field(150, "iterations (sample, rank, fine-tune)")
     prompts_per_iter: int = field(16, "B prompts per iteration; N = B·k samples")
     k: int = field(4, "samples per prompt; the best one is kept")
-    rank_by: str = field("R", "R (score - β·KL_seq) or score (RM score only)")
+    rank_by: str = field("R", "R (score - β·KL_seq) or score (the --reward score alone, no KL)")
     kl_coef: float = field(0.1, "β in R (as PPO-max and RLOO)")
+    reward: str = field("rm", "rm (the reward model's score), or a rule in its place: verifier (RLVR: data.verify) "
+                              "or gold (the true reward, an oracle)")
+    tasks: str = field("all", "prompt kinds to train on: all, or comma-separated of math, fact, harmful, open")
     max_new_tokens: int = field(48, "longest response")
     temperature: float = field(1.0, "sampling temperature")
     minibatches: int = field(2, "fine-tuning steps per iteration")
@@ -95,7 +98,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
     print(f"device={device} config={asdict(cfg)}")
 
-    splits = data.prompt_splits(sft["config"]["seed"])
+    splits = data.only_kinds(data.prompt_splits(sft["config"]["seed"]), cfg.tasks)
     rng = random.Random(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     eval_prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
@@ -119,9 +122,11 @@ def main(argv=None):
         texts = [tok.decode(enc, r) for r in ro.response.tolist()]
         gold = torch.tensor([data.gold_reward(p, r) for p, r in zip(prompts, texts)])
         check_finite(f"RAFT iteration {it}", rm_score=ro.scores.sum())
-        rewards, kl_seq = kl_shaped_rewards(ro.scores, ro.old_logprobs, ro.ref_logprobs, mask, cfg.kl_coef)
+        score = ro.scores if cfg.reward == "rm" else torch.tensor(data.rule_rewards(cfg.reward, prompts, texts),
+                                                                  device=device)  # (N,) what is optimised
+        rewards, kl_seq = kl_shaped_rewards(score, ro.old_logprobs, ro.ref_logprobs, mask, cfg.kl_coef)
         # 3. select the best sample of each prompt
-        best = best_of_k(rewards if cfg.rank_by == "R" else ro.scores.float(), cfg.k)  # (B,)
+        best = best_of_k(rewards if cfg.rank_by == "R" else score.float(), cfg.k)  # (B,)
         # 4. SFT loss on the selected samples
         t_train = time.time()
         policy.train()

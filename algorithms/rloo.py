@@ -61,6 +61,9 @@ class Config:
     k: int = field(4, "samples per prompt (loo needs k >= 2)")
     baseline: str = field("loo", "loo | moving_avg | none")
     kl_coef: float = field(0.1, "β of the sequence KL penalty in the reward (as PPO-max; the paper: 0.03-0.1)")
+    reward: str = field("rm", "rm (the reward model's score), or a rule in its place: verifier (RLVR: data.verify) "
+                              "or gold (the true reward, an oracle)")
+    tasks: str = field("all", "prompt kinds to train on: all, or comma-separated of math, fact, harmful, open")
     max_new_tokens: int = field(48, "longest response")
     temperature: float = field(1.0, "sampling temperature, used for every log-prob too")
     minibatches: int = field(2, "optimizer steps per iteration (the paper: 2)")
@@ -168,7 +171,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
     print(f"device={device} config={asdict(cfg)}")
 
-    splits = data.prompt_splits(sft["config"]["seed"])
+    splits = data.only_kinds(data.prompt_splits(sft["config"]["seed"]), cfg.tasks)
     rng = random.Random(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     eval_prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
@@ -196,8 +199,10 @@ def main(argv=None):
         texts = [tok.decode(enc, r) for r in ro.response.tolist()]
         gold = torch.tensor([data.gold_reward(p, r) for p, r in zip(prompts, texts)])
         check_finite(f"RLOO iteration {it}", rm_score=ro.scores.sum())
+        score = ro.scores if cfg.reward == "rm" else torch.tensor(data.rule_rewards(cfg.reward, prompts, texts),
+                                                                  device=device)  # (N,) what is optimised
         # 2. KL-shaped sequence reward (a constant)
-        rewards, kl_seq = kl_shaped_rewards(ro.scores, ro.old_logprobs, ro.ref_logprobs, mask, cfg.kl_coef)
+        rewards, kl_seq = kl_shaped_rewards(score, ro.old_logprobs, ro.ref_logprobs, mask, cfg.kl_coef)
         # 3. baseline -> advantages
         b = float("nan")
         if cfg.baseline == "loo":
@@ -221,7 +226,7 @@ def main(argv=None):
                    grad_norm=sum(gnorms) / len(gnorms), lr=cfg.lr, t_generate=ro.t_generate, t_score=ro.t_score,
                    t_train=time.time() - t_train, t_iter=time.time() - t_it)
         if cfg.k > 1:
-            row["frac_reward_zero_std"] = (ro.scores.view(-1, cfg.k).std(1) == 0).float().mean().item()
+            row["frac_reward_zero_std"] = (score.view(-1, cfg.k).std(1) == 0).float().mean().item()
         if it % cfg.eval_interval == 0 or it == cfg.n_iters:
             outs = sample_responses(policy, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
                                     torch.Generator(device=device).manual_seed(cfg.seed + 1))

@@ -11,10 +11,12 @@ import pipeline
 import ppo_rlhf
 import reward_model
 import train_sft
-from algorithms import alol, dpo, raft, rloo
+from algorithms import alol, dpo, grpo, raft, rloo
 from utils import load_checkpoint, read_jsonl
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
+GRPO_TINY = ["--n_iters", "3", "--prompts_per_iter", "4", "--group_size", "2", "--max_new_tokens", "12",
+             "--eval_interval", "2", "--n_eval_prompts", "8"]      # the tiny sizes, after another preset
 
 
 def _same_run(a, b, stage, log):
@@ -121,6 +123,8 @@ def _strict_json(path):
     (raft, "raft", [], 2, 2),
     (dpo, "dpo", [], 4, 5),                                             # stopped 1 step after its checkpoint
     (alol, "alol", [], 2, 3),
+    (grpo, "grpo", ["--preset", "dapo", "--overlong_cache", "4"] + GRPO_TINY, 1, 2),
+    (grpo, "grpo", ["--preset", "dapo", "--reward", "gold", "--overlong_cache", "4"] + GRPO_TINY, 1, 2),  # groups dropped and refilled
 ])
 def test_every_algorithm_resumes_exactly(base, tmp_path, module, stage, extra, interval, stop):
     """RLOO, REINFORCE, RAFT, DPO and A-LoL stopped after a checkpoint and resumed end like the unbroken run; their

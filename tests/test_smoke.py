@@ -21,7 +21,7 @@ def run(*args):
 
 
 @pytest.mark.parametrize("script", ["train_sft.py", "reward_model.py", "ppo_rlhf.py", "evaluate.py", "pipeline.py",
-                                    "-m algorithms.rloo", "-m algorithms.dpo", "-m algorithms.raft", "-m algorithms.alol",
+                                    "-m algorithms.rloo", "-m algorithms.dpo", "-m algorithms.raft", "-m algorithms.alol", "-m algorithms.grpo",
                                     "-m studies.compare", "-m studies.experiments", "-m studies.bench"])
 def test_help(script):
     """Every stage script answers --help with its options, each option's default shown once, and right."""
