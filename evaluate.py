@@ -153,6 +153,16 @@ def print_samples(prompts, texts, ro, gold):
                 ["prompt", "response", "RM", "gold", "KL"], [30, 70, 5, 5, 5]))
 
 
+def verified_rates(prompts, texts, has_gold):
+    """The share of responses data.verify confirms, over all prompts and over the math ones (the RLVR measure);
+    empty without the toy task's rules."""
+    if not has_gold:
+        return {}
+    ok = [data.verify(p, t) for p, t in zip(prompts, texts)]
+    on_math = [v for p, v in zip(prompts, ok) if data.task_of(p).kind == "math"]
+    return dict(verified=sum(ok) / len(ok), math_acc=sum(on_math) / max(len(on_math), 1))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate policy checkpoints on held-out test prompts.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -208,10 +218,11 @@ def main(argv=None):
         rows.append(dict(policy=path, stage=ckpt["stage"], gold=sum(gold) / n, rm=sum(res["rm"]) / n,
                          win_vs_sft=win, win_judge="gold" if has_gold else "reward model", kl_sft=sum(res["kl"]) / n,
                          length=sum(res["length"]) / n, eos_rate=sum(t.endswith(data.EOS_TEXT) for t in res["texts"]) / n,
-                         distinct2=distinct_n(res["texts"], 2), n_prompts=n,
+                         distinct2=distinct_n(res["texts"], 2), n_prompts=n, **verified_rates(prompts, res["texts"], has_gold),
                          samples=[(prompts[i], res["texts"][i], gold[i]) for i in range(min(3, n))]))
 
-    keys = ["gold", "rm", "win_vs_sft", "kl_sft", "length", "eos_rate", "distinct2"][0 if has_gold else 1:]
+    keys = (["gold", "verified", "math_acc"] if has_gold else []) + ["rm", "win_vs_sft", "kl_sft", "length", "eos_rate",
+                                                                    "distinct2"]
     md = ["| policy | stage | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     md += [f"| {r['policy']} | {r['stage']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for r in rows]
     with open(os.path.join(a.out_dir, "eval.md"), "w") as f:

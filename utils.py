@@ -77,20 +77,21 @@ def check_options(cfg):
 
 def parse_config(cls, presets, argv=None, description=None):
     """
-    Build a `cls` dataclass from the command line: defaults, then `--preset NAME` (a dict from `presets`),
-    then every explicit `--field value`, checked by check_options before the stage does any work. Each field's
-    help text is the comment in its `metadata["help"]`.
+    Build a `cls` dataclass from the command line: defaults, then each `--preset NAME` in the order given (dicts
+    from `presets`; `--preset dapo --preset tiny` is DAPO at the tiny sizes), then every explicit `--field value`,
+    checked by check_options before the stage does any work. Each field's help text is its `metadata["help"]`.
     """
     # plain HelpFormatter: the default shown is the dataclass field's (argparse's own default is None, meaning
     # "not given on the command line", so ArgumentDefaultsHelpFormatter would print a second, wrong one)
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--preset", choices=sorted(presets), default=None,
-                   help="a named set of overrides, applied before the explicit options (default: none)")
+    p.add_argument("--preset", choices=sorted(presets), action="append", default=None,
+                   help="a named set of overrides, applied before the explicit options; repeat to combine, later "
+                        "ones winning (default: none)")
     for f in dataclasses.fields(cls):
         typ = str2bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
         p.add_argument(f"--{f.name}", type=typ, default=None, help=f"{f.metadata.get('help', '')} (default: {f.default})")
     args = p.parse_args(argv)
-    cfg = cls(**presets.get(args.preset, {})) if args.preset else cls()
+    cfg = cls(**{k: v for name in args.preset or () for k, v in presets[name].items()})
     overrides = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
     cfg = dataclasses.replace(cfg, **overrides)
     check_options(cfg)

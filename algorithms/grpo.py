@@ -35,12 +35,13 @@ also every --ckpt_interval iterations, for --resume true):
 Deliberate choices:
   1. G = 4 samples × 16 prompts = 64 responses per iteration and 2 minibatches (one pass, μ = 1): PPO's and
      RLOO's budget, so compare.py can match responses generated and optimizer steps. With μ = 1 and one
-     minibatch the ratio would be exactly 1 and clipping would never bind (notes §1); the second minibatch is
-     the first place it can.
+     minibatch the ratio would be exactly 1 and clipping would never bind (DSM's own setting, §4.2: then GRPO is
+     REINFORCE with a group baseline); the second minibatch is the first place it can.
   2. The group std is the sample std (÷ G-1, Bessel), as TRL, verl, OpenRLHF and the CS336 tests compute it;
      eps = 1e-6 (verl) is added to it. Group statistics are computed in float64, and a group whose rewards are
-     all equal gets Â = 0 exactly (detected as max = min, not as a small std: in float32 seven copies of 0.95
-     have a rounding-sized std and would give |Â| ≈ 0.06 of pure noise).
+     all equal gets Â = 0 exactly (detected as max = min, not as a small std: in float32, seven copies of 0.95
+     have a mean of 0.94999993 and a std of 6.4e-8, and (r - mean)/(std + 1e-6) gives |Â| = 0.056 of pure noise;
+     tests/test_grpo.py).
   3. k3 is computed as expm1(d) - d (the same value, without float32 cancellation for small d).
   4. "seq-mean-token-sum-norm" divides by the generation budget max_new_tokens (Dr. GRPO's L_max); the pure
      function's default is the batch's padded width.
@@ -114,7 +115,7 @@ PRESETS = {
     "dr_grpo": dict(scale="none", loss_agg="seq-mean-token-sum-norm", kl_coef=0.0),
     "dapo": dict(clip_high=0.28, loss_agg="token-mean", kl_coef=0.0, dynamic_sampling=True, overlong_cache=12),
     "gspo": dict(ratio_level="sequence", clip_low=3e-4, clip_high=4e-4, kl_coef=0.0, minibatches=4),
-    "tiny": dict(n_iters=3, prompts_per_iter=4, group_size=2, max_new_tokens=12, eval_interval=2, n_eval_prompts=8),
+    "tiny": dict(n_iters=3, prompts_per_iter=4, group_size=2, max_new_tokens=16, eval_interval=2, n_eval_prompts=8),
 }
 STD_EPS = 1e-6  # added to the std (choice 2)
 
@@ -234,6 +235,7 @@ class Groups:
     frac_zero_std: float         # share of the first round's groups whose rewards were all equal
     dropped: int                 # groups dropped by dynamic sampling
     rounds: int                  # sampling rounds
+    generated: int               # responses sampled, kept or not
 
 
 def join_rollouts(parts, pad_id):
@@ -269,7 +271,7 @@ def sample_groups(policy, ref, rm, enc, train_prompts, cfg, order_rng, generator
     prompts' groups (up to max_sample_rounds rounds; the batch may end up smaller). Returns Groups."""
     G, eos_id, pad_id = cfg.group_size, tok.eos_id(enc), tok.pad_id(enc)
     room = policy.cfg.block_size - cfg.max_new_tokens
-    parts, prompts, texts, base, frac_zero, dropped, rounds = [], [], [], [], 0.0, 0, 0
+    parts, prompts, texts, base, frac_zero, dropped, rounds, generated = [], [], [], [], 0.0, 0, 0, 0
     while rounds < (cfg.max_sample_rounds if cfg.dynamic_sampling else 1) and len(prompts) < cfg.prompts_per_iter * G:
         rounds += 1
         batch = [p for p in data.sample_prompts(train_prompts, cfg.prompts_per_iter, order_rng) for _ in range(G)]
@@ -277,6 +279,7 @@ def sample_groups(policy, ref, rm, enc, train_prompts, cfg, order_rng, generator
         ro = rollout(policy, ref, rm, None, prompt_ids.to(device), prompt_mask.to(device), cfg.max_new_tokens,
                      cfg.temperature, eos_id, pad_id, generator)
         batch_texts = [tok.decode(enc, r) for r in ro.response.tolist()]
+        generated += len(batch)
         reward = (ro.scores.float().cpu() if cfg.reward == "rm" else
                   torch.tensor(data.rule_rewards(cfg.reward, batch, batch_texts)))  # (N,)
         spread = groups_with_spread(reward, G)                                       # (P,)
@@ -296,7 +299,7 @@ def sample_groups(policy, ref, rm, enc, train_prompts, cfg, order_rng, generator
         rewards = rewards + overlong_penalty(ro.mask.sum(1).cpu(), cfg.max_new_tokens, cfg.overlong_cache)
     gold = torch.tensor([data.gold_reward(p, t) for p, t in zip(prompts, texts)])    # (N,)
     verified = torch.tensor([data.verify(p, t) for p, t in zip(prompts, texts)])     # (N,)
-    return Groups(ro, prompts, texts, rewards.to(device), gold, verified, frac_zero, dropped, rounds)
+    return Groups(ro, prompts, texts, rewards.to(device), gold, verified, frac_zero, dropped, rounds, generated)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,7 +355,8 @@ def main(argv=None):
     eval_sampling = lambda model: sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature,
                                                    device, torch.Generator(device=device).manual_seed(cfg.seed + 1))
     sft_eval = eval_sampling(ref)
-    state = RunState(opt, order_rng, sampling_gen, inputs=input_fingerprints(cfg))
+    # besides weights and RNG, --resume restores the budget so far: responses generated and optimizer steps taken
+    state = RunState(opt, order_rng, sampling_gen, extra=dict(generated=0, policy_steps=0), inputs=input_fingerprints(cfg))
     start = resume_run(ckpt_path, "grpo", cfg, sft["tokenizer_id"], state, dict(model=policy)) + 1 if cfg.resume else 1
     log, progress = JsonlLog(log_path, state.log_lines), Progress(cfg.n_iters)
     t_start = time.time() - state.train_time_s
@@ -372,6 +376,8 @@ def main(argv=None):
         steps = grpo_update(policy, opt, ro, adv, cfg, minibatch_gen, f"GRPO iteration {it}") if len(adv) else []
         if not steps:
             print(f"iteration {it}: every sampled group had equal rewards in {g.rounds} rounds; no update")
+        state.extra["generated"] += g.generated
+        state.extra["policy_steps"] += len(steps)
         n_tok = ro.mask.sum()
         kl_seq = ((ro.old_logprobs - ro.ref_logprobs) * ro.mask).sum(1)  # (N,) k1, logged as for PPO and RLOO
         row = dict(iter=it, reward=g.rewards.mean().item(), reward_std=g.rewards.std().item(),
@@ -402,7 +408,8 @@ def main(argv=None):
 
     total = time.time() - t_start
     metrics = {k: row[k] for k in ("reward", "score_raw", "gold", "verified", "kl_seq", "length", "eos_rate")}
-    metrics.update(train_time_s=total, win_rate_vs_sft=row.get("win_rate_vs_sft", float("nan")))
+    metrics.update(train_time_s=total, win_rate_vs_sft=row.get("win_rate_vs_sft", float("nan")),
+                   responses_generated=state.extra["generated"], policy_steps=state.extra["policy_steps"])
     plot_curves(os.path.join(cfg.out_dir, "grpo_curves.png"), read_jsonl(log_path), "iter",
                 [["reward"], ["score_raw"], ["gold", "verified"], ["kl_seq", "kl_k3"], ["length"],
                  ["clipfrac_low", "clipfrac_high", "frac_reward_zero_std"], ["entropy"], ["win_rate_vs_sft"]],

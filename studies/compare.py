@@ -3,7 +3,8 @@ Train every RLHF method from the same SFT policy and reward model, with several 
 evaluation (evaluate.py): gold reward, RM score, gold win rate vs SFT, KL to SFT, length, distinct-2, wall time.
 
 The budget rule (each method's own defaults, matched by data seen, not by optimizer steps):
-  online  (PPO-max, RLOO, RAFT): 150 iterations × 64 sampled responses = 9,600 generated responses each
+  online  (PPO-max, RLOO, RAFT, GRPO family): 150 iterations × 64 sampled responses = 9,600 generated responses
+          each (DAPO's dynamic sampling generates more: the groups it drops)
   offline (DPO, A-LoL): one pass over the reward model's 10,000 training pairs (A-LoL: over the chosen responses
           with a positive advantage), no generation during training
 The table states, for every run, the responses it generated and the policy's optimizer steps (training_budget),
@@ -22,7 +23,7 @@ import statistics
 
 import evaluate
 import ppo_rlhf
-from algorithms import alol, dpo, raft, rloo
+from algorithms import alol, dpo, grpo, raft, rloo
 from utils import json_line, load_checkpoint, run_main
 
 # method -> (module, extra arguments, checkpoint file, training data)
@@ -30,13 +31,21 @@ METHODS = {
     "ppo_max": (ppo_rlhf, ["--preset", "ppo_max"], "ppo.pt", "own samples"),
     "rloo": (rloo, ["--baseline", "loo", "--k", "4"], "rloo.pt", "own samples"),
     "raft": (raft, ["--k", "4"], "raft.pt", "own samples"),
+    "grpo": (grpo, ["--preset", "grpo"], "grpo.pt", "own samples"),
+    "dr_grpo": (grpo, ["--preset", "dr_grpo"], "grpo.pt", "own samples"),
+    "dapo": (grpo, ["--preset", "dapo"], "grpo.pt", "own samples"),
+    "gspo": (grpo, ["--preset", "gspo"], "grpo.pt", "own samples"),
+    # the RLVR study: GRPO on the math prompts only, optimising the reward model, the verifier or the gold reward
+    "grpo_math_rm": (grpo, ["--tasks", "math", "--reward", "rm"], "grpo.pt", "own samples, math, RM"),
+    "grpo_math_verifier": (grpo, ["--tasks", "math", "--reward", "verifier"], "grpo.pt", "own samples, math, verifier"),
+    "grpo_math_gold": (grpo, ["--tasks", "math", "--reward", "gold"], "grpo.pt", "own samples, math, gold"),
     "dpo": (dpo, [], "dpo.pt", "RM pairs"),
     "alol": (alol, ["--variant", "alol"], "alol.pt", "RM pairs, A > 0"),
     "alol_ref_free": (alol, ["--variant", "ref_free"], "alol.pt", "RM pairs, A > 0"),
     "alol_seq": (alol, ["--variant", "seq"], "alol.pt", "RM pairs, A > 0"),
     "alol_kl": (alol, ["--variant", "kl"], "alol.pt", "RM pairs, A > 0"),
 }
-KEYS = ["gold", "rm", "win_vs_sft", "kl_sft", "length", "distinct2"]
+KEYS = ["gold", "math_acc", "rm", "win_vs_sft", "kl_sft", "length", "distinct2"]
 
 
 def training_budget(ckpt):
@@ -48,6 +57,8 @@ def training_budget(ckpt):
     if stage in ("rloo", "raft"):  # one pass of `minibatches` steps per iteration (RAFT: over the best of each k)
         trained_rows = c["prompts_per_iter"] * (c["k"] if stage == "rloo" else 1)
         return c["n_iters"] * c["prompts_per_iter"] * c["k"], c["n_iters"] * min(c["minibatches"], trained_rows)
+    if stage == "grpo":  # counted while it ran: dynamic sampling generates more than it keeps
+        return ckpt["metrics"]["responses_generated"], ckpt["metrics"]["policy_steps"]
     return 0, ckpt["step"]  # offline (DPO, A-LoL): one step per saved step
 
 
@@ -125,9 +136,9 @@ def main(argv=None):
             f.write(json_line(r))
     summary = summarize(rows)
     md = [f"{rows[0]['n_prompts']} test prompts; mean ± std over seeds {a.seeds}; SFT: see eval.md", "",
-          "| method | trains on | responses generated | policy optimizer steps | seeds | gold reward | RM score | "
-          "gold win rate vs SFT | KL to SFT | length | distinct-2 | training time (s) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| method | trains on | responses generated | policy optimizer steps | seeds | gold reward | math accuracy | "
+          "RM score | gold win rate vs SFT | KL to SFT | length | distinct-2 | training time (s) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         cells = " | ".join(f"{s[k][0]:.3f} ± {s[k][1]:.3f}" if k != "time_s" else f"{s[k][0]:.0f} ± {s[k][1]:.0f}"
                            for k in KEYS + ["time_s"])

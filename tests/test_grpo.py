@@ -1,4 +1,4 @@
-"""The GRPO family (algorithms/grpo.py) against hand-worked numbers (../shared/reference/grpo_notes.md §5-7), the
+"""The GRPO family (algorithms/grpo.py) against hand-worked numbers (the CS336 fixture, the papers' formulas), the
 verifier on hand-written answers, and a tiny run of every preset."""
 import math
 import os
@@ -28,7 +28,7 @@ def test_group_advantages_by_hand(rewards, none, group):
     r = torch.tensor(rewards)
     assert group_advantages(r, 4, "none").tolist() == pytest.approx(none, abs=1e-6)
     assert group_advantages(r, 4, "group").tolist() == pytest.approx(group, abs=1e-4)
-    # RLOO's leave-one-out advantage is G/(G-1) × the mean-only one (notes §5)
+    # RLOO's leave-one-out advantage is G/(G-1) × the mean-only one
     assert loo_advantages(r, 4).tolist() == pytest.approx((4 / 3 * group_advantages(r, 4, "none")).tolist(), abs=1e-6)
 
 
@@ -47,10 +47,12 @@ def test_an_all_equal_group_gives_exact_zeros_not_rounding_noise():
         adv = group_advantages(r, 7, scale)
         assert torch.isfinite(adv).all() and adv[:7].abs().max() < 1e-3 and adv[:7].abs().max() == 0
         assert adv[7:].abs().sum() > 0
+    # even in float64, 0.1 + 0.1 + 0.1 is not 3 × 0.1: without the max = min check this gives ~1e-11, not 0
+    assert group_advantages(torch.tensor([0.1] * 3, dtype=torch.float64), 3, "group").tolist() == [0.0] * 3
 
 
 def test_loss_aggregation_weights_on_a_ragged_batch():
-    """B = 2 responses of 4 and 7 tokens (padded to 7): the weight each token gets, ∂L/∂ℓ_t (notes §6). The
+    """B = 2 responses of 4 and 7 tokens (padded to 7): the weight each token gets, ∂L/∂ℓ_t. The
     per-sequence mean gives a short response's tokens more weight (GRPO's length bias); token-mean and Dr. GRPO's
     constant normaliser weigh every token alike."""
     mask = torch.tensor([[1] * 4 + [0] * 3, [1] * 7])
