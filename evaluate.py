@@ -35,8 +35,9 @@ import tokenizer as tok
 from external import hh_rlhf
 from model import ScalarHeadGPT, logprobs_from_logits, response_logits
 from reward_model import score_texts
-from utils import (TRUNCATIONS, check_options, fit_prompt, json_line, load_checkpoint, load_policy, load_weights,
-                   make_out_dir, masked_mean, masked_var, pad_batch, pick_device, run_main, table, without_dropout)
+from checkpoints import load_checkpoint, load_policy, load_weights, make_out_dir, without_dropout
+from utils import (TRUNCATIONS, check_options, fit_prompt, json_line, masked_mean, masked_var, pad_batch, pick_device,
+                   run_main, table)
 
 
 def distinct_n(texts, n):
@@ -144,13 +145,61 @@ def minibatch_means(update_stats):
     return out
 
 
-def print_samples(prompts, texts, ro, gold):
-    """The best, median and worst rollout of the batch by RM score, with gold reward and KL."""
+# ---------------------------------------------------------------------------------------------- the samples log
+
+def keep_samples(log, it, enc, prompts, texts, ro, gold, per_token, followed=()):
+    """
+    At an eval interval of an RL stage: print the best, median and worst rollout of the batch by RM score, and
+    append them to the samples log (`log`, {stage}_samples.jsonl) with their per-token quantities (`per_token`:
+    {name: (B, Tr)} tensors of the batch), followed by the rows of the followed validation prompts (`followed`).
+    """
     order = torch.argsort(ro.scores, descending=True).tolist()
+    picks = dict(best=order[0], median=order[len(order) // 2], worst=order[-1])
     k1 = (ro.old_logprobs - ro.ref_logprobs) * ro.mask                     # (B, Tr)
-    print(table([(prompts[i].strip(), texts[i], ro.scores[i].item(), gold[i].item(), k1[i].sum().item())
-                 for i in (order[0], order[len(order) // 2], order[-1])],
-                ["prompt", "response", "RM", "gold", "KL"], [30, 70, 5, 5, 5]))
+    print(table([(prompts[i].strip(), texts[i], ro.scores[i].item(), float(gold[i]), k1[i].sum().item())
+                 for i in picks.values()], ["prompt", "response", "RM", "gold", "KL"], [30, 70, 5, 5, 5]))
+    for row in sample_rows(it, enc, prompts, ro, gold, per_token, picks) + list(followed):
+        log.write(**row)
+
+
+def clipped_tokens(ratio, advantages, clip_low, clip_high):
+    """1.0 where the clip binds, 0.0 elsewhere: ratio (B, Tr) above 1 + clip_high where the advantage (B, Tr) is
+    positive, or below 1 - clip_low where it is negative; there the token gets no policy gradient."""
+    return (((ratio > 1 + clip_high) & (advantages > 0)) | ((ratio < 1 - clip_low) & (advantages < 0))).float()
+
+
+def sample_rows(it, enc, prompts, ro, gold, per_token, picks):
+    """Rows of the samples log for the rollouts `picks` ({label: row index}): prompt, response tokens decoded one by
+    one, RM score, gold reward, and every per-token quantity cut to the response's length (so a view can colour
+    each token by any of them)."""
+    rows = []
+    for label, i in picks.items():
+        n = int(ro.mask[i].sum())
+        rows.append(dict(iter=it, sample=label, prompt=prompts[i],
+                         tokens=tok.decode_pieces(enc, ro.response[i, :n].tolist()),
+                         rm_score=ro.scores[i].item(), gold=float(gold[i]),
+                         per_token={name: [round(v, 5) for v in values[i, :n].float().tolist()]
+                                    for name, values in per_token.items()}))
+    return rows
+
+
+@torch.no_grad()
+def follow_prompts(it, policy, ref, rm, critic, enc, prompts, max_new_tokens, temperature, seed, has_gold, device):
+    """
+    The same validation prompts at every eval interval, sampled with the same seed, so one prompt can be followed
+    over training: rows like sample_rows's ("val_0", "val_1", ...) with what a fresh rollout has: k1 to the
+    reference, the entropy, and the critic's value when there is a critic. Its own generator: training's random
+    streams are untouched.
+    """
+    from ppo_rlhf import encode_prompts, rollout  # (ppo_rlhf imports this module)
+    ids, mask = encode_prompts(enc, prompts, policy.cfg.block_size - max_new_tokens, True)  # (n, Tp) each
+    ro = rollout(policy, ref, rm, critic, ids.to(device), mask.to(device), max_new_tokens, temperature,
+                 tok.eos_id(enc), tok.pad_id(enc), torch.Generator(device=device).manual_seed(seed))
+    texts = [tok.decode(enc, r) for r in ro.response.tolist()]
+    gold = [data.gold_reward(p, t) if has_gold else float("nan") for p, t in zip(prompts, texts)]
+    per_token = dict(k1=(ro.old_logprobs - ro.ref_logprobs) * ro.mask, entropy=ro.entropy,
+                     **({"value": ro.values} if critic is not None else {}))
+    return sample_rows(it, enc, prompts, ro, gold, per_token, {f"val_{i}": i for i in range(len(prompts))})
 
 
 def verified_rates(prompts, texts, has_gold):

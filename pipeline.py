@@ -6,6 +6,7 @@ The whole RLHF pipeline on the toy task, stage after stage, each stage's checkpo
     3. ppo_rlhf.py      PPO with the PPO-max recipe against the reward model  -> OUT/ppo.pt
     4. evaluate.py      SFT vs PPO on held-out test prompts: gold reward, RM score, win rate, KL, ...
                                                                               -> OUT/eval.md
+    then one self-contained page of the run (studies/report.py)               -> OUT/report.html
 
 Run:
     python pipeline.py                                  # default config, CPU minutes
@@ -24,7 +25,9 @@ import evaluate
 import ppo_rlhf
 import reward_model
 import train_sft
-from utils import finished_run, parse_config, run_main, str2bool
+from studies import report
+from checkpoints import finished_run
+from utils import parse_config, run_main, str2bool
 
 
 def main(argv=None):
@@ -79,6 +82,7 @@ def main(argv=None):
         print(f"eval {r['policy']}: gold {r['gold']:.3f}, RM {r['rm']:.2f}, win rate vs SFT {r['win_vs_sft']:.3f}, "
               f"KL to SFT {r['kl_sft']:.2f}, length {r['length']:.1f}")
     print(f"checkpoints, JSONL logs, PNG plots and eval.md in {a.out_dir}/")
+    print(f"report (open it in a browser): {report.report([a.out_dir], os.path.join(a.out_dir, 'report.html'))}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ Deliberate choices (where the paper and its code disagree, or where we differ fr
   7. One optimiser with two parameter groups (policy, critic) and one global grad-norm clip, as the code does.
   8. β = 0.1 (the code's zh script; the middle of the paper's Fig. 15). With the paper's 0.05, one of three
      seeds drifted into the collapse signature at iteration ~130 of 150.
-  9. Dropout is off in every model here (utils.without_dropout): with an SFT dropout of 0.1 left in, the
+  9. Dropout is off in every model here (checkpoints.without_dropout): with an SFT dropout of 0.1 left in, the
      first-minibatch ratio was 0.992 on average (1.135 at most) and the critic's values moved by up to 1.1.
 
 Shape legend: B rollouts per iteration, Tp prompt length (left-padded), Tr response length (right-padded with
@@ -62,15 +62,17 @@ import torch
 
 import data
 import tokenizer as tok
-from evaluate import collapse_signature, iteration_metrics, minibatch_means, print_samples, rm_win_rate
+from evaluate import (clipped_tokens, collapse_signature, follow_prompts, iteration_metrics, keep_samples,
+                      minibatch_means, rm_win_rate)
 from external import hh_rlhf
 from external.gpt2 import load_gpt2
 from model import GPT, entropy_from_logits, last_token_index, logprobs_from_logits, response_logits
 from train_sft import collate, encode_demos, sample_responses, sft_loss
-from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, check_fresh_start,
-                   claim_out_dir, field, fit_prompt, input_fingerprints, load_critic, load_models, masked_mean,
-                   masked_whiten, pad_batch, parse_config, pick_device, plot_curves, read_jsonl, release_out_dir,
-                   resume_run, run_main, save_run, seed_everything, stop_here, without_dropout)
+from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_critic, load_models,
+                         release_out_dir, resume_run, save_run, stop_here, without_dropout)
+from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, field, fit_prompt, lines_up_to, masked_mean,
+                   masked_whiten, pad_batch, parse_config, pick_device, plot_curves, read_jsonl, run_main,
+                   seed_everything)
 
 
 @dataclass
@@ -343,12 +345,12 @@ def ppo_losses(policy, critic, batch, advantages, returns, cfg, update_policy):
     """
     The PPO losses on a minibatch (a Rollout of b rows) with its advantages and returns (b, Tr), sliced alike:
         loss = vf_coef·vf_loss [+ pg_loss - entropy_coef·entropy]     (token means over these rows)
-    Returns (loss, stats).
+    Returns (loss, stats, ratio): ratio (b, Tr) is π/π_old per token (None while only the critic trains).
     """
     values = response_values(critic, batch.seq, batch.seq_mask, batch.n_prompt)       # (b, Tr)
     vf_loss, value_stats = ppo_value_loss(values, batch.values, returns, batch.mask, cfg.vf_clip)
     loss = cfg.vf_coef * vf_loss
-    stats = dict(vf_loss=vf_loss.item(), **value_stats)
+    stats, ratio = dict(vf_loss=vf_loss.item(), **value_stats), None
     if update_policy:
         logits = response_logits(policy, batch.seq, batch.seq_mask, batch.n_prompt, cfg.temperature)  # (b, Tr, V)
         logprobs = logprobs_from_logits(logits, batch.response)                       # (b, Tr)
@@ -357,11 +359,12 @@ def ppo_losses(policy, critic, batch, advantages, returns, cfg, update_policy):
         stats.update(pg_loss=pg_loss.item(), **policy_stats)
         if cfg.entropy_coef > 0:
             loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), batch.mask)
-    return loss, stats
+        ratio = torch.exp((logprobs - batch.old_logprobs) * batch.mask).detach()      # (b, Tr)
+    return loss, stats, ratio
 
 
 def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy, generator, ptx_data=None,
-               pad_id=None, where="PPO update"):
+               pad_id=None, where="PPO update", token_ratios=None):
     """
     Step 6 (paper eqs. 15-17): cfg.ppo_epochs passes over the Rollout `ro` in shuffled minibatches of
     cfg.minibatch rows; each minibatch takes one optimizer step on
@@ -369,14 +372,15 @@ def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy,
     with one global grad-norm clip over policy and critic. update_policy=False trains only the critic (critic
     pre-training, §5.3.3). cfg.micro_batch > 0 accumulates a minibatch's gradient over chunks of that many
     rows, each weighted by its share of the minibatch's tokens: the same step with less memory.
-    Returns one stats dict per minibatch.
+    Returns one stats dict per minibatch; token_ratios, a (B, Tr) tensor if given, receives each token's ratio
+    π/π_old as the last epoch saw it (the samples log shows it).
     """
     policy.train()
     critic.train()
     params = [p for group in opt.param_groups for p in group["params"]]
     device, n_rows = ro.seq.device, ro.seq.shape[0]
     all_stats = []
-    for _ in range(cfg.ppo_epochs):
+    for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(n_rows, generator=generator).to(device)
         for start in range(0, n_rows, cfg.minibatch):
             rows = order[start:start + cfg.minibatch]                     # (b,)
@@ -392,8 +396,10 @@ def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy,
                 part = slice(chunk, chunk + chunk_size)
                 share = (mask[part].sum() / n_tokens).item()              # this chunk's share of the tokens
                 with autocast(device, cfg.amp):
-                    loss, chunk_stats = ppo_losses(policy, critic, ro.rows(rows[part]), adv[part],
-                                                   returns[rows[part]], cfg, update_policy)
+                    loss, chunk_stats, ratio = ppo_losses(policy, critic, ro.rows(rows[part]), adv[part],
+                                                          returns[rows[part]], cfg, update_policy)
+                if token_ratios is not None and ratio is not None and epoch == cfg.ppo_epochs - 1:
+                    token_ratios[rows[part]] = ratio.float()
                 (share * loss).backward()
                 total_loss += share * loss.item()
                 for k, v in chunk_stats.items():                          # token-weighted means, the max of maxes
@@ -448,7 +454,7 @@ def load_prompts(cfg, sft, enc, order_rng):
 
 
 def save_ppo(path, it, cfg, sft, policy, critic, state, running, log, t_start, metrics=None):
-    """Policy weights for evaluate.py and the next stages, plus everything --resume needs (utils.save_run)."""
+    """Policy weights for evaluate.py and the next stages, plus everything --resume needs (checkpoints.save_run)."""
     state.extra["running"] = [running.mean, running.var, running.count]
     save_run(path, "ppo", it, cfg, state, dict(model=policy, critic=critic), log, t_start, metrics,
              model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
@@ -493,12 +499,14 @@ def main(argv=None):
     sft_eval = eval_sampling(ref)
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path, ckpt_path = os.path.join(cfg.out_dir, "ppo_log.jsonl"), os.path.join(cfg.out_dir, "ppo.pt")
+    samples_path = os.path.join(cfg.out_dir, "ppo_samples.jsonl")    # rollouts with per-token quantities
     start = 1
     if cfg.resume:
         start = resume_run(ckpt_path, "ppo", cfg, sft["tokenizer_id"], state, dict(model=policy, critic=critic)) + 1
         running.mean, running.var, running.count = state.extra["running"]
     history = state.extra["history"]                    # one metrics dict per iteration, saved with the run
     log, progress, t_start = JsonlLog(log_path, state.log_lines), Progress(cfg.n_iters), time.time() - state.train_time_s
+    samples = JsonlLog(samples_path, lines_up_to(samples_path, "iter", start - 1) if cfg.resume else None)
 
     for it in range(start, cfg.n_iters + 1):
         t_iter = time.time()
@@ -524,8 +532,9 @@ def main(argv=None):
         # 6. clipped PPO update, ppo_epochs passes over shuffled minibatches (eqs. 15-17)
         t_train, update_policy = time.time(), it > cfg.critic_pretrain_iters
         minibatch_gen = torch.Generator().manual_seed(order_rng.randrange(2**31))   # this update's shuffles
+        ratios = torch.ones_like(ro.old_logprobs)                          # (B, Tr) filled by the update
         update_stats = ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy, minibatch_gen,
-                                  ptx_data, pad_id, where=f"PPO iteration {it}")
+                                  ptx_data, pad_id, where=f"PPO iteration {it}", token_ratios=ratios)
         t_train = time.time() - t_train
 
         # monitoring: the paper's §5.2 metrics, PPO diagnostics, win rate vs SFT, the collapse warning
@@ -537,7 +546,12 @@ def main(argv=None):
             outs = eval_sampling(policy)
             row["win_rate_vs_sft"] = (data.gold_win_rate(eval_prompts, outs, sft_eval) if has_gold else
                                       rm_win_rate(rm, enc, eval_prompts, outs, sft_eval, device))
-            print_samples(prompts, texts, ro, gold)
+            per_token = {"k1": (ro.old_logprobs - ro.ref_logprobs) * ro.mask, "reward": rewards, "value": ro.values,
+                         "advantage": advantages, "return": returns, "entropy": ro.entropy, "ratio": ratios,
+                         "clipped": clipped_tokens(ratios, advantages, cfg.clip_eps, cfg.clip_eps) * ro.mask}
+            keep_samples(samples, it, enc, prompts, texts, ro, gold, per_token, follow_prompts(
+                it, policy, ref, rm, critic, enc, eval_prompts[:2], cfg.max_new_tokens, cfg.temperature, cfg.seed + 2,
+                has_gold, device))
         history.append(row)
         reasons = collapse_signature(history, cfg.max_new_tokens, cfg.collapse_window)
         row["collapse_warning"] = bool(reasons)

@@ -45,10 +45,10 @@ import tokenizer as tok
 from external import hh_rlhf
 from external.gpt2 import load_gpt2
 from model import GPTConfig, ScalarHeadGPT
-from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, autocast, check_finite, check_fresh_start,
-                   claim_out_dir, field, fit_prompt, input_fingerprints, load_checkpoint, load_weights, pad_batch,
-                   parse_config, pick_device, plot_curves, read_jsonl, release_out_dir, resume_run, run_main,
-                   save_run, seed_everything, stop_here, table)
+from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_checkpoint, load_weights,
+                         release_out_dir, resume_run, save_run, stop_here)
+from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, field, fit_prompt, pad_batch, parse_config,
+                   pick_device, plot_curves, read_jsonl, run_main, seed_everything, table)
 
 
 @dataclass

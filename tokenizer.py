@@ -14,6 +14,7 @@ real EOS the policy emits, and the reward model could not see whether an answer 
 notes §3.2; TRL PR #5303).
 """
 import base64
+import codecs
 import hashlib
 import os
 from collections import Counter
@@ -138,6 +139,17 @@ def decode(enc, ids):
     """Ids -> text, PAD tokens dropped (EOS stays as its marker text, as data.gold_reward expects)."""
     pad = pad_id(enc)
     return enc.decode([i for i in ids if i != pad])
+
+
+def decode_pieces(enc, ids):
+    """Ids -> one text piece per id, joining to enc.decode(ids): a character whose bytes span several tokens goes
+    to the token that completes it (the others get ""), and bytes that are not UTF-8 become U+FFFD, so every piece
+    is printable text (the per-token views colour these)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces = [decoder.decode(enc.decode_single_token_bytes(i)) for i in ids]
+    if pieces:
+        pieces[-1] += decoder.decode(b"", final=True)                   # an unfinished character at the end
+    return pieces
 
 
 if __name__ == "__main__":

@@ -1,28 +1,21 @@
 """
-Boilerplate every stage shares and nothing algorithmic: the dataclass <-> argparse bridge, seeding,
-checkpoints, the JSONL log, a progress line with ETA, a loss plot and a plain-text table.
+Boilerplate every stage shares and nothing algorithmic: the dataclass <-> argparse bridge and the option checks,
+seeding, prompt fitting and padding, the device, one-line errors, masked means, the JSONL log, a progress line
+with ETA, plots and a plain-text table. Checkpoints and --resume live in checkpoints.py.
 (The RLHF logic lives in the stage files; read those first.)
 """
 import argparse
-import atexit
 import contextlib
-import copy
 import dataclasses
-import errno
-import hashlib
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
-from typing import Optional
 
 import numpy as np
 import torch
-
-from model import GPT, GPTConfig, ScalarHeadGPT
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -108,311 +101,6 @@ def seed_everything(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path, **ckpt):
-    """Write atomically: to a temporary file of this process first, then rename (a kill mid-save leaves the old
-    file intact; two writers never share a temporary file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    ckpt["weights_sha256"] = {key: weights_sha256(ckpt[key]) for key in WEIGHT_KEYS if key in ckpt}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError ("unexpected pos ...")
-        reason = write_failure(e, os.path.dirname(os.path.abspath(path)))    # before the partial file goes
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, RuntimeError) and "no space" not in reason and "write" not in str(e):
-            raise
-        raise OSError(getattr(e, "errno", None) or errno.EIO, "cannot write it: " + reason, path) from None
-
-
-WEIGHT_KEYS = ("model", "critic")  # the state dicts a checkpoint's checksum covers
-
-
-def write_failure(error, folder):
-    """Why a write failed, in a user's terms: a full disk is named as such (torch's own message does not)."""
-    full = getattr(error, "errno", None) == errno.ENOSPC
-    with contextlib.suppress(OSError):
-        full = full or shutil.disk_usage(folder).free < (1 << 20)
-    return "no space left on the device" if full else " ".join(str(getattr(error, "strerror", None) or error).split())
-
-
-def weights_sha256(state_dict):
-    """SHA-256 over a state dict's names and raw tensor bytes: damaged bytes that still unpickle (they load as odd
-    numbers or NaN) are caught on load instead of much later as a training failure."""
-    digest = hashlib.sha256()
-    for name, tensor in state_dict.items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def claim_out_dir(out_dir):
-    """Make this process the owner of out_dir while it runs: a lock file holding its PID. A folder held by another
-    live process is an error naming it; a lock left by a dead (killed) process is taken over with a note. The same
-    process may claim again (pipeline.py runs every stage in one process); release_out_dir, or the process's exit,
-    gives the folder back."""
-    lock = os.path.join(make_out_dir(out_dir), ".lock")
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(lock) as f:
-                    holder = int(f.read().strip() or 0)
-            except (OSError, ValueError):
-                holder = 0
-            if holder == os.getpid():
-                return
-            if holder and _alive(holder):
-                raise ValueError(f"{out_dir}: in use by another run (PID {holder}); wait for it to finish, or choose "
-                                 f"another --out_dir")
-            print(f"note: {out_dir}: taking over the lock of PID {holder or '?'}, which is not running", file=sys.stderr)
-            os.remove(lock)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        atexit.register(release_out_dir, out_dir)  # also when the stage stops on an error (not when killed)
-        return
-
-
-def make_out_dir(out_dir):
-    """Create out_dir (with its parents) or say in one line why it cannot hold a run's files; returns it."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out_dir {out_dir}: is a file, not a folder")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write_test.{os.getpid()}")      # the file system's own answer
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--out_dir {out_dir}: cannot write there ({write_failure(e, out_dir)})") from None
-    return out_dir
-
-
-def release_out_dir(out_dir):
-    """Give out_dir back (claim_out_dir): remove its lock when this process holds it."""
-    lock = os.path.join(out_dir, ".lock")
-    try:
-        with open(lock) as f:
-            mine = f.read().strip() == str(os.getpid())
-        if mine:
-            os.remove(lock)
-    except OSError:
-        pass
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def check_fresh_start(ckpt_path, cfg):
-    """A run without --resume must not silently replace an unfinished one (its checkpoint and log would go):
-    refuse, offering --resume true or --overwrite true."""
-    if cfg.resume or cfg.overwrite or not os.path.exists(ckpt_path):
-        return
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception:
-        return  # not ours or damaged: the stage's own loading reports it when it matters
-    if isinstance(ckpt, dict) and ckpt.get("done") is False:
-        raise ValueError(f"{ckpt_path}: an unfinished run is here (step {ckpt.get('step')}); continue it with "
-                         f"--resume true, or start over with --overwrite true")
-
-
-CHECKPOINT_KEYS = ("model", "model_config", "tokenizer", "tokenizer_id", "step", "config")  # in every stage's
-
-
-def load_checkpoint(path, stage, tokenizer_id=None, finished=True):
-    """Load a checkpoint dict written by `stage` (weights_only: no code runs on load) and check what it is.
-    With tokenizer_id=None the checkpoint's own tokenizer is rebuilt and must still have the same identity.
-    finished=True refuses the periodic checkpoint of a run that has not finished (use --resume on it).
-    stage=None accepts any stage."""
-    if not os.path.exists(path):
-        first = stage if isinstance(stage, str) or stage is None else stage[0]
-        raise FileNotFoundError(f"{path}: checkpoint not found" + (f" (run the '{first}' stage first)" if first else ""))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, another program's pickle, a text file...
-        raise ValueError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}); is it truncated or not "
-                         f"written by this project?") from None
-    if not isinstance(ckpt, dict) or "stage" not in ckpt:
-        raise ValueError(f"{path}: not a checkpoint written by this project (no 'stage' field)")
-    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
-    unknown = set(ckpt.get("model_config", {})) - {f.name for f in dataclasses.fields(GPTConfig)}
-    if missing or unknown or not isinstance(ckpt["model"], dict):
-        what = (f"missing {', '.join(missing)}" if missing else f"unknown model_config fields {sorted(unknown)}"
-                if unknown else "'model' is not a set of weights")
-        raise ValueError(f"{path}: not a complete '{ckpt['stage']}' checkpoint ({what}); "
-                         f"was it edited by hand or written by another program?")
-    for key, expected in ckpt.get("weights_sha256", {}).items():
-        if key not in ckpt or weights_sha256(ckpt[key]) != expected:
-            raise ValueError(f"{path}: the '{key}' weights do not match the checksum written with them: the file "
-                             f"was damaged after it was saved; use another copy or train the stage again")
-    stages = (stage,) if isinstance(stage, str) else tuple(stage or ())
-    if stage is not None and ckpt["stage"] not in stages:
-        raise ValueError(f"{path}: is a '{ckpt['stage']}' checkpoint; expected '{' or '.join(stages)}'")
-    if finished and not ckpt.get("done", True):
-        raise ValueError(f"{path}: is from an interrupted '{ckpt['stage']}' run (step {ckpt['step']}); finish it "
-                         f"with --resume true first")
-    if tokenizer_id is None:
-        import tokenizer
-        tokenizer_id = tokenizer.tokenizer_id(tokenizer.get_tokenizer(ckpt["tokenizer"]))
-    if ckpt["tokenizer_id"] != tokenizer_id:
-        raise ValueError(f"{path}: made with tokenizer {ckpt['tokenizer_id']}, but this run uses {tokenizer_id}")
-    return ckpt
-
-
-def without_dropout(model_config):
-    """A checkpoint's model_config -> GPTConfig with dropout 0. Every model after SFT and the RM (policy,
-    reference, critic, frozen RM; RL, DPO, A-LoL, evaluation) runs without dropout, whatever the SFT stage
-    trained with: dropout in the update's forward would make the first-minibatch ratio != 1 and the critic's
-    rollout values differ from the values it is trained against."""
-    return GPTConfig(**{**model_config, "dropout": 0.0})
-
-
-def load_policy(path, stages=None):
-    """A finished policy checkpoint -> (GPT without dropout, checkpoint dict); stages=None accepts every stage
-    but the RM's."""
-    ckpt = load_checkpoint(path, stages)
-    if ckpt["stage"] == "rm":
-        raise ValueError(f"{path}: is a reward-model checkpoint, not a policy")
-    model = GPT(without_dropout(ckpt["model_config"]))
-    load_weights(model, ckpt["model"], path)
-    return model, ckpt
-
-
-def load_models(sft_path, rm_path, device):
-    """The start of every RL stage: the SFT policy (to train), a frozen copy of it (the reference) and the frozen
-    reward model, on `device`; plus both checkpoint dicts. The RM must share the policy's vocabulary."""
-    policy, sft = load_policy(sft_path, ("sft",))
-    rm_ckpt = load_checkpoint(rm_path, "rm", sft["tokenizer_id"])
-    for k in ("vocab_size", "pad_id"):
-        if rm_ckpt["model_config"][k] != sft["model_config"][k]:
-            raise ValueError(f"{rm_path}: model_config {k}={rm_ckpt['model_config'][k]} but {sft_path} has "
-                             f"{sft['model_config'][k]}; the RM must score the policy's tokens")
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm = ScalarHeadGPT(without_dropout(rm_ckpt["model_config"]))
-    load_weights(rm, rm_ckpt["model"], rm_path)
-    rm.eval().requires_grad_(False)
-    return policy.to(device), ref.to(device), rm.to(device), sft, rm_ckpt
-
-
-def load_critic(init, sft, rm_ckpt, sft_path, rm_path):
-    """The trainable critic (paper §5.3.3), without dropout: a copy of the reward model (init="rm") or the SFT
-    backbone with a fresh scalar head (init="sft")."""
-    critic = ScalarHeadGPT(without_dropout((rm_ckpt if init == "rm" else sft)["model_config"]))
-    if init == "rm":
-        load_weights(critic, rm_ckpt["model"], rm_path)
-    else:
-        load_weights(critic.backbone, sft["model"], sft_path)
-    return critic
-
-
-# may differ between a run and its resumption (out_dir: the folder may have moved)
-RESUME_FREE = ("resume", "overwrite", "stop_after", "device", "ckpt_interval", "log_truncations", "out_dir")
-INPUT_FIELDS = ("sft_ckpt", "rm_ckpt", "data", "init", "policy_init")  # options that may name input files
-_SHA256 = {}  # (real path, size, mtime) -> hex digest: each input file is read once per process
-
-
-def file_sha256(path):
-    """The SHA-256 of a file's contents (cached while the file is unchanged)."""
-    stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA256:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _SHA256[key] = digest.hexdigest()
-    return _SHA256[key]
-
-
-def input_fingerprints(cfg):
-    """{option: [SHA-256 of each file it names]} for the options that name input files (--data may name several,
-    comma-separated). --resume compares these instead of the paths: the same file reached another way (relative
-    or absolute, another working directory) is the same input; a retrained checkpoint at the same path is not."""
-    out = {}
-    for name in INPUT_FIELDS:
-        value = getattr(cfg, name, None)
-        files = [p.strip() for p in value.split(",")] if isinstance(value, str) else []
-        if files and all(os.path.isfile(f) for f in files):
-            out[name] = [file_sha256(f) for f in files]
-    return out
-
-
-def check_resume(ckpt, cfg, path):
-    """--resume only continues the same run: every config field but RESUME_FREE must match the checkpoint's, and
-    every input file must have the contents it had when the run started."""
-    if ckpt.get("done", True):  # checkpoints without the flag are finished ones
-        raise ValueError(f"{path}: this run already finished (step {ckpt['step']}); nothing to resume")
-    check_same_run(ckpt, cfg, path)
-
-
-def finished_run(path, stage, cfg):
-    """pipeline.py --resume: the metrics of a finished `stage` run of exactly `cfg` (same config, same input
-    contents) at `path`; None when there is no checkpoint there or an unfinished one (the stage runs or resumes)."""
-    if not os.path.exists(path):
-        return None
-    ckpt = load_checkpoint(path, stage, finished=False)
-    if not ckpt.get("done", True):
-        return None
-    check_same_run(ckpt, cfg, path)
-    return ckpt["metrics"]
-
-
-def check_same_run(ckpt, cfg, path):
-    """The checkpoint's run had cfg's config (RESUME_FREE fields aside) and inputs with the same contents."""
-    saved, now, started_with = ckpt["config"], dataclasses.asdict(cfg), ckpt.get("inputs") or {}
-    diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in now.items()
-            if k not in RESUME_FREE and k not in started_with and saved.get(k) != v]
-    if diff:
-        raise ValueError(f"{path}: --resume continues the run saved here, but it was made with " + ", ".join(diff)
-                         + "; give the same options, or start over with --overwrite true (without --resume)")
-    current = input_fingerprints(cfg)
-    changed = [f"--{k} {now[k]}" for k in started_with if current.get(k) != started_with[k]]
-    if changed:
-        raise ValueError(f"{path}: --resume needs the inputs the run started with, but {', '.join(changed)} is not "
-                         f"the same file any more (other contents)")
-
-
-def load_weights(module, state_dict, path):
-    """module.load_state_dict with a one-line error naming the file when shapes or names do not fit."""
-    try:
-        module.load_state_dict(state_dict)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:200]
-        raise ValueError(f"{path}: weights do not fit the model config ({detail})") from None
-
-
-def rng_state(rng=None, generator=None):
-    """Every random state a stage uses (torch's global one always: dropout draws from it), as plain types a
-    weights_only checkpoint can hold."""
-    state = dict(torch=torch.get_rng_state())
-    if rng is not None:
-        version, internal, gauss = rng.getstate()
-        state["python"] = [version, list(internal), gauss]
-    if generator is not None:
-        state["generator"] = generator.get_state()
-    return state
-
-
-def set_rng_state(state, rng=None, generator=None):
-    torch.set_rng_state(state["torch"])
-    if rng is not None:
-        version, internal, gauss = state["python"]
-        rng.setstate((version, tuple(internal), gauss))
-    if generator is not None:
-        generator.set_state(state["generator"])
 
 
 def check_finite(where, **values):
@@ -524,72 +212,6 @@ def run_main(main):
         sys.exit(130)
 
 
-# ---------------------------------------------------------------------------------------------- runs
-
-def stop_here(cfg, step, total, unit="step"):
-    """--stop_after N: True once `step` reaches N, where the stage returns as if it had been killed just after that
-    step's checkpoint (if any), to try --resume; the line printed says whether there is a checkpoint to resume."""
-    if not cfg.stop_after:
-        return False
-    if cfg.stop_after >= total:
-        raise ValueError(f"--stop_after {cfg.stop_after}: must be less than the run's {total} {unit}s, or 0 for off")
-    if step != cfg.stop_after:
-        return False
-    saved = step // cfg.ckpt_interval * cfg.ckpt_interval
-    if saved or cfg.resume:
-        print(f"stopping after {unit} {step} as asked (--stop_after); continue with --resume true")
-    else:
-        print(f"stopping after {unit} {step} as asked (--stop_after), before the first checkpoint ({unit} "
-              f"{cfg.ckpt_interval}, --ckpt_interval): nothing was saved, so there is nothing to resume")
-    release_out_dir(cfg.out_dir)
-    return True
-
-
-@dataclasses.dataclass
-class RunState:
-    """What --resume restores in every stage besides the weights: the optimizer, the stage's random streams and
-    its own plain values (`extra`: SFT's data order, PPO's running score statistics and monitoring history);
-    resume_run also fills in how far the log got and the training time so far."""
-    opt: torch.optim.Optimizer
-    rng: Optional[random.Random] = None            # the stage's Python RNG (data order, prompt draws), if any
-    generator: Optional[torch.Generator] = None    # the RL stages' sampling generator
-    extra: dict = dataclasses.field(default_factory=dict)
-    log_lines: Optional[int] = None                # lines of the stage's JSONL log that belong to the run
-    train_time_s: float = 0.0
-    inputs: Optional[dict] = None                  # input_fingerprints when the run started
-
-
-def save_run(path, stage, step, cfg, state, weights, log, t0, metrics=None, **meta):
-    """A stage's checkpoint, written atomically: the modules in `weights` ({key: module}), what later stages
-    read (`meta`), and everything --resume needs. metrics=None marks a run that has not finished. Stages write
-    their final checkpoint last, after the log and the plot: a run killed before it resumes from its last periodic
-    checkpoint and writes them all again, so a finished checkpoint means every file of the stage is there."""
-    save_checkpoint(path, stage=stage, **{key: module.state_dict() for key, module in weights.items()}, **meta,
-                    step=step, done=metrics is not None, metrics=metrics or {}, config=dataclasses.asdict(cfg),
-                    optimizer=state.opt.state_dict(), rng=rng_state(state.rng, state.generator), **state.extra,
-                    log_lines=log.n_lines, train_time_s=time.time() - t0, inputs=state.inputs)
-
-
-def resume_run(path, stage, cfg, tokenizer_id, state, weights):
-    """--resume: the interrupted run's weights and state back in place (its config must match cfg); returns the
-    step it stopped after."""
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: nothing to resume (no checkpoint here; a run writes one every --ckpt_interval "
-                         f"steps); drop --resume to start the run")
-    ckpt = load_checkpoint(path, stage, tokenizer_id, finished=False)
-    check_resume(ckpt, cfg, path)
-    for key, module in weights.items():
-        load_weights(module, ckpt[key], path)
-    state.opt.load_state_dict(ckpt["optimizer"])
-    if "rng" not in ckpt:
-        raise ValueError(f"{path}: written before checkpoints kept their random state; it cannot be resumed "
-                         f"exactly: start the run again without --resume")
-    set_rng_state(ckpt["rng"], state.rng, state.generator)
-    state.extra = {key: ckpt[key] for key in state.extra}
-    state.log_lines, state.train_time_s, state.inputs = ckpt["log_lines"], ckpt["train_time_s"], ckpt.get("inputs")
-    print(f"resuming from {path} after step {ckpt['step']}")
-    return ckpt["step"]
-
 
 # ---------------------------------------------------------------------------------------------- masked tensors
 
@@ -653,6 +275,15 @@ def json_line(row):
     return json.dumps(strict(row), allow_nan=False) + "\n"
 
 
+def lines_up_to(path, key, last):
+    """How many leading rows of a JSONL log have row[key] <= last: what a resumed run keeps of a log whose rows
+    are written in `key` order (0 when there is no file)."""
+    if not os.path.exists(path):
+        return 0
+    rows = read_jsonl(path)
+    return next((n for n, row in enumerate(rows) if row[key] > last), len(rows))
+
+
 def read_jsonl(path):
     """The rows of a JSONL file (null where a value did not exist)."""
     with open(path) as f:
@@ -671,9 +302,23 @@ class Progress:
         return f"step {step:>5}/{self.total} ({100 * step / max(self.total, 1):3.0f}%) | {text} | {elapsed:6.1f}s elapsed, ETA {eta:5.0f}s"
 
 
+def smooth(values, weight=0.9):
+    """A debiased exponential moving average (as TensorBoard draws it): the trend of a noisy per-iteration curve,
+    which starts at the first value instead of at 0."""
+    out, average = [], 0.0
+    for n, v in enumerate(values, 1):
+        average = weight * average + (1 - weight) * v
+        out.append(average / (1 - weight ** n))
+    return out
+
+
+SMOOTH_FROM = 30  # curves with at least this many points are drawn faint, with their smoothed line on top
+
+
 def plot_curves(path, rows, x, ys, title, logy=()):
     """Save a PNG of the JSONL rows' `ys` keys against `x` (rows without a key are skipped for that curve);
-    `ys` is a list of panels, each a list of keys; panels whose index is in `logy` get a log y-axis."""
+    `ys` is a list of panels, each a list of keys; panels whose index is in `logy` get a log y-axis. Long curves
+    are drawn as faint raw points under a solid smoothed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -685,8 +330,12 @@ def plot_curves(path, rows, x, ys, title, logy=()):
     for i, (ax, group) in enumerate(zip(axes.flat, ys)):
         for key in group:
             pts = [(r[x], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=key, marker="." if len(pts) < 30 else None)
+            if len(pts) >= SMOOTH_FROM:
+                xs, vs = zip(*pts)
+                raw = ax.plot(xs, vs, alpha=0.25, linewidth=0.8)[0]
+                ax.plot(xs, smooth(vs), color=raw.get_color(), label=f"{key} (smoothed)")
+            elif pts:
+                ax.plot(*zip(*pts), label=key, marker=".")
         ax.set_xlabel(x)
         if i in logy:
             ax.set_yscale("log")

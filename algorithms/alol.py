@@ -49,9 +49,10 @@ import tokenizer as tok
 from model import logprobs_from_logits, response_logits
 from reward_model import make_pairs
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, check_finite, check_fresh_start, claim_out_dir, field,
-                   fit_prompt, input_fingerprints, load_models, pad_batch, parse_config, pick_device, plot_curves,
-                   read_jsonl, release_out_dir, resume_run, run_main, save_run, seed_everything, stop_here, table)
+from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_models, release_out_dir,
+                         resume_run, save_run, stop_here)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, fit_prompt, pad_batch, parse_config,
+                   pick_device, plot_curves, read_jsonl, run_main, seed_everything, table)
 
 
 @dataclass

@@ -21,7 +21,7 @@ Deliberate choices:
      bias), so DPO and the RM-based methods learn from exactly the same simulated human signal.
   2. Reference log-probs are computed on the fly (no-grad) for each batch, with the same masks as the policy's.
   3. AdamW with linear warm-up, one epoch (the paper uses RMSprop; on this tiny model AdamW is the stage default).
-  4. Policy and reference run without dropout whatever the SFT stage trained with (utils.load_policy), so
+  4. Policy and reference run without dropout whatever the SFT stage trained with (checkpoints.load_policy), so
      the first step's loss is ln 2 exactly; with an SFT dropout of 0.1 left in, it was 0.6925.
 
 Shape legend: B pairs per batch, T sequence length (prompt + response, right-padded), V vocab.
@@ -40,10 +40,10 @@ import tokenizer as tok
 from model import logprobs_from_logits
 from reward_model import make_pairs
 from train_sft import build_sft_example, collate, sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, check_finite, check_fresh_start, claim_out_dir, field,
-                   fit_prompt, input_fingerprints, load_checkpoint, load_policy, parse_config, pick_device,
-                   plot_curves, read_jsonl, release_out_dir, resume_run, run_main, save_run, seed_everything,
-                   stop_here, table)
+from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_checkpoint, load_policy,
+                         release_out_dir, resume_run, save_run, stop_here)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, fit_prompt, parse_config, pick_device,
+                   plot_curves, read_jsonl, run_main, seed_everything, table)
 
 
 @dataclass

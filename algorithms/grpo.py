@@ -62,11 +62,12 @@ import data
 import tokenizer as tok
 from model import logprobs_from_logits, response_logits
 from ppo_rlhf import Rollout, encode_prompts, rollout
-from evaluate import minibatch_means
+from evaluate import clipped_tokens, follow_prompts, keep_samples, minibatch_means
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, check_finite, check_fresh_start, claim_out_dir, field,
-                   input_fingerprints, load_models, masked_mean, parse_config, pick_device, plot_curves, read_jsonl,
-                   release_out_dir, resume_run, run_main, save_run, seed_everything, stop_here, table)
+from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_models, release_out_dir,
+                         resume_run, save_run, stop_here)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, lines_up_to, masked_mean, parse_config,
+                   pick_device, plot_curves, read_jsonl, run_main, seed_everything)
 
 
 @dataclass
@@ -186,10 +187,7 @@ def grpo_policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cli
     # and exp of it in k3 would turn the masked-out gradient into inf·0 = NaN
     logprobs, old_logprobs, ref_logprobs = (torch.where(m, x, torch.zeros_like(x))
                                             for x in (logprobs, old_logprobs, ref_logprobs))  # (B, Tr) each
-    log_ratio = (logprobs - old_logprobs).clamp(-20, 20)                  # (B, Tr)
-    if ratio_level == "sequence":
-        log_ratio = (log_ratio.sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)).expand_as(log_ratio)
-    ratio = torch.exp(log_ratio)                                          # (B, Tr)
+    ratio = importance_ratio(logprobs, old_logprobs, mask, ratio_level)   # (B, Tr)
     adv = advantages[:, None].to(ratio.dtype)                             # (B, 1) the same on every token
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high)                    # (B, Tr)
     policy_term = -torch.min(ratio * adv, clipped * adv)                  # (B, Tr)
@@ -203,6 +201,16 @@ def grpo_policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cli
                      clipfrac_low=masked_mean(clip_low_hit.float(), mask).item(),
                      clipfrac_high=masked_mean(clip_high_hit.float(), mask).item())
     return loss, stats
+
+
+def importance_ratio(logprobs, old_logprobs, mask, ratio_level):
+    """π_θ/π_old per token (B, Tr), log-ratio clamped to ±20 before exp; "sequence" (GSPO eq. 7): every token of
+    a response gets exp(mean_t log ρ_t), the length-normalised sequence ratio."""
+    log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, torch.zeros_like(logprobs)).clamp(-20, 20)
+    if ratio_level == "sequence":
+        length = mask.sum(1, keepdim=True).clamp(min=1)                   # (B, 1)
+        log_ratio = (log_ratio.sum(1, keepdim=True) / length).expand_as(log_ratio)
+    return torch.exp(log_ratio)
 
 
 def overlong_penalty(lengths, max_len, cache):
@@ -304,15 +312,19 @@ def sample_groups(policy, ref, rm, enc, train_prompts, cfg, order_rng, generator
 
 # ----------------------------------------------------------------------------------------------------
 
-def grpo_update(policy, opt, ro, adv, cfg, generator, where="GRPO update"):
+def grpo_update(policy, opt, ro, adv, cfg, generator, where="GRPO update", token_ratios=None):
     """Step 3: μ = ppo_epochs passes over the batch in `minibatches` shuffled minibatches, one optimizer step each.
-    adv (N,). Returns one stats dict per optimizer step."""
+    adv (N,). Returns one stats dict per optimizer step; token_ratios, an (N, Tr) tensor if given, receives each
+    token's ratio as the last pass saw it (the samples log shows it)."""
     policy.train()
     steps = []
-    for _ in range(cfg.ppo_epochs):
+    for epoch in range(cfg.ppo_epochs):
         for idx in torch.randperm(len(adv), generator=generator).to(adv.device).chunk(cfg.minibatches):
             logits = response_logits(policy, ro.seq[idx], ro.seq_mask[idx], ro.n_prompt, cfg.temperature)
             logprobs = logprobs_from_logits(logits, ro.response[idx])    # (n, Tr)
+            if token_ratios is not None and epoch == cfg.ppo_epochs - 1:
+                token_ratios[idx] = importance_ratio(logprobs.detach(), ro.old_logprobs[idx], ro.mask[idx],
+                                                     cfg.ratio_level).float()
             loss, stats = grpo_policy_loss(logprobs, ro.old_logprobs[idx], ro.ref_logprobs[idx], adv[idx],
                                            ro.mask[idx], cfg.clip_low, cfg.clip_high, cfg.kl_coef, cfg.loss_agg,
                                            cfg.max_new_tokens, cfg.ratio_level)
@@ -359,6 +371,8 @@ def main(argv=None):
     state = RunState(opt, order_rng, sampling_gen, extra=dict(generated=0, policy_steps=0), inputs=input_fingerprints(cfg))
     start = resume_run(ckpt_path, "grpo", cfg, sft["tokenizer_id"], state, dict(model=policy)) + 1 if cfg.resume else 1
     log, progress = JsonlLog(log_path, state.log_lines), Progress(cfg.n_iters)
+    samples_path = os.path.join(cfg.out_dir, "grpo_samples.jsonl")      # rollouts with per-token quantities
+    samples = JsonlLog(samples_path, lines_up_to(samples_path, "iter", start - 1) if cfg.resume else None)
     t_start = time.time() - state.train_time_s
     meta = dict(model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
                 sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
@@ -373,7 +387,8 @@ def main(argv=None):
         # 3. clipped surrogate + β·k3 over μ passes of minibatches (DSM eq. 3; DAPO eq. 10, 12; GSPO eq. 5)
         t_train = time.time()
         minibatch_gen = torch.Generator().manual_seed(order_rng.randrange(2**31))
-        steps = grpo_update(policy, opt, ro, adv, cfg, minibatch_gen, f"GRPO iteration {it}") if len(adv) else []
+        ratios = torch.ones_like(ro.old_logprobs)                          # (N, Tr) filled by the update
+        steps = grpo_update(policy, opt, ro, adv, cfg, minibatch_gen, f"GRPO iteration {it}", ratios) if len(adv) else []
         if not steps:
             print(f"iteration {it}: every sampled group had equal rewards in {g.rounds} rounds; no update")
         state.extra["generated"] += g.generated
@@ -393,9 +408,14 @@ def main(argv=None):
         row["truncated_rate"] = 1.0 - row["eos_rate"]
         if it % cfg.eval_interval == 0 or it == cfg.n_iters:
             row["win_rate_vs_sft"] = data.gold_win_rate(eval_prompts, eval_sampling(policy), sft_eval)
-            show = [0, len(g.prompts) // 2, len(g.prompts) - 1] if g.prompts else []
-            print(table([(g.prompts[i].strip(), g.texts[i], g.rewards[i].item(), g.gold[i].item(), adv[i].item())
-                         for i in show], ["prompt", "response", "reward", "gold", "A"], [30, 70, 6, 5, 5]))
+            if g.prompts:
+                token_adv = adv[:, None].float() * ro.mask                # (N, Tr) the same on every token
+                per_token = dict(k1=(ro.old_logprobs - ro.ref_logprobs) * ro.mask, entropy=ro.entropy,
+                                 k3=k3_kl(ro.old_logprobs, ro.ref_logprobs) * ro.mask, advantage=token_adv, ratio=ratios,
+                                 clipped=clipped_tokens(ratios, token_adv, cfg.clip_low, cfg.clip_high) * ro.mask)
+                keep_samples(samples, it, enc, g.prompts, g.texts, ro, g.gold, per_token, follow_prompts(
+                    it, policy, ref, rm, None, enc, eval_prompts[:2], cfg.max_new_tokens, cfg.temperature,
+                    cfg.seed + 2, True, device))
         log.write(**row)
         if it % cfg.ckpt_interval == 0 and it < cfg.n_iters:
             save_run(ckpt_path, "grpo", it, cfg, state, dict(model=policy), log, t_start, **meta)

@@ -35,10 +35,12 @@ import tokenizer as tok
 from model import logprobs_from_logits, response_logits
 from ppo_rlhf import encode_prompts, rollout
 from algorithms.rloo import kl_shaped_rewards
+from evaluate import follow_prompts, keep_samples
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, check_finite, check_fresh_start, claim_out_dir, field,
-                   input_fingerprints, load_models, masked_mean, parse_config, pick_device, plot_curves, read_jsonl,
-                   release_out_dir, resume_run, run_main, save_run, seed_everything, stop_here, table)
+from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_models, release_out_dir,
+                         resume_run, save_run, stop_here)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, lines_up_to, masked_mean, parse_config,
+                   pick_device, plot_curves, read_jsonl, run_main, seed_everything)
 
 
 @dataclass
@@ -107,6 +109,8 @@ def main(argv=None):
     state = RunState(opt, rng, gen, inputs=input_fingerprints(cfg))
     start = resume_run(ckpt_path, "raft", cfg, sft["tokenizer_id"], state, dict(model=policy)) + 1 if cfg.resume else 1
     log, progress = JsonlLog(log_path, state.log_lines), Progress(cfg.n_iters)
+    samples_path = os.path.join(cfg.out_dir, "raft_samples.jsonl")      # rollouts with per-token quantities
+    samples = JsonlLog(samples_path, lines_up_to(samples_path, "iter", start - 1) if cfg.resume else None)
     t_start = time.time() - state.train_time_s
     meta = dict(model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
                 sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
@@ -152,9 +156,12 @@ def main(argv=None):
             outs = sample_responses(policy, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
                                     torch.Generator(device=device).manual_seed(cfg.seed + 1))
             row["win_rate_vs_sft"] = data.gold_win_rate(eval_prompts, outs, sft_eval)
-            i = best[0].item()
-            print(table([(prompts[i].strip(), texts[i], ro.scores[i].item(), gold[i].item())],
-                        ["prompt", "selected response", "RM", "gold"], [30, 70, 5, 5]))
+            selected = torch.zeros_like(mask)
+            selected[best] = 1                                             # (N, Tr) 1 on the fine-tuned responses
+            per_token = dict(k1=(ro.old_logprobs - ro.ref_logprobs) * mask, entropy=ro.entropy, selected=selected * mask)
+            keep_samples(samples, it, enc, prompts, texts, ro, gold, per_token, follow_prompts(
+                it, policy, ref, rm, None, enc, eval_prompts[:2], cfg.max_new_tokens, cfg.temperature, cfg.seed + 2,
+                True, device))
         log.write(**row)
         if it % cfg.ckpt_interval == 0 and it < cfg.n_iters:
             save_run(ckpt_path, "raft", it, cfg, state, dict(model=policy), log, t_start, **meta)

@@ -43,10 +43,12 @@ import data
 import tokenizer as tok
 from model import logprobs_from_logits, response_logits
 from ppo_rlhf import encode_prompts, rollout
+from evaluate import follow_prompts, keep_samples
 from train_sft import sample_responses
-from utils import (TRUNCATIONS, JsonlLog, Progress, RunState, check_finite, check_fresh_start, claim_out_dir, field,
-                   input_fingerprints, load_models, parse_config, pick_device, plot_curves, read_jsonl,
-                   release_out_dir, resume_run, run_main, save_run, seed_everything, stop_here, table)
+from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_models, release_out_dir,
+                         resume_run, save_run, stop_here)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, lines_up_to, parse_config, pick_device,
+                   plot_curves, read_jsonl, run_main, seed_everything)
 
 
 @dataclass
@@ -184,6 +186,8 @@ def main(argv=None):
         start = resume_run(ckpt_path, "rloo", cfg, sft["tokenizer_id"], state, dict(model=policy)) + 1
         moving.total, moving.count = state.extra["moving"]
     log, progress = JsonlLog(log_path, state.log_lines), Progress(cfg.n_iters)
+    samples_path = os.path.join(cfg.out_dir, "rloo_samples.jsonl")      # rollouts with per-token quantities
+    samples = JsonlLog(samples_path, lines_up_to(samples_path, "iter", start - 1) if cfg.resume else None)
     t_start = time.time() - state.train_time_s
     meta = dict(model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
                 sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
@@ -231,9 +235,11 @@ def main(argv=None):
             outs = sample_responses(policy, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
                                     torch.Generator(device=device).manual_seed(cfg.seed + 1))
             row["win_rate_vs_sft"] = data.gold_win_rate(eval_prompts, outs, sft_eval)
-            show = [0, len(prompts) // 2, len(prompts) - 1]
-            print(table([(prompts[i].strip(), texts[i], ro.scores[i].item(), gold[i].item(), adv[i].item())
-                         for i in show], ["prompt", "response", "RM", "gold", "A"], [30, 70, 5, 5, 5]))
+            per_token = dict(k1=(ro.old_logprobs - ro.ref_logprobs) * mask, entropy=ro.entropy,
+                             advantage=adv[:, None].float() * mask)            # (N, Tr) each; A on every token
+            keep_samples(samples, it, enc, prompts, texts, ro, gold, per_token, follow_prompts(
+                it, policy, ref, rm, None, enc, eval_prompts[:2], cfg.max_new_tokens, cfg.temperature, cfg.seed + 2,
+                True, device))
         log.write(**row)
         state.extra["moving"] = [moving.total, moving.count]
         if it % cfg.ckpt_interval == 0 and it < cfg.n_iters:

@@ -24,7 +24,8 @@ import statistics
 import evaluate
 import ppo_rlhf
 from algorithms import alol, dpo, grpo, raft, rloo
-from utils import json_line, load_checkpoint, run_main
+from checkpoints import load_checkpoint
+from utils import json_line, run_main
 
 # method -> (module, extra arguments, checkpoint file, training data)
 METHODS = {

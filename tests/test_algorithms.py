@@ -12,7 +12,7 @@ from algorithms.dpo import dpo_loss, sequence_logprobs
 from algorithms.raft import best_of_k
 from algorithms.rloo import MovingAverageBaseline, kl_shaped_rewards, loo_advantages, reinforce_loss
 from model import GPT, GPTConfig
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +94,7 @@ def dropout_sft(tmp_path_factory):
 def test_models_after_sft_run_without_dropout(dropout_sft):
     """Policy, reference, RM (every RL stage, A-LoL) and the critic (both inits) built from dropout-0.1
     checkpoints give the same output twice in train mode: no dropout is left in them."""
-    from utils import load_critic, load_models
+    from checkpoints import load_critic, load_models
     sft_path, rm_path = f"{dropout_sft}/sft.pt", f"{dropout_sft}/rm.pt"
     policy, ref, rm, sft, rm_ckpt = load_models(sft_path, rm_path, "cpu")
     critics = [load_critic(init, sft, rm_ckpt, sft_path, rm_path) for init in ("rm", "sft")]

@@ -4,7 +4,8 @@ import os
 
 import ppo_rlhf
 from studies import experiments
-from utils import load_checkpoint, read_jsonl
+from checkpoints import load_checkpoint
+from utils import read_jsonl
 
 TIMING = {"t_generate", "t_score", "t_train", "t_iter"}
 

@@ -14,7 +14,8 @@ import data
 import model as M
 import tokenizer as tok
 from external import gpt2, hh_rlhf
-from utils import load_checkpoint, pad_batch
+from checkpoints import load_checkpoint
+from utils import pad_batch
 
 if os.environ.get("CI"):  # CI installs requirements-dev.txt: a missing transformers there is a failure
     import transformers

@@ -182,7 +182,8 @@ def test_each_preset_runs_tiny(base, tmp_path, preset, extra):
                "--n_iters", "2", "--prompts_per_iter", "4", "--group_size", "2", "--max_new_tokens", "12",
                "--eval_interval", "2", "--n_eval_prompts", "8", "--out_dir", str(tmp_path), *extra)
     assert "GRPO done" in out and os.path.getsize(tmp_path / "grpo_curves.png") > 0
-    from utils import load_checkpoint, read_jsonl
+    from checkpoints import load_checkpoint
+    from utils import read_jsonl
     ckpt = load_checkpoint(str(tmp_path / "grpo.pt"), "grpo")
     assert ckpt["done"] and "verified" in ckpt["metrics"]
     row = read_jsonl(str(tmp_path / "grpo_log.jsonl"))[-1]

@@ -27,17 +27,21 @@ def execute(name, out, monkeypatch):
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
     seconds = time.time() - t0
-    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    return text, seconds
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    text = "\n".join(o.get("text", "") for o in outputs)
+    html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    return text, seconds, html
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes(name, tiny_pipeline, monkeypatch):
-    text, seconds = execute(name, tiny_pipeline, monkeypatch)
+    text, seconds, html = execute(name, tiny_pipeline, monkeypatch)
     assert seconds <= 60, f"{name} took {seconds:.0f}s (limit 60s)"
     if name.startswith("1_"):  # the walkthrough used the trained (tiny) checkpoints and the ratio starts at 1
         assert "using the trained checkpoints" in text
         assert "minibatch 0:" in text and "ratio mean 1.0000 max 1.0000 clipfrac 0.000" in text
+        assert [h.count("<span title=") > 0 for h in html] == [True] * 3           # k1, advantage, value views
+        assert all(q in h for q, h in zip(("k1", "advantage", "value"), html))
     if name.startswith("4_"):  # stubs are reported as unwritten; the wrong answer and the solutions are judged
         assert text.count("not written yet") == 3
         assert "PPO loss without the mask: ✗" in text

@@ -12,7 +12,8 @@ import model
 import ppo_rlhf
 import reward_model
 import train_sft
-from utils import TRUNCATIONS, fit_prompt, load_checkpoint, load_weights, read_jsonl, run_main
+from checkpoints import load_checkpoint, load_weights
+from utils import TRUNCATIONS, fit_prompt, read_jsonl, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--device", "cpu"]

@@ -12,7 +12,8 @@ import ppo_rlhf
 import reward_model
 import train_sft
 from algorithms import alol, dpo, grpo, raft, rloo
-from utils import load_checkpoint, read_jsonl
+from checkpoints import load_checkpoint
+from utils import read_jsonl
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
 GRPO_TINY = ["--n_iters", "3", "--prompts_per_iter", "4", "--group_size", "2", "--max_new_tokens", "12",

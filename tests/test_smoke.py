@@ -8,7 +8,8 @@ import torch
 
 import tokenizer as tok
 from model import GPT, GPTConfig, ScalarHeadGPT
-from utils import load_checkpoint, read_jsonl
+from checkpoints import load_checkpoint
+from utils import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

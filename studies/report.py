@@ -1,0 +1,239 @@
+"""
+One self-contained HTML page for one run folder, or for several side by side (PPO-max vs vanilla, the compare
+runs): it opens offline, with no server and no network request (images embedded, no external scripts or fonts).
+
+What it shows, for each RL stage found in a folder (PPO, RLOO, RAFT, GRPO):
+  - the config the run was started with (from its checkpoint);
+  - the paper's panels (Secrets of RLHF §5.2: RM score, gold reward, KL to SFT, perplexity, length, win rate vs
+    SFT), raw points faint under a smoothed line, the collapse warning marked;
+  - the PPO diagnostics (clip fraction, approx. KL, explained variance, value loss, entropy, time per phase);
+  - the sample table of every eval interval, and each kept rollout token by token, coloured by a per-token
+    quantity you pick (KL to the reference, reward, value, advantage, return, entropy, ratio, clipped);
+  - with several folders, the gold-reward-vs-KL frontier of the runs.
+
+Run:
+    python -m studies.report out                                   # -> out/report.html
+    python -m studies.report out/vanilla out --out_file out/vanilla_vs_ppo_max.html
+pipeline.py writes out/report.html at the end. token_view_html is the per-token view on its own, for notebooks:
+    from IPython.display import HTML; HTML(token_view_html(row["tokens"], row["per_token"]["k1"], "k1"))
+"""
+import argparse
+import base64
+import html
+import io
+import json
+import os
+
+import torch
+
+from utils import read_jsonl, run_main, smooth, SMOOTH_FROM
+
+RL_STAGES = ("ppo", "rloo", "raft", "grpo")
+PAPER_PANELS = [("score_raw", "RM score"), ("gold", "gold reward"), ("kl_seq", "KL to SFT (per response)"),
+                ("perplexity", "perplexity"), ("length", "length (tokens)"), ("win_rate_vs_sft", "win rate vs SFT")]
+PPO_DIAGNOSTICS = [("clipfrac", "clip fraction"), ("approx_kl", "approx. KL(π_old‖π)"),
+                   ("explained_var", "explained variance"), ("vf_loss", "value loss"), ("entropy", "entropy"),
+                   (("t_generate", "t_score", "t_train"), "seconds per phase")]
+CENTERS = {"ratio": 1.0}  # per-token quantities whose neutral value is not 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The per-token view
+
+def token_view_html(tokens, values, quantity, scale=None):
+    """
+    One rollout as coloured text: each token's background shows `values` (one per token) on a diverging scale
+    centred at 0 (ratio: at 1), blue below and red above, the strongest colour at ±scale (default: the largest
+    deviation in this rollout); hovering a token shows its value. Model output is HTML-escaped. Returns an HTML
+    fragment with inline styles (it displays in a notebook as it does in the report).
+    """
+    center = CENTERS.get(quantity, 0.0)
+    scale = scale or max([abs(v - center) for v in values if v is not None] + [1e-8])
+    spans = []
+    for piece, v in zip(tokens, values):
+        strength = 0.0 if v is None else max(-1.0, min(1.0, (v - center) / scale))
+        rgb = "178,24,43" if strength > 0 else "33,102,172"
+        text = html.escape(piece).replace("\n", "↵\n") or "·"             # an empty piece still gets a box
+        spans.append(f'<span title="{html.escape(quantity)} = {v if v is None else f"{v:.4g}"}" style="background:'
+                     f'rgba({rgb},{abs(strength):.2f});border-radius:2px">{text}</span>')
+    legend = (f'<div style="font:11px sans-serif;color:#555;margin-top:2px">{html.escape(quantity)}: '
+              f'<span style="background:rgba(33,102,172,1);color:#fff;padding:0 4px">{center - scale:.3g}</span>'
+              f'<span style="padding:0 4px">{center:g}</span>'
+              f'<span style="background:rgba(178,24,43,1);color:#fff;padding:0 4px">{center + scale:.3g}</span></div>')
+    return (f'<div style="font:13px/1.7 monospace;white-space:pre-wrap;word-break:break-word">{"".join(spans)}</div>'
+            + legend)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures as embedded images
+
+def figure_html(fig):
+    """A matplotlib figure as an <img> with the PNG inline (base64), then closed."""
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return f'<img alt="" style="max-width:100%" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def panels_html(runs, panels, x="iter"):
+    """One small plot per (key, title) panel: every run's curve (raw faint under its smoothed line once it has
+    SMOOTH_FROM points), and a dashed line where a run first raised the collapse warning."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ncols = 3
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(13, 3.1 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (keys, title) in zip(axes.flat, panels):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        for i, (name, rows) in enumerate(runs):
+            for j, key in enumerate(keys):
+                pts = [(r[x], r[key]) for r in rows if r.get(key) is not None]
+                if not pts:
+                    continue
+                xs, vs = zip(*pts)
+                color = f"C{(i * len(keys) + j) % 10}"
+                label = name if len(keys) == 1 else f"{name} {key}"
+                if len(pts) >= SMOOTH_FROM:
+                    ax.plot(xs, vs, color=color, alpha=0.25, linewidth=0.8)
+                    ax.plot(xs, smooth(vs), color=color, label=label)
+                else:
+                    ax.plot(xs, vs, color=color, marker=".", label=label)
+            warned = next((r[x] for r in rows if r.get("collapse_warning")), None)
+            if warned is not None:
+                ax.axvline(warned, color=f"C{i % 10}", linestyle="--", linewidth=1)
+        ax.set_title(title + ("  (dashed: collapse warning)" if any(r.get("collapse_warning") for _, rows in runs
+                                                                     for r in rows) else ""), fontsize=9)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return figure_html(fig)
+
+
+def frontier_html(runs):
+    """Gold reward against KL to SFT over training, one smoothed trajectory per run (the end marked): the
+    over-optimisation frontier the runs trace."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for i, (name, rows) in enumerate(runs):
+        pts = [(r["kl_seq"], r["gold"]) for r in rows if r.get("kl_seq") is not None and r.get("gold") is not None]
+        if pts:
+            kl, gold = smooth([p[0] for p in pts]), smooth([p[1] for p in pts])
+            ax.plot(kl, gold, color=f"C{i % 10}", label=name)
+            ax.plot(kl[-1], gold[-1], "o", color=f"C{i % 10}")
+    ax.set_xlabel("KL to SFT per response (nats, smoothed)")
+    ax.set_ylabel("gold reward (smoothed)")
+    ax.set_title("Gold reward vs KL over training (dot: the end)", fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return figure_html(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading a run folder
+
+def find_stages(run_dir):
+    """The RL stages whose log is in run_dir, in RL_STAGES order."""
+    return [s for s in RL_STAGES if os.path.exists(os.path.join(run_dir, f"{s}_log.jsonl"))]
+
+
+def run_config(run_dir, stage):
+    """The config a stage's run started with (from its checkpoint), or {} when there is no checkpoint yet."""
+    path = os.path.join(run_dir, f"{stage}.pt")
+    if not os.path.exists(path):
+        return {}
+    return torch.load(path, map_location="cpu", weights_only=True).get("config", {})
+
+
+def samples_html(rows, quantities):
+    """The kept rollouts grouped by eval interval: a table row each, and its per-token view for every quantity
+    (the page shows the one picked in the menu)."""
+    out = []
+    for it in dict.fromkeys(r["iter"] for r in rows):
+        out.append(f"<h4>iteration {it}</h4>")
+        for r in (r for r in rows if r["iter"] == it):
+            views = "".join(f'<div class="tv" data-q="{html.escape(q)}">'
+                            f'{token_view_html(r["tokens"], r["per_token"][q], q)}</div>'
+                            for q in quantities if q in r["per_token"])
+            gold = "–" if r.get("gold") is None else f'{r["gold"]:+.3f}'
+            out.append(f'<div class="sample"><div class="meta"><b>{html.escape(r["sample"])}</b> · RM '
+                       f'{r["rm_score"]:+.2f} · gold {gold} · {len(r["tokens"])} tokens</div>'
+                       f'<div class="prompt">{html.escape(r["prompt"].strip())}</div>{views}</div>')
+    return "\n".join(out)
+
+
+def config_html(cfg):
+    cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in cfg.items())
+    return f'<details><summary>config ({len(cfg)} options)</summary><table class="cfg">{cells}</table></details>'
+
+
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
+body{{font:14px sans-serif;margin:24px;max-width:1250px;color:#222}} h2{{border-bottom:1px solid #ccc}}
+.sample{{border:1px solid #ddd;border-radius:4px;padding:6px 10px;margin:6px 0}} .meta{{font-size:12px;color:#555}}
+.prompt{{font:12px monospace;color:#666;white-space:pre-wrap;margin:2px 0 4px}} .tv{{display:none}}
+table.cfg td{{font:12px monospace;padding:0 8px}} .note{{color:#555;font-size:13px}}
+</style></head><body data-q="k1"><h1>{title}</h1>
+<p class="note">Colour tokens by <select id="q" onchange="document.body.dataset.q=this.value">{options}</select>
+(blue below, red above the neutral value: 0, or 1 for the ratio; hover a token for its value).</p>
+<style>{show}</style>{body}</body></html>"""
+
+
+def report(run_dirs, out_file):
+    """Write the page for run_dirs to out_file; returns out_file. A folder with no RL stage log is an error."""
+    sections, all_runs, quantities = [], [], []
+    for run_dir in run_dirs:
+        stages = find_stages(run_dir)
+        if not stages:
+            raise ValueError(f"{run_dir}: no run here (none of {', '.join(f'{s}_log.jsonl' for s in RL_STAGES)})")
+        for stage in stages:
+            name = f"{os.path.basename(os.path.normpath(run_dir))} {stage}"
+            rows = read_jsonl(os.path.join(run_dir, f"{stage}_log.jsonl"))
+            all_runs.append((name, rows))
+            samples_path = os.path.join(run_dir, f"{stage}_samples.jsonl")
+            samples = read_jsonl(samples_path) if os.path.exists(samples_path) else []
+            for r in samples:
+                quantities += [q for q in r["per_token"] if q not in quantities]
+            finished = bool(rows) and rows[-1].get("iter") == run_config(run_dir, stage).get("n_iters")
+            parts = [f'<h2>{html.escape(name)}</h2><p class="note">{len(rows)} iterations logged'
+                     f'{"" if finished else " (the run has not finished)"}; folder {html.escape(run_dir)}</p>',
+                     config_html(run_config(run_dir, stage)), "<h3>The paper's panels</h3>",
+                     panels_html([(name, rows)], PAPER_PANELS)]
+            if stage == "ppo":
+                parts += ["<h3>PPO diagnostics</h3>", panels_html([(name, rows)], PPO_DIAGNOSTICS)]
+            parts += ["<h3>Samples (best, median and worst of the batch by RM score; val_*: the same validation "
+                      "prompts every time)</h3>", samples_html(samples, quantities) if samples else
+                      '<p class="note">no samples log</p>']
+            sections.append("\n".join(parts))
+    if len(all_runs) > 1:
+        sections.insert(0, "<h2>All runs</h2>" + frontier_html(all_runs) + panels_html(all_runs, PAPER_PANELS))
+    quantities = quantities or ["k1"]
+    options = "".join(f'<option value="{html.escape(q)}">{html.escape(q)}</option>' for q in quantities)
+    show = " ".join(f'body[data-q="{q}"] .tv[data-q="{q}"]{{display:block}}' for q in quantities)
+    title = "RLHF report: " + ", ".join(os.path.normpath(d) for d in run_dirs)
+    os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
+    with open(out_file, "w", encoding="utf-8") as f:
+        f.write(PAGE.format(title=html.escape(title), options=options, show=show, body="\n".join(sections)))
+    return out_file
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="One self-contained HTML report for one or several run folders.")
+    p.add_argument("run_dirs", nargs="+", help="folders holding a PPO, RLOO, RAFT or GRPO run (its *_log.jsonl)")
+    p.add_argument("--out_file", default=None, help="the page to write (default: FIRST_RUN_DIR/report.html)")
+    a = p.parse_args(argv)
+    path = report(a.run_dirs, a.out_file or os.path.join(a.run_dirs[0], "report.html"))
+    print(f"report: {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+    return path
+
+
+if __name__ == "__main__":
+    run_main(main)
