@@ -80,10 +80,10 @@ def plot_compare(rows, summary, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for i, (m, s) in enumerate(summary.items()):
-        color = f"C{i}"
+        color, marker = f"C{i % 10}", "o^sD"[i // 10 % 4]        # ten colours, then the next marker
         pts = [r for r in rows if r["method"] == m]
-        ax.scatter([r["kl_sft"] for r in pts], [r["gold"] for r in pts], color=color, alpha=0.35, s=14)
-        ax.errorbar(s["kl_sft"][0], s["gold"][0], xerr=s["kl_sft"][1], yerr=s["gold"][1], fmt="o", color=color,
+        ax.scatter([r["kl_sft"] for r in pts], [r["gold"] for r in pts], color=color, marker=marker, alpha=0.35, s=14)
+        ax.errorbar(s["kl_sft"][0], s["gold"][0], xerr=s["kl_sft"][1], yerr=s["gold"][1], fmt=marker, color=color,
                     capsize=3, label=m)
     ax.set_xlabel("KL(π || π_SFT) per response (nats)")
     ax.set_ylabel("gold reward (test prompts)")

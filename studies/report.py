@@ -48,7 +48,8 @@ def token_view_html(tokens, values, quantity, scale=None):
     fragment with inline styles (it displays in a notebook as it does in the report).
     """
     center = CENTERS.get(quantity, 0.0)
-    scale = scale or max([abs(v - center) for v in values if v is not None] + [1e-8])
+    spread = max([abs(v - center) for v in values if v is not None] + [0.0])
+    scale = scale or (spread if spread > 1e-6 else 1.0)                    # all neutral: no colour at all
     spans = []
     for piece, v in zip(tokens, values):
         strength = 0.0 if v is None else max(-1.0, min(1.0, (v - center) / scale))
