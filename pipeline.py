@@ -11,7 +11,7 @@ The whole RLHF pipeline on the toy task, stage after stage, each stage's checkpo
 Run:
     python pipeline.py                                  # default config, CPU minutes
     python pipeline.py --preset tiny --out_dir out/tiny # seconds (what the smoke test runs)
-    python pipeline.py --ppo_preset vanilla --out_dir out/vanilla   # the baseline that collapses
+    python pipeline.py --ppo_preset vanilla --out_dir out/vanilla   # PPO without the PPO-max tricks (docs/ppo.md)
     python pipeline.py --resume true    # after a kill or Ctrl-C: finished stages are kept, the interrupted one
                                         # continues from its last checkpoint, the rest run
 
