@@ -25,8 +25,8 @@ import evaluate
 import ppo_rlhf
 import reward_model
 import train_sft
-from studies import report
 from checkpoints import finished_run
+from studies import report
 from utils import parse_config, run_main, str2bool
 
 
