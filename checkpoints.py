@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from model import GPT, GPTConfig, ScalarHeadGPT
+from utils import gather_objects, rank, world_size
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
@@ -66,7 +67,9 @@ def claim_out_dir(out_dir):
     """Make this process the owner of out_dir while it runs: a lock file holding its PID. A folder held by another
     live process is an error naming it; a lock left by a dead (killed) process is taken over with a note. The same
     process may claim again (pipeline.py runs every stage in one process); release_out_dir, or the process's exit,
-    gives the folder back."""
+    gives the folder back. Under torchrun, rank 0 claims it for every rank."""
+    if rank() != 0:
+        return
     lock = os.path.join(make_out_dir(out_dir), ".lock")
     while True:
         try:
@@ -366,11 +369,17 @@ def save_run(path, stage, step, cfg, state, weights, log, t0, metrics=None, **me
     """A stage's checkpoint, written atomically: the modules in `weights` ({key: module}), what later stages
     read (`meta`), and everything --resume needs. metrics=None marks a run that has not finished. Stages write
     their final checkpoint last, after the log and the plot: a run killed before it resumes from its last periodic
-    checkpoint and writes them all again, so a finished checkpoint means every file of the stage is there."""
+    checkpoint and writes them all again, so a finished checkpoint means every file of the stage is there.
+    Under torchrun every rank calls it (each rank's random state is kept: rank r resumes with its own) and rank 0
+    writes; the checkpoint records the world size."""
+    rng_of_ranks = gather_objects(rng_state(state.rng, state.generator))   # [rank 0's, ...]; one without torchrun
+    if rank() != 0:
+        return
     save_checkpoint(path, stage=stage, **{key: module.state_dict() for key, module in weights.items()}, **meta,
                     step=step, done=metrics is not None, metrics=metrics or {}, config=dataclasses.asdict(cfg),
-                    optimizer=state.opt.state_dict(), rng=rng_state(state.rng, state.generator), **state.extra,
-                    log_lines=log.n_lines, train_time_s=time.time() - t0, inputs=state.inputs)
+                    optimizer=state.opt.state_dict(), rng=rng_of_ranks[0], **state.extra, log_lines=log.n_lines,
+                    train_time_s=time.time() - t0, inputs=state.inputs, world_size=len(rng_of_ranks),
+                    **({"rng_of_ranks": rng_of_ranks} if len(rng_of_ranks) > 1 else {}))
 
 
 def resume_run(path, stage, cfg, tokenizer_id, state, weights):
@@ -381,13 +390,17 @@ def resume_run(path, stage, cfg, tokenizer_id, state, weights):
                          f"steps); drop --resume to start the run")
     ckpt = load_checkpoint(path, stage, tokenizer_id, finished=False)
     check_resume(ckpt, cfg, path)
+    if ckpt.get("world_size", 1) != world_size():     # each rank's random streams (and data share) differ
+        raise ValueError(f"{path}: this run was made with {ckpt.get('world_size', 1)} process(es) and is resumed with "
+                         f"{world_size()}; resume it with the same number (torchrun --nproc_per_node "
+                         f"{ckpt.get('world_size', 1)}, or plain python for 1), or start over with --overwrite true")
     for key, module in weights.items():
         load_weights(module, ckpt[key], path)
     state.opt.load_state_dict(ckpt["optimizer"])
     if "rng" not in ckpt:
         raise ValueError(f"{path}: written before checkpoints kept their random state; it cannot be resumed "
                          f"exactly: start the run again without --resume")
-    set_rng_state(ckpt["rng"], state.rng, state.generator)
+    set_rng_state(ckpt["rng_of_ranks"][rank()] if world_size() > 1 else ckpt["rng"], state.rng, state.generator)
     state.extra = {key: ckpt[key] for key in state.extra}
     state.log_lines, state.train_time_s, state.inputs = ckpt["log_lines"], ckpt["train_time_s"], ckpt.get("inputs")
     print(f"resuming from {path} after step {ckpt['step']}")

@@ -193,9 +193,10 @@ class GPT(nn.Module):
             logits[..., self.cfg.pad_id] = PAD_LOGIT
         return logits
 
-    def forward(self, idx, mask=None, pos=None):
-        """Logits (B, T, V) for next-token prediction at every position."""
-        return self.logits(self.hidden(idx, mask, pos))                        # (B, T, V)
+    def forward(self, idx, mask=None, pos=None, keep=slice(None)):
+        """Logits (B, T, V) for next-token prediction at every position; `keep` (a slice of positions) limits
+        them to those positions, (B, T', V): only they reach the LM head."""
+        return self.logits(self.hidden(idx, mask, pos)[:, keep])               # (B, T', V)
 
     def new_caches(self, B, max_len):
         """Empty KV cache for B rows and up to max_len positions: one {k, v, shape, len} dict per layer; the
@@ -316,14 +317,14 @@ class ScalarHeadGPT(nn.Module):
     def cfg(self):
         return self.backbone.cfg
 
-    def forward(self, idx, mask=None, pos=None):
-        """Values (B, T), one per position."""
-        return fp32_linear(self.backbone.hidden(idx, mask, pos), self.head.weight).squeeze(-1)  # (B, T) fp32
+    def forward(self, idx, mask=None, pos=None, last=False):
+        """Values (B, T), one per position; last=True: only each row's value at its last real token, (B,)."""
+        values = fp32_linear(self.backbone.hidden(idx, mask, pos), self.head.weight).squeeze(-1)  # (B, T) fp32
+        return values.gather(1, last_token_index(mask)[:, None]).squeeze(1) if last else values  # (B,) or (B, T)
 
     def score(self, idx, mask):
         """Reward-model score (B,): the value at each row's last real token (EOS when the answer ended)."""
-        values = self(idx, mask)                                               # (B, T)
-        return values.gather(1, last_token_index(mask)[:, None]).squeeze(1)    # (B,)
+        return self(idx, mask, last=True)                                      # (B,)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -332,8 +333,7 @@ class ScalarHeadGPT(nn.Module):
 def response_logits(model, seq, mask, n_prompt, temperature):
     """Logits (B, Tr, V) / τ that predicted each response token of seq (B, T), whose first n_prompt positions
     are the (left-padded) prompt: only those positions reach the LM head."""
-    h = model.hidden(seq, mask)                                           # (B, T, C)
-    logits = model.logits(h[:, n_prompt - 1:-1])                         # (B, Tr, V)
+    logits = model(seq, mask, keep=slice(n_prompt - 1, -1))               # (B, Tr, V) via forward (so DDP sees it)
     return logits if temperature == 1 else logits / temperature           # (B, Tr, V)
 
 

@@ -70,8 +70,9 @@ from model import GPT, entropy_from_logits, last_token_index, logprobs_from_logi
 from train_sft import collate, encode_demos, sample_responses, sft_loss
 from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_critic, load_models,
                          release_out_dir, resume_run, save_run, stop_here, without_dropout)
-from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, field, fit_prompt, lines_up_to, masked_mean,
-                   masked_whiten, pad_batch, parse_config, pick_device, plot_curves, read_jsonl, run_main,
+from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, data_parallel, field, fit_prompt,
+                   gather_rows, lines_up_to, masked_mean, masked_whiten, metrics_over_ranks, pad_batch, parse_config,
+                   plot_curves, rank, read_jsonl, run_main, start_ranks, sum_over_ranks, world_size,
                    seed_everything)
 
 
@@ -307,7 +308,8 @@ class RunningMoments:
         self.mean, self.var, self.count = 0.0, 1.0, 1e-24
 
     def update(self, x):
-        """x (n,): fold a batch in."""
+        """x (n,): fold a batch in; under torchrun, every rank's batch (the statistics are global, alike on all)."""
+        x = gather_rows(x)                                                # [DDP] (N·n,) every rank's scores
         n, m, v = x.numel(), x.mean().item(), x.var(unbiased=False).item()
         delta, total = m - self.mean, self.count + n
         m2 = self.var * self.count + v * n + delta ** 2 * self.count * n / total
@@ -379,22 +381,24 @@ def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy,
     critic.train()
     params = [p for group in opt.param_groups for p in group["params"]]
     device, n_rows = ro.seq.device, ro.seq.shape[0]
+    minibatch = cfg.minibatch // world_size()                             # [DDP] this rank's share of a minibatch
     all_stats = []
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(n_rows, generator=generator).to(device)
-        for start in range(0, n_rows, cfg.minibatch):
-            rows = order[start:start + cfg.minibatch]                     # (b,)
+        for start in range(0, n_rows, minibatch):
+            rows = order[start:start + minibatch]                         # (b,)
             mask, adv = ro.mask[rows], advantages[rows]                   # (b, Tr) each
-            if cfg.adv_whiten:                                            # over the whole minibatch
-                adv = masked_whiten(adv, mask)
+            if cfg.adv_whiten:                                            # over the whole minibatch, every rank's
+                adv = masked_whiten(adv, mask, over_ranks=True)
             if cfg.adv_clip > 0:
                 adv = torch.clamp(adv, -cfg.adv_clip, cfg.adv_clip)
             opt.zero_grad(set_to_none=True)
             chunk_size = cfg.micro_batch or len(rows)
-            n_tokens, total_loss, stats = mask.sum(), 0.0, {}
+            n_tokens, total_loss, stats = sum_over_ranks(mask.sum()), 0.0, {}   # [DDP] the global minibatch's tokens
             for chunk in range(0, len(rows), chunk_size):
                 part = slice(chunk, chunk + chunk_size)
-                share = (mask[part].sum() / n_tokens).item()              # this chunk's share of the tokens
+                # this chunk's share of the minibatch's tokens; [DDP] × N undoes the mean DDP's backward takes
+                share = (world_size() * mask[part].sum() / n_tokens).item()
                 with autocast(device, cfg.amp):
                     loss, chunk_stats, ratio = ppo_losses(policy, critic, ro.rows(rows[part]), adv[part],
                                                           returns[rows[part]], cfg, update_policy)
@@ -405,7 +409,8 @@ def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy,
                 for k, v in chunk_stats.items():                          # token-weighted means, the max of maxes
                     stats[k] = max(stats.get(k, v), v) if k == "ratio_max" else stats.get(k, 0.0) + share * v
             if update_policy and cfg.ptx_coef > 0:                        # PPO-ptx (eq. 17): one SFT batch
-                demos = [ptx_data[i] for i in torch.randint(len(ptx_data), (cfg.ptx_batch,), generator=generator)]
+                demos = [ptx_data[i] for i in torch.randint(len(ptx_data), (cfg.ptx_batch // world_size(),),
+                                                            generator=generator)]   # [DDP] this rank's share
                 ids, attn_mask, loss_mask = collate(demos, pad_id, device)  # (p, T') each
                 with autocast(device, cfg.amp):
                     ptx_loss = sft_loss(policy(ids, attn_mask), ids, loss_mask)
@@ -476,17 +481,19 @@ def main(argv=None):
     claim_out_dir(cfg.out_dir)                        # one run per folder at a time
     check_fresh_start(os.path.join(cfg.out_dir, "ppo.pt"), cfg)
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device = start_ranks(cfg.device)                  # [DDP] under torchrun: this process's device, in the group
     # 0. models: the policy and the critic train; the reference (a copy of SFT) and the reward model stay frozen
     policy, ref, rm, critic, sft, rm_ckpt = build_models(cfg, device)
+    train_policy, train_critic = data_parallel(policy), data_parallel(critic)   # [DDP] gradients averaged
     enc = tok.get_tokenizer(sft["tokenizer"])
     eos_id, pad_id, room = tok.eos_id(enc), tok.pad_id(enc), policy.cfg.block_size - cfg.max_new_tokens
     opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": cfg.policy_lr},
                              {"params": critic.parameters(), "lr": cfg.critic_lr}], weight_decay=0.0,
                             betas=(0.9, 0.95), eps=1e-8)
     print(f"device={device} config={asdict(cfg)}")
-    order_rng = random.Random(cfg.seed)                 # prompt draws, minibatch order, PTX demonstrations
-    sampling_gen = torch.Generator(device=device).manual_seed(cfg.seed)   # token sampling in the rollouts
+    rank_seed = cfg.seed + 1000 * rank()                # [DDP] each rank its own prompts and samples (rank 0: seed)
+    order_rng = random.Random(rank_seed)                # prompt draws, minibatch order, PTX demonstrations
+    sampling_gen = torch.Generator(device=device).manual_seed(rank_seed)  # token sampling in the rollouts
     running = RunningMoments()                          # score statistics over the whole run (step 3)
     state = RunState(opt, order_rng, sampling_gen, extra=dict(running=[], history=[], warned=False),
                      inputs=input_fingerprints(cfg))
@@ -511,7 +518,7 @@ def main(argv=None):
     for it in range(start, cfg.n_iters + 1):
         t_iter = time.time()
         # 1-2. rollout, then old_logprobs, ref_logprobs, values and RM scores (one no-grad pass per model)
-        prompts = data.sample_prompts(splits["train"], cfg.rollout_batch, order_rng)
+        prompts = data.sample_prompts(splits["train"], cfg.rollout_batch // world_size(), order_rng)  # [DDP] a share
         prompt_ids, prompt_mask = encode_prompts(enc, prompts, room, cfg.truncate_prompts)  # (B, Tp) each
         with autocast(device, cfg.amp):
             ro = rollout(policy, ref, rm, critic, prompt_ids.to(device), prompt_mask.to(device), cfg.max_new_tokens,
@@ -533,8 +540,8 @@ def main(argv=None):
         t_train, update_policy = time.time(), it > cfg.critic_pretrain_iters
         minibatch_gen = torch.Generator().manual_seed(order_rng.randrange(2**31))   # this update's shuffles
         ratios = torch.ones_like(ro.old_logprobs)                          # (B, Tr) filled by the update
-        update_stats = ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy, minibatch_gen,
-                                  ptx_data, pad_id, where=f"PPO iteration {it}", token_ratios=ratios)
+        update_stats = ppo_update(train_policy, train_critic, opt, ro, advantages, returns, cfg, update_policy,
+                                  minibatch_gen, ptx_data, pad_id, where=f"PPO iteration {it}", token_ratios=ratios)
         t_train = time.time() - t_train
 
         # monitoring: the paper's §5.2 metrics, PPO diagnostics, win rate vs SFT, the collapse warning
@@ -542,6 +549,7 @@ def main(argv=None):
                    **iteration_metrics(ro, scores, gold, ended, advantages, returns, running),
                    policy_lr=cfg.policy_lr, critic_lr=cfg.critic_lr, t_generate=ro.t_generate, t_score=ro.t_score,
                    t_train=t_train, t_iter=time.time() - t_iter, **minibatch_means(update_stats))
+        row = metrics_over_ranks(row)                                      # [DDP] the global batch's metrics
         if it % cfg.eval_interval == 0 or it == cfg.n_iters:
             outs = eval_sampling(policy)
             row["win_rate_vs_sft"] = (data.gold_win_rate(eval_prompts, outs, sft_eval) if has_gold else

@@ -47,8 +47,9 @@ from external.gpt2 import load_gpt2
 from model import GPTConfig, ScalarHeadGPT
 from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_checkpoint, load_weights,
                          release_out_dir, resume_run, save_run, stop_here)
-from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, field, fit_prompt, pad_batch, parse_config,
-                   pick_device, plot_curves, read_jsonl, run_main, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, data_parallel, field, fit_prompt,
+                   gather_rows, pad_batch, parse_config, plot_curves, read_jsonl, run_main, seed_everything, shard,
+                   start_ranks, sum_over_ranks, table, world_size)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Config:
     data: str = field("toy", "toy (simulated annotators), or HH-RLHF .jsonl/.jsonl.gz file(s), comma-separated")
     # (`data` comes after tau and length_bias: in the class body it would hide the data module from them)
     # optimisation
-    batch_size: int = field(32, "pairs per micro-batch")
+    batch_size: int = field(32, "pairs per micro-batch, over all processes under torchrun (each takes an equal share)")
     grad_accum: int = field(1, "micro-batches per optimizer step (gradient accumulation)")
     amp: bool = field(True, "bf16 autocast on CUDA (CPU and MPS always run fp32)")
     lr: float = field(3e-4, "learning rate (AdamW), linear warm-up then constant")
@@ -101,13 +102,15 @@ def pairwise_loss(r_chosen, r_rejected):
 
 def score_texts(rm, enc, prompts, responses, device, truncate=True):
     """RM scores (n,) of prompt + response strings (a response ends with EOS when it finished), one batch.
-    A prompt too long for the context is cut from the left (truncate=True) or is an error."""
+    A prompt too long for the context is cut from the left (truncate=True) or is an error. `rm` may be the
+    DDP wrapper of the model in training (its forward averages gradients; only its config is read through it)."""
+    block_size = getattr(rm, "module", rm).cfg.block_size
     seqs = []
     for p, r in zip(prompts, responses):
-        resp = tok.encode(enc, r)[: 3 * rm.cfg.block_size // 4]  # a (real-data) response this long is cut off
-        seqs.append(fit_prompt(tok.encode(enc, p), rm.cfg.block_size - len(resp), truncate, f"prompt {p[:40]!r}") + resp)
+        resp = tok.encode(enc, r)[: 3 * block_size // 4]  # a (real-data) response this long is cut off
+        seqs.append(fit_prompt(tok.encode(enc, p), block_size - len(resp), truncate, f"prompt {p[:40]!r}") + resp)
     ids, mask = pad_batch(seqs, tok.pad_id(enc), left=False)                 # (n, T) each
-    return rm.score(ids.to(device), mask.to(device))                          # (n,)
+    return rm(ids.to(device), mask.to(device), last=True)                     # (n,) the RM score
 
 
 def pair_scores(rm, enc, pairs, device, truncate=True):
@@ -185,7 +188,7 @@ def main(argv=None):
     claim_out_dir(cfg.out_dir)                        # one run per folder at a time
     check_fresh_start(os.path.join(cfg.out_dir, "rm.pt"), cfg)
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device = start_ranks(cfg.device)                  # [DDP] under torchrun: this process's device, in the group
     sft = load_checkpoint(cfg.sft_ckpt, "sft")  # also checks that its tokenizer is unchanged
     enc = tok.get_tokenizer(sft["tokenizer"])
     print(f"device={device} tokenizer={sft['tokenizer_id']} config={asdict(cfg)}")
@@ -216,6 +219,7 @@ def main(argv=None):
     print(f"{len(train)} train / {len(val)} val / {len(test)} test pairs; {n_iters} steps (1 epoch)")
 
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    train_rm = data_parallel(rm)                      # [DDP] the training forward goes through it: gradients averaged
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path, ckpt_path = os.path.join(cfg.out_dir, "rm_log.jsonl"), os.path.join(cfg.out_dir, "rm.pt")
     # the batch order is fixed by the seed, so weights, optimizer and step are all --resume needs
@@ -242,20 +246,22 @@ def main(argv=None):
                                       + (f" acc(gold) {m['acc_gold']:.3f}" if gold else "")))
         if step == n_iters:
             break
-        batch = [train[i] for i in order[step * per_step:(step + 1) * per_step]]
+        batch = shard([train[i] for i in order[step * per_step:(step + 1) * per_step]])  # [DDP] this rank's share
+        micro = cfg.batch_size // world_size()                            # [DDP] rows per micro-batch on this rank
         rm.train()
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_iters)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss, r_c, r_r = 0.0, [], []
-        for i in range(0, per_step, cfg.batch_size):                      # grad_accum micro-batches of equal size
+        for i in range(0, len(batch), micro):                             # grad_accum micro-batches of equal size
             with autocast(device, cfg.amp):
-                a, b = pair_scores(rm, enc, batch[i:i + cfg.batch_size], device, cfg.truncate_prompts)  # (B,), (B,)
+                a, b = pair_scores(train_rm, enc, batch[i:i + micro], device, cfg.truncate_prompts)  # (B,), (B,)
                 part = pairwise_loss(a.float(), b.float()) / cfg.grad_accum
-            part.backward()                                               # gradients add up over micro-batches
+            part.backward()                    # gradients add up over micro-batches; [DDP] averaged over ranks
             loss, r_c, r_r = loss + part.detach(), r_c + [a.detach()], r_r + [b.detach()]
-        r_c, r_r = torch.cat(r_c), torch.cat(r_r)                         # (B * grad_accum,) each
+        loss = sum_over_ranks(loss) / world_size()                        # [DDP] the global batch's loss
+        r_c, r_r = gather_rows(torch.cat(r_c)), gather_rows(torch.cat(r_r))  # (B * grad_accum,) each, [DDP] all ranks
         gnorm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         check_finite(f"RM step {step + 1}", train_loss=loss.item(), grad_norm=gnorm.item())
         opt.step()

@@ -43,8 +43,9 @@ from external.gpt2 import load_gpt2
 from model import GPT, GPTConfig
 from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, release_out_dir, resume_run,
                          save_run, stop_here)
-from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, field, fit_prompt, pad_batch, parse_config,
-                   pick_device, plot_curves, read_jsonl, run_main, seed_everything, table)
+from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, data_parallel, field, fit_prompt, pad_batch,
+                   parse_config, plot_curves, read_jsonl, run_main, seed_everything, shard, start_ranks, sum_over_ranks,
+                   table, world_size)
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Config:
     n_val: int = field(500, "demonstrations drawn from the val prompts (validation loss)")
     # optimisation
     max_iters: int = field(1500, "optimizer steps")
-    batch_size: int = field(32, "sequences per micro-batch")
+    batch_size: int = field(32, "sequences per micro-batch, over all processes under torchrun (each takes an equal share)")
     grad_accum: int = field(1, "micro-batches per optimizer step (gradient accumulation; exact token-weighted mean)")
     amp: bool = field(True, "bf16 autocast on CUDA (CPU and MPS always run fp32)")
     lr: float = field(2e-3, "peak learning rate")
@@ -161,10 +162,12 @@ def sample_responses(model, enc, prompts, max_new_tokens, temperature, device, g
 def eval_loss(model, examples, cfg, pad_id, device):
     model.eval()
     total, n = 0.0, 0
+    examples = shard(examples)                        # [DDP] each rank its share; the sums add up the ranks'
     for i in range(0, len(examples), cfg.batch_size):
         ids, mask, loss_mask = collate(examples[i:i + cfg.batch_size], pad_id, device)
         total += sft_loss(model(ids, mask), ids, loss_mask).item() * len(ids)
         n += len(ids)
+    total, n = sum_over_ranks(torch.tensor([total, n], dtype=torch.float64)).tolist()
     return total / n
 
 
@@ -191,7 +194,7 @@ def main(argv=None):
     claim_out_dir(cfg.out_dir)                        # one run per folder at a time
     check_fresh_start(os.path.join(cfg.out_dir, "sft.pt"), cfg)
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device = start_ranks(cfg.device)                  # [DDP] under torchrun: this process's device, in the group
     enc = tok.get_tokenizer(cfg.tokenizer)
     print(f"device={device} tokenizer={tok.tokenizer_id(enc)} config={asdict(cfg)}")
 
@@ -224,6 +227,7 @@ def main(argv=None):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    train_model = data_parallel(model)                # [DDP] the training forward goes through it: gradients averaged
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path, ckpt_path = os.path.join(cfg.out_dir, "sft_log.jsonl"), os.path.join(cfg.out_dir, "sft.pt")
@@ -253,8 +257,9 @@ def main(argv=None):
             if len(order) < cfg.batch_size:
                 order[:] = range(len(train))
                 rng.shuffle(order)
-            micro.append(collate([train[order.pop()] for _ in range(cfg.batch_size)], mcfg.pad_id, device))
-        n_tokens = sum(lm[:, 1:].sum() for _, _, lm in micro).clamp(min=1)   # response tokens in the whole step
+            batch = [train[order.pop()] for _ in range(cfg.batch_size)]  # every rank draws the same global batch
+            micro.append(collate(shard(batch), mcfg.pad_id, device))      # [DDP] and keeps its share of it
+        n_tokens = sum_over_ranks(sum(lm[:, 1:].sum() for _, _, lm in micro)).clamp(min=1)  # the whole step's tokens
         model.train()
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
@@ -263,9 +268,10 @@ def main(argv=None):
         loss = 0.0
         for ids, mask, loss_mask in micro:                                # (B, T) each
             with autocast(device, cfg.amp):
-                part = sft_loss(model(ids, mask), ids, loss_mask) * (loss_mask[:, 1:].sum() / n_tokens)
-            part.backward()                                               # gradients add up over micro-batches
+                part = sft_loss(train_model(ids, mask), ids, loss_mask) * (loss_mask[:, 1:].sum() / n_tokens)
+            (part * world_size()).backward()   # gradients add up over micro-batches; [DDP] × N undoes DDP's mean
             loss = loss + part.detach()
+        loss = sum_over_ranks(loss)                                       # [DDP] the loss of the global batch
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         check_finite(f"SFT step {step + 1}", train_loss=loss.item(), grad_norm=gnorm.item())
         opt.step()

@@ -1,7 +1,8 @@
 """
 Boilerplate every stage shares and nothing algorithmic: the dataclass <-> argparse bridge and the option checks,
 seeding, prompt fitting and padding, the device, one-line errors, masked means, the JSONL log, a progress line
-with ETA, plots and a plain-text table. Checkpoints and --resume live in checkpoints.py.
+with ETA, plots and a plain-text table, and the few data-parallel helpers torchrun needs (the last section).
+Checkpoints and --resume live in checkpoints.py.
 (The RLHF logic lives in the stage files; read those first.)
 """
 import argparse
@@ -16,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -46,6 +48,8 @@ CHOICES = {"score_norm": ("none", "scale", "norm_clip"), "critic_init": ("rm", "
            "rank_by": ("R", "score"), "variant": ("alol", "ref_free", "seq", "kl"), "tokenizer": ("toy", "gpt2"),
            "reward": ("rm", "verifier", "gold"), "scale": ("group", "batch", "none"), "ratio_level": ("token", "sequence"),
            "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")}
+# Global batches: under torchrun each process takes an equal share, so these must divide by the number of processes.
+SPLIT_OVER_RANKS = ("batch_size", "rollout_batch", "minibatch", "ptx_batch", "prompts_per_iter")
 
 
 def check_options(cfg):
@@ -66,6 +70,11 @@ def check_options(cfg):
         raise ValueError(f"--stop_after {cfg.stop_after}: must be less than the run's length ({length}), or 0 for off")
     if getattr(cfg, "device", "auto") not in ("auto", "cpu", "mps") and not str(cfg.device).startswith("cuda"):
         raise ValueError(f"--device {cfg.device!r}: must be auto, cpu, cuda, cuda:N or mps")
+    n_ranks = int(os.environ.get("WORLD_SIZE", "1"))                  # set by torchrun
+    for name in SPLIT_OVER_RANKS:
+        if n_ranks > 1 and getattr(cfg, name, 0) % n_ranks:
+            raise ValueError(f"--{name} {getattr(cfg, name)}: must be a multiple of the {n_ranks} processes torchrun "
+                             f"started (each takes an equal share of the global batch)")
 
 
 def parse_config(cls, presets, argv=None, description=None):
@@ -196,14 +205,15 @@ def pick_device(requested="auto"):
 
 def run_main(main):
     """Run a stage's main(); our own errors (bad input, missing files, non-finite values) become one line, exit 2."""
+    error = "error:" if rank() == 0 else f"[rank {rank()}] error:"      # torchrun: which process said it
     try:
         main()
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{error} {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # the file system said no: a full disk, a read-only folder, a path that is a file...
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}; checkpoints written before are intact (once fixed, continue with "
+        print(f"{error} {where}{e.strerror or e}; checkpoints written before are intact (once fixed, continue with "
               f"--resume true)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -230,9 +240,10 @@ def masked_var(x, mask):
     return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
 
 
-def masked_whiten(x, mask, shift_mean=True):
-    """(x - μ) / σ over masked positions (shift_mean=False keeps the mean: (x - μ)/σ + μ). Padding stays 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_whiten(x, mask, shift_mean=True, over_ranks=False):
+    """(x - μ) / σ over masked positions (shift_mean=False keeps the mean: (x - μ)/σ + μ). Padding stays 0.
+    over_ranks: under torchrun, μ and σ of every rank's rows together (global_masked_moments)."""
+    mean, var = global_masked_moments(x, mask) if over_ranks else (masked_mean(x, mask), masked_var(x, mask))
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -245,19 +256,21 @@ class JsonlLog:
     """Append one JSON object per line to `path`: started fresh, or, when resuming, cut back to `keep` lines."""
 
     def __init__(self, path, keep=None):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path = path
+        self.path, self.n_lines, self.writes = path, 0, rank() == 0    # torchrun: rank 0 alone writes
         lines = []
         if keep is not None and os.path.exists(path):
             with open(path) as f:
                 lines = f.readlines()[:keep]
-        with open(path, "w") as f:
-            f.writelines(lines)
         self.n_lines = len(lines)
+        if self.writes:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                f.writelines(lines)
 
     def write(self, **row):
-        with open(self.path, "a") as f:
-            f.write(json_line(row))
+        if self.writes:
+            with open(self.path, "a") as f:
+                f.write(json_line(row))
         self.n_lines += 1
 
 
@@ -318,7 +331,9 @@ SMOOTH_FROM = 30  # curves with at least this many points are drawn faint, with 
 def plot_curves(path, rows, x, ys, title, logy=()):
     """Save a PNG of the JSONL rows' `ys` keys against `x` (rows without a key are skipped for that curve);
     `ys` is a list of panels, each a list of keys; panels whose index is in `logy` get a log y-axis. Long curves
-    are drawn as faint raw points under a solid smoothed line."""
+    are drawn as faint raw points under a solid smoothed line. Under torchrun, rank 0 alone draws."""
+    if rank() != 0:
+        return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -357,3 +372,110 @@ def table(rows, headers, widths):
     out = [line, " | ".join(cell(h, w) for h, w in zip(headers, widths)), line]
     out += [" | ".join(cell(v, w) for v, w in zip(r, widths)) for r in rows]
     return "\n".join(out + [line])
+
+
+# ---------------------------------------------------------------------------------------------- data parallel
+# Skip on a first read. `torchrun --nproc_per_node N stage.py ...` starts N processes ("ranks"), one per device,
+# that train one model together (PyTorch DDP). With plain `python` there is no process group: every function here
+# then returns its input unchanged, and rank() is 0 of world_size() 1. The stages mark the lines that use them
+# with [DDP].
+
+def rank():
+    """This process's rank: 0 without torchrun (torchrun sets RANK, read before the group is joined)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_ranks(requested="auto"):
+    """The stage's device, as pick_device; under torchrun (which sets LOCAL_RANK) this process also joins the
+    group: NCCL and GPU number LOCAL_RANK on CUDA, Gloo on CPU. Ranks other than 0 stop printing to stdout
+    (their errors still reach stderr, prefixed with their rank: run_main)."""
+    device = pick_device(requested)
+    if "LOCAL_RANK" not in os.environ:
+        return device
+    if device == "mps":
+        raise ValueError("--device mps: torchrun runs on cuda (NCCL) or cpu (Gloo) devices")
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if rank() > 0:
+            sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def data_parallel(model):
+    """The module to train through: under torchrun a DistributedDataParallel wrapper, whose backward averages
+    every gradient over the ranks (calling `model` itself, or `.module`, would skip that and each rank would
+    train alone); without torchrun, `model`. Sampling and the frozen models use the plain module."""
+    if not dist.is_initialized():
+        return model
+    device = next(model.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def shard(rows):
+    """This rank's contiguous share of a global batch (a list every rank holds the same): rows[r·n/N : (r+1)·n/N]."""
+    n, r, w = len(rows), rank(), world_size()
+    return rows[r * n // w:(r + 1) * n // w]
+
+
+def sum_over_ranks(x):
+    """A tensor summed over every rank (a new tensor; x itself without torchrun)."""
+    if not dist.is_initialized():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
+def gather_rows(x):
+    """(n, ...) on each rank -> (N·n, ...): every rank's rows, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def gather_objects(obj):
+    """[rank 0's obj, rank 1's obj, ...] on every rank ([obj] without torchrun)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def global_masked_moments(x, mask):
+    """(mean, unbiased variance) of x over the masked positions of every rank's rows: what masked_mean and
+    masked_var give for the rows of all ranks concatenated."""
+    mask = mask.to(x.dtype)
+    n = sum_over_ranks(mask.sum())
+    mean = sum_over_ranks((x * mask).sum()) / n.clamp(min=1)
+    var = sum_over_ranks(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
+    return mean, var
+
+
+def metrics_over_ranks(row):
+    """One iteration's metrics for the whole global batch: each number averaged over the ranks (equal shares,
+    so a per-response mean is exact; a per-token mean becomes the mean of the ranks' means), a `*_max` the
+    largest, a list (a distribution) every rank's items in rank order; what every rank has alike (the iteration)
+    and the rest (flags) as rank 0 has them."""
+    rows = gather_objects(row)
+    if len(rows) == 1:
+        return row
+    out = {}
+    for key, value in row.items():
+        values = [r[key] for r in rows]
+        if all(v == value for v in values) or isinstance(value, bool) or not isinstance(value, (int, float, list)):
+            out[key] = value
+        elif isinstance(value, list):
+            out[key] = [v for part in values for v in part]
+        else:
+            out[key] = max(values) if key.endswith("_max") else sum(values) / len(values)
+    return out
