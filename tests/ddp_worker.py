@@ -27,8 +27,9 @@ from utils import data_parallel, masked_whiten, rank, start_ranks  # noqa: E402
 TINY = ["--preset", "tiny", "--device", "cpu", "--overwrite", "true"]
 
 
-def record_gradients():
-    """Wrap clip_grad_norm_ so the first call keeps (params, a copy of their gradients); returns that record."""
+def record_gradients(monkeypatch=None):
+    """Wrap clip_grad_norm_ so the first call keeps (params, a copy of their gradients); returns that record.
+    In a test process, pass pytest's monkeypatch so the wrapper goes away after the test."""
     seen, original = {}, torch.nn.utils.clip_grad_norm_
 
     def clip_and_record(parameters, *args, **kwargs):
@@ -38,7 +39,10 @@ def record_gradients():
             seen["grads"] = [p.grad.detach().clone() for p in parameters]
         return original(parameters, *args, **kwargs)
 
-    torch.nn.utils.clip_grad_norm_ = clip_and_record
+    if monkeypatch is not None:
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_record)
+    else:
+        torch.nn.utils.clip_grad_norm_ = clip_and_record
     return seen
 
 
