@@ -27,7 +27,7 @@ import reward_model
 import train_sft
 from checkpoints import finished_run
 from studies import report
-from utils import parse_config, run_main, str2bool
+from utils import parse_config, run_main, str2bool, world_size
 
 
 def main(argv=None):
@@ -44,6 +44,9 @@ def main(argv=None):
                         "interrupted one from its last checkpoint, run the rest")
     p.add_argument("--overwrite", default=False, type=str2bool, help="start every stage over, even an unfinished one")
     a = p.parse_args(argv)
+    if world_size() > 1:
+        raise ValueError("pipeline.py runs in one process: under torchrun, launch train_sft.py, reward_model.py and "
+                         "ppo_rlhf.py one by one, then evaluate.py with plain python (README: past one GPU)")
     common = ["--out_dir", a.out_dir, "--device", a.device, "--seed", str(a.seed), "--overwrite", str(a.overwrite)]
     sft_path, rm_path, ppo_path = (os.path.join(a.out_dir, f) for f in ("sft.pt", "rm.pt", "ppo.pt"))
     tiny = a.preset == "tiny"

@@ -25,6 +25,7 @@ Run (after train_sft.py and reward_model.py; writes out/ppo.pt, out/ppo_log.json
     python ppo_rlhf.py --kl_coef 0.1 --score_norm scale         # any switch on its own
     python ppo_rlhf.py --preset vanilla_pg --out_dir out/vanilla_pg  # Back to Basics' vanilla policy gradient
     python ppo_rlhf.py --data hh/train.jsonl.gz --sft_ckpt out/gpt2_hh/sft.pt --rm_ckpt out/gpt2_hh/rm.pt  # HH-RLHF
+    torchrun --standalone --nproc_per_node 2 ppo_rlhf.py      # data parallel (docs/data_parallel.md)
     python ppo_rlhf.py --help
 On CUDA the forward passes run under bf16 autocast (`--amp`); CPU and MPS run fp32.
 

@@ -17,6 +17,7 @@ Run (after train_sft.py; writes out/rm.pt, out/rm_log.jsonl, out/rm_loss.png):
     python reward_model.py
     python reward_model.py --preset tiny --sft_ckpt out/tiny/sft.pt --out_dir out/tiny
     python reward_model.py --sft_ckpt out/gpt2_hh/sft.pt --data hh/train.jsonl.gz --out_dir out/gpt2_hh  # HH-RLHF
+    torchrun --standalone --nproc_per_node 2 reward_model.py  # data parallel (docs/data_parallel.md)
     python reward_model.py --help
 
 Deliberate choices:

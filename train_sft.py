@@ -10,6 +10,7 @@ Run (defaults: ~1M-parameter GPT, CPU minutes; writes out/sft.pt, out/sft_log.js
     python train_sft.py
     python train_sft.py --preset tiny --out_dir out/tiny        # seconds: the smoke test
     python train_sft.py --tokenizer gpt2 --init gpt2/ --data hh/train.jsonl.gz --out_dir out/gpt2_hh  # GPT-2, HH-RLHF
+    torchrun --standalone --nproc_per_node 2 train_sft.py     # data parallel: 2 processes, one per GPU (or CPU)
     python train_sft.py --help
 
 At the end it samples answers to held-out test prompts (temperature 1, as PPO's rollouts will) and prints

@@ -188,8 +188,12 @@ def pad_batch(seqs, pad_id, left):
     return ids, mask
 
 
-def pick_device(requested="auto"):
-    """'auto' -> cuda, then mps, then cpu; anything else is used as given (and checked)."""
+def pick_device(requested="auto", data_parallel=False):
+    """'auto' -> cuda, then mps, then cpu; anything else is used as given (and checked). A stage that does not
+    run data parallel (every one but SFT, RM, PPO and GRPO: those call start_ranks) refuses torchrun's processes."""
+    if not data_parallel and world_size() > 1:
+        raise ValueError(f"this stage runs in one process; under torchrun it would run {world_size()} copies. "
+                         f"torchrun is for train_sft.py, reward_model.py, ppo_rlhf.py and algorithms/grpo.py")
     if requested == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -208,6 +212,7 @@ def run_main(main):
     error = "error:" if rank() == 0 else f"[rank {rank()}] error:"      # torchrun: which process said it
     try:
         main()
+        leave_ranks()
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"{error} {e}", file=sys.stderr)
         sys.exit(2)
@@ -393,7 +398,7 @@ def start_ranks(requested="auto"):
     """The stage's device, as pick_device; under torchrun (which sets LOCAL_RANK) this process also joins the
     group: NCCL and GPU number LOCAL_RANK on CUDA, Gloo on CPU. Ranks other than 0 stop printing to stdout
     (their errors still reach stderr, prefixed with their rank: run_main)."""
-    device = pick_device(requested)
+    device = pick_device(requested, data_parallel=True)
     if "LOCAL_RANK" not in os.environ:
         return device
     if device == "mps":
@@ -406,6 +411,16 @@ def start_ranks(requested="auto"):
         if rank() > 0:
             sys.stdout = open(os.devnull, "w")
     return device
+
+
+def leave_ranks():
+    """After a stage ends well under torchrun (run_main calls it): wait for every rank, then leave the process
+    group. A process that exits still in the group can be killed by its communication threads (SIGABRT: measured,
+    about one launch in ten) instead of ending with status 0. After an error a rank exits at once; torchrun then
+    stops the others."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def data_parallel(model):
@@ -461,21 +476,23 @@ def global_masked_moments(x, mask):
     return mean, var
 
 
-def metrics_over_ranks(row):
+def metrics_over_ranks(row, sums=()):
     """One iteration's metrics for the whole global batch: each number averaged over the ranks (equal shares,
     so a per-response mean is exact; a per-token mean becomes the mean of the ranks' means), a `*_max` the
     largest, a list (a distribution) every rank's items in rank order; what every rank has alike (the iteration)
-    and the rest (flags) as rank 0 has them."""
+    and the rest (flags) as rank 0 has them. Keys in `sums` (counts) are added up instead."""
     rows = gather_objects(row)
     if len(rows) == 1:
         return row
     out = {}
     for key, value in row.items():
         values = [r[key] for r in rows]
-        if all(v == value for v in values) or isinstance(value, bool) or not isinstance(value, (int, float, list)):
-            out[key] = value
+        if key in sums:
+            out[key] = sum(values)
         elif isinstance(value, list):
             out[key] = [v for part in values for v in part]
+        elif all(v == value for v in values) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            out[key] = value
         else:
             out[key] = max(values) if key.endswith("_max") else sum(values) / len(values)
     return out

@@ -30,6 +30,7 @@ also every --ckpt_interval iterations, for --resume true):
     python -m algorithms.grpo                                             # GRPO
     python -m algorithms.grpo --preset dapo --out_dir out/dapo
     python -m algorithms.grpo --reward verifier --tasks math --out_dir out/rlvr   # RLVR on the math prompts
+    torchrun --standalone --nproc_per_node 2 -m algorithms.grpo  # data parallel (docs/data_parallel.md)
     python -m algorithms.grpo --help
 
 Deliberate choices:
@@ -66,8 +67,9 @@ from evaluate import clipped_tokens, follow_prompts, keep_samples, minibatch_mea
 from train_sft import sample_responses
 from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_models, release_out_dir,
                          resume_run, save_run, stop_here)
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, lines_up_to, masked_mean, parse_config,
-                   pick_device, plot_curves, read_jsonl, run_main, seed_everything)
+from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, data_parallel, field, global_masked_moments,
+                   lines_up_to, masked_mean, metrics_over_ranks, parse_config, plot_curves, rank, read_jsonl, run_main,
+                   seed_everything, start_ranks, sum_over_ranks, world_size)
 
 
 @dataclass
@@ -138,8 +140,9 @@ def group_advantages(rewards, group_size, scale):
     adv = r - r.mean(1, keepdim=True)                                     # (P, G)
     if scale == "group":
         adv = adv / (r.std(1, keepdim=True) + STD_EPS)                    # (P, G)
-    elif scale == "batch":
-        adv = adv / (r.std() + STD_EPS)
+    elif scale == "batch":                                               # [DDP] the std of every rank's batch
+        std = r.std() if world_size() == 1 else global_masked_moments(r, torch.ones_like(r))[1].sqrt()
+        adv = adv / (std + STD_EPS)
     flat = r.max(1, keepdim=True).values == r.min(1, keepdim=True).values  # (P, 1) no spread: no signal
     dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
     return adv.masked_fill(flat, 0.0).view(-1).to(dtype)                  # (N,)
@@ -278,11 +281,12 @@ def sample_groups(policy, ref, rm, enc, train_prompts, cfg, order_rng, generator
     """Step 1: P prompts × G responses, scored; with dynamic sampling, zero-spread groups are replaced by new
     prompts' groups (up to max_sample_rounds rounds; the batch may end up smaller). Returns Groups."""
     G, eos_id, pad_id = cfg.group_size, tok.eos_id(enc), tok.pad_id(enc)
+    P = cfg.prompts_per_iter // world_size()                              # [DDP] this rank's share of the prompts
     room = policy.cfg.block_size - cfg.max_new_tokens
     parts, prompts, texts, base, frac_zero, dropped, rounds, generated = [], [], [], [], 0.0, 0, 0, 0
-    while rounds < (cfg.max_sample_rounds if cfg.dynamic_sampling else 1) and len(prompts) < cfg.prompts_per_iter * G:
+    while rounds < (cfg.max_sample_rounds if cfg.dynamic_sampling else 1) and len(prompts) < P * G:
         rounds += 1
-        batch = [p for p in data.sample_prompts(train_prompts, cfg.prompts_per_iter, order_rng) for _ in range(G)]
+        batch = [p for p in data.sample_prompts(train_prompts, P, order_rng) for _ in range(G)]
         prompt_ids, prompt_mask = encode_prompts(enc, batch, room, cfg.truncate_prompts)   # (N, Tp) each
         ro = rollout(policy, ref, rm, None, prompt_ids.to(device), prompt_mask.to(device), cfg.max_new_tokens,
                      cfg.temperature, eos_id, pad_id, generator)
@@ -295,7 +299,7 @@ def sample_groups(policy, ref, rm, enc, train_prompts, cfg, order_rng, generator
             frac_zero = 1.0 - spread.float().mean().item()
         keep = spread if cfg.dynamic_sampling else torch.ones_like(spread)
         dropped += int((~keep).sum())
-        room_left = cfg.prompts_per_iter - len(prompts) // G
+        room_left = P - len(prompts) // G
         rows = (torch.nonzero(keep).view(-1)[:room_left, None] * G + torch.arange(G)).view(-1)  # (kept·G,)
         parts.append(ro.rows(rows.to(ro.seq.device)))
         prompts += [batch[i] for i in rows.tolist()]
@@ -328,6 +332,9 @@ def grpo_update(policy, opt, ro, adv, cfg, generator, where="GRPO update", token
             loss, stats = grpo_policy_loss(logprobs, ro.old_logprobs[idx], ro.ref_logprobs[idx], adv[idx],
                                            ro.mask[idx], cfg.clip_low, cfg.clip_high, cfg.kl_coef, cfg.loss_agg,
                                            cfg.max_new_tokens, cfg.ratio_level)
+            if world_size() > 1 and cfg.loss_agg == "token-mean":   # [DDP] DDP averages the ranks' token means;
+                tokens = ro.mask[idx].sum()                          # weigh each by its share of the global tokens
+                loss = loss * world_size() * tokens / sum_over_ranks(tokens)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -342,6 +349,13 @@ def check_config(cfg):
     if (cfg.prompts_per_iter * cfg.group_size) % cfg.minibatches:
         raise ValueError(f"--minibatches {cfg.minibatches} must divide the {cfg.prompts_per_iter * cfg.group_size} "
                          f"responses (prompts_per_iter × group_size)")
+    n_ranks = world_size()                            # [DDP] every rank takes the same number of optimizer steps
+    if n_ranks > 1 and cfg.dynamic_sampling:
+        raise ValueError("--dynamic_sampling: not under torchrun (ranks would keep different numbers of groups and "
+                         "take different numbers of steps); run it in one process")
+    if (cfg.prompts_per_iter // n_ranks * cfg.group_size) % cfg.minibatches:
+        raise ValueError(f"--minibatches {cfg.minibatches} must divide each of the {n_ranks} processes' "
+                         f"{cfg.prompts_per_iter // n_ranks * cfg.group_size} responses")
     if cfg.overlong_cache >= cfg.max_new_tokens:
         raise ValueError(f"--overlong_cache {cfg.overlong_cache}: must be less than --max_new_tokens {cfg.max_new_tokens}")
 
@@ -354,15 +368,17 @@ def main(argv=None):
     ckpt_path, log_path = os.path.join(cfg.out_dir, "grpo.pt"), os.path.join(cfg.out_dir, "grpo_log.jsonl")
     check_fresh_start(ckpt_path, cfg)
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device = start_ranks(cfg.device)                  # [DDP] under torchrun: this process's device, in the group
     policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
+    train_policy = data_parallel(policy)              # [DDP] the update's forward goes through it: gradients averaged
     enc = tok.get_tokenizer(sft["tokenizer"])
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
     print(f"device={device} config={asdict(cfg)}")
 
     splits = data.only_kinds(data.prompt_splits(sft["config"]["seed"]), cfg.tasks)
-    order_rng = random.Random(cfg.seed)                                   # prompt draws, minibatch order
-    sampling_gen = torch.Generator(device=device).manual_seed(cfg.seed)   # token sampling
+    rank_seed = cfg.seed + 1000 * rank()              # [DDP] each rank its own prompts and samples (rank 0: seed)
+    order_rng = random.Random(rank_seed)                                  # prompt draws, minibatch order
+    sampling_gen = torch.Generator(device=device).manual_seed(rank_seed)  # token sampling
     eval_prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
     eval_sampling = lambda model: sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature,
                                                    device, torch.Generator(device=device).manual_seed(cfg.seed + 1))
@@ -388,10 +404,11 @@ def main(argv=None):
         t_train = time.time()
         minibatch_gen = torch.Generator().manual_seed(order_rng.randrange(2**31))
         ratios = torch.ones_like(ro.old_logprobs)                          # (N, Tr) filled by the update
-        steps = grpo_update(policy, opt, ro, adv, cfg, minibatch_gen, f"GRPO iteration {it}", ratios) if len(adv) else []
+        steps = (grpo_update(train_policy, opt, ro, adv, cfg, minibatch_gen, f"GRPO iteration {it}", ratios)
+                 if len(adv) else [])
         if not steps:
             print(f"iteration {it}: every sampled group had equal rewards in {g.rounds} rounds; no update")
-        state.extra["generated"] += g.generated
+        state.extra["generated"] += int(sum_over_ranks(torch.tensor(g.generated)))   # [DDP] every rank's
         state.extra["policy_steps"] += len(steps)
         n_tok = ro.mask.sum()
         kl_seq = ((ro.old_logprobs - ro.ref_logprobs) * ro.mask).sum(1)  # (N,) k1, logged as for PPO and RLOO
@@ -405,6 +422,7 @@ def main(argv=None):
                    adv_abs_mean=adv.abs().mean().item(), **(minibatch_means(steps) if steps else {}),
                    lr=cfg.lr, t_generate=ro.t_generate, t_score=ro.t_score, t_train=time.time() - t_train,
                    t_iter=time.time() - t_it)
+        row = metrics_over_ranks(row, sums=("groups", "groups_dropped"))  # [DDP] the global batch's metrics
         row["truncated_rate"] = 1.0 - row["eos_rate"]
         if it % cfg.eval_interval == 0 or it == cfg.n_iters:
             row["win_rate_vs_sft"] = data.gold_win_rate(eval_prompts, eval_sampling(policy), sft_eval)

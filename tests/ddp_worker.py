@@ -22,7 +22,7 @@ import ppo_rlhf  # noqa: E402
 import reward_model  # noqa: E402
 import train_sft  # noqa: E402
 from model import GPT, GPTConfig, ScalarHeadGPT  # noqa: E402
-from utils import data_parallel, masked_whiten, rank, start_ranks  # noqa: E402
+from utils import data_parallel, leave_ranks, masked_whiten, rank, start_ranks  # noqa: E402
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--overwrite", "true"]
 
@@ -104,3 +104,4 @@ if __name__ == "__main__":
     case, out, *rest = sys.argv[1:]
     os.makedirs(out, exist_ok=True)
     {"sft": sft, "rm": rm, "ppo": ppo}[case](out, *rest)
+    leave_ranks()

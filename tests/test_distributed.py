@@ -30,7 +30,10 @@ def launch(args, n_ranks=2):
                 if n_ranks > 1 else [sys.executable])
     r = subprocess.run(launcher + args, cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if r.returncode != 0:
+        import time as _t
+        open(f"/tmp/ddp_fail_{_t.time()}.log", "w").write(r.stdout + "\n=====STDERR=====\n" + r.stderr)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r
 
 
@@ -127,3 +130,24 @@ def test_a_global_batch_must_split_evenly_over_the_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="--rollout_batch 64: must be a multiple of the 3 processes"):
         check_options(ppo_rlhf.Config())
+
+
+def test_grpo_under_torchrun_splits_the_prompts_and_refuses_dynamic_sampling(base, tmp_path):
+    args = ["-m", "algorithms.grpo", "--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{base}/sft.pt",
+            "--rm_ckpt", f"{base}/rm.pt"]
+    launch(args + ["--out_dir", str(tmp_path / "grpo")])
+    rows = read_jsonl(str(tmp_path / "grpo" / "grpo_log.jsonl"))
+    assert [row["groups"] for row in rows] == [4, 4, 4]                        # 2 prompts' groups on each rank
+    assert load_checkpoint(str(tmp_path / "grpo" / "grpo.pt"), "grpo")["metrics"]["responses_generated"] == 3 * 8
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
+                        "--preset", "dapo", "--out_dir", str(tmp_path / "dapo")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "error: --dynamic_sampling: not under torchrun" in r.stderr
+
+
+def test_stages_that_do_not_run_data_parallel_refuse_torchrun(base, tmp_path, monkeypatch):
+    from algorithms import rloo
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="this stage runs in one process; under torchrun it would run 2 copies"):
+        rloo.main(["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt",
+                   f"{base}/rm.pt", "--out_dir", str(tmp_path)])
