@@ -188,10 +188,10 @@ def pad_batch(seqs, pad_id, left):
     return ids, mask
 
 
-def pick_device(requested="auto", data_parallel=False):
+def pick_device(requested="auto", torchrun_ok=False):
     """'auto' -> cuda, then mps, then cpu; anything else is used as given (and checked). A stage that does not
     run data parallel (every one but SFT, RM, PPO and GRPO: those call start_ranks) refuses torchrun's processes."""
-    if not data_parallel and world_size() > 1:
+    if not torchrun_ok and world_size() > 1:
         raise ValueError(f"this stage runs in one process; under torchrun it would run {world_size()} copies. "
                          f"torchrun is for train_sft.py, reward_model.py, ppo_rlhf.py and algorithms/grpo.py")
     if requested == "auto":
@@ -398,7 +398,7 @@ def start_ranks(requested="auto"):
     """The stage's device, as pick_device; under torchrun (which sets LOCAL_RANK) this process also joins the
     group: NCCL and GPU number LOCAL_RANK on CUDA, Gloo on CPU. Ranks other than 0 stop printing to stdout
     (their errors still reach stderr, prefixed with their rank: run_main)."""
-    device = pick_device(requested, data_parallel=True)
+    device = pick_device(requested, torchrun_ok=True)
     if "LOCAL_RANK" not in os.environ:
         return device
     if device == "mps":
