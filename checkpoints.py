@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 
 from model import GPT, GPTConfig, ScalarHeadGPT
-from utils import gather_objects, rank, world_size
+from utils import (TRUNCATIONS, JsonlLog, Progress, device_field, field, fields_with, gather_objects, lines_up_to,
+                   pick_device, rank, seed_everything, start_ranks, world_size)
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
@@ -233,9 +234,6 @@ def load_critic(init, sft, rm_ckpt, sft_path, rm_path):
     return critic
 
 
-# may differ between a run and its resumption (out_dir: the folder may have moved)
-RESUME_FREE = ("resume", "overwrite", "stop_after", "device", "ckpt_interval", "log_truncations", "out_dir")
-INPUT_FIELDS = ("sft_ckpt", "rm_ckpt", "data", "init", "policy_init")  # options that may name input files
 _SHA256 = {}  # (real path, size, mtime) -> hex digest: each input file is read once per process
 
 
@@ -257,8 +255,8 @@ def input_fingerprints(cfg):
     comma-separated). --resume compares these instead of the paths: the same file reached another way (relative
     or absolute, another working directory) is the same input; a retrained checkpoint at the same path is not."""
     out = {}
-    for name in INPUT_FIELDS:
-        value = getattr(cfg, name, None)
+    for name in fields_with(cfg, "input_file"):
+        value = getattr(cfg, name)
         files = [p.strip() for p in value.split(",")] if isinstance(value, str) else []
         if files and all(os.path.isfile(f) for f in files):
             out[name] = [file_sha256(f) for f in files]
@@ -266,7 +264,7 @@ def input_fingerprints(cfg):
 
 
 def check_resume(ckpt, cfg, path):
-    """--resume only continues the same run: every config field but RESUME_FREE must match the checkpoint's, and
+    """--resume only continues the same run: every config field but the resume_free ones must match the checkpoint's, and
     every input file must have the contents it had when the run started."""
     if ckpt.get("done", True):  # checkpoints without the flag are finished ones
         raise ValueError(f"{path}: this run already finished (step {ckpt['step']}); nothing to resume")
@@ -286,10 +284,11 @@ def finished_run(path, stage, cfg):
 
 
 def check_same_run(ckpt, cfg, path):
-    """The checkpoint's run had cfg's config (RESUME_FREE fields aside) and inputs with the same contents."""
+    """The checkpoint's run had cfg's config (resume_free fields aside) and inputs with the same contents."""
     saved, now, started_with = ckpt["config"], dataclasses.asdict(cfg), ckpt.get("inputs") or {}
+    free = fields_with(cfg, "resume_free")
     diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in now.items()
-            if k not in RESUME_FREE and k not in started_with and saved.get(k) != v]
+            if k not in free and k not in started_with and saved.get(k) != v]
     if diff:
         raise ValueError(f"{path}: --resume continues the run saved here, but it was made with " + ", ".join(diff)
                          + "; give the same options, or start over with --overwrite true (without --resume)")
@@ -331,6 +330,31 @@ def set_rng_state(state, rng=None, generator=None):
 
 
 # ---------------------------------------------------------------------------------------------- runs
+
+@dataclasses.dataclass
+class RunOptions:
+    """The options every training stage shares, declared once: where its run lives and how it runs (the device,
+    prompt truncation, checkpoints, --resume, --stop_after). A stage's Config inherits them (class Config(RunOptions))."""
+    out_dir: str = field("out", "the run's folder: the stage's checkpoint, JSONL logs and plots", resume_free=True)
+    seed: int = field(0, "seeds every random stream of the stage (data, init, prompts, sampling, batch order)")
+    device: str = device_field()
+    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at the end of "
+                                         "the stage (false: error)")
+    log_truncations: bool = field(False, "also print one warning line per truncated prompt", resume_free=True)
+    ckpt_interval: int = field(25, "also write the stage's checkpoint (with optimizer and RNG state) every N steps, "
+                                   "for --resume", range="[1, inf)", resume_free=True)
+    resume: bool = field(False, "continue the interrupted run whose checkpoint is in out_dir", resume_free=True)
+    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage",
+                            resume_free=True)
+    stop_after: int = field(0, "stop after this many steps as if killed (to test --resume); 0 = off",
+                            range="[0, inf)", resume_free=True)
+
+
+def ckpt_interval_field(default):
+    """RunOptions.ckpt_interval with a stage's own default (a stage whose steps are short checkpoints less often)."""
+    return field(default, RunOptions.__dataclass_fields__["ckpt_interval"].metadata["help"], range="[1, inf)",
+                 resume_free=True)
+
 
 def stop_here(cfg, step, total, unit="step"):
     """--stop_after N: True once `step` reaches N, where the stage returns as if it had been killed just after that
@@ -405,3 +429,104 @@ def resume_run(path, stage, cfg, tokenizer_id, state, weights):
     state.log_lines, state.train_time_s, state.inputs = ckpt["log_lines"], ckpt["train_time_s"], ckpt.get("inputs")
     print(f"resuming from {path} after step {ckpt['step']}")
     return ckpt["step"]
+
+
+def run_meta(sft, cfg):
+    """What a stage trained from the SFT policy writes for the next stages: the policy's shape and tokenizer, and
+    the checkpoints it started from."""
+    return dict(model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
+                sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
+
+
+class Run:
+    """
+    One stage's run in its folder, from the claim to the release, behind one object. Every stage uses it alike:
+
+        with Run(cfg, "rloo") as run:            # claims out_dir, refuses to replace an unfinished run, seeds, device
+            ...                                  # models, optimizer, data
+            restored = run.begin(opt, dict(model=policy), meta, n_steps=cfg.n_iters, rng=rng, generator=gen,
+                                 saved=lambda: dict(moving=[moving.total, moving.count]))
+            for it in run.steps():               # from where the run stopped (--resume)
+                ...                              # one iteration; run.log.write(**row)
+            if run.stopped:                      # --stop_after
+                return None
+            run.finish(metrics)                  # the final checkpoint, written last
+
+    begin(): on --resume, the interrupted run's weights, optimizer, random streams and the stage's own values
+    (`saved`, a function returning {name: plain value} that every checkpoint stores; `restored` holds them back,
+    or saved()'s own values on a fresh start) are put back, and the JSONL logs are cut back to what the checkpoint
+    had. steps() yields 1 ... n_steps from there; after each step's body it writes the periodic checkpoint (every
+    ckpt_interval steps, never the last) and honours --stop_after. finish() writes the final checkpoint after the
+    log and plots (a finished checkpoint means every file of the stage is there) and prints the truncation summary.
+    Under torchrun every rank runs it alike and rank 0 alone writes. Leaving the `with` gives the folder back.
+    """
+
+    def __init__(self, cfg, stage, name=None, unit="iteration", data_parallel=False):
+        self.cfg, self.stage, self.name, self.unit = cfg, stage, name or stage.upper(), unit
+        self.ckpt_path = os.path.join(cfg.out_dir, f"{stage}.pt")
+        self.log_path = os.path.join(cfg.out_dir, f"{stage}_log.jsonl")
+        self.samples_path = os.path.join(cfg.out_dir, f"{stage}_samples.jsonl")   # RL stages: rollouts, token by token
+        self.stopped, self.log, self.samples = False, None, None
+        TRUNCATIONS.reset(cfg.log_truncations)
+        claim_out_dir(cfg.out_dir)                     # one run per folder at a time
+        check_fresh_start(self.ckpt_path, cfg)
+        seed_everything(cfg.seed)
+        # [DDP] under torchrun (SFT, RM, PPO, GRPO): this process's device, in the process group
+        self.device = start_ranks(cfg.device) if data_parallel else pick_device(cfg.device)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        release_out_dir(self.cfg.out_dir)
+        return False
+
+    def begin(self, opt, weights, meta, n_steps=None, rng=None, generator=None, saved=dict, samples=False):
+        """Start or (--resume) continue the run: `weights` {checkpoint key: module} and `opt` train, `meta` is what
+        later stages read from the checkpoint (model_config, tokenizer, tokenizer_id, input paths), rng / generator
+        the stage's random streams, `saved` the stage's own values (see the class). Returns the restored values."""
+        self.opt, self.weights, self.meta, self.n_steps, self.saved = opt, weights, meta, n_steps, saved
+        self.state = RunState(opt, rng, generator, extra=saved(), inputs=input_fingerprints(self.cfg))
+        done = (resume_run(self.ckpt_path, self.stage, self.cfg, meta["tokenizer_id"], self.state, weights)
+                if self.cfg.resume else 0)
+        self.start = done + 1
+        self.log = JsonlLog(self.log_path, self.state.log_lines)
+        if samples:
+            self.samples = JsonlLog(self.samples_path, lines_up_to(self.samples_path, "iter", done)
+                                    if self.cfg.resume else None)
+        self.progress = Progress(n_steps) if n_steps is not None else None
+        self.t_start = time.time() - self.state.train_time_s
+        return self.state.extra
+
+    def steps(self):
+        """The steps (or iterations) still to run, 1-based, to n_steps (begin's, or set on the run after it when
+        the length depends on what the restored state computes): after each one's body, the periodic checkpoint
+        and the --stop_after stop (then self.stopped is True). self.progress prints the progress lines."""
+        if self.progress is None or self.progress.total != self.n_steps:
+            self.progress = Progress(self.n_steps)
+        for step in range(self.start, self.n_steps + 1):
+            yield step
+            if step % self.cfg.ckpt_interval == 0 and step < self.n_steps:
+                self.save(step)
+            if stop_here(self.cfg, step, self.n_steps, self.unit):
+                self.stopped = True
+                return
+
+    def train_time(self):
+        """Seconds of training so far, the interrupted runs' included."""
+        return time.time() - self.t_start
+
+    def save(self, step, metrics=None, **final):
+        """The checkpoint after `step` (metrics=None: an unfinished run's)."""
+        self.state.extra = self.saved()
+        save_run(self.ckpt_path, self.stage, step, self.cfg, self.state, self.weights, self.log, self.t_start,
+                 metrics, **self.meta, **final)
+
+    def finish(self, metrics, responses_generated, policy_steps):
+        """The final checkpoint (call it after the logs and plots: it is the run's last file) with the run's metrics
+        and its training budget (responses sampled during training, the policy's optimizer steps: what
+        studies/compare.py matches methods by), the truncation summary; the folder is given back."""
+        self.save(self.n_steps, metrics, training_budget=dict(responses_generated=responses_generated,
+                                                              policy_steps=policy_steps))
+        TRUNCATIONS.summary(self.name)
+        release_out_dir(self.cfg.out_dir)

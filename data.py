@@ -407,6 +407,14 @@ def make_preference_pairs(prompts, seed, tau=ANNOTATOR_TAU, length_bias=ANNOTATO
     return pairs
 
 
+def sample_preference_pairs(split_prompts, n, seed, tau=ANNOTATOR_TAU, length_bias=ANNOTATOR_LENGTH_BIAS):
+    """n pairs on prompts drawn from a split ({kind: [prompt]}, with the kinds' weights; seed draws the prompts,
+    seed + 1 the responses and labels): what the reward model trains on (seeds cfg.seed + 10 / 20 / 30 for its
+    train / val / test pairs), and what DPO and A-LoL rebuild from the RM checkpoint's config."""
+    prompts = sample_prompts(split_prompts, n, random.Random(seed))
+    return make_preference_pairs(prompts, seed + 1, tau=tau, length_bias=length_bias)
+
+
 def corpus_text(seed=0, n=3000):
     """Text for training the toy BPE tokenizer: every prompt plus demonstrations and candidate responses."""
     rng = random.Random(seed)

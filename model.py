@@ -347,3 +347,8 @@ def entropy_from_logits(logits):
     """Per-position entropy (B, T) of softmax(logits)."""
     logp = F.log_softmax(logits.float(), dim=-1)                          # (B, T, V)
     return -(logp.exp() * logp).sum(-1)                                   # (B, T)
+
+
+def response_values(critic, seq, mask, n_prompt):
+    """A critic's values (B, Tr) of the state before each response token of seq (B, T)."""
+    return critic(seq, mask)[:, n_prompt - 1:-1]                          # (B, Tr)

@@ -63,79 +63,70 @@ import torch
 
 import data
 import tokenizer as tok
-from evaluate import (clipped_tokens, collapse_signature, follow_prompts, iteration_metrics, keep_samples,
-                      minibatch_means, rm_win_rate)
 from external import hh_rlhf
 from external.gpt2 import load_gpt2
-from model import GPT, entropy_from_logits, last_token_index, logprobs_from_logits, response_logits
-from train_sft import collate, encode_demos, sample_responses, sft_loss
-from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_critic, load_models,
-                         release_out_dir, resume_run, save_run, stop_here, without_dropout)
-from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, data_parallel, field, fit_prompt,
-                   gather_rows, lines_up_to, masked_mean, masked_whiten, metrics_over_ranks, pad_batch, parse_config,
-                   plot_curves, rank, read_jsonl, run_main, start_ranks, sum_over_ranks, world_size,
-                   seed_everything)
+from building_blocks import kl
+from building_blocks.monitors import (ValidationMonitor, clipped_tokens, collapse_signature, minibatch_means,
+                                      ppo_iteration_metrics)
+from building_blocks.sequences import collate, encode_demos, encode_prompts
+from model import GPT, entropy_from_logits, last_token_index, logprobs_from_logits, response_logits, response_values
+from train_sft import sft_loss
+from checkpoints import Run, RunOptions, load_critic, load_models, run_meta, without_dropout
+from utils import (share_of_global_tokens, autocast, check_finite, data_parallel, field, gather_rows, masked_mean,
+                   masked_whiten, metrics_over_ranks, parse_config, plot_curves, rank, read_jsonl, run_main,
+                   world_size)
 
 
 @dataclass
-class Config:
-    sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference")
-    rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint (frozen); also the critic's init")
-    out_dir: str = field("out", "where ppo.pt, ppo_log.jsonl and ppo_curves.png are written")
+class Config(RunOptions):
+    sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference", input_file=True)
+    rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint (frozen); also the critic's init", input_file=True)
     data: str = field("toy", "toy (the built-in task, with a gold reward), or HH-RLHF .jsonl/.jsonl.gz file(s), "
-                             "comma-separated: PPO on their prompts; no gold, the win rate is judged by the RM")
-    seed: int = field(0, "seeds prompts, sampling and minibatch order")
-    device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
+                             "comma-separated: PPO on their prompts; no gold, the win rate is judged by the RM", input_file=True)
     # rollout
-    n_iters: int = field(150, "PPO iterations (rollout + update), critic pre-training included")
-    rollout_batch: int = field(64, "prompts (= responses) per iteration")
-    max_new_tokens: int = field(48, "longest response; hitting it without EOS is truncation")
-    temperature: float = field(1.0, "sampling temperature, used for every log-prob too")
+    n_iters: int = field(150, "PPO iterations (rollout + update), critic pre-training included", range="[1, inf)")
+    rollout_batch: int = field(64, "prompts (= responses) per iteration", range="[1, inf)", global_batch=True)
+    max_new_tokens: int = field(48, "longest response; hitting it without EOS is truncation", range="[1, inf)")
+    temperature: float = field(1.0, "sampling temperature, used for every log-prob too", range="(0, inf)")
     fast_rollout: bool = field(True, "old_logprobs from the sampling loop (false: a second policy forward, which "
                                      "also logs the exact KL over the vocabulary)")
     # score and reward (paper §5.3.1, eq. 18; §3.1 eq. 3)
     reward: str = field("rm", "rm (the reward model's score), or a rule of the toy task in its place: verifier "
-                              "(RLVR: data.verify) or gold (the true reward, an oracle)")
+                              "(RLVR: data.verify) or gold (the true reward, an oracle)", choices=('rm', 'verifier', 'gold'))
     tasks: str = field("all", "prompt kinds to train on (toy task): all, or comma-separated of math, fact, harmful, open")
-    score_norm: str = field("norm_clip", "none | scale (÷ running std) | norm_clip (running mean/std, clip ±score_clip)")
-    score_clip: float = field(0.8, "δ for norm_clip")
-    missing_eos_penalty: float = field(0.0, "subtracted from the processed score of responses without EOS")
-    kl_coef: float = field(0.1, "β of the per-token KL penalty (paper figs 0.05-0.2; code 0.01 en / 0.1 zh)")
+    score_norm: str = field("norm_clip", "none | scale (÷ running std) | norm_clip (running mean/std, clip ±score_clip)", choices=('none', 'scale', 'norm_clip'))
+    score_clip: float = field(0.8, "δ for norm_clip", range="(0, inf)")
+    missing_eos_penalty: float = field(0.0, "subtracted from the processed score of responses without EOS", range="[0, inf)")
+    kl_coef: float = field(0.1, "β of the per-token KL penalty (paper figs 0.05-0.2; code 0.01 en / 0.1 zh)", range="[0, inf)")
     # GAE (§3.1 eqs. 7-11)
-    gamma: float = field(1.0, "discount")
-    lam: float = field(0.95, "GAE λ (code 0.95; paper App. C.3 0.9)")
+    gamma: float = field(1.0, "discount", range="[0, 1]")
+    lam: float = field(0.95, "GAE λ (code 0.95; paper App. C.3 0.9)", range="[0, 1]")
     adv_whiten: bool = field(False, "whiten advantages per minibatch (off in PPO-max)")
-    adv_clip: float = field(0.0, "clip advantages to ±adv_clip after whitening (0 = off)")
+    adv_clip: float = field(0.0, "clip advantages to ±adv_clip after whitening (0 = off)", range="[0, inf)")
     # losses (eqs. 15-17)
-    clip_eps: float = field(0.2, "PPO ratio clip ε")
-    vf_clip: float = field(0.2, "value clip ε_v around the rollout values (0 = unclipped)")
-    vf_coef: float = field(1.0, "value-loss weight")
-    entropy_coef: float = field(0.0, "entropy bonus weight (paper: use the KL penalty instead)")
-    ptx_coef: float = field(0.0, "weight of the SFT cross-entropy (PPO-ptx) term")
-    ptx_batch: int = field(16, "SFT demonstrations per minibatch for the PTX term")
+    ratio_clip: float = field(0.2, "ε: the ratio π/π_old is clipped to [1-ε, 1+ε] (eq. 15)", range="(0, 1)")
+    vf_clip: float = field(0.2, "value clip ε_v around the rollout values (0 = unclipped)", range="[0, inf)")
+    vf_coef: float = field(1.0, "value-loss weight", range="[0, inf)")
+    entropy_coef: float = field(0.0, "entropy bonus weight (paper: use the KL penalty instead)", range="[0, inf)")
+    ptx_coef: float = field(0.0, "weight of the SFT cross-entropy (PPO-ptx) term", range="[0, inf)")
+    ptx_batch: int = field(16, "SFT demonstrations per minibatch for the PTX term", range="[1, inf)", global_batch=True)
     # optimisation
-    ppo_epochs: int = field(1, "passes over each rollout batch (the released code: 1)")
-    minibatch: int = field(32, "rollouts per gradient step")
-    micro_batch: int = field(0, "rows per forward/backward inside a minibatch (gradient accumulation; 0 = all)")
-    policy_lr: float = field(3e-5, "policy learning rate")
-    critic_lr: float = field(1e-4, "critic learning rate")
-    grad_clip: float = field(1.0, "global grad-norm clip over policy + critic (0 = off)")
-    critic_init: str = field("rm", "rm (copy of the reward model) or sft (SFT backbone, fresh head)")
+    epochs: int = field(1, "passes over each batch of rollouts (the released code: 1)", range="[1, inf)")
+    minibatches: int = field(2, "optimizer steps per pass over the batch (each on rollout_batch / minibatches rows)",
+                             range="[1, inf)")
+    micro_batch: int = field(0, "rows per forward/backward inside a minibatch (gradient accumulation; 0 = all)", range="[0, inf)")
+    policy_lr: float = field(3e-5, "policy learning rate", range="(0, inf)")
+    critic_lr: float = field(1e-4, "critic learning rate", range="(0, inf)")
+    grad_clip: float = field(1.0, "global grad-norm clip over policy + critic (0 = off)", range="[0, inf)")
+    critic_init: str = field("rm", "rm (copy of the reward model) or sft (SFT backbone, fresh head)", choices=('rm', 'sft'))
     policy_init: str = field("sft", "sft, or a policy not initialised from SFT (paper §5.3.3 Fig. 8; the reference "
-                                    "stays SFT): random, or GPT-2 weights (gpt2 | a local file/folder, external/gpt2.py)")
-    critic_pretrain_iters: int = field(10, "first iterations update only the critic (paper §5.3.3)")
+                                    "stays SFT): random, or GPT-2 weights (gpt2 | a local file/folder, external/gpt2.py)", input_file=True)
+    critic_pretrain_iters: int = field(10, "first iterations update only the critic (paper §5.3.3)", range="[0, inf)")
     # monitoring
-    eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts, sample table")
-    n_eval_prompts: int = field(64, "val prompts for the win rate during training")
-    collapse_window: int = field(10, "iterations compared by the collapse warning")
+    eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts, sample table", range="[1, inf)")
+    n_eval_prompts: int = field(64, "val prompts for the win rate during training", range="[1, inf)")
+    collapse_window: int = field(10, "iterations compared by the collapse warning", range="[1, inf)")
     # reliability
-    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at "
-                                         "the end of the stage (false: error)")
-    log_truncations: bool = field(False, "also print one warning line per truncated prompt")
-    ckpt_interval: int = field(25, "also write ppo.pt (with optimizer, RNG and running stats) every N iterations")
-    resume: bool = field(False, "continue from out_dir/ppo.pt written by an interrupted run")
-    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage")
-    stop_after: int = field(0, "stop after this many iterations as if killed (to test --resume); 0 = off")
     amp: bool = field(True, "bf16 autocast on CUDA (CPU and MPS always run fp32)")
 
 
@@ -144,9 +135,9 @@ PRESETS = {
     "vanilla": dict(kl_coef=0.0, score_norm="none", vf_clip=0.0, grad_clip=0.0, critic_pretrain_iters=0),
     # Back to Basics eq. 9 "vanilla policy gradient": token-level return-to-go (γ = λ = 1) minus a learned
     # baseline (the critic), one gradient step per rollout batch, so ρ = 1 and the clip never acts
-    "vanilla_pg": dict(gamma=1.0, lam=1.0, ppo_epochs=1, minibatch=64, vf_clip=0.0, score_norm="none",
+    "vanilla_pg": dict(gamma=1.0, lam=1.0, epochs=1, minibatches=1, vf_clip=0.0, score_norm="none",
                        critic_pretrain_iters=0),
-    "tiny": dict(n_iters=4, rollout_batch=8, minibatch=4, max_new_tokens=12, critic_pretrain_iters=1,
+    "tiny": dict(n_iters=4, rollout_batch=8, minibatches=2, max_new_tokens=12, critic_pretrain_iters=1,
                  eval_interval=2, n_eval_prompts=8, collapse_window=2, ptx_batch=4),
 }
 
@@ -175,12 +166,6 @@ class Rollout:
         """The same Rollout for rows idx (n,): every per-row tensor sliced alike."""
         return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
-
-
-def encode_prompts(enc, prompts, room, truncate):
-    """Prompt strings -> left-padded (ids (B, Tp), mask (B, Tp)), each cut from the left to `room` tokens."""
-    return pad_batch([fit_prompt(tok.encode(enc, p), room, truncate, f"prompt {p[:40]!r}") for p in prompts],
-                     tok.pad_id(enc), left=True)
 
 
 @torch.no_grad()
@@ -214,7 +199,7 @@ def rollout(policy, ref, rm, critic, prompt_ids, prompt_mask, max_new_tokens, te
         logits = response_logits(policy, seq, seq_mask, n_prompt, temperature)  # (B, Tr, V)
         old_logprobs = logprobs_from_logits(logits, response) * mask      # (B, Tr) as the update computes it
         entropy = entropy_from_logits(logits) * mask                      # (B, Tr)
-        exact_kl = exact_kl_per_position(logits, ref_logits) * mask       # (B, Tr)
+        exact_kl = kl.exact_kl(logits, ref_logits) * mask    # (B, Tr)
         del logits
     del ref_logits                                                        # the largest tensors: free them first
     values = (response_values(critic, seq, seq_mask, n_prompt).float() * mask if critic is not None
@@ -231,17 +216,6 @@ def old_logprobs_from_sampling(sample, mask):
     Equal to that forward up to float rounding (tests/test_perf.py). Returns (old_logprobs, entropy), (B, Tr).
     """
     return sample.logprobs * mask, sample.entropy * mask
-
-
-def exact_kl_per_position(logits, ref_logits):
-    """KL(π || π_ref) summed over the vocabulary at each position (B, Tr): a metric, not the penalty."""
-    logp, ref_logp = logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)  # (B, Tr, V) each
-    return (logp.exp() * (logp - ref_logp)).sum(-1)                       # (B, Tr)
-
-
-def response_values(critic, seq, mask, n_prompt):
-    """Critic values (B, Tr) of the state before each response token."""
-    return critic(seq, mask)[:, n_prompt - 1:-1]                          # (B, Tr)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -268,7 +242,7 @@ def compute_gae(rewards, values, mask, gamma, lam):
     return adv, (adv + values) * mask                                     # (B, T), (B, T)
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, ratio_clip):
     """
     Clipped surrogate (paper eq. 15): mean over tokens of max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε)), ρ = π/π_old.
     Returns (loss, stats) with clipfrac, approx_kl (k3 between π_old and π), ratio mean and max.
@@ -276,7 +250,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
     log_ratio = (logprobs - old_logprobs) * mask                          # (b, Tr)
     ratio = torch.exp(log_ratio)                                          # (b, Tr)
     pg1 = -advantages * ratio                                             # (b, Tr)
-    pg2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    pg2 = -advantages * torch.clamp(ratio, 1.0 - ratio_clip, 1.0 + ratio_clip)
     loss = masked_mean(torch.maximum(pg1, pg2), mask)
     with torch.no_grad():
         stats = dict(clipfrac=masked_mean((pg2 > pg1).float(), mask).item(),
@@ -335,7 +309,7 @@ def process_scores(scores, running, mode, clip):
 
 def kl_rewards(old_logprobs, ref_logprobs, mask, scores, kl_coef):
     """Per-token reward (B, Tr): -β·k1 on every response token, plus the score on the last real one (eq. 3)."""
-    rewards = -kl_coef * (old_logprobs - ref_logprobs) * mask             # (B, Tr)
+    rewards = -kl_coef * kl.k1(old_logprobs, ref_logprobs, mask)          # (B, Tr)
     last = last_token_index(mask)                                         # (B,) EOS position, or the last token
     rewards[torch.arange(len(scores)), last] += scores
     return rewards
@@ -344,90 +318,87 @@ def kl_rewards(old_logprobs, ref_logprobs, mask, scores, kl_coef):
 # ----------------------------------------------------------------------------------------------------
 # Step 6: the update
 
-def ppo_losses(policy, critic, batch, advantages, returns, cfg, update_policy):
-    """
-    The PPO losses on a minibatch (a Rollout of b rows) with its advantages and returns (b, Tr), sliced alike:
-        loss = vf_coef·vf_loss [+ pg_loss - entropy_coef·entropy]     (token means over these rows)
-    Returns (loss, stats, ratio): ratio (b, Tr) is π/π_old per token (None while only the critic trains).
-    """
-    values = response_values(critic, batch.seq, batch.seq_mask, batch.n_prompt)       # (b, Tr)
-    vf_loss, value_stats = ppo_value_loss(values, batch.values, returns, batch.mask, cfg.vf_clip)
-    loss = cfg.vf_coef * vf_loss
-    stats, ratio = dict(vf_loss=vf_loss.item(), **value_stats), None
-    if update_policy:
-        logits = response_logits(policy, batch.seq, batch.seq_mask, batch.n_prompt, cfg.temperature)  # (b, Tr, V)
-        logprobs = logprobs_from_logits(logits, batch.response)                       # (b, Tr)
-        pg_loss, policy_stats = ppo_policy_loss(logprobs, batch.old_logprobs, advantages, batch.mask, cfg.clip_eps)
-        loss = loss + pg_loss
-        stats.update(pg_loss=pg_loss.item(), **policy_stats)
-        if cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), batch.mask)
-        ratio = torch.exp((logprobs - batch.old_logprobs) * batch.mask).detach()      # (b, Tr)
-    return loss, stats, ratio
-
-
 def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy, generator, ptx_data=None,
-               pad_id=None, where="PPO update", token_ratios=None):
+               where="PPO update"):
     """
-    Step 6 (paper eqs. 15-17): cfg.ppo_epochs passes over the Rollout `ro` in shuffled minibatches of
-    cfg.minibatch rows; each minibatch takes one optimizer step on
+    Step 6 (paper eqs. 15-17): cfg.epochs passes over the Rollout `ro` in cfg.minibatches shuffled minibatches;
+    each minibatch takes one optimizer step on
         loss = pg_loss + vf_coef·vf_loss - entropy_coef·entropy + ptx_coef·ptx_loss
-    with one global grad-norm clip over policy and critic. update_policy=False trains only the critic (critic
-    pre-training, §5.3.3). cfg.micro_batch > 0 accumulates a minibatch's gradient over chunks of that many
-    rows, each weighted by its share of the minibatch's tokens: the same step with less memory.
-    Returns one stats dict per minibatch; token_ratios, a (B, Tr) tensor if given, receives each token's ratio
-    π/π_old as the last epoch saw it (the samples log shows it).
+    (token means over the minibatch) with one global grad-norm clip over policy and critic. update_policy=False
+    trains only the critic (critic pre-training, §5.3.3). cfg.micro_batch > 0 accumulates a minibatch's gradient
+    over chunks of that many rows, each weighted by its share of the minibatch's tokens: the same step with less
+    memory. Returns (one stats dict per minibatch, ratios (B, Tr): π/π_old per token as the last epoch saw it).
     """
     policy.train()
     critic.train()
     params = [p for group in opt.param_groups for p in group["params"]]
-    device, n_rows = ro.seq.device, ro.seq.shape[0]
-    minibatch = cfg.minibatch // world_size()                             # [DDP] this rank's share of a minibatch
-    all_stats = []
-    for epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(n_rows, generator=generator).to(device)
-        for start in range(0, n_rows, minibatch):
-            rows = order[start:start + minibatch]                         # (b,)
-            mask, adv = ro.mask[rows], advantages[rows]                   # (b, Tr) each
-            if cfg.adv_whiten:                                            # over the whole minibatch, every rank's
+    order_device, n_rows = ro.seq.device, ro.seq.shape[0]
+    rows_per_minibatch = n_rows // cfg.minibatches                      # [DDP] this rank's rows of each minibatch
+    ratios, all_stats = torch.ones_like(ro.old_logprobs), []             # (B, Tr)
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(n_rows, generator=generator).to(order_device)
+        for start in range(0, n_rows, rows_per_minibatch):
+            rows = order[start:start + rows_per_minibatch]                 # (b,)
+            mask, adv = ro.mask[rows], advantages[rows]                    # (b, Tr) each
+            if cfg.adv_whiten:                                             # over the whole minibatch
                 adv = masked_whiten(adv, mask, over_ranks=True)
             if cfg.adv_clip > 0:
                 adv = torch.clamp(adv, -cfg.adv_clip, cfg.adv_clip)
             opt.zero_grad(set_to_none=True)
             chunk_size = cfg.micro_batch or len(rows)
-            n_tokens, total_loss, stats = sum_over_ranks(mask.sum()), 0.0, {}   # [DDP] the global minibatch's tokens
+            total_loss, stats = 0.0, {}
             for chunk in range(0, len(rows), chunk_size):
-                part = slice(chunk, chunk + chunk_size)
-                # this chunk's share of the minibatch's tokens; [DDP] × N undoes the mean DDP's backward takes
-                share = (world_size() * mask[part].sum() / n_tokens).item()
-                with autocast(device, cfg.amp):
-                    loss, chunk_stats, ratio = ppo_losses(policy, critic, ro.rows(rows[part]), adv[part],
-                                                          returns[rows[part]], cfg, update_policy)
-                if token_ratios is not None and ratio is not None and epoch == cfg.ppo_epochs - 1:
-                    token_ratios[rows[part]] = ratio.float()
+                part, batch = slice(chunk, chunk + chunk_size), ro.rows(rows[chunk:chunk + chunk_size])
+                share = share_of_global_tokens(mask[part].sum(), mask.sum())  # of the minibatch's tokens
+                with autocast(ro.seq.device, cfg.amp):
+                    # eq. 16: the clipped value loss on the critic's new values
+                    values = response_values(critic, batch.seq, batch.seq_mask, batch.n_prompt)   # (c, Tr)
+                    vf_loss, value_stats = ppo_value_loss(values, batch.values, returns[rows[part]], batch.mask,
+                                                          cfg.vf_clip)
+                    loss, chunk_stats = cfg.vf_coef * vf_loss, dict(vf_loss=vf_loss.item(), **value_stats)
+                    if update_policy:                                      # eq. 15: the clipped surrogate
+                        logits = response_logits(policy, batch.seq, batch.seq_mask, batch.n_prompt,
+                                                 cfg.temperature)          # (c, Tr, V)
+                        logprobs = logprobs_from_logits(logits, batch.response)  # (c, Tr)
+                        pg_loss, policy_stats = ppo_policy_loss(logprobs, batch.old_logprobs, adv[part], batch.mask,
+                                                                cfg.ratio_clip)
+                        loss = loss + pg_loss
+                        chunk_stats.update(pg_loss=pg_loss.item(), **policy_stats)
+                        if cfg.entropy_coef > 0:
+                            loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), batch.mask)
+                        if epoch == cfg.epochs - 1:
+                            ratios[rows[part]] = torch.exp((logprobs - batch.old_logprobs) * batch.mask).detach().float()
                 (share * loss).backward()
                 total_loss += share * loss.item()
                 for k, v in chunk_stats.items():                          # token-weighted means, the max of maxes
                     stats[k] = max(stats.get(k, v), v) if k == "ratio_max" else stats.get(k, 0.0) + share * v
             if update_policy and cfg.ptx_coef > 0:                        # PPO-ptx (eq. 17): one SFT batch
-                demos = [ptx_data[i] for i in torch.randint(len(ptx_data), (cfg.ptx_batch // world_size(),),
-                                                            generator=generator)]   # [DDP] this rank's share
-                ids, attn_mask, loss_mask = collate(demos, pad_id, device)  # (p, T') each
-                with autocast(device, cfg.amp):
-                    ptx_loss = sft_loss(policy(ids, attn_mask), ids, loss_mask)
-                (cfg.ptx_coef * ptx_loss).backward()
-                total_loss += cfg.ptx_coef * ptx_loss.item()
+                ptx_loss, share = ptx_batch_loss(policy, ptx_data, cfg, generator)
+                (share * cfg.ptx_coef * ptx_loss).backward()
+                total_loss += share * cfg.ptx_coef * ptx_loss.item()
                 stats.update(ptx_loss=ptx_loss.item())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
             check_finite(where, loss=total_loss, grad_norm=grad_norm.item())
             opt.step()
             stats["grad_norm"] = grad_norm.item()
             all_stats.append(stats)
-    return all_stats
+    return all_stats, ratios
+
+
+def ptx_batch_loss(policy, ptx_data, cfg, generator):
+    """PPO-ptx (eq. 17): the SFT loss on cfg.ptx_batch demonstrations drawn at random (this rank's share under
+    torchrun), and its weight among every rank's demonstration tokens (1 in one process)."""
+    device = next(policy.parameters()).device
+    demos = [ptx_data[i] for i in torch.randint(len(ptx_data), (cfg.ptx_batch // world_size(),), generator=generator)]
+    ids, attn_mask, loss_mask = collate(demos, getattr(policy, "module", policy).cfg.pad_id, device)  # (p, T') each
+    with autocast(device, cfg.amp):
+        loss = sft_loss(policy(ids, attn_mask), ids, loss_mask)
+    tokens = loss_mask[:, 1:].sum()                                       # the tokens sft_loss averages over
+    return loss, share_of_global_tokens(tokens, tokens)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plumbing for main(): models, prompts, checkpoints, config checks (main() itself holds the algorithm)
+# Plumbing for main(): models, prompts, config checks, the monitoring (main() itself holds the algorithm)
 
 def build_models(cfg, device):
     """Policy (SFT copy, or the Fig. 8 ablation's random / GPT-2 init), frozen reference and RM, critic."""
@@ -444,7 +415,7 @@ def build_models(cfg, device):
         raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size "
                          f"{shape.block_size}")
     critic = load_critic(cfg.critic_init, sft, rm_ckpt, cfg.sft_ckpt, cfg.rm_ckpt).to(device)
-    return policy, ref, rm, critic, sft, rm_ckpt
+    return policy, ref, rm, critic, sft
 
 
 def load_prompts(cfg, sft, enc, order_rng):
@@ -459,18 +430,14 @@ def load_prompts(cfg, sft, enc, order_rng):
     return splits, encode_demos(enc, demos, sft["model_config"]["block_size"])
 
 
-def save_ppo(path, it, cfg, sft, policy, critic, state, running, log, t_start, metrics=None):
-    """Policy weights for evaluate.py and the next stages, plus everything --resume needs (checkpoints.save_run)."""
-    state.extra["running"] = [running.mean, running.var, running.count]
-    save_run(path, "ppo", it, cfg, state, dict(model=policy, critic=critic), log, t_start, metrics,
-             model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
-             sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
-
-
 def check_config(cfg):
-    """One-line errors for option combinations that cannot work (each value alone: utils.check_options)."""
-    if cfg.rollout_batch % cfg.minibatch:
-        raise ValueError(f"minibatch {cfg.minibatch} must divide rollout_batch {cfg.rollout_batch}")
+    """One-line errors for option combinations that cannot work (each value alone: its field's rule)."""
+    if cfg.rollout_batch % cfg.minibatches:
+        raise ValueError(f"--minibatches {cfg.minibatches} must divide --rollout_batch {cfg.rollout_batch}")
+    n_ranks = world_size()                            # [DDP] each rank takes an equal share of every minibatch
+    if n_ranks > 1 and (cfg.rollout_batch // cfg.minibatches) % n_ranks:
+        raise ValueError(f"--minibatches {cfg.minibatches}: its {cfg.rollout_batch // cfg.minibatches} rows must "
+                         f"divide among the {n_ranks} processes torchrun started")
     if cfg.data != "toy" and (cfg.reward != "rm" or cfg.tasks != "all"):
         raise ValueError(f"--reward {cfg.reward} / --tasks {cfg.tasks}: the rules and kinds exist for the toy task only")
 
@@ -478,121 +445,99 @@ def check_config(cfg):
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     check_config(cfg)
-    TRUNCATIONS.reset(cfg.log_truncations)
-    claim_out_dir(cfg.out_dir)                        # one run per folder at a time
-    check_fresh_start(os.path.join(cfg.out_dir, "ppo.pt"), cfg)
-    seed_everything(cfg.seed)
-    device = start_ranks(cfg.device)                  # [DDP] under torchrun: this process's device, in the group
-    # 0. models: the policy and the critic train; the reference (a copy of SFT) and the reward model stay frozen
-    policy, ref, rm, critic, sft, rm_ckpt = build_models(cfg, device)
-    train_policy, train_critic = data_parallel(policy), data_parallel(critic)   # [DDP] gradients averaged
-    enc = tok.get_tokenizer(sft["tokenizer"])
-    eos_id, pad_id, room = tok.eos_id(enc), tok.pad_id(enc), policy.cfg.block_size - cfg.max_new_tokens
-    opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": cfg.policy_lr},
-                             {"params": critic.parameters(), "lr": cfg.critic_lr}], weight_decay=0.0,
-                            betas=(0.9, 0.95), eps=1e-8)
-    print(f"device={device} config={asdict(cfg)}")
-    rank_seed = cfg.seed + 1000 * rank()                # [DDP] each rank its own prompts and samples (rank 0: seed)
-    order_rng = random.Random(rank_seed)                # prompt draws, minibatch order, PTX demonstrations
-    sampling_gen = torch.Generator(device=device).manual_seed(rank_seed)  # token sampling in the rollouts
-    running = RunningMoments()                          # score statistics over the whole run (step 3)
-    state = RunState(opt, order_rng, sampling_gen, extra=dict(running=[], history=[], warned=False),
-                     inputs=input_fingerprints(cfg))
-    splits, ptx_data = load_prompts(cfg, sft, enc, order_rng)
-    has_gold = cfg.data == "toy"
-    eval_prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
-    # the same seed every time: the policy and SFT answer the fixed val prompts with the same random stream
-    eval_sampling = lambda model: sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature,
-                                                   device, torch.Generator(device=device).manual_seed(cfg.seed + 1))
-    sft_eval = eval_sampling(ref)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log_path, ckpt_path = os.path.join(cfg.out_dir, "ppo_log.jsonl"), os.path.join(cfg.out_dir, "ppo.pt")
-    samples_path = os.path.join(cfg.out_dir, "ppo_samples.jsonl")    # rollouts with per-token quantities
-    start = 1
-    if cfg.resume:
-        start = resume_run(ckpt_path, "ppo", cfg, sft["tokenizer_id"], state, dict(model=policy, critic=critic)) + 1
-        running.mean, running.var, running.count = state.extra["running"]
-    history = state.extra["history"]                    # one metrics dict per iteration, saved with the run
-    log, progress, t_start = JsonlLog(log_path, state.log_lines), Progress(cfg.n_iters), time.time() - state.train_time_s
-    samples = JsonlLog(samples_path, lines_up_to(samples_path, "iter", start - 1) if cfg.resume else None)
+    with Run(cfg, "ppo", data_parallel=True) as run:
+        device = run.device
+        # 0. models: the policy and the critic train; the reference (a copy of SFT) and the reward model stay frozen
+        policy, ref, rm, critic, sft = build_models(cfg, device)
+        train_policy, train_critic = data_parallel(policy), data_parallel(critic)   # [DDP] gradients averaged
+        enc = tok.get_tokenizer(sft["tokenizer"])
+        eos_id, pad_id, room = tok.eos_id(enc), tok.pad_id(enc), policy.cfg.block_size - cfg.max_new_tokens
+        opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": cfg.policy_lr},
+                                 {"params": critic.parameters(), "lr": cfg.critic_lr}], weight_decay=0.0,
+                                betas=(0.9, 0.95), eps=1e-8)
+        print(f"device={device} config={asdict(cfg)}")
+        rank_seed = cfg.seed + 1000 * rank()            # [DDP] each rank its own prompts and samples (rank 0: seed)
+        order_rng = random.Random(rank_seed)            # prompt draws, minibatch order, PTX demonstrations
+        sampling_gen = torch.Generator(device=device).manual_seed(rank_seed)  # token sampling in the rollouts
+        running, history, warned = RunningMoments(), [], False   # score statistics (step 3), metrics, the warning
+        splits, ptx_data = load_prompts(cfg, sft, enc, order_rng)
+        restored = run.begin(opt, dict(model=policy, critic=critic), run_meta(sft, cfg), cfg.n_iters, order_rng,
+                             sampling_gen, samples=True, saved=lambda: dict(
+                                 running=[running.mean, running.var, running.count], history=history, warned=warned))
+        running.mean, running.var, running.count = restored["running"]
+        history, warned = restored["history"], restored["warned"]
+        has_gold = cfg.data == "toy"
+        monitor = ValidationMonitor(enc, ref, rm, critic, data.sample_prompts(
+            splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1)), cfg.max_new_tokens, cfg.temperature,
+            cfg.seed, run.samples, device, has_gold)
+        for it in run.steps():
+            t_iter = time.time()
+            # 1-2. rollout, then old_logprobs, ref_logprobs, values and RM scores (one no-grad pass per model)
+            prompts = data.sample_prompts(splits["train"], cfg.rollout_batch // world_size(), order_rng)  # [DDP] share
+            prompt_ids, prompt_mask = encode_prompts(enc, prompts, room, cfg.truncate_prompts)  # (B, Tp) each
+            with autocast(device, cfg.amp):
+                ro = rollout(policy, ref, rm, critic, prompt_ids.to(device), prompt_mask.to(device),
+                             cfg.max_new_tokens, cfg.temperature, eos_id, pad_id, sampling_gen, cfg.fast_rollout)
+            texts = [tok.decode(enc, r) for r in ro.response.tolist()]
+            gold = torch.tensor([data.gold_reward(p, r) if has_gold else float("nan") for p, r in zip(prompts, texts)])
+            check_finite(f"PPO iteration {it}", rm_score=ro.scores.sum(), value=ro.values.sum())
+            # 3. score processing with running statistics over every score so far (eq. 18); --reward: a rule's
+            raw = ro.scores.float() if cfg.reward == "rm" else torch.tensor(
+                data.rule_rewards(cfg.reward, prompts, texts), device=device)           # (B,)
+            scores = process_scores(raw, running, cfg.score_norm, cfg.score_clip)  # (B,)
+            ended = (ro.response == eos_id).any(1)                               # (B,)
+            scores = scores - cfg.missing_eos_penalty * (~ended).float()
+            # 4. per-token rewards: -β·k1 on every token, the score on the last real one (eqs. 3, 19)
+            rewards = kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, scores, cfg.kl_coef)   # (B, Tr)
+            # 5. GAE over response tokens; returns = advantages + values are the critic's targets (eqs. 7-11)
+            advantages, returns = compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)   # (B, Tr) each
+            # 6. clipped PPO update, `epochs` passes over shuffled minibatches (eqs. 15-17)
+            t_train, update_policy = time.time(), it > cfg.critic_pretrain_iters
+            minibatch_gen = torch.Generator().manual_seed(order_rng.randrange(2**31))   # this update's shuffles
+            update_stats, ratios = ppo_update(train_policy, train_critic, opt, ro, advantages, returns, cfg,
+                                              update_policy, minibatch_gen, ptx_data, f"PPO iteration {it}")
+            t_train = time.time() - t_train
 
-    for it in range(start, cfg.n_iters + 1):
-        t_iter = time.time()
-        # 1-2. rollout, then old_logprobs, ref_logprobs, values and RM scores (one no-grad pass per model)
-        prompts = data.sample_prompts(splits["train"], cfg.rollout_batch // world_size(), order_rng)  # [DDP] a share
-        prompt_ids, prompt_mask = encode_prompts(enc, prompts, room, cfg.truncate_prompts)  # (B, Tp) each
-        with autocast(device, cfg.amp):
-            ro = rollout(policy, ref, rm, critic, prompt_ids.to(device), prompt_mask.to(device), cfg.max_new_tokens,
-                         cfg.temperature, eos_id, pad_id, sampling_gen, cfg.fast_rollout)
-        texts = [tok.decode(enc, r) for r in ro.response.tolist()]
-        gold = torch.tensor([data.gold_reward(p, r) if has_gold else float("nan") for p, r in zip(prompts, texts)])
-        check_finite(f"PPO iteration {it}", rm_score=ro.scores.sum(), value=ro.values.sum())
-        # 3. score processing with running statistics over every score so far (eq. 18); --reward: a rule's instead
-        raw = ro.scores.float() if cfg.reward == "rm" else torch.tensor(data.rule_rewards(cfg.reward, prompts, texts),
-                                                                        device=device)  # (B,)
-        scores = process_scores(raw, running, cfg.score_norm, cfg.score_clip)  # (B,)
-        ended = (ro.response == eos_id).any(1)                            # (B,)
-        scores = scores - cfg.missing_eos_penalty * (~ended).float()
-        # 4. per-token rewards: -β·k1 on every token, the score on the last real one (eqs. 3, 19)
-        rewards = kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, scores, cfg.kl_coef)    # (B, Tr)
-        # 5. GAE over response tokens; returns = advantages + values are the critic's targets (eqs. 7-11)
-        advantages, returns = compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)    # (B, Tr) each
-        # 6. clipped PPO update, ppo_epochs passes over shuffled minibatches (eqs. 15-17)
-        t_train, update_policy = time.time(), it > cfg.critic_pretrain_iters
-        minibatch_gen = torch.Generator().manual_seed(order_rng.randrange(2**31))   # this update's shuffles
-        ratios = torch.ones_like(ro.old_logprobs)                          # (B, Tr) filled by the update
-        update_stats = ppo_update(train_policy, train_critic, opt, ro, advantages, returns, cfg, update_policy,
-                                  minibatch_gen, ptx_data, pad_id, where=f"PPO iteration {it}", token_ratios=ratios)
-        t_train = time.time() - t_train
-
-        # monitoring: the paper's §5.2 metrics, PPO diagnostics, win rate vs SFT, the collapse warning
-        row = dict(iter=it, policy_updated=update_policy,
-                   **iteration_metrics(ro, scores, gold, ended, advantages, returns, running),
-                   policy_lr=cfg.policy_lr, critic_lr=cfg.critic_lr, t_generate=ro.t_generate, t_score=ro.t_score,
-                   t_train=t_train, t_iter=time.time() - t_iter, **minibatch_means(update_stats))
-        row = metrics_over_ranks(row)                                      # [DDP] the global batch's metrics
-        if it % cfg.eval_interval == 0 or it == cfg.n_iters:
-            outs = eval_sampling(policy)
-            row["win_rate_vs_sft"] = (data.gold_win_rate(eval_prompts, outs, sft_eval) if has_gold else
-                                      rm_win_rate(rm, enc, eval_prompts, outs, sft_eval, device))
-            per_token = {"k1": (ro.old_logprobs - ro.ref_logprobs) * ro.mask, "reward": rewards, "value": ro.values,
-                         "advantage": advantages, "return": returns, "entropy": ro.entropy, "ratio": ratios,
-                         "clipped": clipped_tokens(ratios, advantages, cfg.clip_eps, cfg.clip_eps) * ro.mask}
-            keep_samples(samples, it, enc, prompts, texts, ro, gold, per_token, follow_prompts(
-                it, policy, ref, rm, critic, enc, eval_prompts[:2], cfg.max_new_tokens, cfg.temperature, cfg.seed + 2,
-                has_gold, device))
-        history.append(row)
-        reasons = collapse_signature(history, cfg.max_new_tokens, cfg.collapse_window)
-        row["collapse_warning"] = bool(reasons)
-        if reasons and not state.extra["warned"]:
-            print(f"WARNING: pattern collapse signature at iteration {it} (paper §5.2): {'; '.join(reasons)}")
-            state.extra["warned"] = True
-        log.write(**row)
-        if it % cfg.ckpt_interval == 0 and it < cfg.n_iters:
-            save_ppo(ckpt_path, it, cfg, sft, policy, critic, state, running, log, t_start)
-        print(progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL {row['kl_seq']:.2f} "
-                                f"len {row['length']:.1f} eos {row['eos_rate']:.2f} vf {row['vf_loss']:.3f}"
-                                + ("" if update_policy else " (critic pre-training)")))
-        if stop_here(cfg, it, cfg.n_iters, "iteration"):
-            return None
-    return finish(cfg, sft, policy, critic, state, running, log, t_start, ckpt_path)
+            # monitoring: the paper's §5.2 metrics, PPO diagnostics, win rate vs SFT, the collapse warning
+            row = metrics_over_ranks(dict(                                   # [DDP] the global batch's metrics
+                iter=it, policy_updated=update_policy,
+                **ppo_iteration_metrics(ro, scores, gold, ended, advantages, returns, running),
+                policy_lr=cfg.policy_lr, critic_lr=cfg.critic_lr, t_generate=ro.t_generate, t_score=ro.t_score,
+                t_train=t_train, t_iter=time.time() - t_iter, **minibatch_means(update_stats)))
+            if it % cfg.eval_interval == 0 or it == cfg.n_iters:
+                row["win_rate_vs_sft"] = monitor.win_rate(policy)
+                monitor.keep_samples(it, policy, ro, prompts, texts, gold, {
+                    "k1": kl.k1(ro.old_logprobs, ro.ref_logprobs, ro.mask), "reward": rewards, "value": ro.values,
+                    "advantage": advantages, "return": returns, "entropy": ro.entropy, "ratio": ratios,
+                    "clipped": clipped_tokens(ratios, advantages, cfg.ratio_clip, cfg.ratio_clip) * ro.mask})
+            history.append(row)
+            reasons = collapse_signature(history, cfg.max_new_tokens, cfg.collapse_window)
+            row["collapse_warning"] = bool(reasons)
+            if reasons and not warned:
+                print(f"WARNING: pattern collapse signature at iteration {it} (paper §5.2): {'; '.join(reasons)}")
+                warned = True
+            run.log.write(**row)
+            print(run.progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL {row['kl_seq']:.2f} "
+                                        f"len {row['length']:.1f} eos {row['eos_rate']:.2f} vf {row['vf_loss']:.3f}"
+                                        + ("" if update_policy else " (critic pre-training)")))
+        return None if run.stopped else finish(cfg, run, history[-1], warned)
 
 
-def finish(cfg, sft, policy, critic, state, running, log, t_start, ckpt_path):
-    """The final checkpoint, the curves and the summary line; returns the final metrics."""
-    total, last, warned = time.time() - t_start, state.extra["history"][-1], state.extra["warned"]
+def finish(cfg, run, last, warned):
+    """The curves, the final checkpoint (last) and the summary line; returns the final metrics (`last`: the last
+    iteration's row)."""
     metrics = {k: last[k] for k in ("score_raw", "gold", "kl_seq", "length", "eos_rate")}
-    metrics.update(train_time_s=total, collapse_warning=warned, win_rate_vs_sft=last.get("win_rate_vs_sft", float("nan")))
-    plot_curves(os.path.join(cfg.out_dir, "ppo_curves.png"), read_jsonl(log.path), "iter",
+    metrics.update(train_time_s=run.train_time(), collapse_warning=warned,
+                   win_rate_vs_sft=last.get("win_rate_vs_sft", float("nan")))
+    plot_curves(os.path.join(cfg.out_dir, "ppo_curves.png"), read_jsonl(run.log_path), "iter",
                 [["score_raw"], ["gold"], ["kl_seq", "kl_k3_seq"], ["length"], ["perplexity"], ["win_rate_vs_sft"]],
                 f"PPO (β={cfg.kl_coef}, scores {cfg.score_norm}): RM score, gold reward, KL to SFT, length, "
                 f"perplexity, win rate vs SFT")
-    save_ppo(ckpt_path, cfg.n_iters, cfg, sft, policy, critic, state, running, log, t_start, metrics)  # last file
-    TRUNCATIONS.summary("PPO")
-    print(f"PPO done in {total:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, KL "
+    run.finish(metrics, responses_generated=cfg.n_iters * cfg.rollout_batch,
+               policy_steps=(cfg.n_iters - min(cfg.critic_pretrain_iters, cfg.n_iters)) * cfg.epochs * cfg.minibatches)
+    print(f"PPO done in {metrics['train_time_s']:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, KL "
           f"{metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f}"
-          f"{', COLLAPSE WARNING' if warned else ''} -> {ckpt_path}")
-    release_out_dir(cfg.out_dir)
+          f"{', COLLAPSE WARNING' if warned else ''} -> {run.ckpt_path}")
     return metrics
 
 

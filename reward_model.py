@@ -34,7 +34,6 @@ Shape legend: B pairs in a batch, T sequence length (prompt + response), P held-
 """
 import os
 import random
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -45,46 +44,36 @@ import data
 import tokenizer as tok
 from external import hh_rlhf
 from external.gpt2 import load_gpt2
+from building_blocks.sampling import score_texts
 from model import GPTConfig, ScalarHeadGPT
-from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_checkpoint, load_weights,
-                         release_out_dir, resume_run, save_run, stop_here)
-from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, data_parallel, field, fit_prompt,
-                   gather_rows, pad_batch, parse_config, plot_curves, read_jsonl, run_main, seed_everything, shard,
-                   start_ranks, sum_over_ranks, table, world_size)
+from checkpoints import Run, RunOptions, ckpt_interval_field, load_checkpoint, load_weights
+from utils import (autocast, check_finite, data_parallel, field, gather_rows, parse_config, plot_curves, read_jsonl,
+                   run_main, shard, sum_over_ranks, table, world_size)
 
 
 @dataclass
-class Config:
-    sft_ckpt: str = field("out/sft.pt", "the SFT checkpoint the RM starts from (its tokenizer; its weights unless --init)")
-    init: str = field("sft", "sft (the SFT checkpoint's weights), or GPT-2 weights: gpt2 | ... | a local file/folder")
-    out_dir: str = field("out", "where rm.pt, rm_log.jsonl and rm_loss.png are written")
-    seed: int = field(0, "seeds pair generation, labels, head init and batch order")
-    device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
+class Config(RunOptions):
+    ckpt_interval: int = ckpt_interval_field(100)
+    sft_ckpt: str = field("out/sft.pt", "the SFT checkpoint the RM starts from (its tokenizer; its weights unless --init)", input_file=True)
+    init: str = field("sft", "sft (the SFT checkpoint's weights), or GPT-2 weights: gpt2 | ... | a local file/folder", input_file=True)
     # simulated annotators (data.py)
-    n_train: int = field(10000, "preference pairs on train prompts (one epoch)")
-    n_val: int = field(500, "pairs on val prompts (accuracy during training)")
-    n_test: int = field(1000, "pairs on test prompts (final accuracy and correlations)")
-    tau: float = field(data.ANNOTATOR_TAU, "annotator noise temperature: P(a>b) = sigmoid((u_a-u_b)/tau)")
+    n_train: int = field(10000, "preference pairs on train prompts (one epoch)", range="[1, inf)")
+    n_val: int = field(500, "pairs on val prompts (accuracy during training)", range="[1, inf)")
+    n_test: int = field(1000, "pairs on test prompts (final accuracy and correlations)", range="[1, inf)")
+    tau: float = field(data.ANNOTATOR_TAU, "annotator noise temperature: P(a>b) = sigmoid((u_a-u_b)/tau)", range="(0, inf)")
     length_bias: float = field(data.ANNOTATOR_LENGTH_BIAS, "annotator utility bonus per word (spurious)")
-    data: str = field("toy", "toy (simulated annotators), or HH-RLHF .jsonl/.jsonl.gz file(s), comma-separated")
+    data: str = field("toy", "toy (simulated annotators), or HH-RLHF .jsonl/.jsonl.gz file(s), comma-separated", input_file=True)
     # (`data` comes after tau and length_bias: in the class body it would hide the data module from them)
     # optimisation
-    batch_size: int = field(32, "pairs per micro-batch, over all processes under torchrun (each takes an equal share)")
-    grad_accum: int = field(1, "micro-batches per optimizer step (gradient accumulation)")
+    batch_size: int = field(32, "pairs per micro-batch, over all processes under torchrun (each takes an equal share)", range="[1, inf)", global_batch=True)
+    grad_accum: int = field(1, "micro-batches per optimizer step (gradient accumulation)", range="[1, inf)")
     amp: bool = field(True, "bf16 autocast on CUDA (CPU and MPS always run fp32)")
-    lr: float = field(3e-4, "learning rate (AdamW), linear warm-up then constant")
-    warmup_iters: int = field(20, "linear warm-up steps")
-    weight_decay: float = field(0.0, "AdamW weight decay")
-    grad_clip: float = field(1.0, "global grad-norm clip (0 = off)")
-    eval_interval: int = field(50, "validate every this many steps")
+    lr: float = field(3e-4, "learning rate (AdamW), linear warm-up then constant", range="(0, inf)")
+    warmup_iters: int = field(20, "linear warm-up steps", range="[1, inf)")
+    weight_decay: float = field(0.0, "AdamW weight decay", range="[0, inf)")
+    grad_clip: float = field(1.0, "global grad-norm clip (0 = off)", range="[0, inf)")
+    eval_interval: int = field(50, "validate every this many steps", range="[1, inf)")
     # reliability
-    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at "
-                                         "the end of the stage (false: error)")
-    log_truncations: bool = field(False, "also print one warning line per truncated prompt")
-    ckpt_interval: int = field(100, "also write rm.pt (with optimizer state) every N steps")
-    resume: bool = field(False, "continue from out_dir/rm.pt written by an interrupted run")
-    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage")
-    stop_after: int = field(0, "stop after this many steps as if killed (to test --resume); 0 = off")
 
 
 PRESETS = {
@@ -99,19 +88,6 @@ PRESETS = {
 def pairwise_loss(r_chosen, r_rejected):
     """Bradley-Terry NLL, mean over pairs: -log sigmoid(r_c - r_r). r_chosen, r_rejected (B,)."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
-
-
-def score_texts(rm, enc, prompts, responses, device, truncate=True):
-    """RM scores (n,) of prompt + response strings (a response ends with EOS when it finished), one batch.
-    A prompt too long for the context is cut from the left (truncate=True) or is an error. `rm` may be the
-    DDP wrapper of the model in training (its forward averages gradients; only its config is read through it)."""
-    block_size = getattr(rm, "module", rm).cfg.block_size
-    seqs = []
-    for p, r in zip(prompts, responses):
-        resp = tok.encode(enc, r)[: 3 * block_size // 4]  # a (real-data) response this long is cut off
-        seqs.append(fit_prompt(tok.encode(enc, p), block_size - len(resp), truncate, f"prompt {p[:40]!r}") + resp)
-    ids, mask = pad_batch(seqs, tok.pad_id(enc), left=False)                 # (n, T) each
-    return rm(ids.to(device), mask.to(device), last=True)                     # (n,) the RM score
 
 
 def pair_scores(rm, enc, pairs, device, truncate=True):
@@ -176,124 +152,110 @@ def evaluate_rm(rm, enc, pairs, device, batch_size=64, gold=True):
                 length_corr_gold=pearson(gold_all, words))
 
 
-def make_pairs(split_prompts, n, seed, cfg):
-    prompts = data.sample_prompts(split_prompts, n, random.Random(seed))
-    return data.make_preference_pairs(prompts, seed + 1, tau=cfg.tau, length_bias=cfg.length_bias)
-
-
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
-    TRUNCATIONS.reset(cfg.log_truncations)
-    claim_out_dir(cfg.out_dir)                        # one run per folder at a time
-    check_fresh_start(os.path.join(cfg.out_dir, "rm.pt"), cfg)
-    seed_everything(cfg.seed)
-    device = start_ranks(cfg.device)                  # [DDP] under torchrun: this process's device, in the group
-    sft = load_checkpoint(cfg.sft_ckpt, "sft")  # also checks that its tokenizer is unchanged
-    enc = tok.get_tokenizer(sft["tokenizer"])
-    print(f"device={device} tokenizer={sft['tokenizer_id']} config={asdict(cfg)}")
+    with Run(cfg, "rm", unit="step", data_parallel=True) as run:
+        device = run.device
+        sft = load_checkpoint(cfg.sft_ckpt, "sft")  # also checks that its tokenizer is unchanged
+        enc = tok.get_tokenizer(sft["tokenizer"])
+        print(f"device={device} tokenizer={sft['tokenizer_id']} config={asdict(cfg)}")
 
-    # model: SFT backbone (or GPT-2's weights) + fresh scalar head
-    mcfg = GPTConfig(**sft["model_config"])
-    rm = ScalarHeadGPT(mcfg)
-    if cfg.init == "sft":
-        load_weights(rm.backbone, sft["model"], cfg.sft_ckpt)
-    else:
-        load_weights(rm.backbone, load_gpt2(cfg.init, mcfg.block_size, mcfg.vocab_size, mcfg.pad_id).state_dict(), cfg.init)
-    rm.to(device)
+        # model: SFT backbone (or GPT-2's weights) + fresh scalar head
+        mcfg = GPTConfig(**sft["model_config"])
+        rm = ScalarHeadGPT(mcfg)
+        if cfg.init == "sft":
+            load_weights(rm.backbone, sft["model"], cfg.sft_ckpt)
+        else:
+            load_weights(rm.backbone, load_gpt2(cfg.init, mcfg.block_size, mcfg.vocab_size, mcfg.pad_id).state_dict(), cfg.init)
+        rm.to(device)
 
-    # data: pairs on disjoint prompt splits (the SFT run's splits, so test prompts stay unseen)
-    gold = cfg.data == "toy"
-    if gold:
-        splits = data.prompt_splits(sft["config"]["seed"])
-        train = make_pairs(splits["train"], cfg.n_train, cfg.seed + 10, cfg)
-        val = make_pairs(splits["val"], cfg.n_val, cfg.seed + 20, cfg)
-        test = make_pairs(splits["test"], cfg.n_test, cfg.seed + 30, cfg)
-    else:  # HH-RLHF: the human labels are the only judgement
-        splits = hh_rlhf.hh_splits(cfg.data, sft["config"]["seed"])
-        train, val, test = splits["train"][:cfg.n_train], splits["val"][:cfg.n_val], splits["test"][:cfg.n_test]
-    per_step = cfg.batch_size * cfg.grad_accum
-    n_iters = len(train) // per_step  # one epoch
-    if n_iters == 0:
-        raise ValueError(f"{len(train)} training pairs is less than one step of batch_size x grad_accum = {per_step}")
-    print(f"{len(train)} train / {len(val)} val / {len(test)} test pairs; {n_iters} steps (1 epoch)")
+        # data: pairs on disjoint prompt splits (the SFT run's splits, so test prompts stay unseen)
+        gold = cfg.data == "toy"
+        if gold:
+            splits = data.prompt_splits(sft["config"]["seed"])
+            train = data.sample_preference_pairs(splits["train"], cfg.n_train, cfg.seed + 10, cfg.tau, cfg.length_bias)
+            val = data.sample_preference_pairs(splits["val"], cfg.n_val, cfg.seed + 20, cfg.tau, cfg.length_bias)
+            test = data.sample_preference_pairs(splits["test"], cfg.n_test, cfg.seed + 30, cfg.tau, cfg.length_bias)
+        else:  # HH-RLHF: the human labels are the only judgement
+            splits = hh_rlhf.hh_splits(cfg.data, sft["config"]["seed"])
+            train, val, test = splits["train"][:cfg.n_train], splits["val"][:cfg.n_val], splits["test"][:cfg.n_test]
+        per_step = cfg.batch_size * cfg.grad_accum
+        n_iters = len(train) // per_step  # one epoch
+        if n_iters == 0:
+            raise ValueError(f"{len(train)} training pairs is less than one step of batch_size x grad_accum = {per_step}")
+        print(f"{len(train)} train / {len(val)} val / {len(test)} test pairs; {n_iters} steps (1 epoch)")
 
-    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    train_rm = data_parallel(rm)                      # [DDP] the training forward goes through it: gradients averaged
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log_path, ckpt_path = os.path.join(cfg.out_dir, "rm_log.jsonl"), os.path.join(cfg.out_dir, "rm.pt")
-    # the batch order is fixed by the seed, so weights, optimizer and step are all --resume needs
-    state, weights = RunState(opt, inputs=input_fingerprints(cfg)), dict(model=rm)
-    meta = dict(model_config=asdict(mcfg), tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
-                sft_ckpt=cfg.sft_ckpt)
-    start = resume_run(ckpt_path, "rm", cfg, sft["tokenizer_id"], state, weights) if cfg.resume else 0
-    log = JsonlLog(log_path, state.log_lines)
-    progress = Progress(n_iters)
-    order = list(range(len(train)))
-    random.Random(cfg.seed).shuffle(order)
-    t0 = time.time() - state.train_time_s
+        opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        train_rm = data_parallel(rm)                      # [DDP] the training forward goes through it: gradients averaged
+        # the batch order is fixed by the seed, so weights, optimizer and step are all --resume needs
+        meta = dict(model_config=asdict(mcfg), tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
+                    sft_ckpt=cfg.sft_ckpt)
+        run.begin(opt, dict(model=rm), meta, n_iters)
+        order = list(range(len(train)))
+        random.Random(cfg.seed).shuffle(order)
 
-    for step in range(start, n_iters + 1):
-        if step > start and step % cfg.ckpt_interval == 0 and step < n_iters:
-            save_run(ckpt_path, "rm", step, cfg, state, weights, log, t0, **meta)
-        if stop_here(cfg, step, n_iters):
-            return None
-        if step % cfg.eval_interval == 0 or step == n_iters:
+        def validate(step):
             m = evaluate_rm(rm, enc, val, device, gold=gold)
-            log.write(step=step, val_loss=m["loss"], val_acc_labels=m["acc_labels"], time=time.time() - t0,
-                      **({"val_acc_gold": m["acc_gold"]} if gold else {}))
-            print(progress.line(step, f"val loss {m['loss']:.4f} acc(labels) {m['acc_labels']:.3f}"
-                                      + (f" acc(gold) {m['acc_gold']:.3f}" if gold else "")))
-        if step == n_iters:
-            break
-        batch = shard([train[i] for i in order[step * per_step:(step + 1) * per_step]])  # [DDP] this rank's share
-        micro = cfg.batch_size // world_size()                            # [DDP] rows per micro-batch on this rank
-        rm.train()
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_iters)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss, r_c, r_r = 0.0, [], []
-        for i in range(0, len(batch), micro):                             # grad_accum micro-batches of equal size
-            with autocast(device, cfg.amp):
-                a, b = pair_scores(train_rm, enc, batch[i:i + micro], device, cfg.truncate_prompts)  # (B,), (B,)
-                part = pairwise_loss(a.float(), b.float()) / cfg.grad_accum
-            part.backward()                    # gradients add up over micro-batches; [DDP] averaged over ranks
-            loss, r_c, r_r = loss + part.detach(), r_c + [a.detach()], r_r + [b.detach()]
-        loss = sum_over_ranks(loss) / world_size()                        # [DDP] the global batch's loss
-        r_c, r_r = gather_rows(torch.cat(r_c)), gather_rows(torch.cat(r_r))  # (B * grad_accum,) each, [DDP] all ranks
-        gnorm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        check_finite(f"RM step {step + 1}", train_loss=loss.item(), grad_norm=gnorm.item())
-        opt.step()
-        log.write(step=step + 1, train_loss=loss.item(), train_acc=(r_c > r_r).float().mean().item(),
-                  lr=lr, grad_norm=gnorm.item(), time=time.time() - t0)
-    train_time = time.time() - t0
+            run.log.write(step=step, val_loss=m["loss"], val_acc_labels=m["acc_labels"], time=run.train_time(),
+                          **({"val_acc_gold": m["acc_gold"]} if gold else {}))
+            print(run.progress.line(step, f"val loss {m['loss']:.4f} acc(labels) {m['acc_labels']:.3f}"
+                                          + (f" acc(gold) {m['acc_gold']:.3f}" if gold else "")))
 
-    # held-out test pairs: agreement with labels and gold, correlation with gold, length sensitivity
-    metrics = evaluate_rm(rm, enc, test, device, gold=gold)
-    metrics["train_time_s"] = train_time
-    log.write(step=n_iters, **{f"test_{k}": v for k, v in metrics.items()})
-    with torch.no_grad():
-        rm.eval()
-        show = test[:8]
-        sc, sr = pair_scores(rm, enc, show, device)
-    g = (lambda p, r: data.gold_reward(p, r)) if gold else (lambda p, r: "-")   # no gold reward for real data
-    rows = [(p["prompt"][-100:].strip(), p["chosen"], a, g(p["prompt"], p["chosen"]), p["rejected"], b,
-             g(p["prompt"], p["rejected"])) for p, a, b in zip(show, sc.tolist(), sr.tolist())]
-    print(table(rows, ["test prompt", "chosen", "RM", "gold", "rejected", "RM", "gold"], [30, 44, 5, 5, 44, 5, 5]))
-    print(table([(k, v) for k, v in metrics.items()], ["test metric", "value"], [18, 8]))
+        if run.start == 1:
+            validate(0)
+        for step in run.steps():                          # the step-th optimizer step
+            batch = shard([train[i] for i in order[(step - 1) * per_step:step * per_step]])  # [DDP] this rank's share
+            micro = cfg.batch_size // world_size()                            # [DDP] rows per micro-batch on this rank
+            rm.train()
+            lr = cfg.lr * min(1.0, step / cfg.warmup_iters)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss, r_c, r_r = 0.0, [], []
+            for i in range(0, len(batch), micro):                             # grad_accum micro-batches of equal size
+                with autocast(device, cfg.amp):
+                    a, b = pair_scores(train_rm, enc, batch[i:i + micro], device, cfg.truncate_prompts)  # (B,), (B,)
+                    part = pairwise_loss(a.float(), b.float()) / cfg.grad_accum
+                part.backward()                    # gradients add up over micro-batches; [DDP] averaged over ranks
+                loss, r_c, r_r = loss + part.detach(), r_c + [a.detach()], r_r + [b.detach()]
+            loss = sum_over_ranks(loss) / world_size()                        # [DDP] the global batch's loss
+            r_c, r_r = gather_rows(torch.cat(r_c)), gather_rows(torch.cat(r_r))  # (B * grad_accum,) each, [DDP] all ranks
+            gnorm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip or float("inf"))
+            check_finite(f"RM step {step}", train_loss=loss.item(), grad_norm=gnorm.item())
+            opt.step()
+            run.log.write(step=step, train_loss=loss.item(), train_acc=(r_c > r_r).float().mean().item(),
+                          lr=lr, grad_norm=gnorm.item(), time=run.train_time())
+            if step % cfg.eval_interval == 0 or step == n_iters:
+                validate(step)
+        if run.stopped:
+            return None
+        train_time = run.train_time()
 
-    plot_curves(os.path.join(cfg.out_dir, "rm_loss.png"), read_jsonl(log_path), "step",
-                [["train_loss", "val_loss"], ["train_acc", "val_acc_labels", "val_acc_gold"]],
-                "Reward model: Bradley-Terry loss and pairwise accuracy")
-    save_run(ckpt_path, "rm", n_iters, cfg, state, weights, log, t0, metrics, **meta)  # last: see save_run
-    vs_gold = (f", vs gold {metrics['acc_gold']:.3f}; Spearman with gold {metrics['spearman']:.3f}, Pearson "
-               f"{metrics['pearson']:.3f}" if gold else " (no gold reward for this data)")
-    TRUNCATIONS.summary("RM")
-    print(f"RM done in {train_time:.0f}s: test accuracy vs labels {metrics['acc_labels']:.3f}{vs_gold} -> {ckpt_path}")
-    release_out_dir(cfg.out_dir)
-    return metrics
+        # held-out test pairs: agreement with labels and gold, correlation with gold, length sensitivity
+        metrics = evaluate_rm(rm, enc, test, device, gold=gold)
+        metrics["train_time_s"] = train_time
+        run.log.write(step=n_iters, **{f"test_{k}": v for k, v in metrics.items()})
+        with torch.no_grad():
+            rm.eval()
+            show = test[:8]
+            sc, sr = pair_scores(rm, enc, show, device)
+        g = (lambda p, r: data.gold_reward(p, r)) if gold else (lambda p, r: "-")   # no gold reward for real data
+        rows = [(p["prompt"][-100:].strip(), p["chosen"], a, g(p["prompt"], p["chosen"]), p["rejected"], b,
+                 g(p["prompt"], p["rejected"])) for p, a, b in zip(show, sc.tolist(), sr.tolist())]
+        print(table(rows, ["test prompt", "chosen", "RM", "gold", "rejected", "RM", "gold"], [30, 44, 5, 5, 44, 5, 5]))
+        print(table([(k, v) for k, v in metrics.items()], ["test metric", "value"], [18, 8]))
+
+        plot_curves(os.path.join(cfg.out_dir, "rm_loss.png"), read_jsonl(run.log_path), "step",
+                    [["train_loss", "val_loss"], ["train_acc", "val_acc_labels", "val_acc_gold"]],
+                    "Reward model: Bradley-Terry loss and pairwise accuracy")
+        run.finish(metrics, responses_generated=0, policy_steps=0)
+        vs_gold = (f", vs gold {metrics['acc_gold']:.3f}; Spearman with gold {metrics['spearman']:.3f}, Pearson "
+                   f"{metrics['pearson']:.3f}" if gold else " (no gold reward for this data)")
+        print(f"RM done in {train_time:.0f}s: test accuracy vs labels {metrics['acc_labels']:.3f}{vs_gold} -> "
+              f"{run.ckpt_path}")
+        return metrics
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ Shape legend: B batch, T sequence length (prompt + response), V vocab.
 import math
 import os
 import random
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,55 +40,46 @@ import data
 import tokenizer as tok
 from external import hh_rlhf
 from external.gpt2 import load_gpt2
+from building_blocks.sampling import sample_responses
+from building_blocks.sequences import collate, encode_demos
 from model import GPT, GPTConfig
-from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, release_out_dir, resume_run,
-                         save_run, stop_here)
-from utils import (TRUNCATIONS, JsonlLog, Progress, autocast, check_finite, data_parallel, field, fit_prompt, pad_batch,
-                   parse_config, plot_curves, read_jsonl, run_main, seed_everything, shard, start_ranks, sum_over_ranks,
-                   table, world_size)
+from checkpoints import Run, RunOptions, ckpt_interval_field
+from utils import (share_of_global_tokens, autocast, check_finite, data_parallel, field, parse_config, plot_curves,
+                   read_jsonl, run_main, shard, sum_over_ranks, table, world_size)
 
 
 @dataclass
-class Config:
-    out_dir: str = field("out", "where sft.pt, sft_log.jsonl and sft_loss.png are written")
-    seed: int = field(0, "seeds data generation, init and sampling")
-    device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
-    tokenizer: str = field("toy", "toy (shipped BPE) or gpt2 (tiktoken's, needs its cache)")
+class Config(RunOptions):
+    ckpt_interval: int = ckpt_interval_field(250)
+    tokenizer: str = field("toy", "toy (shipped BPE) or gpt2 (tiktoken's, needs its cache)", choices=('toy', 'gpt2'))
     init: str = field("random", "random, or GPT-2 weights: gpt2 | gpt2-medium | ... (HF cache) or a local "
-                                "model.safetensors / pytorch_model.bin / folder; sets n_layer, n_head, n_embd")
+                                "model.safetensors / pytorch_model.bin / folder; sets n_layer, n_head, n_embd", input_file=True)
     data: str = field("toy", "toy (the built-in task), or HH-RLHF .jsonl/.jsonl.gz file(s), comma-separated: "
-                             "SFT on the chosen responses")
+                             "SFT on the chosen responses", input_file=True)
     # model
-    n_layer: int = field(4, "transformer blocks")
-    n_head: int = field(4, "attention heads")
-    n_embd: int = field(128, "model width")
-    block_size: int = field(128, "max prompt + response tokens")
-    dropout: float = field(0.0, "dropout (0 keeps later PPO ratios exact)")
+    n_layer: int = field(4, "transformer blocks", range="[1, inf)")
+    n_head: int = field(4, "attention heads", range="[1, inf)")
+    n_embd: int = field(128, "model width", range="[1, inf)")
+    block_size: int = field(128, "max prompt + response tokens", range="[1, inf)")
+    dropout: float = field(0.0, "dropout (0 keeps later PPO ratios exact)", range="[0, 1)")
     # data
-    n_train: int = field(8000, "demonstrations drawn from the train prompts")
-    n_val: int = field(500, "demonstrations drawn from the val prompts (validation loss)")
+    n_train: int = field(8000, "demonstrations drawn from the train prompts", range="[1, inf)")
+    n_val: int = field(500, "demonstrations drawn from the val prompts (validation loss)", range="[1, inf)")
     # optimisation
-    max_iters: int = field(1500, "optimizer steps")
-    batch_size: int = field(32, "sequences per micro-batch, over all processes under torchrun (each takes an equal share)")
-    grad_accum: int = field(1, "micro-batches per optimizer step (gradient accumulation; exact token-weighted mean)")
+    max_iters: int = field(1500, "optimizer steps", range="[0, inf)")
+    batch_size: int = field(32, "sequences per micro-batch, over all processes under torchrun (each takes an equal share)", range="[1, inf)", global_batch=True)
+    grad_accum: int = field(1, "micro-batches per optimizer step (gradient accumulation; exact token-weighted mean)", range="[1, inf)")
     amp: bool = field(True, "bf16 autocast on CUDA (CPU and MPS always run fp32)")
-    lr: float = field(2e-3, "peak learning rate")
-    warmup_iters: int = field(50, "linear warm-up steps")
-    weight_decay: float = field(0.1, "AdamW weight decay on matrices")
-    grad_clip: float = field(1.0, "global grad-norm clip (0 = off)")
-    eval_interval: int = field(100, "validate every this many steps")
+    lr: float = field(2e-3, "peak learning rate", range="(0, inf)")
+    warmup_iters: int = field(50, "linear warm-up steps", range="[1, inf)")
+    weight_decay: float = field(0.1, "AdamW weight decay on matrices", range="[0, inf)")
+    grad_clip: float = field(1.0, "global grad-norm clip (0 = off)", range="[0, inf)")
+    eval_interval: int = field(100, "validate every this many steps", range="[1, inf)")
     # final evaluation
-    n_eval_prompts: int = field(512, "test prompts sampled for the gold-reward evaluation")
-    max_new_tokens: int = field(48, "longest sampled response")
-    temperature: float = field(1.0, "sampling temperature for the evaluation (1 = the policy PPO starts from)")
+    n_eval_prompts: int = field(512, "test prompts sampled for the gold-reward evaluation", range="[1, inf)")
+    max_new_tokens: int = field(48, "longest sampled response", range="[1, inf)")
+    temperature: float = field(1.0, "sampling temperature for the evaluation (1 = the policy PPO starts from)", range="(0, inf)")
     # reliability
-    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at "
-                                         "the end of the stage (false: error)")
-    log_truncations: bool = field(False, "also print one warning line per truncated prompt")
-    ckpt_interval: int = field(250, "also write sft.pt (with optimizer and RNG state) every N steps")
-    resume: bool = field(False, "continue from out_dir/sft.pt written by an interrupted run")
-    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage")
-    stop_after: int = field(0, "stop after this many steps as if killed (to test --resume); 0 = off")
 
 
 PRESETS = {
@@ -102,11 +92,6 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------------------
 # Pure functions (imported by tests, notebooks and later stages)
 
-def build_sft_example(prompt_ids, response_ids):
-    """ids = prompt + response (response ends with EOS); loss_mask[i] = 1 iff ids[i] is a response token."""
-    return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
-
-
 def sft_loss(logits, ids, loss_mask):
     """
     Mean next-token cross-entropy over response tokens: position t predicts ids[t+1], counted iff loss_mask[t+1].
@@ -118,45 +103,12 @@ def sft_loss(logits, ids, loss_mask):
     return (nll * m).sum() / m.sum().clamp(min=1)
 
 
-def encode_demos(enc, pairs, block_size, truncate=True):
-    """[(prompt, response)] -> [(ids, loss_mask)]; a prompt too long for block_size is cut from the left
-    (truncate=True, with a warning) or is an error naming the demonstration."""
-    out = []
-    for i, (p, r) in enumerate(pairs):
-        resp = tok.encode(enc, r)[: 3 * block_size // 4]   # a (real-data) response this long is cut off
-        prompt = fit_prompt(tok.encode(enc, p), block_size - len(resp), truncate, f"demonstration {i}")
-        out.append(build_sft_example(prompt, resp))
-    return out
-
-
-def collate(examples, pad_id, device):
-    """[(ids, loss_mask)] -> ids, attention mask, loss mask, each (B, T), right-padded."""
-    ids, mask = pad_batch([e[0] for e in examples], pad_id, left=False)   # (B, T), (B, T)
-    loss_mask, _ = pad_batch([e[1] for e in examples], 0, left=False)     # (B, T)
-    return ids.to(device), mask.to(device), loss_mask.to(device)
-
-
 def lr_at(step, cfg):
     """Linear warm-up to cfg.lr over warmup_iters (step 0 already gets lr/warmup, not 0), then cosine to lr/10."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
     progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-@torch.no_grad()
-def sample_responses(model, enc, prompts, max_new_tokens, temperature, device, generator=None, batch_size=64):
-    """Sample one response string per prompt (left-padded batches, KV cache); EOS kept as its marker text."""
-    model.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        room = model.cfg.block_size - max_new_tokens                      # a long (HH) prompt keeps its end
-        ids, mask = pad_batch([fit_prompt(tok.encode(enc, p), room, True, f"prompt {p[:40]!r}")
-                               for p in prompts[i:i + batch_size]], tok.pad_id(enc), left=True)
-        resp = model.generate(ids.to(device), mask.to(device), max_new_tokens, tok.eos_id(enc), tok.pad_id(enc),
-                              temperature=temperature, generator=generator).tokens   # (b, Tr)
-        out += [tok.decode(enc, row) for row in resp.tolist()]
-    return out
 
 
 @torch.no_grad()
@@ -191,127 +143,118 @@ def gold_by_kind(prompts, responses):
 
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
-    TRUNCATIONS.reset(cfg.log_truncations)
-    claim_out_dir(cfg.out_dir)                        # one run per folder at a time
-    check_fresh_start(os.path.join(cfg.out_dir, "sft.pt"), cfg)
-    seed_everything(cfg.seed)
-    device = start_ranks(cfg.device)                  # [DDP] under torchrun: this process's device, in the group
-    enc = tok.get_tokenizer(cfg.tokenizer)
-    print(f"device={device} tokenizer={tok.tokenizer_id(enc)} config={asdict(cfg)}")
+    with Run(cfg, "sft", unit="step", data_parallel=True) as run:
+        device = run.device
+        enc = tok.get_tokenizer(cfg.tokenizer)
+        print(f"device={device} tokenizer={tok.tokenizer_id(enc)} config={asdict(cfg)}")
 
-    # data: demonstrations on train prompts (training) and val prompts (validation loss)
-    rng = random.Random(cfg.seed)
-    if cfg.data == "toy":
-        splits = data.prompt_splits(cfg.seed)
-        train = data.make_demonstrations(data.sample_prompts(splits["train"], cfg.n_train, rng), cfg.seed + 1)
-        val = data.make_demonstrations(data.sample_prompts(splits["val"], cfg.n_val, rng), cfg.seed + 2)
-    else:  # HH-RLHF: the chosen response of each record is the demonstration
-        splits = hh_rlhf.hh_splits(cfg.data, cfg.seed)
-        train = [(r["prompt"], r["chosen"]) for r in splits["train"][:cfg.n_train]]
-        val = [(r["prompt"], r["chosen"]) for r in splits["val"][:cfg.n_val]]
-    train = encode_demos(enc, train, cfg.block_size, cfg.truncate_prompts)
-    val = encode_demos(enc, val, cfg.block_size, cfg.truncate_prompts)
+        # data: demonstrations on train prompts (training) and val prompts (validation loss)
+        rng = random.Random(cfg.seed)
+        if cfg.data == "toy":
+            splits = data.prompt_splits(cfg.seed)
+            train = data.make_demonstrations(data.sample_prompts(splits["train"], cfg.n_train, rng), cfg.seed + 1)
+            val = data.make_demonstrations(data.sample_prompts(splits["val"], cfg.n_val, rng), cfg.seed + 2)
+        else:  # HH-RLHF: the chosen response of each record is the demonstration
+            splits = hh_rlhf.hh_splits(cfg.data, cfg.seed)
+            train = [(r["prompt"], r["chosen"]) for r in splits["train"][:cfg.n_train]]
+            val = [(r["prompt"], r["chosen"]) for r in splits["val"][:cfg.n_val]]
+        train = encode_demos(enc, train, cfg.block_size, cfg.truncate_prompts)
+        val = encode_demos(enc, val, cfg.block_size, cfg.truncate_prompts)
 
-    if cfg.batch_size > len(train):
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(train)} training demonstrations (n_train)")
-    if cfg.init == "random":
-        mcfg = GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         n_embd=cfg.n_embd, dropout=cfg.dropout, pad_id=tok.pad_id(enc))
-        model = GPT(mcfg).to(device)
-    else:  # GPT-2 weights; the model's shape comes from the checkpoint, not from n_layer / n_head / n_embd
-        model = load_gpt2(cfg.init, cfg.block_size, enc.n_vocab, tok.pad_id(enc), cfg.dropout).to(device)
-        mcfg = model.cfg
-        print(f"initialised from GPT-2 weights {cfg.init}: {mcfg.n_layer} layers, {mcfg.n_head} heads, width {mcfg.n_embd}")
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params / 1e6:.2f}M parameters; {len(train)} train / {len(val)} val demonstrations")
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    train_model = data_parallel(model)                # [DDP] the training forward goes through it: gradients averaged
+        if cfg.batch_size > len(train):
+            raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(train)} training demonstrations (n_train)")
+        if cfg.init == "random":
+            mcfg = GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                             n_embd=cfg.n_embd, dropout=cfg.dropout, pad_id=tok.pad_id(enc))
+            model = GPT(mcfg).to(device)
+        else:  # GPT-2 weights; the model's shape comes from the checkpoint, not from n_layer / n_head / n_embd
+            model = load_gpt2(cfg.init, cfg.block_size, enc.n_vocab, tok.pad_id(enc), cfg.dropout).to(device)
+            mcfg = model.cfg
+            print(f"initialised from GPT-2 weights {cfg.init}: {mcfg.n_layer} layers, {mcfg.n_head} heads, width {mcfg.n_embd}")
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{n_params / 1e6:.2f}M parameters; {len(train)} train / {len(val)} val demonstrations")
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+        train_model = data_parallel(model)                # [DDP] the training forward goes through it: gradients averaged
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log_path, ckpt_path = os.path.join(cfg.out_dir, "sft_log.jsonl"), os.path.join(cfg.out_dir, "sft.pt")
-    state = RunState(opt, rng, extra=dict(order=[]), inputs=input_fingerprints(cfg))  # order: the epoch's remaining demonstrations, popped per batch
-    weights = dict(model=model)
-    meta = dict(model_config=asdict(mcfg), tokenizer=cfg.tokenizer, tokenizer_id=tok.tokenizer_id(enc))
-    start = resume_run(ckpt_path, "sft", cfg, meta["tokenizer_id"], state, weights) if cfg.resume else 0
-    order = state.extra["order"]                      # the list the checkpoint saves (changed in place only)
-    log = JsonlLog(log_path, state.log_lines)
-    progress = Progress(cfg.max_iters)
-    t0 = time.time() - state.train_time_s
+        meta = dict(model_config=asdict(mcfg), tokenizer=cfg.tokenizer, tokenizer_id=tok.tokenizer_id(enc))
+        order = []                                        # the epoch's remaining demonstrations, popped per batch (saved)
+        order = run.begin(opt, dict(model=model), meta, cfg.max_iters, rng, saved=lambda: dict(order=order))["order"]
 
-    for step in range(start, cfg.max_iters + 1):
-        if step > start and step % cfg.ckpt_interval == 0 and step < cfg.max_iters:
-            save_run(ckpt_path, "sft", step, cfg, state, weights, log, t0, **meta)
-        if stop_here(cfg, step, cfg.max_iters):
-            return None
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+        def validate(step):
             vl = eval_loss(model, val, cfg, mcfg.pad_id, device)
-            log.write(step=step, val_loss=vl, time=time.time() - t0)
-            print(progress.line(step, f"val loss {vl:.4f}"))
-        if step == cfg.max_iters:
-            break
-        # one optimizer step on grad_accum micro-batches drawn without replacement (reshuffled each epoch)
-        micro = []
-        for _ in range(cfg.grad_accum):
-            if len(order) < cfg.batch_size:
-                order[:] = range(len(train))
-                rng.shuffle(order)
-            batch = [train[order.pop()] for _ in range(cfg.batch_size)]  # every rank draws the same global batch
-            micro.append(collate(shard(batch), mcfg.pad_id, device))      # [DDP] and keeps its share of it
-        n_tokens = sum_over_ranks(sum(lm[:, 1:].sum() for _, _, lm in micro)).clamp(min=1)  # the whole step's tokens
-        model.train()
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss = 0.0
-        for ids, mask, loss_mask in micro:                                # (B, T) each
-            with autocast(device, cfg.amp):
-                part = sft_loss(train_model(ids, mask), ids, loss_mask) * (loss_mask[:, 1:].sum() / n_tokens)
-            (part * world_size()).backward()   # gradients add up over micro-batches; [DDP] × N undoes DDP's mean
-            loss = loss + part.detach()
-        loss = sum_over_ranks(loss)                                       # [DDP] the loss of the global batch
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        check_finite(f"SFT step {step + 1}", train_loss=loss.item(), grad_norm=gnorm.item())
-        opt.step()
-        log.write(step=step + 1, train_loss=loss.item(), lr=lr, grad_norm=gnorm.item(), time=time.time() - t0)
-    train_time = time.time() - t0
+            run.log.write(step=step, val_loss=vl, time=run.train_time())
+            print(run.progress.line(step, f"val loss {vl:.4f}"))
+            return vl
 
-    # final evaluation: sample on test prompts, gold reward next to the demonstrations' on the same prompts
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    metrics = dict(val_loss=vl, train_time_s=train_time, n_params=n_params)
-    if cfg.data == "toy":
-        eval_prompts = data.sample_prompts(splits["test"], cfg.n_eval_prompts, random.Random(cfg.seed + 3))
-        responses = sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device, gen)
-        demos = [d for _, d in data.make_demonstrations(eval_prompts, cfg.seed + 4)]
-        gold_sft, gold_demo = gold_by_kind(eval_prompts, responses), gold_by_kind(eval_prompts, demos)
-        print(table([(p.strip(), r, data.gold_reward(p, r)) for p, r in zip(eval_prompts[:8], responses[:8])],
-                    ["test prompt", f"SFT sample (T={cfg.temperature})", "gold"], [44, 70, 5]))
-        print(table([(k, gold_demo[k], gold_sft.get(k, float("nan"))) for k in gold_demo],
-                    ["kind", "gold: demonstrations", "gold: SFT samples"], [8, 20, 18]))
-        metrics.update(gold_sft=gold_sft["all"], gold_demos=gold_demo["all"], gold_sft_by_kind=gold_sft,
-                       gold_demos_by_kind=gold_demo)
-    else:  # no gold reward for real data: show samples next to the chosen responses
-        test = splits["test"][:cfg.n_eval_prompts]
-        eval_prompts = [r["prompt"] for r in test]
-        responses = sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device, gen)
-        print(table([(p[-120:].strip(), r, t["chosen"]) for p, r, t in zip(eval_prompts[:8], responses[:8], test)],
-                    ["test prompt (end)", f"SFT sample (T={cfg.temperature})", "chosen (data)"], [40, 50, 50]))
-    ended = mean([r.endswith(data.EOS_TEXT) for r in responses])
-    metrics.update(ended_fraction=ended, n_eval_prompts=len(eval_prompts))
-    log.write(step=cfg.max_iters, **{k: v for k, v in metrics.items() if not isinstance(v, dict)})
+        if run.start == 1:
+            vl = validate(0)
+        for step in run.steps():                          # the step-th optimizer step
+            # one optimizer step on grad_accum micro-batches drawn without replacement (reshuffled each epoch)
+            micro = []
+            for _ in range(cfg.grad_accum):
+                if len(order) < cfg.batch_size:
+                    order[:] = range(len(train))
+                    rng.shuffle(order)
+                batch = [train[order.pop()] for _ in range(cfg.batch_size)]  # every rank draws the same global batch
+                micro.append(collate(shard(batch), mcfg.pad_id, device))      # [DDP] and keeps its share of it
+            n_tokens = sum(lm[:, 1:].sum() for _, _, lm in micro)             # the step's loss tokens on this rank
+            model.train()
+            lr = lr_at(step - 1, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss = 0.0
+            for ids, mask, loss_mask in micro:                                # (B, T) each
+                with autocast(device, cfg.amp):
+                    part = sft_loss(train_model(ids, mask), ids, loss_mask)   # mean over this micro-batch's tokens
+                share = share_of_global_tokens(loss_mask[:, 1:].sum(), n_tokens)   # [DDP] of every rank's tokens
+                (part * share).backward()                 # gradients add up over micro-batches to the step's token mean
+                loss = loss + part.detach() * share / world_size()
+            loss = sum_over_ranks(loss)                                       # [DDP] the loss of the global batch
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            check_finite(f"SFT step {step}", train_loss=loss.item(), grad_norm=gnorm.item())
+            opt.step()
+            run.log.write(step=step, train_loss=loss.item(), lr=lr, grad_norm=gnorm.item(), time=run.train_time())
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                vl = validate(step)
+        if run.stopped:
+            return None
+        train_time = run.train_time()
 
-    plot_curves(os.path.join(cfg.out_dir, "sft_loss.png"), read_jsonl(log_path), "step",
-                [["train_loss", "val_loss"]], "SFT: response-token cross-entropy", logy=(0,))
-    save_run(ckpt_path, "sft", cfg.max_iters, cfg, state, weights, log, t0, metrics, **meta)  # last: see save_run
-    gold = (f"gold reward SFT {metrics['gold_sft']:.3f} vs demonstrations {metrics['gold_demos']:.3f}, "
-            if "gold_sft" in metrics else "")
-    TRUNCATIONS.summary("SFT")
-    print(f"SFT done in {train_time:.0f}s: val loss {vl:.4f}, {gold}{100 * ended:.0f}% ended with EOS -> {ckpt_path}")
-    release_out_dir(cfg.out_dir)
-    return metrics
+        # final evaluation: sample on test prompts, gold reward next to the demonstrations' on the same prompts
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        metrics = dict(val_loss=vl, train_time_s=train_time, n_params=n_params)
+        if cfg.data == "toy":
+            eval_prompts = data.sample_prompts(splits["test"], cfg.n_eval_prompts, random.Random(cfg.seed + 3))
+            responses = sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device, gen)
+            demos = [d for _, d in data.make_demonstrations(eval_prompts, cfg.seed + 4)]
+            gold_sft, gold_demo = gold_by_kind(eval_prompts, responses), gold_by_kind(eval_prompts, demos)
+            print(table([(p.strip(), r, data.gold_reward(p, r)) for p, r in zip(eval_prompts[:8], responses[:8])],
+                        ["test prompt", f"SFT sample (T={cfg.temperature})", "gold"], [44, 70, 5]))
+            print(table([(k, gold_demo[k], gold_sft.get(k, float("nan"))) for k in gold_demo],
+                        ["kind", "gold: demonstrations", "gold: SFT samples"], [8, 20, 18]))
+            metrics.update(gold_sft=gold_sft["all"], gold_demos=gold_demo["all"], gold_sft_by_kind=gold_sft,
+                           gold_demos_by_kind=gold_demo)
+        else:  # no gold reward for real data: show samples next to the chosen responses
+            test = splits["test"][:cfg.n_eval_prompts]
+            eval_prompts = [r["prompt"] for r in test]
+            responses = sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device, gen)
+            print(table([(p[-120:].strip(), r, t["chosen"]) for p, r, t in zip(eval_prompts[:8], responses[:8], test)],
+                        ["test prompt (end)", f"SFT sample (T={cfg.temperature})", "chosen (data)"], [40, 50, 50]))
+        ended = mean([r.endswith(data.EOS_TEXT) for r in responses])
+        metrics.update(ended_fraction=ended, n_eval_prompts=len(eval_prompts))
+        run.log.write(step=cfg.max_iters, **{k: v for k, v in metrics.items() if not isinstance(v, dict)})
+
+        plot_curves(os.path.join(cfg.out_dir, "sft_loss.png"), read_jsonl(run.log_path), "step",
+                    [["train_loss", "val_loss"]], "SFT: response-token cross-entropy", logy=(0,))
+        run.finish(metrics, responses_generated=0, policy_steps=cfg.max_iters)
+        gold = (f"gold reward SFT {metrics['gold_sft']:.3f} vs demonstrations {metrics['gold_demos']:.3f}, "
+                if "gold_sft" in metrics else "")
+        print(f"SFT done in {train_time:.0f}s: val loss {vl:.4f}, {gold}{100 * ended:.0f}% ended with EOS -> {run.ckpt_path}")
+        return metrics
 
 
 if __name__ == "__main__":

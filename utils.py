@@ -30,79 +30,112 @@ def str2bool(s):
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-# What an option's value must be, by name: one table for every stage's Config, checked by parse_config before any
-# work. A field not named here has no range (paths, seeds, booleans; file contents are checked where they load).
-AT_LEAST_1 = ("n_layer", "n_head", "n_embd", "block_size", "n_train", "n_val", "n_test", "batch_size",
-              "grad_accum", "eval_interval", "n_eval_prompts", "max_new_tokens", "ckpt_interval", "n_iters",
-              "rollout_batch", "minibatch", "ppo_epochs", "ptx_batch", "collapse_window", "prompts_per_iter", "k",
-              "minibatches", "epochs", "value_epochs", "warmup_iters", "n_prompts", "max_sample_rounds")
-AT_LEAST_0 = ("max_iters", "weight_decay", "grad_clip", "kl_coef", "missing_eos_penalty", "entropy_coef",
-              "ptx_coef", "vf_coef", "vf_clip", "adv_clip", "critic_pretrain_iters", "stop_after", "micro_batch",
-              "clip_high", "overlong_cache")
-ABOVE_0 = ("lr", "policy_lr", "critic_lr", "value_lr", "temperature", "tau", "beta", "score_clip")
-RANGES = {"dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
-          "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"), "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-          "clip_eps": (lambda v: 0 < v < 1, "in (0, 1)"), "clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
-          "group_size": (lambda v: v >= 2, "at least 2 (the baseline is the group's mean)")}
-CHOICES = {"score_norm": ("none", "scale", "norm_clip"), "critic_init": ("rm", "sft"), "baseline": ("loo", "moving_avg", "none"),
-           "rank_by": ("R", "score"), "variant": ("alol", "ref_free", "seq", "kl"), "tokenizer": ("toy", "gpt2"),
-           "reward": ("rm", "verifier", "gold"), "scale": ("group", "batch", "none"), "ratio_level": ("token", "sequence"),
-           "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")}
-# Global batches: under torchrun each process takes an equal share, so these must divide by the number of processes.
-SPLIT_OVER_RANKS = ("batch_size", "rollout_batch", "minibatch", "ptx_batch", "prompts_per_iter")
+def field(default, help, range=None, choices=None, valid=None, global_batch=False, input_file=False,
+          resume_free=False):
+    """
+    A Config field with its help text (shown by --help) and, beside it, what its value must be; parse_config
+    checks every field before the stage does any work (check_options), and --help shows the rule:
+      range         an interval: "[1, inf)" (at least 1), "(0, inf)" (greater than 0), "[0, 1)", ... (nan fails)
+      choices       the allowed values
+      valid         (test, "what it must be") for anything else
+      global_batch  a global batch: under torchrun each process takes an equal share, so it must divide by their number
+      input_file    names input file(s), comma-separated: --resume compares their contents, not their paths
+      resume_free   may differ between a run and its --resume (where to write, how to run, not what to compute)
+    """
+    rule = dict(range=range and _interval(range), choices=choices, valid=valid, global_batch=global_batch,
+                input_file=input_file, resume_free=resume_free)
+    metadata = dict(help=help, **{k: v for k, v in rule.items() if v})
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def device_field():
+    """The --device option every stage has, with its check."""
+    return field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, cuda:N, mps",
+                 valid=(lambda v: v in ("auto", "cpu", "mps") or str(v).startswith("cuda"), "auto, cpu, cuda, cuda:N or mps"),
+                 resume_free=True)
+
+
+def _interval(text):
+    """ "[0, 1)" -> (0.0, 1.0, low closed: True, high closed: False, "[0, 1)") """
+    text = text.strip()
+    low, high = (float(part) for part in text[1:-1].split(","))
+    return low, high, text[0] == "[", text[-1] == "]", text
+
+
+def field_rule(f):
+    """What a dataclass field's value must be, in words ('' when anything goes): at least 1, 0 or more, greater
+    than 0, in [0, 1), one of a, b, ..."""
+    m = f.metadata
+    if "range" in m:
+        low, high, low_closed, _, text = m["range"]
+        if high != math.inf:
+            return f"in {text}"
+        if low == 0:
+            return "0 or more" if low_closed else "greater than 0"
+        return f"at least {low:g}" if low_closed else f"greater than {low:g}"
+    if "choices" in m:
+        return "one of " + ", ".join(m["choices"])
+    return m["valid"][1] if "valid" in m else ""
+
+
+def _outside(interval, value):
+    low, high, low_closed, high_closed, _ = interval
+    return not ((low <= value if low_closed else low < value) and (value <= high if high_closed else value < high))
 
 
 def check_options(cfg):
     """One-line ValueError for the first option whose value cannot work, named as on the command line (cfg: a
-    Config dataclass, or an argparse namespace)."""
-    for name, value in (dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else vars(cfg)).items():
-        wrong = ((name in AT_LEAST_1 and value < 1 and "at least 1") or (name in AT_LEAST_0 and value < 0 and "0 or more")
-                 or (name in ABOVE_0 and value <= 0 and "greater than 0")
-                 or (name in RANGES and not RANGES[name][0](value) and RANGES[name][1])
-                 or (name in CHOICES and value not in CHOICES[name] and "one of " + ", ".join(CHOICES[name])))
-        if wrong:
-            raise ValueError(f"--{name} {value!r}: must be {wrong}")
+    Config dataclass whose fields were declared with field(): each field's rule stands beside it)."""
+    n_ranks = int(os.environ.get("WORLD_SIZE", "1"))                  # set by torchrun
+    for f in dataclasses.fields(cfg):
+        value, m = getattr(cfg, f.name), f.metadata
+        if (("range" in m and _outside(m["range"], value)) or ("choices" in m and value not in m["choices"])
+                or ("valid" in m and not m["valid"][0](value))):
+            raise ValueError(f"--{f.name} {value!r}: must be {field_rule(f)}")
+        if m.get("global_batch") and n_ranks > 1 and value % n_ranks:
+            raise ValueError(f"--{f.name} {value}: must be a multiple of the {n_ranks} processes torchrun started "
+                             f"(each takes an equal share of the global batch)")
     if getattr(cfg, "n_embd", 0) % getattr(cfg, "n_head", 1):
         raise ValueError(f"--n_embd {cfg.n_embd}: must be a multiple of --n_head {cfg.n_head} (each head gets n_embd / "
                          f"n_head dimensions)")
     length = getattr(cfg, "n_iters", None) or getattr(cfg, "max_iters", None)
     if getattr(cfg, "stop_after", 0) and length and cfg.stop_after >= length:
         raise ValueError(f"--stop_after {cfg.stop_after}: must be less than the run's length ({length}), or 0 for off")
-    if getattr(cfg, "device", "auto") not in ("auto", "cpu", "mps") and not str(cfg.device).startswith("cuda"):
-        raise ValueError(f"--device {cfg.device!r}: must be auto, cpu, cuda, cuda:N or mps")
-    n_ranks = int(os.environ.get("WORLD_SIZE", "1"))                  # set by torchrun
-    for name in SPLIT_OVER_RANKS:
-        if n_ranks > 1 and getattr(cfg, name, 0) % n_ranks:
-            raise ValueError(f"--{name} {getattr(cfg, name)}: must be a multiple of the {n_ranks} processes torchrun "
-                             f"started (each takes an equal share of the global batch)")
+
+
+def fields_with(cfg, flag):
+    """The names of a Config's fields declared with field(..., flag=True): input_file, resume_free, global_batch."""
+    return tuple(f.name for f in dataclasses.fields(cfg) if f.metadata.get(flag))
 
 
 def parse_config(cls, presets, argv=None, description=None):
     """
     Build a `cls` dataclass from the command line: defaults, then each `--preset NAME` in the order given (dicts
     from `presets`; `--preset dapo --preset tiny` is DAPO at the tiny sizes), then every explicit `--field value`,
-    checked by check_options before the stage does any work. Each field's help text is its `metadata["help"]`.
+    checked by check_options before the stage does any work. --help shows each field's help text, what its value
+    must be [in brackets] and its default; a `list` field takes one or more values.
     """
     # plain HelpFormatter: the default shown is the dataclass field's (argparse's own default is None, meaning
     # "not given on the command line", so ArgumentDefaultsHelpFormatter would print a second, wrong one)
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--preset", choices=sorted(presets), action="append", default=None,
-                   help="a named set of overrides, applied before the explicit options; repeat to combine, later "
-                        "ones winning (default: none)")
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)   # --k is not --kl_coef
+    if presets:
+        p.add_argument("--preset", choices=sorted(presets), action="append", default=None,
+                       help="a named set of overrides, applied before the explicit options; repeat to combine, later "
+                            "ones winning (default: none)")
     for f in dataclasses.fields(cls):
         typ = str2bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
-        p.add_argument(f"--{f.name}", type=typ, default=None, help=f"{f.metadata.get('help', '')} (default: {f.default})")
+        listed, rule = f.type in (list, "list"), field_rule(f)
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        p.add_argument(f"--{f.name}", type=str if listed else typ, nargs="+" if listed else None, default=None,
+                       help=f"{f.metadata.get('help', '')}{f' [{rule}]' if rule else ''} (default: {default})")
     args = p.parse_args(argv)
-    cfg = cls(**{k: v for name in args.preset or () for k, v in presets[name].items()})
+    cfg = cls(**{k: v for name in getattr(args, "preset", None) or () for k, v in presets[name].items()})
     overrides = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
     cfg = dataclasses.replace(cfg, **overrides)
     check_options(cfg)
     return cfg
-
-
-def field(default, help):
-    """A dataclass field with its help text (shown by --help)."""
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def seed_everything(seed):
@@ -446,6 +479,13 @@ def sum_over_ranks(x):
     x = x.clone()
     dist.all_reduce(x)
     return x
+
+
+def share_of_global_tokens(tokens, all_tokens):
+    """The weight of a loss that is a per-token mean over `tokens` tokens (a tensor), so that once DDP's backward
+    has averaged every rank's gradients they are those of one mean over all ranks' `all_tokens` together:
+    N · tokens / Σ_ranks all_tokens; tokens / all_tokens without torchrun. Returns a float."""
+    return (world_size() * tokens / sum_over_ranks(all_tokens).clamp(min=1)).item()
 
 
 def gather_rows(x):

@@ -47,40 +47,28 @@ import torch.nn.functional as F
 import data
 import tokenizer as tok
 from model import logprobs_from_logits, response_logits
-from reward_model import make_pairs
-from train_sft import sample_responses
-from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_models, release_out_dir,
-                         resume_run, save_run, stop_here)
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, fit_prompt, pad_batch, parse_config,
-                   pick_device, plot_curves, read_jsonl, run_main, seed_everything, table)
+from building_blocks.sampling import sample_responses
+from checkpoints import Run, RunOptions, ckpt_interval_field, load_models, run_meta
+from utils import check_finite, field, fit_prompt, pad_batch, parse_config, plot_curves, read_jsonl, run_main, table
 
 
 @dataclass
-class Config:
-    sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: π_ref (frozen) and the initial policy")
-    rm_ckpt: str = field("out/rm.pt", "reward model; its config says which pairs it was trained on")
-    out_dir: str = field("out", "where alol.pt, alol_log.jsonl and alol_curves.png are written")
-    seed: int = field(0, "seeds value-head init, sampling and the final check")
-    device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
-    variant: str = field("alol", "alol | ref_free | seq | kl")
-    clip_eps: float = field(0.9, "ε: the importance weight is clipped to [1-ε, 1+ε] (paper 0.9)")
-    kl_coef: float = field(0.1, "β of the kl variant")
-    batch_size: int = field(16, "examples per step (paper: 16)")
-    lr: float = field(3e-5, "policy learning rate (AdamW)")
-    grad_clip: float = field(1.0, "grad-norm clip (0 = off)")
+class Config(RunOptions):
+    ckpt_interval: int = ckpt_interval_field(100)
+    sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: π_ref (frozen) and the initial policy", input_file=True)
+    rm_ckpt: str = field("out/rm.pt", "reward model; its config says which pairs it was trained on", input_file=True)
+    variant: str = field("alol", "alol | ref_free | seq | kl", choices=('alol', 'ref_free', 'seq', 'kl'))
+    ratio_clip: float = field(0.9, "ε: the importance ratio is clipped to [1-ε, 1+ε] (paper 0.9)", range="(0, 1)")
+    kl_coef: float = field(0.1, "β of the kl variant", range="[0, inf)")
+    batch_size: int = field(16, "examples per step (paper: 16)", range="[1, inf)", global_batch=True)
+    lr: float = field(3e-5, "policy learning rate (AdamW)", range="(0, inf)")
+    grad_clip: float = field(1.0, "grad-norm clip (0 = off)", range="[0, inf)")
     center_reward: bool = field(True, "R = sigmoid(score - mean dev score of π_ref) instead of sigmoid(score)")
-    value_epochs: int = field(10, "value-head training epochs (paper: 10)")
-    value_lr: float = field(1e-3, "value-head learning rate")
-    max_new_tokens: int = field(48, "longest greedy dev answer and final sample")
-    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at "
-                                         "the end of the stage (false: error)")
-    log_truncations: bool = field(False, "also print one warning line per truncated prompt")
-    eval_interval: int = field(50, "log a sample every N steps")
-    n_eval_prompts: int = field(64, "val prompts for the final win rate vs SFT")
-    ckpt_interval: int = field(100, "also write alol.pt (with optimizer, value head and sampler state) every N steps")
-    resume: bool = field(False, "continue from out_dir/alol.pt written by an interrupted run")
-    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage")
-    stop_after: int = field(0, "stop after this many steps as if killed (to test --resume); 0 = off")
+    value_epochs: int = field(10, "value-head training epochs (paper: 10)", range="[1, inf)")
+    value_lr: float = field(1e-3, "value-head learning rate", range="(0, inf)")
+    max_new_tokens: int = field(48, "longest greedy dev answer and final sample", range="[1, inf)")
+    eval_interval: int = field(50, "log a sample every N steps", range="[1, inf)")
+    n_eval_prompts: int = field(64, "val prompts for the final win rate vs SFT", range="[1, inf)")
 
 
 PRESETS = {
@@ -166,141 +154,127 @@ def encode_examples(enc, prompts, responses, room_total, truncate, pad_id, devic
 
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
-    TRUNCATIONS.reset(cfg.log_truncations)
-    claim_out_dir(cfg.out_dir)                        # one run per folder at a time
-    ckpt_path, log_path = os.path.join(cfg.out_dir, "alol.pt"), os.path.join(cfg.out_dir, "alol_log.jsonl")
-    check_fresh_start(ckpt_path, cfg)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
-    enc = tok.get_tokenizer(sft["tokenizer"])
-    pad, block = tok.pad_id(enc), policy.cfg.block_size
-    print(f"device={device} config={asdict(cfg)}")
-    splits = data.prompt_splits(sft["config"]["seed"])
+    with Run(cfg, "alol", name="A-LoL", unit="step") as run:
+        device = run.device
+        policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
+        enc = tok.get_tokenizer(sft["tokenizer"])
+        pad, block = tok.pad_id(enc), policy.cfg.block_size
+        print(f"device={device} config={asdict(cfg)}")
+        splits = data.prompt_splits(sft["config"]["seed"])
 
-    def rm_scores(prompts, responses):
-        """Raw RM scores in batches of 128: (n,)"""
-        out = []
-        for i in range(0, len(prompts), 128):
-            seq, seq_mask, *_ = encode_examples(enc, prompts[i:i + 128], responses[i:i + 128], block,
-                                                cfg.truncate_prompts, pad, device)
-            out.append(rm.score(seq, seq_mask))
-        return torch.cat(out)
+        def rm_scores(prompts, responses):
+            """Raw RM scores in batches of 128: (n,)"""
+            out = []
+            for i in range(0, len(prompts), 128):
+                seq, seq_mask, *_ = encode_examples(enc, prompts[i:i + 128], responses[i:i + 128], block,
+                                                    cfg.truncate_prompts, pad, device)
+                out.append(rm.score(seq, seq_mask))
+            return torch.cat(out)
 
-    # 0. value estimate of π_ref: greedy answers on the (unique) val prompts, scored by the RM
-    t0 = time.time()
-    dev = sorted({p for ps in splits["val"].values() for p in ps})
-    with torch.no_grad():
-        dev_answers = sample_responses(ref, enc, dev, cfg.max_new_tokens, 0.0, device)
-        dev_scores = rm_scores(dev, dev_answers)                          # (N_v,)
-        center = dev_scores.mean().item() if cfg.center_reward else 0.0
-        dev_r = torch.sigmoid(dev_scores - center)                        # (N_v,) R of π_ref's answers
-        dev_h, dev_m = prompt_states(ref, enc, dev, block - cfg.max_new_tokens, cfg.truncate_prompts, device)
-    n_fit = max(1, int(0.8 * len(dev)))
-    order = torch.randperm(len(dev), generator=torch.Generator().manual_seed(cfg.seed))
-    fit_idx, hold_idx = order[:n_fit], order[n_fit:] if len(dev) > n_fit else order[:n_fit]
-    vhead = ValueHead(policy.cfg.n_embd, n_head=policy.cfg.n_head).to(device)
-    vopt = torch.optim.AdamW(vhead.parameters(), lr=cfg.value_lr)
-    best, best_state = float("inf"), None
-    for epoch in range(cfg.value_epochs):
-        vhead.train()
-        for idx in fit_idx[torch.randperm(len(fit_idx), generator=torch.Generator().manual_seed(epoch))].split(16):
-            loss = F.mse_loss(vhead(dev_h[idx], dev_m[idx]), dev_r[idx])
-            vopt.zero_grad(set_to_none=True)
+        # 0. value estimate of π_ref: greedy answers on the (unique) val prompts, scored by the RM
+        t0 = time.time()
+        dev = sorted({p for ps in splits["val"].values() for p in ps})
+        with torch.no_grad():
+            dev_answers = sample_responses(ref, enc, dev, cfg.max_new_tokens, 0.0, device)
+            dev_scores = rm_scores(dev, dev_answers)                          # (N_v,)
+            center = dev_scores.mean().item() if cfg.center_reward else 0.0
+            dev_r = torch.sigmoid(dev_scores - center)                        # (N_v,) R of π_ref's answers
+            dev_h, dev_m = prompt_states(ref, enc, dev, block - cfg.max_new_tokens, cfg.truncate_prompts, device)
+        n_fit = max(1, int(0.8 * len(dev)))
+        order = torch.randperm(len(dev), generator=torch.Generator().manual_seed(cfg.seed))
+        fit_idx, hold_idx = order[:n_fit], order[n_fit:] if len(dev) > n_fit else order[:n_fit]
+        vhead = ValueHead(policy.cfg.n_embd, n_head=policy.cfg.n_head).to(device)
+        vopt = torch.optim.AdamW(vhead.parameters(), lr=cfg.value_lr)
+        best, best_state = float("inf"), None
+        for epoch in range(cfg.value_epochs):
+            vhead.train()
+            for idx in fit_idx[torch.randperm(len(fit_idx), generator=torch.Generator().manual_seed(epoch))].split(16):
+                loss = F.mse_loss(vhead(dev_h[idx], dev_m[idx]), dev_r[idx])
+                vopt.zero_grad(set_to_none=True)
+                loss.backward()
+                vopt.step()
+            vhead.eval()
+            with torch.no_grad():
+                held = F.mse_loss(vhead(dev_h[hold_idx], dev_m[hold_idx]), dev_r[hold_idx]).item()
+            if held < best:
+                best, best_state = held, copy.deepcopy(vhead.state_dict())
+        vhead.load_state_dict(best_state)
+        vhead.eval().requires_grad_(False)
+        print(f"value head: {len(dev)} dev prompts, reward centre {center:.2f}, mean greedy R {dev_r.mean():.3f}, "
+              f"best held-out MSE {best:.4f} "
+              f"(baseline {dev_r[hold_idx].var(unbiased=False):.4f})")
+        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+        gen = torch.Generator().manual_seed(cfg.seed)                         # priority sampling (step 2)
+        fit_time = time.time() - t0                                           # the value fit: training time too
+        # --resume: the fit above is seeded; loading the interrupted run's value head over it makes the advantages
+        # below exactly the ones it trained with on every device
+        run.begin(opt, dict(model=policy, value_head=vhead), run_meta(sft, cfg), generator=gen)
+
+        # 1. advantages of the existing data: the chosen responses of the RM's training pairs
+        rcfg = rm_ckpt["config"]
+        pairs = data.sample_preference_pairs(splits["train"], rcfg["n_train"], rcfg["seed"] + 10, rcfg["tau"],
+                                              rcfg["length_bias"])
+        prompts, responses = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
+        with torch.no_grad():
+            R = torch.sigmoid(rm_scores(prompts, responses) - center)        # (N,)
+            V = torch.cat([vhead(*prompt_states(ref, enc, prompts[i:i + 256], block - cfg.max_new_tokens,
+                                                cfg.truncate_prompts, device)) for i in range(0, len(prompts), 256)])
+        A = R - V                                                             # (N,)
+        frac_pos = (A > 0).float().mean().item()
+        # 2. one epoch over the positive-advantage subset, sampled ∝ A⁺
+        n_iters = int(len(pairs) * frac_pos) // cfg.batch_size
+        if n_iters == 0:
+            raise ValueError(f"only {frac_pos:.0%} of {len(pairs)} examples have A > 0: less than one batch")
+        q = torch.quantile(A, torch.tensor([0.1, 0.5, 0.9], device=A.device)).tolist()
+        print(f"{len(pairs)} examples, {frac_pos:.0%} with A > 0 (A quantiles 10/50/90%: {q[0]:+.3f} {q[1]:+.3f} "
+              f"{q[2]:+.3f}); {n_iters} steps; value fit {time.time() - t0:.0f}s")
+
+        run.n_steps = n_iters
+        if run.start == 1:
+            run.log.write(step=0, frac_pos=frac_pos, value_mse=best,
+                          value_mse_constant=dev_r[hold_idx].var(unbiased=False).item(), reward_center=center,
+                          dev_reward=dev_r.mean().item(), adv_q10=q[0], adv_q50=q[1], adv_q90=q[2])
+        t_train = time.time()
+        for step in run.steps():
+            idx = priority_sample(A.cpu(), cfg.batch_size, gen).tolist()
+            seq, seq_mask, resp, mask, Tp = encode_examples(enc, [prompts[i] for i in idx], [responses[i] for i in idx],
+                                                            block, cfg.truncate_prompts, pad, device)
+            with torch.no_grad():
+                ref_logp = logprobs_from_logits(response_logits(ref, seq, seq_mask, Tp, 1.0), resp) * mask  # (B, Tr)
+            policy.train()
+            logp = logprobs_from_logits(response_logits(policy, seq, seq_mask, Tp, 1.0), resp) * mask       # (B, Tr)
+            # 3. the variant's loss
+            loss, st = alol_loss(logp, ref_logp, mask, A[idx], cfg.variant, cfg.ratio_clip, cfg.kl_coef)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            vopt.step()
-        vhead.eval()
-        with torch.no_grad():
-            held = F.mse_loss(vhead(dev_h[hold_idx], dev_m[hold_idx]), dev_r[hold_idx]).item()
-        if held < best:
-            best, best_state = held, copy.deepcopy(vhead.state_dict())
-    vhead.load_state_dict(best_state)
-    vhead.eval().requires_grad_(False)
-    print(f"value head: {len(dev)} dev prompts, reward centre {center:.2f}, mean greedy R {dev_r.mean():.3f}, "
-          f"best held-out MSE {best:.4f} "
-          f"(baseline {dev_r[hold_idx].var(unbiased=False):.4f})")
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(cfg.seed)                         # priority sampling (step 2)
-    state, weights = RunState(opt, generator=gen, inputs=input_fingerprints(cfg)), dict(model=policy, value_head=vhead)
-    # --resume: the fit above is seeded; loading the interrupted run's value head over it makes the advantages
-    # below exactly the ones it trained with on every device
-    start = resume_run(ckpt_path, "alol", cfg, sft["tokenizer_id"], state, weights) + 1 if cfg.resume else 1
-    t_run = t0 - state.train_time_s                                      # this run's start, resumed or not
-
-    # 1. advantages of the existing data: the chosen responses of the RM's training pairs
-    rcfg = rm_ckpt["config"]
-
-    class Annotators:  # the fields make_pairs reads
-        tau, length_bias = rcfg["tau"], rcfg["length_bias"]
-    pairs = make_pairs(splits["train"], rcfg["n_train"], rcfg["seed"] + 10, Annotators)
-    prompts, responses = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
-    with torch.no_grad():
-        R = torch.sigmoid(rm_scores(prompts, responses) - center)        # (N,)
-        V = torch.cat([vhead(*prompt_states(ref, enc, prompts[i:i + 256], block - cfg.max_new_tokens,
-                                            cfg.truncate_prompts, device)) for i in range(0, len(prompts), 256)])
-    A = R - V                                                             # (N,)
-    frac_pos = (A > 0).float().mean().item()
-    # 2. one epoch over the positive-advantage subset, sampled ∝ A⁺
-    n_iters = int(len(pairs) * frac_pos) // cfg.batch_size
-    if n_iters == 0:
-        raise ValueError(f"only {frac_pos:.0%} of {len(pairs)} examples have A > 0: less than one batch")
-    q = torch.quantile(A, torch.tensor([0.1, 0.5, 0.9], device=A.device)).tolist()
-    print(f"{len(pairs)} examples, {frac_pos:.0%} with A > 0 (A quantiles 10/50/90%: {q[0]:+.3f} {q[1]:+.3f} "
-          f"{q[2]:+.3f}); {n_iters} steps; value fit {time.time() - t0:.0f}s")
-
-    log = JsonlLog(log_path, state.log_lines)
-    if start == 1:
-        log.write(step=0, frac_pos=frac_pos, value_mse=best,
-                  value_mse_constant=dev_r[hold_idx].var(unbiased=False).item(), reward_center=center,
-                  dev_reward=dev_r.mean().item(), adv_q10=q[0], adv_q50=q[1], adv_q90=q[2])
-    meta = dict(model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
-                sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
-    progress = Progress(n_iters)
-    t_train = time.time()
-    for step in range(start, n_iters + 1):
-        idx = priority_sample(A.cpu(), cfg.batch_size, gen).tolist()
-        seq, seq_mask, resp, mask, Tp = encode_examples(enc, [prompts[i] for i in idx], [responses[i] for i in idx],
-                                                        block, cfg.truncate_prompts, pad, device)
-        with torch.no_grad():
-            ref_logp = logprobs_from_logits(response_logits(ref, seq, seq_mask, Tp, 1.0), resp) * mask  # (B, Tr)
-        policy.train()
-        logp = logprobs_from_logits(response_logits(policy, seq, seq_mask, Tp, 1.0), resp) * mask       # (B, Tr)
-        # 3. the variant's loss
-        loss, st = alol_loss(logp, ref_logp, mask, A[idx], cfg.variant, cfg.clip_eps, cfg.kl_coef)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        check_finite(f"A-LoL step {step}", loss=loss.item(), grad_norm=gnorm.item())
-        opt.step()
-        log.write(step=step, loss=loss.item(), grad_norm=gnorm.item(), **st, time=time.time() - t_train)
-        if step % cfg.eval_interval == 0 or step == n_iters:
-            print(progress.line(step, f"loss {loss.item():+.4f} A⁺ {st['a_pos_mean']:.3f} drift {st['drift']:+.2f} "
-                                      f"clipped {st['clipped_frac']:.2f}"))
-        if step % cfg.ckpt_interval == 0 and step < n_iters:
-            save_run(ckpt_path, "alol", step, cfg, state, weights, log, t_run, **meta)
-        if stop_here(cfg, step, n_iters):
+            gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
+            check_finite(f"A-LoL step {step}", loss=loss.item(), grad_norm=gnorm.item())
+            opt.step()
+            run.log.write(step=step, loss=loss.item(), grad_norm=gnorm.item(), **st, time=time.time() - t_train)
+            if step % cfg.eval_interval == 0 or step == n_iters:
+                print(run.progress.line(step, f"loss {loss.item():+.4f} A⁺ {st['a_pos_mean']:.3f} drift {st['drift']:+.2f} "
+                                              f"clipped {st['clipped_frac']:.2f}"))
+        if run.stopped:
             return None
-    train_time = time.time() - t_run
+        train_time = run.train_time() + fit_time
 
-    # final check on val prompts: gold win rate vs SFT samples (evaluate.py does the full evaluation)
-    ev = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
-    g = lambda m: sample_responses(m, enc, ev, cfg.max_new_tokens, 1.0, device,
-                                   torch.Generator(device=device).manual_seed(cfg.seed + 1))
-    outs, base = g(policy), g(ref)
-    win = data.gold_win_rate(ev, outs, base)
-    print(table([(p.strip(), o, data.gold_reward(p, o)) for p, o in zip(ev[:4], outs[:4])],
-                ["val prompt", f"A-LoL ({cfg.variant}) sample", "gold"], [34, 70, 5]))
-    metrics = dict(win_rate_vs_sft=win, gold=sum(data.gold_reward(p, o) for p, o in zip(ev, outs)) / len(ev),
-                   frac_pos=frac_pos, value_mse=best, train_time_s=train_time)
-    log.write(step=n_iters, **metrics)
-    plot_curves(os.path.join(cfg.out_dir, "alol_curves.png"), read_jsonl(log_path), "step",
-                [["loss"], ["a_pos_mean"], ["drift", "log_rho_abs_mean"], ["clipped_frac"]],
-                f"A-LoL ({cfg.variant})")
-    save_run(ckpt_path, "alol", n_iters, cfg, state, weights, log, t_run, metrics, **meta)
-    TRUNCATIONS.summary("A-LoL")
-    print(f"A-LoL ({cfg.variant}) done in {train_time:.0f}s: win rate vs SFT {win:.2f} -> {ckpt_path}")
-    release_out_dir(cfg.out_dir)
-    return metrics
+        # final check on val prompts: gold win rate vs SFT samples (evaluate.py does the full evaluation)
+        ev = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
+        g = lambda m: sample_responses(m, enc, ev, cfg.max_new_tokens, 1.0, device,
+                                       torch.Generator(device=device).manual_seed(cfg.seed + 1))
+        outs, base = g(policy), g(ref)
+        win = data.gold_win_rate(ev, outs, base)
+        print(table([(p.strip(), o, data.gold_reward(p, o)) for p, o in zip(ev[:4], outs[:4])],
+                    ["val prompt", f"A-LoL ({cfg.variant}) sample", "gold"], [34, 70, 5]))
+        metrics = dict(win_rate_vs_sft=win, gold=sum(data.gold_reward(p, o) for p, o in zip(ev, outs)) / len(ev),
+                       frac_pos=frac_pos, value_mse=best, train_time_s=train_time)
+        run.log.write(step=n_iters, **metrics)
+        plot_curves(os.path.join(cfg.out_dir, "alol_curves.png"), read_jsonl(run.log_path), "step",
+                    [["loss"], ["a_pos_mean"], ["drift", "log_rho_abs_mean"], ["clipped_frac"]],
+                    f"A-LoL ({cfg.variant})")
+        run.finish(metrics, responses_generated=0, policy_steps=n_iters)
+        print(f"A-LoL ({cfg.variant}) done in {train_time:.0f}s: win rate vs SFT {win:.2f} -> {run.ckpt_path}")
+        return metrics
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ Shape legend: B pairs per batch, T sequence length (prompt + response, right-pad
 import copy
 import os
 import random
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -38,39 +37,28 @@ import torch.nn.functional as F
 import data
 import tokenizer as tok
 from model import logprobs_from_logits
-from reward_model import make_pairs
-from train_sft import build_sft_example, collate, sample_responses
-from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_checkpoint, load_policy,
-                         release_out_dir, resume_run, save_run, stop_here)
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, fit_prompt, parse_config, pick_device,
-                   plot_curves, read_jsonl, run_main, seed_everything, table)
+from building_blocks.sampling import sample_responses
+from building_blocks.sequences import build_sft_example, collate
+from checkpoints import Run, RunOptions, ckpt_interval_field, load_checkpoint, load_policy, run_meta
+from utils import check_finite, field, fit_prompt, parse_config, plot_curves, read_jsonl, run_main, table
 
 
 @dataclass
-class Config:
-    sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference")
-    rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint: its config says which pairs it was trained on")
-    out_dir: str = field("out", "where dpo.pt, dpo_log.jsonl and dpo_curves.png are written")
-    seed: int = field(0, "seeds batch order and the final sampling")
-    device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
-    beta: float = field(0.1, "β: strength of the implicit KL constraint (paper: 0.1)")
-    label_smoothing: float = field(0.0, "ε of conservative DPO (0 = plain DPO)")
-    epochs: int = field(1, "passes over the preference pairs")
-    batch_size: int = field(32, "pairs per step")
-    lr: float = field(3e-5, "learning rate (AdamW)")
-    warmup_iters: int = field(20, "linear warm-up steps")
-    grad_clip: float = field(1.0, "grad-norm clip (0 = off)")
-    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at "
-                                         "the end of the stage (false: error)")
-    log_truncations: bool = field(False, "also print one warning line per truncated prompt")
-    eval_interval: int = field(50, "validation-pair metrics every N steps")
-    n_val: int = field(256, "validation pairs")
-    n_eval_prompts: int = field(64, "val prompts for the final win rate vs SFT")
-    max_new_tokens: int = field(48, "longest sampled response in the final win-rate check")
-    ckpt_interval: int = field(100, "also write dpo.pt (with optimizer and data order) every N steps")
-    resume: bool = field(False, "continue from out_dir/dpo.pt written by an interrupted run")
-    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage")
-    stop_after: int = field(0, "stop after this many steps as if killed (to test --resume); 0 = off")
+class Config(RunOptions):
+    ckpt_interval: int = ckpt_interval_field(100)
+    sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference", input_file=True)
+    rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint: its config says which pairs it was trained on", input_file=True)
+    beta: float = field(0.1, "β: strength of the implicit KL constraint (paper: 0.1)", range="(0, inf)")
+    label_smoothing: float = field(0.0, "ε of conservative DPO (0 = plain DPO)", range="[0, 0.5)")
+    epochs: int = field(1, "passes over the preference pairs", range="[1, inf)")
+    batch_size: int = field(32, "pairs per step", range="[1, inf)", global_batch=True)
+    lr: float = field(3e-5, "learning rate (AdamW)", range="(0, inf)")
+    warmup_iters: int = field(20, "linear warm-up steps", range="[1, inf)")
+    grad_clip: float = field(1.0, "grad-norm clip (0 = off)", range="[0, inf)")
+    eval_interval: int = field(50, "validation-pair metrics every N steps", range="[1, inf)")
+    n_val: int = field(256, "validation pairs", range="[1, inf)")
+    n_eval_prompts: int = field(64, "val prompts for the final win rate vs SFT", range="[1, inf)")
+    max_new_tokens: int = field(48, "longest sampled response in the final win-rate check", range="[1, inf)")
 
 
 PRESETS = {
@@ -125,108 +113,99 @@ def pair_logprobs(model, batch, pad_id, device):
 
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
-    TRUNCATIONS.reset(cfg.log_truncations)
-    claim_out_dir(cfg.out_dir)                        # one run per folder at a time
-    ckpt_path, log_path = os.path.join(cfg.out_dir, "dpo.pt"), os.path.join(cfg.out_dir, "dpo_log.jsonl")
-    check_fresh_start(ckpt_path, cfg)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    policy, sft = load_policy(cfg.sft_ckpt, ("sft",))
-    enc = tok.get_tokenizer(sft["tokenizer"])
-    rm_ckpt = load_checkpoint(cfg.rm_ckpt, "rm", sft["tokenizer_id"])
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    policy, ref = policy.to(device), ref.to(device)
-    print(f"device={device} config={asdict(cfg)}")
+    with Run(cfg, "dpo", unit="step") as run:
+        device = run.device
+        policy, sft = load_policy(cfg.sft_ckpt, ("sft",))
+        enc = tok.get_tokenizer(sft["tokenizer"])
+        rm_ckpt = load_checkpoint(cfg.rm_ckpt, "rm", sft["tokenizer_id"])
+        ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        policy, ref = policy.to(device), ref.to(device)
+        print(f"device={device} config={asdict(cfg)}")
 
-    # the RM's own training pairs (reward_model.make_pairs with its seed and annotator settings)
-    rcfg = rm_ckpt["config"]
-    splits = data.prompt_splits(sft["config"]["seed"])
+        # the RM's own training pairs (data.sample_preference_pairs with its seeds and annotator settings)
+        rcfg = rm_ckpt["config"]
+        splits = data.prompt_splits(sft["config"]["seed"])
+        pairs = data.sample_preference_pairs(splits["train"], rcfg["n_train"], rcfg["seed"] + 10, rcfg["tau"],
+                                             rcfg["length_bias"])
+        val_pairs = data.sample_preference_pairs(splits["val"], cfg.n_val, rcfg["seed"] + 20, rcfg["tau"],
+                                                 rcfg["length_bias"])
+        train = encode_pairs(enc, pairs, policy.cfg.block_size, cfg.truncate_prompts)
+        val = encode_pairs(enc, val_pairs, policy.cfg.block_size, cfg.truncate_prompts)
+        steps_per_epoch = len(train) // cfg.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"{len(train)} pairs is less than one batch of {cfg.batch_size}")
+        n_iters = cfg.epochs * steps_per_epoch
+        print(f"{len(train)} training pairs (the RM's), {len(val)} val pairs; {n_iters} steps")
 
-    class Annotators:  # the fields make_pairs reads
-        tau, length_bias = rcfg["tau"], rcfg["length_bias"]
-    pairs = make_pairs(splits["train"], rcfg["n_train"], rcfg["seed"] + 10, Annotators)
-    val_pairs = make_pairs(splits["val"], cfg.n_val, rcfg["seed"] + 20, Annotators)
-    train = encode_pairs(enc, pairs, policy.cfg.block_size, cfg.truncate_prompts)
-    val = encode_pairs(enc, val_pairs, policy.cfg.block_size, cfg.truncate_prompts)
-    steps_per_epoch = len(train) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train)} pairs is less than one batch of {cfg.batch_size}")
-    n_iters = cfg.epochs * steps_per_epoch
-    print(f"{len(train)} training pairs (the RM's), {len(val)} val pairs; {n_iters} steps")
+        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+        pad = tok.pad_id(enc)
+        rng = random.Random(cfg.seed)
+        order = []                                    # the epoch's remaining pairs, popped per batch (saved)
+        order = run.begin(opt, dict(model=policy), run_meta(sft, cfg), n_iters, rng,
+                          saved=lambda: dict(order=order))["order"]
 
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    pad = tok.pad_id(enc)
-    rng = random.Random(cfg.seed)
-    state = RunState(opt, rng, extra=dict(order=[]), inputs=input_fingerprints(cfg))  # order: the epoch's remaining pairs
-    meta = dict(model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
-                sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
-    start = resume_run(ckpt_path, "dpo", cfg, sft["tokenizer_id"], state, dict(model=policy)) if cfg.resume else 0
-    order = state.extra["order"]                      # the list the checkpoint saves (changed in place only)
-    log, progress = JsonlLog(log_path, state.log_lines), Progress(n_iters)
+        @torch.no_grad()
+        def validate():
+            policy.eval()
+            stats = []
+            for i in range(0, len(val), 64):
+                b = val[i:i + 64]
+                _, st = dpo_loss(*pair_logprobs(policy, b, pad, device), *pair_logprobs(ref, b, pad, device),
+                                 cfg.beta, cfg.label_smoothing)
+                stats.append(st)
+            return {f"val_{k}": sum(s[k] for s in stats) / len(stats) for k in stats[0]}
 
-    @torch.no_grad()
-    def validate():
-        policy.eval()
-        stats = []
-        for i in range(0, len(val), 64):
-            b = val[i:i + 64]
-            _, st = dpo_loss(*pair_logprobs(policy, b, pad, device), *pair_logprobs(ref, b, pad, device),
-                             cfg.beta, cfg.label_smoothing)
-            stats.append(st)
-        return {f"val_{k}": sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-
-    t0 = time.time() - state.train_time_s
-    for step in range(start, n_iters + 1):
-        if step > start and step % cfg.ckpt_interval == 0 and step < n_iters:
-            save_run(ckpt_path, "dpo", step, cfg, state, dict(model=policy), log, t0, **meta)
-        if stop_here(cfg, step, n_iters):
-            return None
-        if step % cfg.eval_interval == 0 or step == n_iters:
+        def log_validation(step):
             v = validate()
-            log.write(step=step, **v, time=time.time() - t0)
-            print(progress.line(step, f"val accuracy {v['val_accuracy']:.3f} margin {v['val_margin']:+.3f}"))
-        if step == n_iters:
-            break
-        if len(order) < cfg.batch_size:
-            order[:] = range(len(train))
-            rng.shuffle(order)
-        batch = [train[order.pop()] for _ in range(cfg.batch_size)]
-        with torch.no_grad():
-            ref_c, ref_r = pair_logprobs(ref, batch, pad, device)             # (B,), (B,)
-        policy.train()
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_iters)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        pol_c, pol_r = pair_logprobs(policy, batch, pad, device)              # (B,), (B,)
-        loss, st = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        check_finite(f"DPO step {step + 1}", loss=loss.item(), grad_norm=gnorm.item())
-        opt.step()
-        log.write(step=step + 1, loss=loss.item(), **st, logps_chosen=pol_c.mean().item(),
-                  logps_rejected=pol_r.mean().item(), lr=lr, grad_norm=gnorm.item(), time=time.time() - t0)
-    train_time = time.time() - t0
+            run.log.write(step=step, **v, time=run.train_time())
+            print(run.progress.line(step, f"val accuracy {v['val_accuracy']:.3f} margin {v['val_margin']:+.3f}"))
+            return v
 
-    # final check on val prompts: gold win rate vs SFT samples (evaluate.py does the full evaluation)
-    prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
-    g = lambda m: sample_responses(m, enc, prompts, cfg.max_new_tokens, 1.0, device,
-                                   torch.Generator(device=device).manual_seed(cfg.seed + 1))
-    outs, base = g(policy), g(ref)
-    win = data.gold_win_rate(prompts, outs, base)
-    print(table([(p.strip(), o, data.gold_reward(p, o)) for p, o in zip(prompts[:4], outs[:4])],
-                ["val prompt", "DPO sample", "gold"], [34, 70, 5]))
-    metrics = dict(**v, win_rate_vs_sft=win, gold=sum(data.gold_reward(p, o) for p, o in zip(prompts, outs)) / len(prompts),
-                   train_time_s=train_time)
-    log.write(step=n_iters, **metrics)
-    plot_curves(os.path.join(cfg.out_dir, "dpo_curves.png"), read_jsonl(log_path), "step",
-                [["loss"], ["rewards_chosen", "rewards_rejected", "val_margin"], ["accuracy", "val_accuracy"]],
-                f"DPO (β={cfg.beta}): loss, implicit rewards, accuracy")
-    save_run(ckpt_path, "dpo", n_iters, cfg, state, dict(model=policy), log, t0, metrics, **meta)
-    TRUNCATIONS.summary("DPO")
+        if run.start == 1:
+            v = log_validation(0)
+        for step in run.steps():                      # the step-th optimizer step
+            if len(order) < cfg.batch_size:
+                order[:] = range(len(train))
+                rng.shuffle(order)
+            batch = [train[order.pop()] for _ in range(cfg.batch_size)]
+            with torch.no_grad():
+                ref_c, ref_r = pair_logprobs(ref, batch, pad, device)         # (B,), (B,)
+            policy.train()
+            lr = cfg.lr * min(1.0, step / cfg.warmup_iters)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            pol_c, pol_r = pair_logprobs(policy, batch, pad, device)          # (B,), (B,)
+            loss, st = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.label_smoothing)   # eq. 7
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
+            check_finite(f"DPO step {step}", loss=loss.item(), grad_norm=gnorm.item())
+            opt.step()
+            run.log.write(step=step, loss=loss.item(), **st, logps_chosen=pol_c.mean().item(),
+                          logps_rejected=pol_r.mean().item(), lr=lr, grad_norm=gnorm.item(), time=run.train_time())
+            if step % cfg.eval_interval == 0 or step == n_iters:
+                v = log_validation(step)
+        if run.stopped:
+            return None
+        train_time = run.train_time()
+
+        # final check on val prompts: gold win rate vs SFT samples (evaluate.py does the full evaluation)
+        prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
+        g = lambda m: sample_responses(m, enc, prompts, cfg.max_new_tokens, 1.0, device,
+                                       torch.Generator(device=device).manual_seed(cfg.seed + 1))
+        outs, base = g(policy), g(ref)
+        win = data.gold_win_rate(prompts, outs, base)
+        print(table([(p.strip(), o, data.gold_reward(p, o)) for p, o in zip(prompts[:4], outs[:4])],
+                    ["val prompt", "DPO sample", "gold"], [34, 70, 5]))
+        metrics = dict(**v, win_rate_vs_sft=win, train_time_s=train_time,
+                       gold=sum(data.gold_reward(p, o) for p, o in zip(prompts, outs)) / len(prompts))
+        run.log.write(step=n_iters, **metrics)
+        plot_curves(os.path.join(cfg.out_dir, "dpo_curves.png"), read_jsonl(run.log_path), "step",
+                    [["loss"], ["rewards_chosen", "rewards_rejected", "val_margin"], ["accuracy", "val_accuracy"]],
+                    f"DPO (β={cfg.beta}): loss, implicit rewards, accuracy")
+        run.finish(metrics, responses_generated=0, policy_steps=n_iters)
     print(f"DPO done in {train_time:.0f}s: val accuracy {v['val_accuracy']:.3f}, margin {v['val_margin']:+.3f}, "
-          f"win rate vs SFT {win:.2f} -> {ckpt_path}")
-    release_out_dir(cfg.out_dir)
+          f"win rate vs SFT {win:.2f} -> {run.ckpt_path}")
     return metrics
 
 

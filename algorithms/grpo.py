@@ -13,9 +13,10 @@ one number per response, the same on each of its tokens). One iteration (DSM Alg
               a soft penalty for responses near max_new_tokens (DAPO §3.4, eq. 13).
   2. advantage Â_i = (r_i - mean_group) / (std_group + eps) on every token of o_i (DSM §4.1.2); Dr. GRPO:
               r_i - mean_group (DRG §3.2); "batch": group mean, std over the whole batch.
-  3. update   μ passes (--ppo_epochs) over shuffled minibatches of the clipped surrogate plus β·k3 (DSM eq. 3-4):
+  3. update   μ passes (--epochs) over shuffled minibatches of the clipped surrogate plus β·k3 (DSM eq. 3-4):
                 ℓ_t = -min(ρ_t·Â, clip(ρ_t, 1-ε_low, 1+ε_high)·Â) + β·k3_t,   ρ_t = π_θ/π_old,
-                k3_t = exp(d) - 1 - d with d = log π_ref - log π_θ   (the KL(π_θ‖π_ref) estimator of DSM eq. 4)
+                k3_t = exp(d) - 1 - d with d = log π_ref - log π_θ   (DSM eq. 4: its value estimates KL(π_θ‖π_ref);
+              as a loss term its expected gradient is that of KL(π_ref‖π_θ), the reverse: building_blocks/kl.py)
               aggregated over tokens by --loss_agg; GSPO: ρ is the length-normalised sequence ratio (GSPO eq. 7).
 
 Presets (the papers' choices; `python -m algorithms.grpo --preset NAME`):
@@ -61,64 +62,55 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
+from building_blocks import kl
+from building_blocks.monitors import ValidationMonitor, clipped_tokens, minibatch_means
+from building_blocks.sampling import Samples, sample_and_score
+from building_blocks.sequences import encode_prompts
 from model import logprobs_from_logits, response_logits
-from ppo_rlhf import Rollout, encode_prompts, rollout
-from evaluate import clipped_tokens, follow_prompts, keep_samples, minibatch_means
-from train_sft import sample_responses
-from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_models, release_out_dir,
-                         resume_run, save_run, stop_here)
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, data_parallel, field, global_masked_moments,
-                   lines_up_to, masked_mean, metrics_over_ranks, parse_config, plot_curves, rank, read_jsonl, run_main,
-                   seed_everything, start_ranks, sum_over_ranks, world_size)
+from checkpoints import Run, RunOptions, load_models, run_meta
+from utils import (share_of_global_tokens, check_finite, data_parallel, field, global_masked_moments, masked_mean,
+                   metrics_over_ranks, parse_config, plot_curves, rank, read_jsonl, run_main, sum_over_ranks,
+                   world_size)
 
 
 @dataclass
-class Config:
-    sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference")
-    rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint (frozen; scored and logged whatever --reward is)")
-    out_dir: str = field("out", "where grpo.pt, grpo_log.jsonl and grpo_curves.png are written")
-    seed: int = field(0, "seeds prompts, sampling and minibatch order")
-    device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
-    n_iters: int = field(150, "iterations (sample, score, update)")
-    prompts_per_iter: int = field(16, "P prompts per iteration; N = P·G responses")
-    group_size: int = field(4, "G responses per prompt (at least 2)")
-    reward: str = field("rm", "rm (the reward model), verifier (a rule: data.verify; RLVR), gold (the true reward)")
+class Config(RunOptions):
+    sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference", input_file=True)
+    rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint (frozen; scored and logged whatever --reward is)", input_file=True)
+    n_iters: int = field(150, "iterations (sample, score, update)", range="[1, inf)")
+    prompts_per_iter: int = field(16, "P prompts per iteration; N = P·G responses", range="[1, inf)", global_batch=True)
+    samples_per_prompt: int = field(4, "G: responses sampled per prompt (at least 2)", range="[2, inf)")
+    reward: str = field("rm", "rm (the reward model), verifier (a rule: data.verify; RLVR), gold (the true reward)", choices=('rm', 'verifier', 'gold'))
     tasks: str = field("all", "prompt kinds to train on: all, or comma-separated of math, fact, harmful, open")
     scale: str = field("group", "advantage: group ((r - mean)/(std + eps) per group), batch (std over the batch), "
-                                "none (r - group mean; Dr. GRPO)")
+                                "none (r - group mean; Dr. GRPO)", choices=('group', 'batch', 'none'))
     loss_agg: str = field("seq-mean-token-mean", "token-mean (DAPO), seq-mean-token-mean (GRPO), "
-                                                 "seq-mean-token-sum-norm (Dr. GRPO)")
-    ratio_level: str = field("token", "token (GRPO) or sequence (GSPO: length-normalised sequence ratio)")
-    clip_low: float = field(0.2, "ε_low: ratios below 1 - ε_low are clipped (for Â < 0)")
-    clip_high: float = field(0.2, "ε_high: ratios above 1 + ε_high are clipped (for Â > 0); DAPO 0.28")
-    kl_coef: float = field(0.04, "β of the k3 KL term in the loss (DSM 0.04; Dr. GRPO, DAPO, GSPO 0)")
+                                                 "seq-mean-token-sum-norm (Dr. GRPO)", choices=('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'))
+    ratio_level: str = field("token", "token (GRPO) or sequence (GSPO: length-normalised sequence ratio)", choices=('token', 'sequence'))
+    ratio_clip_low: float = field(0.2, "ε_low: ratios below 1 - ε_low are clipped (for Â < 0)", range="[0, 1)")
+    ratio_clip_high: float = field(0.2, "ε_high: ratios above 1 + ε_high are clipped (for Â > 0); DAPO 0.28",
+                                   range="[0, inf)")
+    kl_coef: float = field(0.04, "β of the k3 KL term in the loss (DSM 0.04; Dr. GRPO, DAPO, GSPO 0)", range="[0, inf)")
     dynamic_sampling: bool = field(False, "drop groups whose rewards are all equal and sample new prompts instead")
-    max_sample_rounds: int = field(3, "dynamic sampling: at most this many sampling rounds per iteration")
-    overlong_cache: int = field(0, "soft overlong punishment over the last N tokens of max_new_tokens (0 = off)")
-    max_new_tokens: int = field(48, "longest response (the generation budget)")
-    temperature: float = field(1.0, "sampling temperature, used for every log-prob too")
-    ppo_epochs: int = field(1, "μ: passes over each rollout batch")
-    minibatches: int = field(2, "optimizer steps per pass")
-    lr: float = field(3e-5, "policy learning rate (AdamW)")
-    grad_clip: float = field(1.0, "grad-norm clip (0 = off)")
-    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at "
-                                         "the end of the stage (false: error)")
-    log_truncations: bool = field(False, "also print one warning line per truncated prompt")
-    eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts and a sample table")
-    n_eval_prompts: int = field(64, "val prompts for the win rate during training")
-    ckpt_interval: int = field(25, "also write grpo.pt (with optimizer and RNG state) every N iterations")
-    resume: bool = field(False, "continue from out_dir/grpo.pt written by an interrupted run")
-    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage")
-    stop_after: int = field(0, "stop after this many iterations as if killed (to test --resume); 0 = off")
+    max_sample_rounds: int = field(3, "dynamic sampling: at most this many sampling rounds per iteration", range="[1, inf)")
+    overlong_cache: int = field(0, "soft overlong punishment over the last N tokens of max_new_tokens (0 = off)", range="[0, inf)")
+    max_new_tokens: int = field(48, "longest response (the generation budget)", range="[1, inf)")
+    temperature: float = field(1.0, "sampling temperature, used for every log-prob too", range="(0, inf)")
+    epochs: int = field(1, "μ: passes over each batch of samples (the update's epochs)", range="[1, inf)")
+    minibatches: int = field(2, "optimizer steps per pass", range="[1, inf)")
+    lr: float = field(3e-5, "policy learning rate (AdamW)", range="(0, inf)")
+    grad_clip: float = field(1.0, "grad-norm clip (0 = off)", range="[0, inf)")
+    eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts and a sample table", range="[1, inf)")
+    n_eval_prompts: int = field(64, "val prompts for the win rate during training", range="[1, inf)")
 
 
 PRESETS = {
     "default": {},
     "grpo": {},
     "dr_grpo": dict(scale="none", loss_agg="seq-mean-token-sum-norm", kl_coef=0.0),
-    "dapo": dict(clip_high=0.28, loss_agg="token-mean", kl_coef=0.0, dynamic_sampling=True, overlong_cache=12),
-    "gspo": dict(ratio_level="sequence", clip_low=3e-4, clip_high=4e-4, kl_coef=0.0, minibatches=4),
-    "tiny": dict(n_iters=3, prompts_per_iter=4, group_size=2, max_new_tokens=16, eval_interval=2, n_eval_prompts=8),
+    "dapo": dict(ratio_clip_high=0.28, loss_agg="token-mean", kl_coef=0.0, dynamic_sampling=True, overlong_cache=12),
+    "gspo": dict(ratio_level="sequence", ratio_clip_low=3e-4, ratio_clip_high=4e-4, kl_coef=0.0, minibatches=4),
+    "tiny": dict(n_iters=3, prompts_per_iter=4, samples_per_prompt=2, max_new_tokens=16, eval_interval=2, n_eval_prompts=8),
 }
 STD_EPS = 1e-6  # added to the std (choice 2)
 
@@ -168,13 +160,6 @@ def aggregate_loss(loss_per_token, mask, mode, norm_len=None):
     raise ValueError(f"loss_agg {mode!r}: must be one of token-mean, seq-mean-token-mean, seq-mean-token-sum-norm")
 
 
-def k3_kl(logprobs, ref_logprobs):
-    """k3 = exp(d) - 1 - d, d = ref_logprobs - logprobs (DSM eq. 4): an estimate of KL(π_θ‖π_ref) per sampled
-    token, never negative; written expm1(d) - d for float32 precision at small d (choice 3)."""
-    d = ref_logprobs - logprobs
-    return torch.expm1(d) - d
-
-
 def grpo_policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_low, clip_high, kl_coef, loss_agg,
                      norm_len=None, ratio_level="token"):
     """
@@ -186,7 +171,7 @@ def grpo_policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cli
     Returns (loss, stats).
     """
     m = mask.bool()
-    # padding first set to 0 in every input: a PAD position's log-prob is about -1e4 (the model never predicts PAD),
+    # padding first set to 0 in every input: a PAD position's log-prob is about -1e9 (model.PAD_LOGIT: the model never predicts PAD),
     # and exp of it in k3 would turn the masked-out gradient into inf·0 = NaN
     logprobs, old_logprobs, ref_logprobs = (torch.where(m, x, torch.zeros_like(x))
                                             for x in (logprobs, old_logprobs, ref_logprobs))  # (B, Tr) each
@@ -194,13 +179,13 @@ def grpo_policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cli
     adv = advantages[:, None].to(ratio.dtype)                             # (B, 1) the same on every token
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high)                    # (B, Tr)
     policy_term = -torch.min(ratio * adv, clipped * adv)                  # (B, Tr)
-    kl = k3_kl(logprobs, ref_logprobs)                                    # (B, Tr)
-    loss = aggregate_loss(policy_term + kl_coef * kl, mask, loss_agg, norm_len)
+    kl_tokens = kl.k3(logprobs, ref_logprobs)                            # (B, Tr)
+    loss = aggregate_loss(policy_term + kl_coef * kl_tokens, mask, loss_agg, norm_len)
     with torch.no_grad():
         clip_low_hit = (ratio < 1 - clip_low) & (adv < 0)                 # (B, Tr) where the clip binds
         clip_high_hit = (ratio > 1 + clip_high) & (adv > 0)
         stats = dict(policy_loss=aggregate_loss(policy_term, mask, loss_agg, norm_len).item(),
-                     kl_k3=masked_mean(kl, mask).item(), ratio=masked_mean(ratio, mask).item(),
+                     kl_k3=masked_mean(kl_tokens, mask).item(), ratio=masked_mean(ratio, mask).item(),
                      clipfrac_low=masked_mean(clip_low_hit.float(), mask).item(),
                      clipfrac_high=masked_mean(clip_high_hit.float(), mask).item())
     return loss, stats
@@ -237,7 +222,7 @@ def groups_with_spread(rewards, group_size):
 @dataclass
 class Groups:
     """One iteration's scored groups (prompt-major rows p·G + j)."""
-    rollout: Rollout             # (N, ...) the responses with log π_old, log π_ref and RM scores
+    rollout: Samples             # (N, ...) the responses with log π_old, log π_ref and RM scores
     prompts: list                # N prompt strings
     texts: list                  # N response strings
     rewards: torch.Tensor        # (N,) the training reward (overlong penalty included)
@@ -262,7 +247,7 @@ def join_rollouts(parts, pad_id):
     def pad(x, left, right, value):
         return F.pad(x, (left, right), value=value)
     joined = {}
-    for f in fields(Rollout):
+    for f in fields(Samples):
         values = [getattr(p, f.name) for p in parts]
         if f.name in ("seq", "seq_mask"):
             fill = pad_id if f.name == "seq" else 0
@@ -280,7 +265,7 @@ def join_rollouts(parts, pad_id):
 def sample_groups(policy, ref, rm, enc, train_prompts, cfg, order_rng, generator, device):
     """Step 1: P prompts × G responses, scored; with dynamic sampling, zero-spread groups are replaced by new
     prompts' groups (up to max_sample_rounds rounds; the batch may end up smaller). Returns Groups."""
-    G, eos_id, pad_id = cfg.group_size, tok.eos_id(enc), tok.pad_id(enc)
+    G, eos_id, pad_id = cfg.samples_per_prompt, tok.eos_id(enc), tok.pad_id(enc)
     P = cfg.prompts_per_iter // world_size()                              # [DDP] this rank's share of the prompts
     room = policy.cfg.block_size - cfg.max_new_tokens
     parts, prompts, texts, base, frac_zero, dropped, rounds, generated = [], [], [], [], 0.0, 0, 0, 0
@@ -288,7 +273,7 @@ def sample_groups(policy, ref, rm, enc, train_prompts, cfg, order_rng, generator
         rounds += 1
         batch = [p for p in data.sample_prompts(train_prompts, P, order_rng) for _ in range(G)]
         prompt_ids, prompt_mask = encode_prompts(enc, batch, room, cfg.truncate_prompts)   # (N, Tp) each
-        ro = rollout(policy, ref, rm, None, prompt_ids.to(device), prompt_mask.to(device), cfg.max_new_tokens,
+        ro = sample_and_score(policy, ref, rm, prompt_ids.to(device), prompt_mask.to(device), cfg.max_new_tokens,
                      cfg.temperature, eos_id, pad_id, generator)
         batch_texts = [tok.decode(enc, r) for r in ro.response.tolist()]
         generated += len(batch)
@@ -317,24 +302,23 @@ def sample_groups(policy, ref, rm, enc, train_prompts, cfg, order_rng, generator
 # ----------------------------------------------------------------------------------------------------
 
 def grpo_update(policy, opt, ro, adv, cfg, generator, where="GRPO update", token_ratios=None):
-    """Step 3: μ = ppo_epochs passes over the batch in `minibatches` shuffled minibatches, one optimizer step each.
+    """Step 3: μ = epochs passes over the batch in `minibatches` shuffled minibatches, one optimizer step each.
     adv (N,). Returns one stats dict per optimizer step; token_ratios, an (N, Tr) tensor if given, receives each
     token's ratio as the last pass saw it (the samples log shows it)."""
     policy.train()
     steps = []
-    for epoch in range(cfg.ppo_epochs):
+    for epoch in range(cfg.epochs):
         for idx in torch.randperm(len(adv), generator=generator).to(adv.device).chunk(cfg.minibatches):
             logits = response_logits(policy, ro.seq[idx], ro.seq_mask[idx], ro.n_prompt, cfg.temperature)
             logprobs = logprobs_from_logits(logits, ro.response[idx])    # (n, Tr)
-            if token_ratios is not None and epoch == cfg.ppo_epochs - 1:
+            if token_ratios is not None and epoch == cfg.epochs - 1:
                 token_ratios[idx] = importance_ratio(logprobs.detach(), ro.old_logprobs[idx], ro.mask[idx],
                                                      cfg.ratio_level).float()
             loss, stats = grpo_policy_loss(logprobs, ro.old_logprobs[idx], ro.ref_logprobs[idx], adv[idx],
-                                           ro.mask[idx], cfg.clip_low, cfg.clip_high, cfg.kl_coef, cfg.loss_agg,
+                                           ro.mask[idx], cfg.ratio_clip_low, cfg.ratio_clip_high, cfg.kl_coef, cfg.loss_agg,
                                            cfg.max_new_tokens, cfg.ratio_level)
-            if world_size() > 1 and cfg.loss_agg == "token-mean":   # [DDP] DDP averages the ranks' token means;
-                tokens = ro.mask[idx].sum()                          # weigh each by its share of the global tokens
-                loss = loss * world_size() * tokens / sum_over_ranks(tokens)
+            if cfg.loss_agg == "token-mean":                     # [DDP] one mean over every rank's tokens (1 alone)
+                loss = loss * share_of_global_tokens(ro.mask[idx].sum(), ro.mask[idx].sum())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -346,16 +330,16 @@ def grpo_update(policy, opt, ro, adv, cfg, generator, where="GRPO update", token
 
 def check_config(cfg):
     """One-line errors for option combinations (each value alone: utils.check_options)."""
-    if (cfg.prompts_per_iter * cfg.group_size) % cfg.minibatches:
-        raise ValueError(f"--minibatches {cfg.minibatches} must divide the {cfg.prompts_per_iter * cfg.group_size} "
-                         f"responses (prompts_per_iter × group_size)")
+    if (cfg.prompts_per_iter * cfg.samples_per_prompt) % cfg.minibatches:
+        raise ValueError(f"--minibatches {cfg.minibatches} must divide the {cfg.prompts_per_iter * cfg.samples_per_prompt} "
+                         f"responses (prompts_per_iter × samples_per_prompt)")
     n_ranks = world_size()                            # [DDP] every rank takes the same number of optimizer steps
     if n_ranks > 1 and cfg.dynamic_sampling:
         raise ValueError("--dynamic_sampling: not under torchrun (ranks would keep different numbers of groups and "
                          "take different numbers of steps); run it in one process")
-    if (cfg.prompts_per_iter // n_ranks * cfg.group_size) % cfg.minibatches:
+    if (cfg.prompts_per_iter // n_ranks * cfg.samples_per_prompt) % cfg.minibatches:
         raise ValueError(f"--minibatches {cfg.minibatches} must divide each of the {n_ranks} processes' "
-                         f"{cfg.prompts_per_iter // n_ranks * cfg.group_size} responses")
+                         f"{cfg.prompts_per_iter // n_ranks * cfg.samples_per_prompt} responses")
     if cfg.overlong_cache >= cfg.max_new_tokens:
         raise ValueError(f"--overlong_cache {cfg.overlong_cache}: must be less than --max_new_tokens {cfg.max_new_tokens}")
 
@@ -363,102 +347,85 @@ def check_config(cfg):
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
     check_config(cfg)
-    TRUNCATIONS.reset(cfg.log_truncations)
-    claim_out_dir(cfg.out_dir)                        # one run per folder at a time
-    ckpt_path, log_path = os.path.join(cfg.out_dir, "grpo.pt"), os.path.join(cfg.out_dir, "grpo_log.jsonl")
-    check_fresh_start(ckpt_path, cfg)
-    seed_everything(cfg.seed)
-    device = start_ranks(cfg.device)                  # [DDP] under torchrun: this process's device, in the group
-    policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
-    train_policy = data_parallel(policy)              # [DDP] the update's forward goes through it: gradients averaged
-    enc = tok.get_tokenizer(sft["tokenizer"])
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    print(f"device={device} config={asdict(cfg)}")
-
-    splits = data.only_kinds(data.prompt_splits(sft["config"]["seed"]), cfg.tasks)
-    rank_seed = cfg.seed + 1000 * rank()              # [DDP] each rank its own prompts and samples (rank 0: seed)
-    order_rng = random.Random(rank_seed)                                  # prompt draws, minibatch order
-    sampling_gen = torch.Generator(device=device).manual_seed(rank_seed)  # token sampling
-    eval_prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
-    eval_sampling = lambda model: sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature,
-                                                   device, torch.Generator(device=device).manual_seed(cfg.seed + 1))
-    sft_eval = eval_sampling(ref)
-    # besides weights and RNG, --resume restores the budget so far: responses generated and optimizer steps taken
-    state = RunState(opt, order_rng, sampling_gen, extra=dict(generated=0, policy_steps=0), inputs=input_fingerprints(cfg))
-    start = resume_run(ckpt_path, "grpo", cfg, sft["tokenizer_id"], state, dict(model=policy)) + 1 if cfg.resume else 1
-    log, progress = JsonlLog(log_path, state.log_lines), Progress(cfg.n_iters)
-    samples_path = os.path.join(cfg.out_dir, "grpo_samples.jsonl")      # rollouts with per-token quantities
-    samples = JsonlLog(samples_path, lines_up_to(samples_path, "iter", start - 1) if cfg.resume else None)
-    t_start = time.time() - state.train_time_s
-    meta = dict(model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
-                sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
-    for it in range(start, cfg.n_iters + 1):
-        t_it = time.time()
-        # 1. G responses per prompt from π_old, scored (DAPO: zero-spread groups replaced)
-        g = sample_groups(policy, ref, rm, enc, splits["train"], cfg, order_rng, sampling_gen, device)
-        ro = g.rollout
-        check_finite(f"GRPO iteration {it}", reward=g.rewards.sum())
-        # 2. group-relative advantages, one per response (DSM §4.1.2; Dr. GRPO §3.2)
-        adv = group_advantages(g.rewards, cfg.group_size, cfg.scale)      # (N,)
-        # 3. clipped surrogate + β·k3 over μ passes of minibatches (DSM eq. 3; DAPO eq. 10, 12; GSPO eq. 5)
-        t_train = time.time()
-        minibatch_gen = torch.Generator().manual_seed(order_rng.randrange(2**31))
-        ratios = torch.ones_like(ro.old_logprobs)                          # (N, Tr) filled by the update
-        steps = (grpo_update(train_policy, opt, ro, adv, cfg, minibatch_gen, f"GRPO iteration {it}", ratios)
-                 if len(adv) else [])
-        if not steps:
-            print(f"iteration {it}: every sampled group had equal rewards in {g.rounds} rounds; no update")
-        state.extra["generated"] += int(sum_over_ranks(torch.tensor(g.generated)))   # [DDP] every rank's
-        state.extra["policy_steps"] += len(steps)
-        n_tok = ro.mask.sum()
-        kl_seq = ((ro.old_logprobs - ro.ref_logprobs) * ro.mask).sum(1)  # (N,) k1, logged as for PPO and RLOO
-        row = dict(iter=it, reward=g.rewards.mean().item(), reward_std=g.rewards.std().item(),
-                   score_raw=ro.scores.mean().item(), gold=g.gold.mean().item(), verified=g.verified.mean().item(),
-                   kl_seq=kl_seq.mean().item(), length=ro.mask.sum(1).float().mean().item(),
-                   eos_rate=(ro.response == tok.eos_id(enc)).any(1).float().mean().item(),
-                   perplexity=math.exp(-(ro.old_logprobs.sum() / n_tok).item()),
-                   entropy=(ro.entropy.sum() / n_tok).item(), frac_reward_zero_std=g.frac_zero_std,
-                   groups=len(adv) // cfg.group_size, groups_dropped=g.dropped, sample_rounds=g.rounds,
-                   adv_abs_mean=adv.abs().mean().item(), **(minibatch_means(steps) if steps else {}),
-                   lr=cfg.lr, t_generate=ro.t_generate, t_score=ro.t_score, t_train=time.time() - t_train,
-                   t_iter=time.time() - t_it)
-        row = metrics_over_ranks(row, sums=("groups", "groups_dropped"))  # [DDP] the global batch's metrics
-        row["truncated_rate"] = 1.0 - row["eos_rate"]
-        if it % cfg.eval_interval == 0 or it == cfg.n_iters:
-            row["win_rate_vs_sft"] = data.gold_win_rate(eval_prompts, eval_sampling(policy), sft_eval)
-            if g.prompts:
-                token_adv = adv[:, None].float() * ro.mask                # (N, Tr) the same on every token
-                per_token = dict(k1=(ro.old_logprobs - ro.ref_logprobs) * ro.mask, entropy=ro.entropy,
-                                 k3=k3_kl(ro.old_logprobs, ro.ref_logprobs) * ro.mask, advantage=token_adv, ratio=ratios,
-                                 clipped=clipped_tokens(ratios, token_adv, cfg.clip_low, cfg.clip_high) * ro.mask)
-                keep_samples(samples, it, enc, g.prompts, g.texts, ro, g.gold, per_token, follow_prompts(
-                    it, policy, ref, rm, None, enc, eval_prompts[:2], cfg.max_new_tokens, cfg.temperature,
-                    cfg.seed + 2, True, device))
-        log.write(**row)
-        if it % cfg.ckpt_interval == 0 and it < cfg.n_iters:
-            save_run(ckpt_path, "grpo", it, cfg, state, dict(model=policy), log, t_start, **meta)
-        print(progress.line(it, f"reward {row['reward']:+.3f} RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} "
-                                f"verified {row['verified']:.2f} KL {row['kl_seq']:.2f} len {row['length']:.1f} "
-                                f"clip {row.get('clipfrac_low', 0):.2f}/{row.get('clipfrac_high', 0):.2f}"
-                                + (f" dropped {g.dropped}" if cfg.dynamic_sampling else "")))
-        if stop_here(cfg, it, cfg.n_iters, "iteration"):
+    with Run(cfg, "grpo", data_parallel=True) as run:
+        device = run.device
+        policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
+        train_policy = data_parallel(policy)          # [DDP] the update's forward goes through it: gradients averaged
+        enc = tok.get_tokenizer(sft["tokenizer"])
+        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+        print(f"device={device} config={asdict(cfg)}")
+        splits = data.only_kinds(data.prompt_splits(sft["config"]["seed"]), cfg.tasks)
+        rank_seed = cfg.seed + 1000 * rank()          # [DDP] each rank its own prompts and samples (rank 0: seed)
+        order_rng = random.Random(rank_seed)                                  # prompt draws, minibatch order
+        sampling_gen = torch.Generator(device=device).manual_seed(rank_seed)  # token sampling
+        budget = dict(generated=0, policy_steps=0)    # responses generated, optimizer steps taken: saved with the run
+        budget.update(run.begin(opt, dict(model=policy), run_meta(sft, cfg), cfg.n_iters, order_rng, sampling_gen,
+                                samples=True, saved=lambda: dict(budget)))
+        monitor = ValidationMonitor(enc, ref, rm, None, data.sample_prompts(
+            splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1)), cfg.max_new_tokens, cfg.temperature,
+            cfg.seed, run.samples, device)
+        for it in run.steps():
+            t_it = time.time()
+            # 1. G responses per prompt from π_old, scored (DAPO: zero-spread groups replaced)
+            g = sample_groups(policy, ref, rm, enc, splits["train"], cfg, order_rng, sampling_gen, device)
+            ro = g.rollout
+            check_finite(f"GRPO iteration {it}", reward=g.rewards.sum())
+            # 2. group-relative advantages, one per response (DSM §4.1.2; Dr. GRPO §3.2)
+            adv = group_advantages(g.rewards, cfg.samples_per_prompt, cfg.scale)   # (N,)
+            # 3. clipped surrogate + β·k3 over μ passes of minibatches (DSM eq. 3; DAPO eq. 10, 12; GSPO eq. 5)
+            t_train = time.time()
+            minibatch_gen = torch.Generator().manual_seed(order_rng.randrange(2**31))
+            ratios = torch.ones_like(ro.old_logprobs)                      # (N, Tr) filled by the update
+            steps = (grpo_update(train_policy, opt, ro, adv, cfg, minibatch_gen, f"GRPO iteration {it}", ratios)
+                     if len(adv) else [])
+            if not steps:
+                print(f"iteration {it}: every sampled group had equal rewards in {g.rounds} rounds; no update")
+            budget["generated"] += int(sum_over_ranks(torch.tensor(g.generated)))   # [DDP] every rank's
+            budget["policy_steps"] += len(steps)
+            n_tok = ro.mask.sum()
+            kl_seq = kl.k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1)  # (N,) k1, logged as for PPO and RLOO
+            row = dict(iter=it, reward=g.rewards.mean().item(), reward_std=g.rewards.std().item(),
+                       score_raw=ro.scores.mean().item(), gold=g.gold.mean().item(), verified=g.verified.mean().item(),
+                       kl_seq=kl_seq.mean().item(), length=ro.mask.sum(1).float().mean().item(),
+                       eos_rate=(ro.response == tok.eos_id(enc)).any(1).float().mean().item(),
+                       perplexity=math.exp(-(ro.old_logprobs.sum() / n_tok).item()),
+                       entropy=(ro.entropy.sum() / n_tok).item(), frac_reward_zero_std=g.frac_zero_std,
+                       groups=len(adv) // cfg.samples_per_prompt, groups_dropped=g.dropped, sample_rounds=g.rounds,
+                       adv_abs_mean=adv.abs().mean().item(), **(minibatch_means(steps) if steps else {}),
+                       lr=cfg.lr, t_generate=ro.t_generate, t_score=ro.t_score, t_train=time.time() - t_train,
+                       t_iter=time.time() - t_it)
+            row = metrics_over_ranks(row, sums=("groups", "groups_dropped"))  # [DDP] the global batch's metrics
+            row["truncated_rate"] = 1.0 - row["eos_rate"]
+            if it % cfg.eval_interval == 0 or it == cfg.n_iters:
+                row["win_rate_vs_sft"] = monitor.win_rate(policy)
+                if g.prompts:
+                    token_adv = adv[:, None].float() * ro.mask            # (N, Tr) the same on every token
+                    per_token = dict(k1=kl.k1(ro.old_logprobs, ro.ref_logprobs, ro.mask), entropy=ro.entropy,
+                                     k3=kl.k3(ro.old_logprobs, ro.ref_logprobs) * ro.mask, advantage=token_adv,
+                                     ratio=ratios, clipped=clipped_tokens(ratios, token_adv, cfg.ratio_clip_low,
+                                                                          cfg.ratio_clip_high) * ro.mask)
+                    monitor.keep_samples(it, policy, ro, g.prompts, g.texts, g.gold, per_token)
+            run.log.write(**row)
+            print(run.progress.line(it, f"reward {row['reward']:+.3f} RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} "
+                                        f"verified {row['verified']:.2f} KL {row['kl_seq']:.2f} len {row['length']:.1f} "
+                                        f"clip {row.get('clipfrac_low', 0):.2f}/{row.get('clipfrac_high', 0):.2f}"
+                                        + (f" dropped {g.dropped}" if cfg.dynamic_sampling else "")))
+        if run.stopped:
             return None
 
-    total = time.time() - t_start
-    metrics = {k: row[k] for k in ("reward", "score_raw", "gold", "verified", "kl_seq", "length", "eos_rate")}
-    metrics.update(train_time_s=total, win_rate_vs_sft=row.get("win_rate_vs_sft", float("nan")),
-                   responses_generated=state.extra["generated"], policy_steps=state.extra["policy_steps"])
-    plot_curves(os.path.join(cfg.out_dir, "grpo_curves.png"), read_jsonl(log_path), "iter",
-                [["reward"], ["score_raw"], ["gold", "verified"], ["kl_seq", "kl_k3"], ["length"],
-                 ["clipfrac_low", "clipfrac_high", "frac_reward_zero_std"], ["entropy"], ["win_rate_vs_sft"]],
-                f"GRPO family (reward {cfg.reward}, scale {cfg.scale}, {cfg.loss_agg}, ε {cfg.clip_low}/{cfg.clip_high}, "
-                f"β {cfg.kl_coef}, {cfg.ratio_level} ratio{', dynamic sampling' if cfg.dynamic_sampling else ''})")
-    save_run(ckpt_path, "grpo", cfg.n_iters, cfg, state, dict(model=policy), log, t_start, metrics, **meta)
-    TRUNCATIONS.summary("GRPO")
-    print(f"GRPO done in {total:.0f}s: gold {metrics['gold']:.3f}, verified {metrics['verified']:.2f}, RM "
-          f"{metrics['score_raw']:.2f}, KL {metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} "
-          f"-> {ckpt_path}")
-    release_out_dir(cfg.out_dir)
+        metrics = {key: row[key] for key in ("reward", "score_raw", "gold", "verified", "kl_seq", "length", "eos_rate")}
+        metrics.update(train_time_s=run.train_time(), win_rate_vs_sft=row.get("win_rate_vs_sft", float("nan")),
+                       responses_generated=budget["generated"], policy_steps=budget["policy_steps"])
+        plot_curves(os.path.join(cfg.out_dir, "grpo_curves.png"), read_jsonl(run.log_path), "iter",
+                    [["reward"], ["score_raw"], ["gold", "verified"], ["kl_seq", "kl_k3"], ["length"],
+                     ["clipfrac_low", "clipfrac_high", "frac_reward_zero_std"], ["entropy"], ["win_rate_vs_sft"]],
+                    f"GRPO family (reward {cfg.reward}, scale {cfg.scale}, {cfg.loss_agg}, ε {cfg.ratio_clip_low}/"
+                    f"{cfg.ratio_clip_high}, β {cfg.kl_coef}, {cfg.ratio_level} ratio"
+                    f"{', dynamic sampling' if cfg.dynamic_sampling else ''})")
+        run.finish(metrics, budget["generated"], budget["policy_steps"])
+    print(f"GRPO done in {metrics['train_time_s']:.0f}s: gold {metrics['gold']:.3f}, verified {metrics['verified']:.2f}, "
+          f"RM {metrics['score_raw']:.2f}, KL {metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} "
+          f"-> {run.ckpt_path}")
     return metrics
 
 

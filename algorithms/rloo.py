@@ -41,50 +41,39 @@ import torch
 
 import data
 import tokenizer as tok
+from building_blocks import kl
+from building_blocks.monitors import ValidationMonitor
+from building_blocks.sampling import sample_and_score
+from building_blocks.sequences import encode_prompts
 from model import logprobs_from_logits, response_logits
-from ppo_rlhf import encode_prompts, rollout
-from evaluate import follow_prompts, keep_samples
-from train_sft import sample_responses
-from checkpoints import (RunState, check_fresh_start, claim_out_dir, input_fingerprints, load_models, release_out_dir,
-                         resume_run, save_run, stop_here)
-from utils import (TRUNCATIONS, JsonlLog, Progress, check_finite, field, lines_up_to, parse_config, pick_device,
-                   plot_curves, read_jsonl, run_main, seed_everything)
+from checkpoints import Run, RunOptions, load_models, run_meta
+from utils import check_finite, field, parse_config, plot_curves, read_jsonl, run_main
 
 
 @dataclass
-class Config:
-    sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference")
-    rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint (frozen)")
-    out_dir: str = field("out", "where rloo.pt, rloo_log.jsonl and rloo_curves.png are written")
-    seed: int = field(0, "seeds prompts, sampling and minibatch order")
-    device: str = field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, mps")
-    n_iters: int = field(150, "iterations (rollout + one pass of updates)")
-    prompts_per_iter: int = field(16, "B prompts per iteration; N = B·k rollouts")
-    k: int = field(4, "samples per prompt (loo needs k >= 2)")
-    baseline: str = field("loo", "loo | moving_avg | none")
-    kl_coef: float = field(0.1, "β of the sequence KL penalty in the reward (as PPO-max; the paper: 0.03-0.1)")
+class Config(RunOptions):
+    sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference", input_file=True)
+    rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint (frozen)", input_file=True)
+    n_iters: int = field(150, "iterations (rollout + one pass of updates)", range="[1, inf)")
+    prompts_per_iter: int = field(16, "B prompts per iteration; N = B·k rollouts", range="[1, inf)", global_batch=True)
+    samples_per_prompt: int = field(4, "k: responses sampled per prompt (loo needs 2 or more)", range="[1, inf)")
+    baseline: str = field("loo", "loo | moving_avg | none", choices=('loo', 'moving_avg', 'none'))
+    kl_coef: float = field(0.1, "β of the sequence KL penalty in the reward (as PPO-max; the paper: 0.03-0.1)", range="[0, inf)")
     reward: str = field("rm", "rm (the reward model's score), or a rule in its place: verifier (RLVR: data.verify) "
-                              "or gold (the true reward, an oracle)")
+                              "or gold (the true reward, an oracle)", choices=('rm', 'verifier', 'gold'))
     tasks: str = field("all", "prompt kinds to train on: all, or comma-separated of math, fact, harmful, open")
-    max_new_tokens: int = field(48, "longest response")
-    temperature: float = field(1.0, "sampling temperature, used for every log-prob too")
-    minibatches: int = field(2, "optimizer steps per iteration (the paper: 2)")
-    lr: float = field(3e-5, "policy learning rate (AdamW)")
-    grad_clip: float = field(1.0, "grad-norm clip (0 = off)")
-    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at "
-                                         "the end of the stage (false: error)")
-    log_truncations: bool = field(False, "also print one warning line per truncated prompt")
-    eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts and a sample table")
-    n_eval_prompts: int = field(64, "val prompts for the win rate during training")
-    ckpt_interval: int = field(25, "also write rloo.pt (with optimizer and RNG state) every N iterations")
-    resume: bool = field(False, "continue from out_dir/rloo.pt written by an interrupted run")
-    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage")
-    stop_after: int = field(0, "stop after this many iterations as if killed (to test --resume); 0 = off")
+    max_new_tokens: int = field(48, "longest response", range="[1, inf)")
+    temperature: float = field(1.0, "sampling temperature, used for every log-prob too", range="(0, inf)")
+    minibatches: int = field(2, "optimizer steps per iteration (the paper: 2)", range="[1, inf)")
+    lr: float = field(3e-5, "policy learning rate (AdamW)", range="(0, inf)")
+    grad_clip: float = field(1.0, "grad-norm clip (0 = off)", range="[0, inf)")
+    eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts and a sample table", range="[1, inf)")
+    n_eval_prompts: int = field(64, "val prompts for the win rate during training", range="[1, inf)")
 
 
 PRESETS = {
     "default": {},
-    "tiny": dict(n_iters=3, prompts_per_iter=4, k=2, max_new_tokens=12, eval_interval=2, n_eval_prompts=8),
+    "tiny": dict(n_iters=3, prompts_per_iter=4, samples_per_prompt=2, max_new_tokens=12, eval_interval=2, n_eval_prompts=8),
 }
 
 
@@ -122,7 +111,7 @@ def kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef):
     Paper eq. 3: R = score - β·KL_seq with KL_seq = Σ_t (old_logprobs - ref_logprobs)_t over response tokens (k1).
     scores (N,), the others (N, Tr) -> (R, KL_seq), both (N,) and constants (computed from no-grad rollouts).
     """
-    kl_seq = ((old_logprobs - ref_logprobs) * mask).sum(1)               # (N,)
+    kl_seq = kl.k1(old_logprobs, ref_logprobs, mask).sum(1)               # (N,)
     return scores.float() - kl_coef * kl_seq, kl_seq
 
 
@@ -154,112 +143,96 @@ def rloo_update(policy, opt, ro, adv, cfg, generator, where="RLOO update"):
     return losses, gnorms
 
 
+def check_config(cfg):
+    """One-line errors for option combinations that cannot work (each value alone: its field's rule)."""
+    if cfg.baseline == "loo" and cfg.samples_per_prompt < 2:
+        raise ValueError(f"--baseline loo needs --samples_per_prompt >= 2 (got {cfg.samples_per_prompt})")
+    N = cfg.prompts_per_iter * cfg.samples_per_prompt
+    if N % cfg.minibatches:
+        raise ValueError(f"minibatches {cfg.minibatches} must divide the {N} rollouts (prompts_per_iter × "
+                         f"samples_per_prompt)")
+
+
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
-    TRUNCATIONS.reset(cfg.log_truncations)
-    claim_out_dir(cfg.out_dir)                        # one run per folder at a time
-    ckpt_path, log_path = os.path.join(cfg.out_dir, "rloo.pt"), os.path.join(cfg.out_dir, "rloo_log.jsonl")
-    check_fresh_start(ckpt_path, cfg)
-    if cfg.baseline == "loo" and cfg.k < 2:
-        raise ValueError(f"--baseline loo needs --k >= 2 (got {cfg.k})")
-    N = cfg.prompts_per_iter * cfg.k
-    if N % cfg.minibatches:
-        raise ValueError(f"minibatches {cfg.minibatches} must divide the {N} rollouts (prompts_per_iter × k)")
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-
-    policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
-    enc = tok.get_tokenizer(sft["tokenizer"])
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    print(f"device={device} config={asdict(cfg)}")
-
-    splits = data.only_kinds(data.prompt_splits(sft["config"]["seed"]), cfg.tasks)
-    rng = random.Random(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    eval_prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
-    sft_eval = sample_responses(ref, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
-                                torch.Generator(device=device).manual_seed(cfg.seed + 1))
-    moving = MovingAverageBaseline()
-    state = RunState(opt, rng, gen, extra=dict(moving=[0.0, 0]), inputs=input_fingerprints(cfg))
-    start = 1
-    if cfg.resume:
-        start = resume_run(ckpt_path, "rloo", cfg, sft["tokenizer_id"], state, dict(model=policy)) + 1
-        moving.total, moving.count = state.extra["moving"]
-    log, progress = JsonlLog(log_path, state.log_lines), Progress(cfg.n_iters)
-    samples_path = os.path.join(cfg.out_dir, "rloo_samples.jsonl")      # rollouts with per-token quantities
-    samples = JsonlLog(samples_path, lines_up_to(samples_path, "iter", start - 1) if cfg.resume else None)
-    t_start = time.time() - state.train_time_s
-    meta = dict(model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
-                sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
-    for it in range(start, cfg.n_iters + 1):
-        t_it = time.time()
-        # 1. rollout: each prompt k times, prompt-major
-        prompts = [p for p in data.sample_prompts(splits["train"], cfg.prompts_per_iter, rng) for _ in range(cfg.k)]
-        prompt_ids, prompt_mask = encode_prompts(enc, prompts, policy.cfg.block_size - cfg.max_new_tokens,
-                                                 cfg.truncate_prompts)                    # (N, Tp) each
-        ro = rollout(policy, ref, rm, None, prompt_ids.to(device), prompt_mask.to(device), cfg.max_new_tokens,
-                     cfg.temperature, tok.eos_id(enc), tok.pad_id(enc), gen)
-        mask = ro.mask                                                 # (N, Tr)
-        texts = [tok.decode(enc, r) for r in ro.response.tolist()]
-        gold = torch.tensor([data.gold_reward(p, r) for p, r in zip(prompts, texts)])
-        check_finite(f"RLOO iteration {it}", rm_score=ro.scores.sum())
-        score = ro.scores if cfg.reward == "rm" else torch.tensor(data.rule_rewards(cfg.reward, prompts, texts),
-                                                                  device=device)  # (N,) what is optimised
-        # 2. KL-shaped sequence reward (a constant)
-        rewards, kl_seq = kl_shaped_rewards(score, ro.old_logprobs, ro.ref_logprobs, mask, cfg.kl_coef)
-        # 3. baseline -> advantages
-        b = float("nan")
-        if cfg.baseline == "loo":
-            adv = loo_advantages(rewards, cfg.k)                          # (N,)
-        elif cfg.baseline == "moving_avg":
-            adv, b = moving.advantages(rewards)
-        else:
-            adv = rewards
-        # 4. one pass of REINFORCE updates over shuffled minibatches
-        t_train = time.time()
-        losses, gnorms = rloo_update(policy, opt, ro, adv, cfg, torch.Generator().manual_seed(rng.randrange(2**31)),
-                                     f"RLOO iteration {it}")
-        n_tok = mask.sum()
-        row = dict(iter=it, score_raw=ro.scores.mean().item(), gold=gold.mean().item(),
-                   reward=rewards.mean().item(), kl_seq=kl_seq.mean().item(), kl_token=(kl_seq.sum() / n_tok).item(),
-                   length=mask.sum(1).float().mean().item(),
-                   eos_rate=(ro.response == tok.eos_id(enc)).any(1).float().mean().item(),
-                   perplexity=math.exp(-(ro.old_logprobs.sum() / n_tok).item()),
-                   entropy=(ro.entropy.sum() / n_tok).item(), adv_mean=adv.mean().item(), adv_std=adv.std().item(),
-                   adv_min=adv.min().item(), adv_max=adv.max().item(), baseline=b, loss=sum(losses) / len(losses),
-                   grad_norm=sum(gnorms) / len(gnorms), lr=cfg.lr, t_generate=ro.t_generate, t_score=ro.t_score,
-                   t_train=time.time() - t_train, t_iter=time.time() - t_it)
-        if cfg.k > 1:
-            row["frac_reward_zero_std"] = (score.view(-1, cfg.k).std(1) == 0).float().mean().item()
-        if it % cfg.eval_interval == 0 or it == cfg.n_iters:
-            outs = sample_responses(policy, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device,
-                                    torch.Generator(device=device).manual_seed(cfg.seed + 1))
-            row["win_rate_vs_sft"] = data.gold_win_rate(eval_prompts, outs, sft_eval)
-            per_token = dict(k1=(ro.old_logprobs - ro.ref_logprobs) * mask, entropy=ro.entropy,
-                             advantage=adv[:, None].float() * mask)            # (N, Tr) each; A on every token
-            keep_samples(samples, it, enc, prompts, texts, ro, gold, per_token, follow_prompts(
-                it, policy, ref, rm, None, enc, eval_prompts[:2], cfg.max_new_tokens, cfg.temperature, cfg.seed + 2,
-                True, device))
-        log.write(**row)
-        state.extra["moving"] = [moving.total, moving.count]
-        if it % cfg.ckpt_interval == 0 and it < cfg.n_iters:
-            save_run(ckpt_path, "rloo", it, cfg, state, dict(model=policy), log, t_start, **meta)
-        print(progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL {row['kl_seq']:.2f} "
-                                f"len {row['length']:.1f} loss {row['loss']:+.3f}"))
-        if stop_here(cfg, it, cfg.n_iters, "iteration"):
+    check_config(cfg)
+    k = cfg.samples_per_prompt
+    with Run(cfg, "rloo") as run:
+        device = run.device
+        policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
+        enc = tok.get_tokenizer(sft["tokenizer"])
+        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+        print(f"device={device} config={asdict(cfg)}")
+        splits = data.only_kinds(data.prompt_splits(sft["config"]["seed"]), cfg.tasks)
+        rng = random.Random(cfg.seed)                                     # prompt draws, minibatch order
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)        # token sampling
+        moving = MovingAverageBaseline()
+        restored = run.begin(opt, dict(model=policy), run_meta(sft, cfg), cfg.n_iters, rng, gen, samples=True,
+                             saved=lambda: dict(moving=[moving.total, moving.count]))
+        moving.total, moving.count = restored["moving"]
+        monitor = ValidationMonitor(enc, ref, rm, None, data.sample_prompts(
+            splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1)), cfg.max_new_tokens, cfg.temperature,
+            cfg.seed, run.samples, device)
+        for it in run.steps():
+            t_it = time.time()
+            # 1. rollout: each prompt k times, prompt-major
+            prompts = [p for p in data.sample_prompts(splits["train"], cfg.prompts_per_iter, rng) for _ in range(k)]
+            prompt_ids, prompt_mask = encode_prompts(enc, prompts, policy.cfg.block_size - cfg.max_new_tokens,
+                                                     cfg.truncate_prompts)                    # (N, Tp) each
+            ro = sample_and_score(policy, ref, rm, prompt_ids.to(device), prompt_mask.to(device), cfg.max_new_tokens,
+                                  cfg.temperature, tok.eos_id(enc), tok.pad_id(enc), gen)
+            mask = ro.mask                                                # (N, Tr)
+            texts = [tok.decode(enc, r) for r in ro.response.tolist()]
+            gold = torch.tensor([data.gold_reward(p, r) for p, r in zip(prompts, texts)])
+            check_finite(f"RLOO iteration {it}", rm_score=ro.scores.sum())
+            score = ro.scores if cfg.reward == "rm" else torch.tensor(data.rule_rewards(cfg.reward, prompts, texts),
+                                                                      device=device)  # (N,) what is optimised
+            # 2. KL-shaped sequence reward (a constant)
+            rewards, kl_seq = kl_shaped_rewards(score, ro.old_logprobs, ro.ref_logprobs, mask, cfg.kl_coef)
+            # 3. baseline -> advantages
+            b = float("nan")
+            if cfg.baseline == "loo":
+                adv = loo_advantages(rewards, k)                          # (N,)
+            elif cfg.baseline == "moving_avg":
+                adv, b = moving.advantages(rewards)
+            else:
+                adv = rewards
+            # 4. one pass of REINFORCE updates over shuffled minibatches
+            t_train = time.time()
+            losses, gnorms = rloo_update(policy, opt, ro, adv, cfg,
+                                         torch.Generator().manual_seed(rng.randrange(2**31)), f"RLOO iteration {it}")
+            n_tok = mask.sum()
+            row = dict(iter=it, score_raw=ro.scores.mean().item(), gold=gold.mean().item(),
+                       reward=rewards.mean().item(), kl_seq=kl_seq.mean().item(), kl_token=(kl_seq.sum() / n_tok).item(),
+                       length=mask.sum(1).float().mean().item(),
+                       eos_rate=(ro.response == tok.eos_id(enc)).any(1).float().mean().item(),
+                       perplexity=math.exp(-(ro.old_logprobs.sum() / n_tok).item()),
+                       entropy=(ro.entropy.sum() / n_tok).item(), adv_mean=adv.mean().item(), adv_std=adv.std().item(),
+                       adv_min=adv.min().item(), adv_max=adv.max().item(), baseline=b, loss=sum(losses) / len(losses),
+                       grad_norm=sum(gnorms) / len(gnorms), lr=cfg.lr, t_generate=ro.t_generate, t_score=ro.t_score,
+                       t_train=time.time() - t_train, t_iter=time.time() - t_it)
+            if k > 1:
+                row["frac_reward_zero_std"] = (score.view(-1, k).std(1) == 0).float().mean().item()
+            if it % cfg.eval_interval == 0 or it == cfg.n_iters:
+                row["win_rate_vs_sft"] = monitor.win_rate(policy)
+                per_token = dict(k1=kl.k1(ro.old_logprobs, ro.ref_logprobs, mask), entropy=ro.entropy,
+                                 advantage=adv[:, None].float() * mask)   # (N, Tr) each; A on every token
+                monitor.keep_samples(it, policy, ro, prompts, texts, gold, per_token)
+            run.log.write(**row)
+            print(run.progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL {row['kl_seq']:.2f} "
+                                        f"len {row['length']:.1f} loss {row['loss']:+.3f}"))
+        if run.stopped:
             return None
 
-    total = time.time() - t_start
-    metrics = {k: row[k] for k in ("score_raw", "gold", "kl_seq", "length", "eos_rate")}
-    metrics.update(train_time_s=total, win_rate_vs_sft=row.get("win_rate_vs_sft", float("nan")))
-    plot_curves(os.path.join(cfg.out_dir, "rloo_curves.png"), read_jsonl(log_path), "iter",
-                [["score_raw"], ["gold"], ["kl_seq"], ["length"], ["perplexity"], ["win_rate_vs_sft"]],
-                f"REINFORCE ({cfg.baseline} baseline, k={cfg.k})")
-    save_run(ckpt_path, "rloo", cfg.n_iters, cfg, state, dict(model=policy), log, t_start, metrics, **meta)
-    TRUNCATIONS.summary("RLOO")
-    print(f"RLOO done in {total:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, KL "
-          f"{metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} -> {ckpt_path}")
-    release_out_dir(cfg.out_dir)
+        metrics = {key: row[key] for key in ("score_raw", "gold", "kl_seq", "length", "eos_rate")}
+        metrics.update(train_time_s=run.train_time(), win_rate_vs_sft=row.get("win_rate_vs_sft", float("nan")))
+        plot_curves(os.path.join(cfg.out_dir, "rloo_curves.png"), read_jsonl(run.log_path), "iter",
+                    [["score_raw"], ["gold"], ["kl_seq"], ["length"], ["perplexity"], ["win_rate_vs_sft"]],
+                    f"REINFORCE ({cfg.baseline} baseline, k={k})")
+        run.finish(metrics, responses_generated=cfg.n_iters * cfg.prompts_per_iter * k,
+                   policy_steps=cfg.n_iters * cfg.minibatches)
+    print(f"RLOO done in {metrics['train_time_s']:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, "
+          f"KL {metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} -> {run.ckpt_path}")
     return metrics
 
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 import ppo_rlhf
 from algorithms import rloo
+from building_blocks.sampling import sample_and_score
 from model import GPT, GPTConfig, ScalarHeadGPT
 from utils import json_line, run_main
 
@@ -75,8 +76,8 @@ def make_models(w, vocab, seed=0):
 def ppo_config(w):
     """ppo_rlhf's PPO-max defaults with the workload's batch geometry (no critic pre-training: every iteration
     updates both networks)."""
-    return ppo_rlhf.Config(rollout_batch=w["B"], max_new_tokens=w["Tr"], ppo_epochs=w["epochs"],
-                           minibatch=w["minibatch"], critic_pretrain_iters=0)
+    return ppo_rlhf.Config(rollout_batch=w["B"], max_new_tokens=w["Tr"], epochs=w["epochs"],
+                           minibatches=w["B"] // w["minibatch"], critic_pretrain_iters=0)
 
 
 def ppo_iteration(models, opt, cfg, w, vocab, gen, running):
@@ -102,8 +103,8 @@ def rloo_iteration(models, opt, cfg, w, vocab, gen):
     policy, ref, rm, _ = models
     t0 = time.time()
     p_ids = torch.randint(0, vocab, (w["B"] // w["k"], w["Tp"]), generator=gen).repeat_interleave(w["k"], 0)
-    ro = ppo_rlhf.rollout(policy, ref, rm, None, p_ids, torch.ones_like(p_ids), cfg.max_new_tokens, cfg.temperature,
-                          None, -1, gen)
+    ro = sample_and_score(policy, ref, rm, p_ids, torch.ones_like(p_ids), cfg.max_new_tokens, cfg.temperature, None,
+                          -1, gen)
     t_train = time.time()
     rewards, _ = rloo.kl_shaped_rewards(ro.scores, ro.old_logprobs, ro.ref_logprobs, ro.mask, cfg.kl_coef)
     adv = rloo.loo_advantages(rewards, w["k"])                            # (B,)
@@ -204,7 +205,7 @@ def bench_rl(algo, vocab, w, n_iters):
         running = ppo_rlhf.RunningMoments()
         step = lambda: ppo_iteration(models, opt, cfg, w, vocab, gen, running)
     else:
-        cfg = rloo.Config(prompts_per_iter=w["B"] // w["k"], k=w["k"], max_new_tokens=w["Tr"],
+        cfg = rloo.Config(prompts_per_iter=w["B"] // w["k"], samples_per_prompt=w["k"], max_new_tokens=w["Tr"],
                           minibatches=w["B"] // w["minibatch"])
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
         step = lambda: rloo_iteration(models, opt, cfg, w, vocab, gen)

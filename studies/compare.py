@@ -18,6 +18,7 @@ compare_reward_kl.png):
     python -m studies.compare --quick --sft_ckpt out/tiny/sft.pt --rm_ckpt out/tiny/rm.pt --out_dir out/tiny/compare
 """
 import argparse
+import glob
 import os
 import statistics
 
@@ -27,48 +28,50 @@ from algorithms import alol, dpo, grpo, raft, rloo
 from checkpoints import load_checkpoint
 from utils import json_line, run_main
 
-# method -> (module, extra arguments, checkpoint file, training data)
+# method -> (module, extra arguments, training data); each run's checkpoint is the one it writes in its folder
 METHODS = {
-    "ppo_max": (ppo_rlhf, ["--preset", "ppo_max"], "ppo.pt", "own samples"),
-    "rloo": (rloo, ["--baseline", "loo", "--k", "4"], "rloo.pt", "own samples"),
-    "raft": (raft, ["--k", "4"], "raft.pt", "own samples"),
-    "grpo": (grpo, ["--preset", "grpo"], "grpo.pt", "own samples"),
-    "dr_grpo": (grpo, ["--preset", "dr_grpo"], "grpo.pt", "own samples"),
-    "dapo": (grpo, ["--preset", "dapo"], "grpo.pt", "own samples"),
-    "gspo": (grpo, ["--preset", "gspo"], "grpo.pt", "own samples"),
+    "ppo_max": (ppo_rlhf, ["--preset", "ppo_max"], "own samples"),
+    "rloo": (rloo, ["--baseline", "loo", "--samples_per_prompt", "4"], "own samples"),
+    "raft": (raft, ["--samples_per_prompt", "4"], "own samples"),
+    "grpo": (grpo, ["--preset", "grpo"], "own samples"),
+    "dr_grpo": (grpo, ["--preset", "dr_grpo"], "own samples"),
+    "dapo": (grpo, ["--preset", "dapo"], "own samples"),
+    "gspo": (grpo, ["--preset", "gspo"], "own samples"),
     # the RLVR study: GRPO on the math prompts only, optimising the reward model, the verifier or the gold reward
-    "grpo_math_rm": (grpo, ["--tasks", "math", "--reward", "rm"], "grpo.pt", "own samples, math, RM"),
-    "grpo_math_verifier": (grpo, ["--tasks", "math", "--reward", "verifier"], "grpo.pt", "own samples, math, verifier"),
-    "grpo_math_gold": (grpo, ["--tasks", "math", "--reward", "gold"], "grpo.pt", "own samples, math, gold"),
-    "dpo": (dpo, [], "dpo.pt", "RM pairs"),
-    "alol": (alol, ["--variant", "alol"], "alol.pt", "RM pairs, A > 0"),
-    "alol_ref_free": (alol, ["--variant", "ref_free"], "alol.pt", "RM pairs, A > 0"),
-    "alol_seq": (alol, ["--variant", "seq"], "alol.pt", "RM pairs, A > 0"),
-    "alol_kl": (alol, ["--variant", "kl"], "alol.pt", "RM pairs, A > 0"),
+    "grpo_math_rm": (grpo, ["--tasks", "math", "--reward", "rm"], "own samples, math, RM"),
+    "grpo_math_verifier": (grpo, ["--tasks", "math", "--reward", "verifier"], "own samples, math, verifier"),
+    "grpo_math_gold": (grpo, ["--tasks", "math", "--reward", "gold"], "own samples, math, gold"),
+    "dpo": (dpo, [], "RM pairs"),
+    "alol": (alol, ["--variant", "alol"], "RM pairs, A > 0"),
+    "alol_ref_free": (alol, ["--variant", "ref_free"], "RM pairs, A > 0"),
+    "alol_seq": (alol, ["--variant", "seq"], "RM pairs, A > 0"),
+    "alol_kl": (alol, ["--variant", "kl"], "RM pairs, A > 0"),
 }
 KEYS = ["gold", "math_acc", "rm", "win_vs_sft", "kl_sft", "length", "distinct2"]
 
 
 def training_budget(ckpt):
-    """(responses generated during training, policy optimizer steps) of a finished run, from its checkpoint."""
-    c, stage = ckpt["config"], ckpt["stage"]
-    if stage == "ppo":  # critic pre-training iterations generate but do not step the policy
-        steps_per_iter = c["ppo_epochs"] * (c["rollout_batch"] // c["minibatch"])
-        return c["n_iters"] * c["rollout_batch"], (c["n_iters"] - c["critic_pretrain_iters"]) * steps_per_iter
-    if stage in ("rloo", "raft"):  # one pass of `minibatches` steps per iteration (RAFT: over the best of each k)
-        trained_rows = c["prompts_per_iter"] * (c["k"] if stage == "rloo" else 1)
-        return c["n_iters"] * c["prompts_per_iter"] * c["k"], c["n_iters"] * min(c["minibatches"], trained_rows)
-    if stage == "grpo":  # counted while it ran: dynamic sampling generates more than it keeps
-        return ckpt["metrics"]["responses_generated"], ckpt["metrics"]["policy_steps"]
-    return 0, ckpt["step"]  # offline (DPO, A-LoL): one step per saved step
+    """(responses generated during training, policy optimizer steps) of a finished run: what the run wrote in its
+    checkpoint (checkpoints.Run.finish), whatever its stage."""
+    return ckpt["training_budget"]["responses_generated"], ckpt["training_budget"]["policy_steps"]
+
+
+def the_checkpoint(run_dir):
+    """The one checkpoint a method's run wrote in its own folder."""
+    found = sorted(glob.glob(os.path.join(run_dir, "*.pt")))
+    if len(found) != 1:
+        raise ValueError(f"{run_dir}: expected the one checkpoint of a run, found {len(found)}")
+    return found[0]
 
 
 def summarize(rows):
-    """{method: {key: (mean, spread)}} from evaluate.py rows tagged with method; spread = population std."""
+    """{method: {key: (mean, spread)}} from evaluate.py rows tagged with method; spread = the sample standard deviation
+    over the seeds (÷ n-1; nan for one seed)."""
     out = {}
     for m in dict.fromkeys(r["method"] for r in rows):
         group = [r for r in rows if r["method"] == m]
-        out[m] = {k: (statistics.mean(r[k] for r in group), statistics.pstdev([r[k] for r in group])) for k in KEYS + ["time_s"]}
+        out[m] = {k: (statistics.mean(r[k] for r in group),
+                      statistics.stdev([r[k] for r in group]) if len(group) > 1 else float("nan")) for k in KEYS + ["time_s"]}
         out[m]["n"] = len(group)
     return out
 
@@ -113,13 +116,13 @@ def main(argv=None):
     runs = []
     for seed in a.seeds:
         for m in a.methods:
-            module, extra, ckpt_name, _ = METHODS[m]
+            module, extra, _ = METHODS[m]
             out = os.path.join(a.out_dir, f"{m}_s{seed}")
-            ckpt = os.path.join(out, ckpt_name)
-            if not (a.skip_existing and os.path.exists(ckpt)):
+            if not (a.skip_existing and glob.glob(os.path.join(out, "*.pt"))):
                 print("=" * 20, f"{m}, seed {seed}", "=" * 20)
                 module.main(extra + ["--seed", str(seed), "--out_dir", out, "--sft_ckpt", a.sft_ckpt, "--rm_ckpt",
                                      a.rm_ckpt, "--device", a.device] + (["--preset", "tiny"] if a.quick else []))
+            ckpt = the_checkpoint(out)
             done = load_checkpoint(ckpt, None)
             generated, steps = training_budget(done)
             runs.append(dict(method=m, seed=seed, ckpt=ckpt, time_s=done["metrics"]["train_time_s"],
@@ -136,7 +139,7 @@ def main(argv=None):
         for r in rows:
             f.write(json_line(r))
     summary = summarize(rows)
-    md = [f"{rows[0]['n_prompts']} test prompts; mean ± std over seeds {a.seeds}; SFT: see eval.md", "",
+    md = [f"{rows[0]['n_prompts']} test prompts; mean ± sample std over seeds {a.seeds}; SFT: see eval.md", "",
           "| method | trains on | responses generated | policy optimizer steps | seeds | gold reward | math accuracy | "
           "RM score | gold win rate vs SFT | KL to SFT | length | distinct-2 | training time (s) |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -144,7 +147,7 @@ def main(argv=None):
         cells = " | ".join(f"{s[k][0]:.3f} ± {s[k][1]:.3f}" if k != "time_s" else f"{s[k][0]:.0f} ± {s[k][1]:.0f}"
                            for k in KEYS + ["time_s"])
         budget = sorted({(r["generated"], r["policy_steps"]) for r in rows if r["method"] == m})
-        md.append(f"| {m} | {METHODS[m][3]} | {' / '.join(f'{g:,}' for g, _ in budget)} | "
+        md.append(f"| {m} | {METHODS[m][2]} | {' / '.join(f'{g:,}' for g, _ in budget)} | "
                   f"{' / '.join(f'{n:,}' for _, n in budget)} | {s['n']} | {cells} |")
     with open(os.path.join(a.out_dir, "compare.md"), "w") as f:
         f.write("\n".join(md) + "\n")

@@ -2,11 +2,13 @@
 One self-contained HTML page for one run folder, or for several side by side (PPO-max vs vanilla, the compare
 runs): it opens offline, with no server and no network request (images embedded, no external scripts or fonts).
 
-What it shows, for each RL stage found in a folder (PPO, RLOO, RAFT, GRPO):
+What it shows, for each RL stage found in a folder (every {stage}_log.jsonl whose rows are iterations: PPO, RLOO,
+RAFT, GRPO, or a stage of your own):
   - the config the run was started with (from its checkpoint);
   - the paper's panels (Secrets of RLHF §5.2: RM score, gold reward, KL to SFT, perplexity, length, win rate vs
     SFT), raw points faint under a smoothed line, the collapse warning marked;
-  - the PPO diagnostics (clip fraction, approx. KL, explained variance, value loss, entropy, time per phase);
+  - the PPO diagnostics, where the log has them (clip fraction, approx. KL, explained variance, value loss,
+    entropy, time per phase);
   - the sample table of every eval interval, and each kept rollout token by token, coloured by a per-token
     quantity you pick (KL to the reference, reward, value, advantage, return, entropy, ratio, clipped);
   - with several folders, the gold-reward-vs-KL frontier of the runs.
@@ -28,7 +30,6 @@ import torch
 
 from utils import read_jsonl, run_main, smooth, SMOOTH_FROM
 
-RL_STAGES = ("ppo", "rloo", "raft", "grpo")
 PAPER_PANELS = [("score_raw", "RM score"), ("gold", "gold reward"), ("kl_seq", "KL to SFT (per response)"),
                 ("perplexity", "perplexity"), ("length", "length (tokens)"), ("win_rate_vs_sft", "win rate vs SFT")]
 PPO_DIAGNOSTICS = [("clipfrac", "clip fraction"), ("approx_kl", "approx. KL(π_old‖π)"),
@@ -143,8 +144,21 @@ def frontier_html(runs):
 # Reading a run folder
 
 def find_stages(run_dir):
-    """The RL stages whose log is in run_dir, in RL_STAGES order."""
-    return [s for s in RL_STAGES if os.path.exists(os.path.join(run_dir, f"{s}_log.jsonl"))]
+    """The RL stages that ran in run_dir, learnt from what they wrote: every {stage}_log.jsonl whose first row is
+    an iteration ("iter"), by name. SFT, RM, DPO and A-LoL log steps, and have no samples to show."""
+    stages = []
+    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        path = os.path.join(run_dir, name)
+        if name.endswith("_log.jsonl") and os.path.isfile(path):
+            with open(path) as f:
+                first = f.readline()
+            try:
+                is_iterations = "iter" in json.loads(first)
+            except ValueError:                                              # empty, or not a log of ours
+                is_iterations = False
+            if is_iterations:
+                stages.append(name[:-len("_log.jsonl")])
+    return stages
 
 
 def run_config(run_dir, stage):
@@ -194,7 +208,7 @@ def report(run_dirs, out_file):
     for run_dir in run_dirs:
         stages = find_stages(run_dir)
         if not stages:
-            raise ValueError(f"{run_dir}: no run here (none of {', '.join(f'{s}_log.jsonl' for s in RL_STAGES)})")
+            raise ValueError(f"{run_dir}: no run here (no {{stage}}_log.jsonl of iterations: PPO, RLOO, RAFT, GRPO, ...)")
         for stage in stages:
             name = f"{os.path.basename(os.path.normpath(run_dir))} {stage}"
             rows = read_jsonl(os.path.join(run_dir, f"{stage}_log.jsonl"))
@@ -208,7 +222,7 @@ def report(run_dirs, out_file):
                      f'{"" if finished else " (the run has not finished)"}; folder {html.escape(run_dir)}</p>',
                      config_html(run_config(run_dir, stage)), "<h3>The paper's panels</h3>",
                      panels_html([(name, rows)], PAPER_PANELS)]
-            if stage == "ppo":
+            if any("explained_var" in r for r in rows):                     # a critic's run: PPO's diagnostics
                 parts += ["<h3>PPO diagnostics</h3>", panels_html([(name, rows)], PPO_DIAGNOSTICS)]
             parts += ["<h3>Samples (best, median and worst of the batch by RM score; val_*: the same validation "
                       "prompts every time)</h3>", samples_html(samples, quantities) if samples else
@@ -228,7 +242,7 @@ def report(run_dirs, out_file):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="One self-contained HTML report for one or several run folders.")
-    p.add_argument("run_dirs", nargs="+", help="folders holding a PPO, RLOO, RAFT or GRPO run (its *_log.jsonl)")
+    p.add_argument("run_dirs", nargs="+", help="folders holding an RL run (PPO, RLOO, RAFT, GRPO, ...: its *_log.jsonl)")
     p.add_argument("--out_file", default=None, help="the page to write (default: FIRST_RUN_DIR/report.html)")
     a = p.parse_args(argv)
     path = report(a.run_dirs, a.out_file or os.path.join(a.run_dirs[0], "report.html"))

@@ -73,7 +73,7 @@ def tiny_models():
     return GPT(shape), GPT(shape), ScalarHeadGPT(shape), ScalarHeadGPT(shape)
 
 
-PPO_CFG = ppo_rlhf.Config(rollout_batch=8, minibatch=8, ppo_epochs=1, adv_whiten=True, policy_lr=1e-2,
+PPO_CFG = ppo_rlhf.Config(rollout_batch=8, minibatches=1, epochs=1, adv_whiten=True, policy_lr=1e-2,
                           critic_lr=1e-2)
 
 

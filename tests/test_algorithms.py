@@ -113,8 +113,8 @@ def test_first_ppo_minibatch_and_first_dpo_step_from_a_dropout_sft(dropout_sft, 
     import ppo_rlhf
     from utils import read_jsonl
     ckpts = ["--sft_ckpt", f"{dropout_sft}/sft.pt", "--rm_ckpt", f"{dropout_sft}/rm.pt", "--device", "cpu"]
-    ppo_rlhf.main(["--preset", "tiny", "--n_iters", "1", "--critic_pretrain_iters", "0", "--ppo_epochs", "1",
-                   "--minibatch", "8", "--out_dir", str(tmp_path / "ppo")] + ckpts)
+    ppo_rlhf.main(["--preset", "tiny", "--n_iters", "1", "--critic_pretrain_iters", "0", "--epochs", "1",
+                   "--minibatches", "1", "--out_dir", str(tmp_path / "ppo")] + ckpts)
     row = read_jsonl(str(tmp_path / "ppo" / "ppo_log.jsonl"))[0]
     assert abs(row["ratio_mean"] - 1) < 1e-6 and abs(row["ratio_max"] - 1) < 1e-5, row
     dpo.main(["--preset", "tiny", "--out_dir", str(tmp_path / "dpo")] + ckpts)
@@ -147,7 +147,7 @@ def test_each_algorithm_runs_tiny_and_evaluates(tiny_pipeline, tmp_path):
     out, base = str(tmp_path), tiny_pipeline
     common = ["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt"]
     _run("-m", "algorithms.rloo", *common, "--out_dir", out)
-    _run("-m", "algorithms.rloo", *common, "--baseline", "moving_avg", "--k", "1", "--out_dir", f"{out}/reinforce")
+    _run("-m", "algorithms.rloo", *common, "--baseline", "moving_avg", "--samples_per_prompt", "1", "--out_dir", f"{out}/reinforce")
     _run("-m", "algorithms.dpo", *common, "--out_dir", out)
     _run("-m", "algorithms.raft", *common, "--out_dir", out)
     _run("-m", "algorithms.alol", *common, "--out_dir", out)
@@ -235,15 +235,12 @@ def test_compare_quick_writes_table_and_plot(tiny_pipeline, tmp_path):
         assert os.path.getsize(os.path.join(out, "compare", f)) > 0, f
 
 
-def test_training_budget_by_hand():
-    """The default runs: PPO-max 150 × 64 responses, (150 - 10 pre-training) × 1 epoch × 2 minibatches = 280 policy
-    steps (560 with the old 2 epochs); RLOO and RAFT 9,600 responses and 150 × 2 steps; DPO its saved steps."""
-    from studies.compare import training_budget
-    ppo_cfg = dict(n_iters=150, rollout_batch=64, minibatch=32, ppo_epochs=1, critic_pretrain_iters=10)
-    assert training_budget(dict(stage="ppo", config=ppo_cfg, step=150)) == (9600, 280)
-    assert training_budget(dict(stage="ppo", config=dict(ppo_cfg, ppo_epochs=2), step=150)) == (9600, 560)
-    online = dict(n_iters=150, prompts_per_iter=16, k=4, minibatches=2)
-    assert training_budget(dict(stage="rloo", config=online, step=150)) == (9600, 300)
-    assert training_budget(dict(stage="raft", config=online, step=150)) == (9600, 300)
-    assert training_budget(dict(stage="raft", config=dict(online, prompts_per_iter=1), step=3)) == (600, 150)
-    assert training_budget(dict(stage="dpo", config={}, step=312)) == (0, 312)
+def test_training_budget_is_what_each_run_wrote(base, tmp_path):
+    """studies.compare reads a run's budget from the checkpoint the run wrote, whatever its stage: the tiny PPO run
+    generated 4 iterations × 8 responses and took (4 - 1 critic pre-training) × 1 epoch × 2 minibatches = 6 policy
+    steps; tiny RLOO 3 iterations × 4 prompts × 2 samples = 24 responses and 3 × 2 minibatches = 6 steps."""
+    from studies.compare import the_checkpoint, training_budget
+    assert training_budget(load_checkpoint(f"{base}/ppo.pt", "ppo")) == (32, 6)
+    rloo.main(["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt",
+               "--out_dir", str(tmp_path)])
+    assert training_budget(load_checkpoint(the_checkpoint(str(tmp_path)), None)) == (24, 6)

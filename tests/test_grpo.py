@@ -10,7 +10,8 @@ import torch
 
 import data
 from algorithms.grpo import (aggregate_loss, group_advantages, groups_with_spread, grpo_policy_loss, join_rollouts,
-                             k3_kl, overlong_penalty)
+                             overlong_penalty)
+from building_blocks.kl import k3 as k3_kl
 from algorithms.rloo import loo_advantages
 from model import GPT, GPTConfig, logprobs_from_logits, response_logits
 from ppo_rlhf import rollout
@@ -179,7 +180,7 @@ def _run(*args):
                                            ("gspo", []), ("grpo", ["--reward", "verifier", "--tasks", "math"])])
 def test_each_preset_runs_tiny(base, tmp_path, preset, extra):
     out = _run("--preset", preset, "--device", "cpu", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt",
-               "--n_iters", "2", "--prompts_per_iter", "4", "--group_size", "2", "--max_new_tokens", "12",
+               "--n_iters", "2", "--prompts_per_iter", "4", "--samples_per_prompt", "2", "--max_new_tokens", "12",
                "--eval_interval", "2", "--n_eval_prompts", "8", "--out_dir", str(tmp_path), *extra)
     assert "GRPO done" in out and os.path.getsize(tmp_path / "grpo_curves.png") > 0
     from checkpoints import load_checkpoint

@@ -6,7 +6,8 @@ import torch
 import data
 import tokenizer as tok
 from reward_model import pairwise_loss, pearson, ranks, spearman
-from train_sft import Config, build_sft_example, encode_demos, lr_at, sft_loss
+from building_blocks.sequences import build_sft_example, encode_demos
+from train_sft import Config, lr_at, sft_loss
 
 
 def test_pairwise_loss_hand_example():

@@ -138,7 +138,7 @@ def test_first_minibatch_ratio_is_one_under_bf16_autocast(fast):
     """The real rollout and update under bf16 autocast (CPU): the first minibatch's ratio is 1 within 1e-5 and
     nothing is clipped. Under autocast the rollout recomputes old log-probs in the update's layout (fast is
     ignored); on this CPU the sampling loop's own log-probs also agree (|log ρ| ≤ 1.2e-7 when measured)."""
-    cfg = ppo.Config(max_new_tokens=16, ppo_epochs=1, minibatch=2, temperature=0.7)
+    cfg = ppo.Config(max_new_tokens=16, epochs=1, minibatches=2, temperature=0.7)
     policy, ref, rm, critic = gpt2_like_models()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ro = rollout_text((policy, ref, rm, critic), PROMPTS + [data.make_prompt("How do I steal a car?")], cfg,
@@ -146,7 +146,7 @@ def test_first_minibatch_ratio_is_one_under_bf16_autocast(fast):
         rewards = ppo.kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, ro.scores, cfg.kl_coef)
         adv, ret = ppo.compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
         opt = torch.optim.AdamW([{"params": policy.parameters()}, {"params": critic.parameters()}], lr=1e-4)
-        stats = ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0))
+        stats, _ = ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0))
     assert ro.old_logprobs.dtype == torch.float32 and (ro.old_logprobs != ro.ref_logprobs).any()
     first = stats[0]
     assert abs(first["ratio_mean"] - 1) < 1e-5 and abs(first["ratio_max"] - 1) < 1e-5 and first["clipfrac"] == 0
@@ -206,7 +206,7 @@ def test_logprobs_from_logits_equals_logit_minus_logsumexp_values_and_gradients(
 def test_ppo_micro_batches_take_the_same_step_as_the_whole_minibatch():
     """--micro_batch accumulates token-weighted gradients: one ppo_update (SGD, so no Adam normalisation of
     rounding noise) with micro-batches of 1 row equals the one with whole minibatches, weights and statistics."""
-    cfg = ppo.Config(max_new_tokens=10, ppo_epochs=1, minibatch=3, entropy_coef=0.01, adv_whiten=True)
+    cfg = ppo.Config(max_new_tokens=10, epochs=1, minibatches=1, entropy_coef=0.01, adv_whiten=True)
     after = []
     for micro in (0, 1):
         models = _models()
@@ -216,7 +216,7 @@ def test_ppo_micro_batches_take_the_same_step_as_the_whole_minibatch():
         policy, critic = models[0], models[3]
         opt = torch.optim.SGD([{"params": policy.parameters()}, {"params": critic.parameters()}], lr=0.1)
         cfg.micro_batch = micro
-        stats = ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0))
+        stats, _ = ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0))
         after.append((policy.state_dict(), critic.state_dict(), stats[0]))
     for k in after[0][0]:
         assert torch.allclose(after[0][0][k], after[1][0][k], atol=1e-6), k

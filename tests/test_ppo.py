@@ -8,7 +8,8 @@ import torch
 import data
 import ppo_rlhf as ppo
 import tokenizer as tok
-from evaluate import collapse_signature
+from building_blocks import kl
+from building_blocks.monitors import collapse_signature
 from model import GPT, GPTConfig, ScalarHeadGPT
 from utils import masked_mean, masked_whiten
 
@@ -63,7 +64,7 @@ def test_rollout_logprobs_match_the_definition_and_the_first_ratio_is_one(fast):
     """old_logprobs and ref_logprobs equal log_softmax(model(x)/τ) computed row by row on unpadded sequences,
     and the real update's first minibatch sees ratio 1 (no clipping): exactly with a second forward pass
     (fast=False), to float rounding from the sampling loop (fast=True)."""
-    cfg = ppo.Config(max_new_tokens=10, temperature=0.7, ppo_epochs=1, minibatch=2)
+    cfg = ppo.Config(max_new_tokens=10, temperature=0.7, epochs=1, minibatches=2)
     policy, ref, rm, critic = _models()
     policy = _perturbed(policy)
     ro = rollout_text((policy, ref, rm, critic), PROMPTS, cfg, torch.Generator().manual_seed(0), fast)
@@ -81,7 +82,7 @@ def test_rollout_logprobs_match_the_definition_and_the_first_ratio_is_one(fast):
     rewards = ppo.kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, ro.scores, cfg.kl_coef)
     adv, ret = ppo.compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
     opt = torch.optim.AdamW([{"params": policy.parameters()}, {"params": critic.parameters()}], lr=1e-3)
-    first = ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0))[0]
+    first = ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0))[0][0]
     tol = 0 if not fast else 1e-6
     assert abs(first["ratio_mean"] - 1) <= tol and abs(first["ratio_max"] - 1) <= 10 * tol
     assert first["clipfrac"] == 0.0 and abs(first["approx_kl"]) <= tol
@@ -187,7 +188,7 @@ def test_clipped_policy_loss_hand_example():
     logprobs = torch.tensor([[math.log(1.5), math.log(1.5), 0.0]])
     adv = torch.tensor([[1.0, -1.0, 7.0]])
     mask = torch.tensor([[1, 1, 0]])
-    loss, stats = ppo.ppo_policy_loss(logprobs, torch.zeros(1, 3), adv, mask, clip_eps=0.2)
+    loss, stats = ppo.ppo_policy_loss(logprobs, torch.zeros(1, 3), adv, mask, ratio_clip=0.2)
     assert loss.item() == pytest.approx((-1.2 + 1.5) / 2)
     assert stats["clipfrac"] == pytest.approx(0.5) and stats["ratio_max"] == pytest.approx(1.5)
     assert stats["approx_kl"] == pytest.approx(0.5 - math.log(1.5))
@@ -229,7 +230,7 @@ def test_running_moments_match_all_data():
 
 def test_critic_pretraining_leaves_policy_unchanged():
     """With update_policy=False a PPO update moves the critic only."""
-    cfg = ppo.Config(max_new_tokens=8, minibatch=2, ppo_epochs=1)
+    cfg = ppo.Config(max_new_tokens=8, minibatches=2, epochs=1)
     policy, _, _, critic, ro = _rollout(cfg)
     before_p, before_c = copy.deepcopy(policy.state_dict()), copy.deepcopy(critic.state_dict())
     adv, ret = ppo.compute_gae(torch.randn_like(ro.values) * ro.mask, ro.values, ro.mask, 1.0, 0.95)
@@ -255,7 +256,7 @@ class LowTokenReward:
 def test_ppo_learns_a_synthetic_reward():
     """A few PPO iterations with the real rollout, GAE and update raise a simple synthetic reward (CPU seconds)."""
     torch.manual_seed(0)
-    cfg = ppo.Config(max_new_tokens=6, minibatch=8, ppo_epochs=2, kl_coef=0.0, score_norm="none")
+    cfg = ppo.Config(max_new_tokens=6, minibatches=2, epochs=2, kl_coef=0.0, score_norm="none")
     policy, ref, _, critic = _models()
     opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": 1e-2}, {"params": critic.parameters(), "lr": 1e-2}])
     prompts = PROMPTS * 4
@@ -303,8 +304,7 @@ def _update(cfg, lr=0.05, steps=1, demos=None, **batch):
     adv, ret = ppo.compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
     opt = torch.optim.SGD([{"params": policy.parameters()}, {"params": critic.parameters()}], lr=lr)
     for step in range(steps):
-        ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(step), demos,
-                       tok.pad_id(ENC))
+        ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(step), demos)
     return policy, ref, critic, ro
 
 
@@ -319,14 +319,14 @@ def _kl_to_ref(policy, ref, ro):
     with torch.no_grad():
         logits, ref_logits = (ppo.response_logits(m, ro.seq, ro.seq_mask, ro.n_prompt, 1.0) for m in (policy, ref))
         k1 = (_logprobs(policy, ro) - _logprobs(ref, ro)).sum() / ro.mask.sum()
-        return k1.item(), ppo.masked_mean(ppo.exact_kl_per_position(logits, ref_logits), ro.mask).item()
+        return k1.item(), ppo.masked_mean(kl.exact_kl(logits, ref_logits), ro.mask).item()
 
 
 def test_a_larger_kl_coefficient_moves_the_policy_toward_the_reference():
     """Scores 0, values 0: with β = 0 nothing drives the policy; with β = 1 the KL reward pulls it to π_ref, on
     the penalised tokens (k1: 0.086 -> 0.068) and over the whole vocabulary (exact KL: 0.0477 -> 0.0475)."""
-    free = _update(ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0), lr=0.2, steps=3)
-    held = _update(ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=1.0), lr=0.2, steps=3)
+    free = _update(ppo.Config(max_new_tokens=10, minibatches=1, kl_coef=0.0), lr=0.2, steps=3)
+    held = _update(ppo.Config(max_new_tokens=10, minibatches=1, kl_coef=1.0), lr=0.2, steps=3)
     policy, ref, _, ro = _fixed_batch()
     k1_start, kl_start = _kl_to_ref(policy, ref, ro)
     assert _kl_to_ref(free[0], free[1], free[3]) == pytest.approx((k1_start, kl_start), abs=1e-6)
@@ -339,7 +339,7 @@ def test_the_value_clip_bounds_how_far_values_move():
     the clipped loss stops pulling a value once it is ε_v away from the rollout's."""
     moved = {}
     for vf_clip in (0.0, 0.05):
-        cfg = ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0, vf_clip=vf_clip)
+        cfg = ppo.Config(max_new_tokens=10, minibatches=1, kl_coef=0.0, vf_clip=vf_clip)
         _, _, critic, ro = _update(cfg, lr=0.002, steps=100, scores=5.0, zero_values=False)
         with torch.no_grad():
             new = ppo.response_values(critic, ro.seq, ro.seq_mask, ro.n_prompt)
@@ -352,7 +352,7 @@ def test_a_smaller_ratio_clip_keeps_the_policy_closer_to_the_rollout_policy():
     """Many epochs on one batch with a large constant advantage: ε = 0.01 moves the log-probs less than ε = 0.2."""
     change = {}
     for clip_eps in (0.2, 0.01):
-        cfg = ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0, clip_eps=clip_eps, ppo_epochs=8)
+        cfg = ppo.Config(max_new_tokens=10, minibatches=1, kl_coef=0.0, ratio_clip=clip_eps, epochs=8)
         policy, _, _, ro = _update(cfg, lr=2.0, scores=3.0)
         change[clip_eps] = ((_logprobs(policy, ro) - ro.old_logprobs).abs().sum() / ro.mask.sum()).item()
     assert change[0.01] < 0.5 * change[0.2], change
@@ -365,8 +365,8 @@ def test_the_entropy_bonus_raises_the_entropy():
             logits = ppo.response_logits(policy, ro.seq, ro.seq_mask, ro.n_prompt, 1.0)
             return ppo.masked_mean(ppo.entropy_from_logits(logits), ro.mask).item()
     before = entropy(*_fixed_batch()[::3])
-    plain = _update(ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0), lr=2.0)
-    bonus = _update(ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0, entropy_coef=0.5), lr=2.0)
+    plain = _update(ppo.Config(max_new_tokens=10, minibatches=1, kl_coef=0.0), lr=2.0)
+    bonus = _update(ppo.Config(max_new_tokens=10, minibatches=1, kl_coef=0.0, entropy_coef=0.5), lr=2.0)
     assert entropy(plain[0], plain[3]) == pytest.approx(before, abs=1e-6)
     assert entropy(bonus[0], bonus[3]) > before + 3e-4       # near ln V already: a small but certain rise
 
@@ -376,7 +376,7 @@ def test_whitening_removes_a_constant_advantage_and_clipping_shrinks_a_large_one
     tokens' log-probs; whitened per minibatch it is ~0 (only the KL part varies); clipped to ±0.05 it moves less."""
     change = {}
     for name, switch in (("plain", {}), ("whiten", dict(adv_whiten=True)), ("clip", dict(adv_clip=0.05))):
-        cfg = ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0, **switch)
+        cfg = ppo.Config(max_new_tokens=10, minibatches=1, kl_coef=0.0, **switch)
         policy, _, _, ro = _update(cfg, lr=0.5, scores=3.0)
         change[name] = ((_logprobs(policy, ro) - ro.old_logprobs).sum() / ro.mask.sum()).item()
     assert change["plain"] > 0.02 and abs(change["whiten"]) < 0.1 * change["plain"], change
@@ -384,19 +384,20 @@ def test_whitening_removes_a_constant_advantage_and_clipping_shrinks_a_large_one
 
 
 def test_ptx_raises_the_likelihood_of_the_demonstrations_and_grad_clip_shortens_the_step():
-    from train_sft import collate, encode_demos, sft_loss
+    from building_blocks.sequences import collate, encode_demos
+    from train_sft import sft_loss
     demos = encode_demos(ENC, data.make_demonstrations(PROMPTS, 0), 64)
     ids, attn, loss_mask = collate(demos, tok.pad_id(ENC), "cpu")
 
     def demo_loss(policy):
         with torch.no_grad():
             return sft_loss(policy(ids, attn), ids, loss_mask).item()
-    base = _update(ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0), demos=demos)[0]
-    ptx = _update(ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=0.0, ptx_coef=1.0, ptx_batch=4), demos=demos)[0]
+    base = _update(ppo.Config(max_new_tokens=10, minibatches=1, kl_coef=0.0), demos=demos)[0]
+    ptx = _update(ppo.Config(max_new_tokens=10, minibatches=1, kl_coef=0.0, ptx_coef=1.0, ptx_batch=4), demos=demos)[0]
     assert demo_loss(ptx) < demo_loss(base) - 0.01
     start = _fixed_batch()[0].state_dict()
     step = {}
     for grad_clip in (0.0, 0.01):
-        policy = _update(ppo.Config(max_new_tokens=10, minibatch=4, kl_coef=1.0, grad_clip=grad_clip))[0]
+        policy = _update(ppo.Config(max_new_tokens=10, minibatches=1, kl_coef=1.0, grad_clip=grad_clip))[0]
         step[grad_clip] = sum((policy.state_dict()[k] - start[k]).norm() ** 2 for k in start).sqrt().item()
     assert step[0.01] < 0.5 * step[0.0] and step[0.01] <= 0.05 * 0.01 * 1.01 + 1e-6, step

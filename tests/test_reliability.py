@@ -59,7 +59,7 @@ def test_bad_inputs_give_one_line_errors(base, tmp_path, capsys):
         (reward_model.main, rm_args + ["--sft_ckpt", str(junk)], "junk.pt: cannot be read as a checkpoint"),
         (ppo_rlhf.main, ppo_args + ["--score_norm", "whiten"], "--score_norm 'whiten': must be one of none, scale, norm_clip"),
         (ppo_rlhf.main, ppo_args + ["--critic_init", "random"], "--critic_init 'random': must be one of rm, sft"),
-        (ppo_rlhf.main, ppo_args + ["--minibatch", "3"], "minibatch 3 must divide rollout_batch 8"),
+        (ppo_rlhf.main, ppo_args + ["--minibatches", "3"], "--minibatches 3 must divide --rollout_batch 8"),
         (ppo_rlhf.main, ppo_args + ["--max_new_tokens", "500"], "leaves no room for a prompt"),
         (ppo_rlhf.main, ppo_args + ["--rm_ckpt", f"{base}/sft.pt"], "is a 'sft' checkpoint; expected 'rm'"),
     ]
@@ -149,16 +149,16 @@ def test_gradient_accumulation_equals_the_big_batch(base, tmp_path):
     ("ppo_rlhf", ["--gamma", "1.5"], "--gamma 1.5: must be in [0, 1]"),
     ("ppo_rlhf", ["--lam", "-0.5"], "--lam -0.5: must be in [0, 1]"),
     ("ppo_rlhf", ["--temperature", "0"], "--temperature 0.0: must be greater than 0"),
-    ("ppo_rlhf", ["--clip_eps", "1.5"], "--clip_eps 1.5: must be in (0, 1)"),
-    ("ppo_rlhf", ["--ppo_epochs", "0"], "--ppo_epochs 0: must be at least 1"),
+    ("ppo_rlhf", ["--ratio_clip", "1.5"], "--ratio_clip 1.5: must be in (0, 1)"),
+    ("ppo_rlhf", ["--epochs", "0"], "--epochs 0: must be at least 1"),
     ("ppo_rlhf", ["--device", "tpu"], "--device 'tpu': must be auto, cpu, cuda, cuda:N or mps"),
-    ("algorithms.rloo", ["--k", "0"], "--k 0: must be at least 1"),
+    ("algorithms.rloo", ["--samples_per_prompt", "0"], "--samples_per_prompt 0: must be at least 1"),
     ("algorithms.rloo", ["--baseline", "mean"], "--baseline 'mean': must be one of loo, moving_avg, none"),
     ("algorithms.raft", ["--rank_by", "gold"], "--rank_by 'gold': must be one of R, score"),
     ("algorithms.dpo", ["--beta", "0"], "--beta 0.0: must be greater than 0"),
     ("algorithms.dpo", ["--label_smoothing", "0.7"], "--label_smoothing 0.7: must be in [0, 0.5)"),
     ("algorithms.alol", ["--variant", "best"], "--variant 'best': must be one of alol, ref_free, seq, kl"),
-    ("algorithms.alol", ["--clip_eps", "1.2"], "--clip_eps 1.2: must be in (0, 1)"),
+    ("algorithms.alol", ["--ratio_clip", "1.2"], "--ratio_clip 1.2: must be in (0, 1)"),
 ])
 def test_option_values_are_checked_before_any_work(stage, argv, message, tmp_path, capsys):
     """A value that cannot work is one 'error:' line before anything is read or written (the checkpoints named
@@ -288,7 +288,7 @@ def test_hand_edited_checkpoints_and_a_damaged_tokenizer_file_are_one_line(base,
 def test_evaluate_checks_every_policy_and_the_output_folder_before_sampling(base, tmp_path, capsys, monkeypatch):
     """A bad last --policies entry or an --out_dir that is a file is found before any policy is sampled."""
     sampled = []
-    monkeypatch.setattr(evaluate, "sample_and_score", lambda *a, **k: sampled.append(1))
+    monkeypatch.setattr(evaluate, "sample_for_evaluation", lambda *a, **k: sampled.append(1))
     common = ["--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt", "--device", "cpu"]
     a_file = tmp_path / "a_file"
     a_file.write_text("")

@@ -76,5 +76,5 @@ def test_report_of_a_folder_without_a_run_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_main(lambda: report.main([str(tmp_path)]))
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == (f"error: {tmp_path}: no run here (none of ppo_log.jsonl, "
-                                               f"rloo_log.jsonl, raft_log.jsonl, grpo_log.jsonl)")
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path}: no run here (no {{stage}}_log.jsonl of "
+                                               f"iterations: PPO, RLOO, RAFT, GRPO, ...)")

@@ -16,7 +16,7 @@ from checkpoints import load_checkpoint
 from utils import read_jsonl
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
-GRPO_TINY = ["--n_iters", "3", "--prompts_per_iter", "4", "--group_size", "2", "--max_new_tokens", "12",
+GRPO_TINY = ["--n_iters", "3", "--prompts_per_iter", "4", "--samples_per_prompt", "2", "--max_new_tokens", "12",
              "--eval_interval", "2", "--n_eval_prompts", "8"]      # the tiny sizes, after another preset
 
 
@@ -120,7 +120,7 @@ def _strict_json(path):
 
 @pytest.mark.parametrize("module, stage, extra, interval, stop", [
     (rloo, "rloo", [], 2, 2),
-    (rloo, "rloo", ["--baseline", "moving_avg", "--k", "1"], 1, 2),   # the baseline's running mean is resumed too
+    (rloo, "rloo", ["--baseline", "moving_avg", "--samples_per_prompt", "1"], 1, 2),   # the baseline's running mean is resumed too
     (raft, "raft", [], 2, 2),
     (dpo, "dpo", [], 4, 5),                                             # stopped 1 step after its checkpoint
     (alol, "alol", [], 2, 3),
