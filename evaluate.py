@@ -36,8 +36,10 @@ from building_blocks.kl import k1
 from building_blocks.monitors import rm_win_rate
 from building_blocks.sequences import encode_prompts
 from model import ScalarHeadGPT, logprobs_from_logits, response_logits
-from checkpoints import load_checkpoint, load_policy, load_weights, make_out_dir, without_dropout
-from utils import TRUNCATIONS, device_field, field, json_line, parse_config, pick_device, run_main, table
+from building_blocks.runs import make_out_dir
+from checkpoints import load_checkpoint, load_policy, load_weights, without_dropout
+from building_blocks.devices import pick_device
+from utils import TRUNCATIONS, device_field, field, json_line, parse_config, run_main, table
 
 
 def distinct_n(texts, n):

@@ -10,14 +10,12 @@ One PPO iteration, as numbered in main():
   3. score        processing: none | scale (÷ running std) | norm_clip (running mean/std, clip ±δ)   §5.3.1 eq. 18
   4. reward       r_t = -β·(old_logprobs - ref_logprobs)_t on every response token, r_T += score     §3.1 eq. 3, eq. 19
   5. GAE          δ_t = r_t + γV_{t+1} - V_t, A_t = Σ (γλ)^l δ_{t+l}, returns = A + V             §3.1 eqs. 7-11
-  6. update       clipped surrogate + clipped value loss (+ entropy, + PTX) over ppo_epochs × minibatches
+  6. update       clipped surrogate + clipped value loss (+ entropy, + PTX) over epochs × minibatches
                   (one pass, as the code), one global grad-norm clip over policy and critic         eqs. 15-17, §5.4
 
-KL, in one place: the per-token penalty uses the k1 estimator  k1_t = log π_old(a_t|s_t) - log π_ref(a_t|s_t)
-(positive when the policy puts more mass than the reference on what it sampled); its sum over a response is
-an unbiased estimate of KL(π || π_ref). We also log k3 = (ρ - 1) - log ρ with ρ = π_ref/π_old (≥ 0 per
-token, same expectation) and the exact per-position KL over the vocabulary. All are computed at the sampling
-temperature, as every log-prob in this file is.
+KL: the per-token penalty is k1_t = log π_old(a_t|s_t) - log π_ref(a_t|s_t), whose sum over a response is an
+unbiased estimate of KL(π‖π_ref); we also log k3 and the exact KL over the vocabulary (building_blocks/kl.py),
+all at the sampling temperature, as every log-prob in this file is.
 
 Run (after train_sft.py and reward_model.py; writes out/ppo.pt, out/ppo_log.jsonl, out/ppo_curves.png):
     python ppo_rlhf.py                       # --preset ppo_max, the default
@@ -56,25 +54,25 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 
 import data
 import tokenizer as tok
-from external import hh_rlhf
-from external.gpt2 import load_gpt2
 from building_blocks import kl
+from building_blocks.devices import data_parallel, gather_rows, metrics_over_ranks, rank, share_of_global_tokens, world_size
 from building_blocks.monitors import (ValidationMonitor, clipped_tokens, collapse_signature, minibatch_means,
                                       ppo_iteration_metrics)
+from building_blocks.runs import Run, RunOptions, run_meta
+from building_blocks.sampling import Samples
 from building_blocks.sequences import collate, encode_demos, encode_prompts
-from model import GPT, entropy_from_logits, last_token_index, logprobs_from_logits, response_logits, response_values
+from checkpoints import load_critic, load_models
+from external import hh_rlhf
+from model import entropy_from_logits, last_token_index, logprobs_from_logits, response_logits, response_values
 from train_sft import sft_loss
-from checkpoints import Run, RunOptions, load_critic, load_models, run_meta, without_dropout
-from utils import (share_of_global_tokens, autocast, check_finite, data_parallel, field, gather_rows, masked_mean,
-                   masked_whiten, metrics_over_ranks, parse_config, plot_curves, rank, read_jsonl, run_main,
-                   world_size)
+from utils import autocast, check_finite, field, masked_mean, masked_whiten, parse_config, plot_curves, read_jsonl, run_main
 
 
 @dataclass
@@ -126,7 +124,6 @@ class Config(RunOptions):
     eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts, sample table", range="[1, inf)")
     n_eval_prompts: int = field(64, "val prompts for the win rate during training", range="[1, inf)")
     collapse_window: int = field(10, "iterations compared by the collapse warning", range="[1, inf)")
-    # reliability
     amp: bool = field(True, "bf16 autocast on CUDA (CPU and MPS always run fp32)")
 
 
@@ -146,39 +143,21 @@ PRESETS = {
 # Steps 1-2: the rollout and everything computed about it before any update
 
 @dataclass
-class Rollout:
-    """One batch of sampled responses with what step 2 computes for them; every tensor is per row (B, ...)."""
-    seq: torch.Tensor                  # (B, T) prompt (left-padded) + response (right-padded) ids
-    seq_mask: torch.Tensor             # (B, T) 1 on real tokens
-    response: torch.Tensor             # (B, Tr) sampled ids, PAD after EOS
-    mask: torch.Tensor                 # (B, Tr) 1 on real response tokens, up to and including EOS
-    old_logprobs: torch.Tensor         # (B, Tr) log π_old(a_t|s_t) at τ: the ratio's denominator
-    ref_logprobs: torch.Tensor         # (B, Tr) log π_ref(a_t|s_t) at τ: the KL penalty's reference
-    values: torch.Tensor               # (B, Tr) V(s_t) of the critic (zeros without a critic)
-    scores: torch.Tensor               # (B,) RM score at the last real token
-    entropy: torch.Tensor              # (B, Tr) entropy of π_old(·|s_t) at τ (monitoring, entropy bonus)
-    exact_kl: Optional[torch.Tensor]   # (B, Tr) KL(π_old || π_ref) over the vocabulary (fast=False only)
-    n_prompt: int                      # Tp: the response starts at seq[:, Tp]
-    t_generate: float = 0.0            # seconds spent sampling
-    t_score: float = 0.0               # seconds spent in step 2
-
-    def rows(self, idx):
-        """The same Rollout for rows idx (n,): every per-row tensor sliced alike."""
-        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+class Rollout(Samples):
+    """Samples (seq, masks, response, old/ref log-probs, scores, entropy per row) + what PPO's step 2 adds."""
+    values: torch.Tensor = None                  # (B, Tr) V(s_t) of the critic
+    exact_kl: Optional[torch.Tensor] = None      # (B, Tr) KL(π_old || π_ref) over the vocabulary (fast=False only)
 
 
 @torch.no_grad()
 def rollout(policy, ref, rm, critic, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_id, pad_id,
             generator, fast=True):
     """
-    Steps 1-2 for left-padded prompts (B, Tp), one no-grad pass per model (critic may be None: RLOO, RAFT).
-    eos_id=None samples exactly max_new_tokens (the benchmark). Under autocast `fast` is ignored (docstring,
-    choice 5). Returns a Rollout.
+    Steps 1-2 for left-padded prompts (B, Tp), one no-grad pass per model. eos_id=None samples exactly
+    max_new_tokens (the benchmark). Under autocast `fast` is ignored (docstring, choice 5). Returns a Rollout.
     """
     policy.eval()
-    if critic is not None:
-        critic.eval()
+    critic.eval()
     fast = fast and not torch.is_autocast_enabled(prompt_ids.device.type)
     # 1. sample responses: pure temperature, KV cache; a row that emits EOS is padded with PAD after it
     t0 = time.time()
@@ -202,11 +181,10 @@ def rollout(policy, ref, rm, critic, prompt_ids, prompt_mask, max_new_tokens, te
         exact_kl = kl.exact_kl(logits, ref_logits) * mask    # (B, Tr)
         del logits
     del ref_logits                                                        # the largest tensors: free them first
-    values = (response_values(critic, seq, seq_mask, n_prompt).float() * mask if critic is not None
-              else torch.zeros_like(old_logprobs))                        # (B, Tr)
+    values = response_values(critic, seq, seq_mask, n_prompt).float() * mask   # (B, Tr)
     scores = rm.score(seq, seq_mask).float()                              # (B,) at the last real token
-    return Rollout(seq, seq_mask, response, mask, old_logprobs, ref_logprobs, values, scores, entropy, exact_kl,
-                   n_prompt, t_generate, time.time() - t0 - t_generate)
+    return Rollout(seq, seq_mask, response, mask, old_logprobs, ref_logprobs, scores, entropy, n_prompt, t_generate,
+                   time.time() - t0 - t_generate, values=values, exact_kl=exact_kl)
 
 
 def old_logprobs_from_sampling(sample, mask):
@@ -219,7 +197,7 @@ def old_logprobs_from_sampling(sample, mask):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Steps 3-6 as pure functions (imported by the tests, the notebooks and the other algorithms)
+# Steps 3-6 as pure functions (imported by the tests and the notebooks)
 
 def compute_gae(rewards, values, mask, gamma, lam):
     """
@@ -243,10 +221,8 @@ def compute_gae(rewards, values, mask, gamma, lam):
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, ratio_clip):
-    """
-    Clipped surrogate (paper eq. 15): mean over tokens of max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε)), ρ = π/π_old.
-    Returns (loss, stats) with clipfrac, approx_kl (k3 between π_old and π), ratio mean and max.
-    """
+    """Clipped surrogate (paper eq. 15): mean over tokens of max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε)), ρ = π/π_old.
+    Returns (loss, stats) with clipfrac, approx_kl (k3 between π_old and π), ratio mean and max."""
     log_ratio = (logprobs - old_logprobs) * mask                          # (b, Tr)
     ratio = torch.exp(log_ratio)                                          # (b, Tr)
     pg1 = -advantages * ratio                                             # (b, Tr)
@@ -260,14 +236,12 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, ratio_clip):
     return loss, stats
 
 
-def ppo_value_loss(values, old_values, returns, mask, clip_eps):
-    """
-    Clipped value loss: ½·mean over tokens of max((V - R)², (clip(V, V_old ± ε_v) - R)²); clip_eps 0 = plain
-    ½·MSE. Returns (loss, stats) with vf_clipfrac.
-    """
+def ppo_value_loss(values, old_values, returns, mask, vf_clip):
+    """Clipped value loss (eq. 16): ½·mean over tokens of max((V - R)², (clip(V, V_old ± ε_v) - R)²), ε_v = vf_clip;
+    vf_clip 0 = plain ½·MSE. Returns (loss, stats) with vf_clipfrac."""
     err = (values - returns) ** 2                                         # (b, Tr)
-    if clip_eps > 0:
-        v_clip = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    if vf_clip > 0:
+        v_clip = old_values + torch.clamp(values - old_values, -vf_clip, vf_clip)
         err_clip = (v_clip - returns) ** 2                                # (b, Tr)
         loss = 0.5 * masked_mean(torch.maximum(err, err_clip), mask)
         clipfrac = masked_mean((err_clip > err).float(), mask).item()
@@ -400,24 +374,6 @@ def ptx_batch_loss(policy, ptx_data, cfg, generator):
 # ----------------------------------------------------------------------------------------------------
 # Plumbing for main(): models, prompts, config checks, the monitoring (main() itself holds the algorithm)
 
-def build_models(cfg, device):
-    """Policy (SFT copy, or the Fig. 8 ablation's random / GPT-2 init), frozen reference and RM, critic."""
-    policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
-    shape = policy.cfg
-    if cfg.policy_init == "random":
-        policy = GPT(without_dropout(sft["model_config"])).to(device)
-    elif cfg.policy_init != "sft":
-        policy = load_gpt2(cfg.policy_init, shape.block_size, shape.vocab_size, shape.pad_id).to(device)
-        if asdict(policy.cfg) != asdict(shape):
-            raise ValueError(f"--policy_init {cfg.policy_init}: GPT-2 of shape {asdict(policy.cfg)} but the SFT "
-                             f"policy (and its reference) has {asdict(shape)}")
-    if cfg.max_new_tokens >= shape.block_size:
-        raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in block_size "
-                         f"{shape.block_size}")
-    critic = load_critic(cfg.critic_init, sft, rm_ckpt, cfg.sft_ckpt, cfg.rm_ckpt).to(device)
-    return policy, ref, rm, critic, sft
-
-
 def load_prompts(cfg, sft, enc, order_rng):
     """{"train"|"val"|"test": {kind: [prompt]}} of the toy task, or of HH-RLHF files split as SFT and RM split
     them, and the SFT demonstrations for the PTX term (None when ptx_coef is 0)."""
@@ -432,12 +388,9 @@ def load_prompts(cfg, sft, enc, order_rng):
 
 def check_config(cfg):
     """One-line errors for option combinations that cannot work (each value alone: its field's rule)."""
-    if cfg.rollout_batch % cfg.minibatches:
-        raise ValueError(f"--minibatches {cfg.minibatches} must divide --rollout_batch {cfg.rollout_batch}")
-    n_ranks = world_size()                            # [DDP] each rank takes an equal share of every minibatch
-    if n_ranks > 1 and (cfg.rollout_batch // cfg.minibatches) % n_ranks:
-        raise ValueError(f"--minibatches {cfg.minibatches}: its {cfg.rollout_batch // cfg.minibatches} rows must "
-                         f"divide among the {n_ranks} processes torchrun started")
+    if (cfg.rollout_batch // world_size()) % cfg.minibatches:     # [DDP] of each rank's equal share of the rollouts
+        raise ValueError(f"--minibatches {cfg.minibatches} must divide --rollout_batch {cfg.rollout_batch}"
+                         + (f" / {world_size()} processes" if world_size() > 1 else ""))
     if cfg.data != "toy" and (cfg.reward != "rm" or cfg.tasks != "all"):
         raise ValueError(f"--reward {cfg.reward} / --tasks {cfg.tasks}: the rules and kinds exist for the toy task only")
 
@@ -448,9 +401,11 @@ def main(argv=None):
     with Run(cfg, "ppo", data_parallel=True) as run:
         device = run.device
         # 0. models: the policy and the critic train; the reference (a copy of SFT) and the reward model stay frozen
-        policy, ref, rm, critic, sft = build_models(cfg, device)
+        policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device, cfg.max_new_tokens,
+                                                    cfg.policy_init)   # policy_init: the Fig. 8 ablation
+        critic = load_critic(cfg.critic_init, sft, rm_ckpt, cfg.sft_ckpt, cfg.rm_ckpt).to(device)
         train_policy, train_critic = data_parallel(policy), data_parallel(critic)   # [DDP] gradients averaged
-        enc = tok.get_tokenizer(sft["tokenizer"])
+        enc, has_gold = tok.get_tokenizer(sft["tokenizer"]), cfg.data == "toy"    # HH-RLHF: no gold reward
         eos_id, pad_id, room = tok.eos_id(enc), tok.pad_id(enc), policy.cfg.block_size - cfg.max_new_tokens
         opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": cfg.policy_lr},
                                  {"params": critic.parameters(), "lr": cfg.critic_lr}], weight_decay=0.0,
@@ -466,7 +421,6 @@ def main(argv=None):
                                  running=[running.mean, running.var, running.count], history=history, warned=warned))
         running.mean, running.var, running.count = restored["running"]
         history, warned = restored["history"], restored["warned"]
-        has_gold = cfg.data == "toy"
         monitor = ValidationMonitor(enc, ref, rm, critic, data.sample_prompts(
             splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1)), cfg.max_new_tokens, cfg.temperature,
             cfg.seed, run.samples, device, has_gold)
@@ -524,8 +478,7 @@ def main(argv=None):
 
 
 def finish(cfg, run, last, warned):
-    """The curves, the final checkpoint (last) and the summary line; returns the final metrics (`last`: the last
-    iteration's row)."""
+    """The curves, the final checkpoint (last), the summary line; returns the metrics of the `last` iteration."""
     metrics = {k: last[k] for k in ("score_raw", "gold", "kl_seq", "length", "eos_rate")}
     metrics.update(train_time_s=run.train_time(), collapse_warning=warned,
                    win_rate_vs_sft=last.get("win_rate_vs_sft", float("nan")))

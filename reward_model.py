@@ -46,9 +46,10 @@ from external import hh_rlhf
 from external.gpt2 import load_gpt2
 from building_blocks.sampling import score_texts
 from model import GPTConfig, ScalarHeadGPT
-from checkpoints import Run, RunOptions, ckpt_interval_field, load_checkpoint, load_weights
-from utils import (autocast, check_finite, data_parallel, field, gather_rows, parse_config, plot_curves, read_jsonl,
-                   run_main, shard, sum_over_ranks, table, world_size)
+from building_blocks.runs import Run, RunOptions, ckpt_interval_field
+from checkpoints import load_checkpoint, load_weights
+from building_blocks.devices import data_parallel, gather_rows, shard, sum_over_ranks, world_size
+from utils import autocast, check_finite, field, parse_config, plot_curves, read_jsonl, run_main, table
 
 
 @dataclass

@@ -43,9 +43,9 @@ from external.gpt2 import load_gpt2
 from building_blocks.sampling import sample_responses
 from building_blocks.sequences import collate, encode_demos
 from model import GPT, GPTConfig
-from checkpoints import Run, RunOptions, ckpt_interval_field
-from utils import (share_of_global_tokens, autocast, check_finite, data_parallel, field, parse_config, plot_curves,
-                   read_jsonl, run_main, shard, sum_over_ranks, table, world_size)
+from building_blocks.runs import Run, RunOptions, ckpt_interval_field
+from building_blocks.devices import share_of_global_tokens, data_parallel, shard, sum_over_ranks, world_size
+from utils import autocast, check_finite, field, parse_config, plot_curves, read_jsonl, run_main, table
 
 
 @dataclass

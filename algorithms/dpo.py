@@ -39,7 +39,8 @@ import tokenizer as tok
 from model import logprobs_from_logits
 from building_blocks.sampling import sample_responses
 from building_blocks.sequences import build_sft_example, collate
-from checkpoints import Run, RunOptions, ckpt_interval_field, load_checkpoint, load_policy, run_meta
+from building_blocks.runs import Run, RunOptions, ckpt_interval_field, run_meta
+from checkpoints import load_checkpoint, load_policy
 from utils import check_finite, field, fit_prompt, parse_config, plot_curves, read_jsonl, run_main, table
 
 

@@ -67,10 +67,10 @@ from building_blocks.monitors import ValidationMonitor, clipped_tokens, minibatc
 from building_blocks.sampling import Samples, sample_and_score
 from building_blocks.sequences import encode_prompts
 from model import logprobs_from_logits, response_logits
-from checkpoints import Run, RunOptions, load_models, run_meta
-from utils import (share_of_global_tokens, check_finite, data_parallel, field, global_masked_moments, masked_mean,
-                   metrics_over_ranks, parse_config, plot_curves, rank, read_jsonl, run_main, sum_over_ranks,
-                   world_size)
+from building_blocks.runs import Run, RunOptions, run_meta
+from checkpoints import load_models
+from building_blocks.devices import share_of_global_tokens, data_parallel, global_masked_moments, metrics_over_ranks, rank, sum_over_ranks, world_size
+from utils import check_finite, field, masked_mean, parse_config, plot_curves, read_jsonl, run_main
 
 
 @dataclass
@@ -349,7 +349,7 @@ def main(argv=None):
     check_config(cfg)
     with Run(cfg, "grpo", data_parallel=True) as run:
         device = run.device
-        policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
+        policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device, cfg.max_new_tokens)
         train_policy = data_parallel(policy)          # [DDP] the update's forward goes through it: gradients averaged
         enc = tok.get_tokenizer(sft["tokenizer"])
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))

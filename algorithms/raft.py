@@ -37,7 +37,8 @@ from building_blocks.monitors import ValidationMonitor
 from building_blocks.sampling import sample_and_score
 from building_blocks.sequences import encode_prompts
 from model import logprobs_from_logits, response_logits
-from checkpoints import Run, RunOptions, load_models, run_meta
+from building_blocks.runs import Run, RunOptions, run_meta
+from checkpoints import load_models
 from utils import check_finite, field, masked_mean, parse_config, plot_curves, read_jsonl, run_main
 
 
@@ -87,7 +88,7 @@ def main(argv=None):
     k = cfg.samples_per_prompt
     with Run(cfg, "raft") as run:
         device = run.device
-        policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device)
+        policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device, cfg.max_new_tokens)
         enc = tok.get_tokenizer(sft["tokenizer"])
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
         print(f"device={device} config={asdict(cfg)}")

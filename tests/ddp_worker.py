@@ -22,7 +22,8 @@ import ppo_rlhf  # noqa: E402
 import reward_model  # noqa: E402
 import train_sft  # noqa: E402
 from model import GPT, GPTConfig, ScalarHeadGPT  # noqa: E402
-from utils import data_parallel, leave_ranks, masked_whiten, rank, start_ranks  # noqa: E402
+from building_blocks.devices import data_parallel, leave_ranks, rank, start_ranks
+from utils import masked_whiten
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--overwrite", "true"]
 

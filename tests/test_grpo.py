@@ -14,7 +14,7 @@ from algorithms.grpo import (aggregate_loss, group_advantages, groups_with_sprea
 from building_blocks.kl import k3 as k3_kl
 from algorithms.rloo import loo_advantages
 from model import GPT, GPTConfig, logprobs_from_logits, response_logits
-from ppo_rlhf import rollout
+from building_blocks.sampling import sample_and_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,7 +154,7 @@ def test_joined_rollouts_keep_every_log_prob():
         mask = torch.ones_like(prompt)
         mask[0, 0] = 0
         prompt[0, 0] = 39
-        parts.append(rollout(policy, policy, _Scorer(), None, prompt, mask, steps, 1.0, None, 39, gen))
+        parts.append(sample_and_score(policy, policy, _Scorer(), prompt, mask, steps, 1.0, None, 39, gen))
     joined = join_rollouts(parts, 39)
     assert joined.seq.shape == (4, 6 + 9) and joined.n_prompt == 6
     with torch.no_grad():

@@ -198,10 +198,10 @@ def test_clipped_value_loss_hand_example():
     """½·max((V-R)², (clip(V, V_old ± 0.2) - R)²): the clipped error counts only when it is larger."""
     values, old, ret = torch.tensor([[1.0, 0.3]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[0.5, 1.0]])
     mask = torch.ones(1, 2)
-    loss, stats = ppo.ppo_value_loss(values, old, ret, mask, clip_eps=0.2)
+    loss, stats = ppo.ppo_value_loss(values, old, ret, mask, vf_clip=0.2)
     assert loss.item() == pytest.approx(0.5 * (0.25 + 0.64) / 2)
     assert stats["vf_clipfrac"] == pytest.approx(0.5)
-    plain, _ = ppo.ppo_value_loss(values, old, ret, mask, clip_eps=0.0)
+    plain, _ = ppo.ppo_value_loss(values, old, ret, mask, vf_clip=0.0)
     assert plain.item() == pytest.approx(0.5 * (0.25 + 0.49) / 2)
 
 

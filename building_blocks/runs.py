@@ -1,0 +1,368 @@
+"""
+A run of a stage, shared by every stage: the output folder it owns while it runs (claim_out_dir, a lock holding
+its PID), the refusal to replace an unfinished run, the options every stage shares (RunOptions), what --resume
+restores and checks (RunState, save_run, resume_run: the same config, the same input contents), --stop_after,
+and the object that holds all of it for a stage's main() (Run). Plumbing, nothing algorithmic: read the stage
+files first; docs/files_and_checkpoints.md describes the files and the checkpoint format (checkpoints.py).
+"""
+import atexit
+import dataclasses
+import hashlib
+import os
+import random
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from checkpoints import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state, write_failure
+from building_blocks.devices import gather_objects, pick_device, rank, start_ranks, world_size
+from utils import TRUNCATIONS, JsonlLog, Progress, device_field, field, fields_with, lines_up_to, seed_everything
+
+
+def claim_out_dir(out_dir):
+    """Make this process the owner of out_dir while it runs: a lock file holding its PID. A folder held by another
+    live process is an error naming it; a lock left by a dead (killed) process is taken over with a note. The same
+    process may claim again (pipeline.py runs every stage in one process); release_out_dir, or the process's exit,
+    gives the folder back. Under torchrun, rank 0 claims it for every rank."""
+    if rank() != 0:
+        return
+    lock = os.path.join(make_out_dir(out_dir), ".lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    holder = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder == os.getpid():
+                return
+            if holder and _alive(holder):
+                raise ValueError(f"{out_dir}: in use by another run (PID {holder}); wait for it to finish, or choose "
+                                 f"another --out_dir")
+            print(f"note: {out_dir}: taking over the lock of PID {holder or '?'}, which is not running", file=sys.stderr)
+            os.remove(lock)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(release_out_dir, out_dir)  # also when the stage stops on an error (not when killed)
+        return
+
+
+def make_out_dir(out_dir):
+    """Create out_dir (with its parents) or say in one line why it cannot hold a run's files; returns it."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir {out_dir}: is a file, not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write_test.{os.getpid()}")      # the file system's own answer
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out_dir {out_dir}: cannot write there ({write_failure(e, out_dir)})") from None
+    return out_dir
+
+
+def release_out_dir(out_dir):
+    """Give out_dir back (claim_out_dir): remove its lock when this process holds it."""
+    lock = os.path.join(out_dir, ".lock")
+    try:
+        with open(lock) as f:
+            mine = f.read().strip() == str(os.getpid())
+        if mine:
+            os.remove(lock)
+    except OSError:
+        pass
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def check_fresh_start(ckpt_path, cfg):
+    """A run without --resume must not silently replace an unfinished one (its checkpoint and log would go):
+    refuse, offering --resume true or --overwrite true."""
+    if cfg.resume or cfg.overwrite or not os.path.exists(ckpt_path):
+        return
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception:
+        return  # not ours or damaged: the stage's own loading reports it when it matters
+    if isinstance(ckpt, dict) and ckpt.get("done") is False:
+        raise ValueError(f"{ckpt_path}: an unfinished run is here (step {ckpt.get('step')}); continue it with "
+                         f"--resume true, or start over with --overwrite true")
+
+
+_SHA256 = {}  # (real path, size, mtime) -> hex digest: each input file is read once per process
+
+
+def file_sha256(path):
+    """The SHA-256 of a file's contents (cached while the file is unchanged)."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
+
+
+def input_fingerprints(cfg):
+    """{option: [SHA-256 of each file it names]} for the options that name input files (--data may name several,
+    comma-separated). --resume compares these instead of the paths: the same file reached another way (relative
+    or absolute, another working directory) is the same input; a retrained checkpoint at the same path is not."""
+    out = {}
+    for name in fields_with(cfg, "input_file"):
+        value = getattr(cfg, name)
+        files = [p.strip() for p in value.split(",")] if isinstance(value, str) else []
+        if files and all(os.path.isfile(f) for f in files):
+            out[name] = [file_sha256(f) for f in files]
+    return out
+
+
+def check_resume(ckpt, cfg, path):
+    """--resume only continues the same run: every config field but the resume_free ones must match the checkpoint's, and
+    every input file must have the contents it had when the run started."""
+    if ckpt.get("done", True):  # checkpoints without the flag are finished ones
+        raise ValueError(f"{path}: this run already finished (step {ckpt['step']}); nothing to resume")
+    check_same_run(ckpt, cfg, path)
+
+
+def finished_run(path, stage, cfg):
+    """pipeline.py --resume: the metrics of a finished `stage` run of exactly `cfg` (same config, same input
+    contents) at `path`; None when there is no checkpoint there or an unfinished one (the stage runs or resumes)."""
+    if not os.path.exists(path):
+        return None
+    ckpt = load_checkpoint(path, stage, finished=False)
+    if not ckpt.get("done", True):
+        return None
+    check_same_run(ckpt, cfg, path)
+    return ckpt["metrics"]
+
+
+def check_same_run(ckpt, cfg, path):
+    """The checkpoint's run had cfg's config (resume_free fields aside) and inputs with the same contents."""
+    saved, now, started_with = ckpt["config"], dataclasses.asdict(cfg), ckpt.get("inputs") or {}
+    free = fields_with(cfg, "resume_free")
+    diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in now.items()
+            if k not in free and k not in started_with and saved.get(k) != v]
+    if diff:
+        raise ValueError(f"{path}: --resume continues the run saved here, but it was made with " + ", ".join(diff)
+                         + "; give the same options, or start over with --overwrite true (without --resume)")
+    current = input_fingerprints(cfg)
+    changed = [f"--{k} {now[k]}" for k in started_with if current.get(k) != started_with[k]]
+    if changed:
+        raise ValueError(f"{path}: --resume needs the inputs the run started with, but {', '.join(changed)} is not "
+                         f"the same file any more (other contents)")
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """The options every training stage shares, declared once: where its run lives and how it runs (the device,
+    prompt truncation, checkpoints, --resume, --stop_after). A stage's Config inherits them (class Config(RunOptions))."""
+    out_dir: str = field("out", "the run's folder: the stage's checkpoint, JSONL logs and plots", resume_free=True)
+    seed: int = field(0, "seeds every random stream of the stage (data, init, prompts, sampling, batch order)")
+    device: str = device_field()
+    truncate_prompts: bool = field(True, "cut over-long prompts from the left, with one summary warning at the end of "
+                                         "the stage (false: error)")
+    log_truncations: bool = field(False, "also print one warning line per truncated prompt", resume_free=True)
+    ckpt_interval: int = field(25, "also write the stage's checkpoint (with optimizer and RNG state) every N steps, "
+                                   "for --resume", range="[1, inf)", resume_free=True)
+    resume: bool = field(False, "continue the interrupted run whose checkpoint is in out_dir", resume_free=True)
+    overwrite: bool = field(False, "start over although out_dir holds an unfinished run of this stage",
+                            resume_free=True)
+    stop_after: int = field(0, "stop after this many steps as if killed (to test --resume); 0 = off",
+                            range="[0, inf)", resume_free=True)
+
+
+def ckpt_interval_field(default):
+    """RunOptions.ckpt_interval with a stage's own default (a stage whose steps are short checkpoints less often)."""
+    return field(default, RunOptions.__dataclass_fields__["ckpt_interval"].metadata["help"], range="[1, inf)",
+                 resume_free=True)
+
+
+def stop_here(cfg, step, total, unit="step"):
+    """--stop_after N: True once `step` reaches N, where the stage returns as if it had been killed just after that
+    step's checkpoint (if any), to try --resume; the line printed says whether there is a checkpoint to resume."""
+    if not cfg.stop_after:
+        return False
+    if cfg.stop_after >= total:
+        raise ValueError(f"--stop_after {cfg.stop_after}: must be less than the run's {total} {unit}s, or 0 for off")
+    if step != cfg.stop_after:
+        return False
+    saved = step // cfg.ckpt_interval * cfg.ckpt_interval
+    if saved or cfg.resume:
+        print(f"stopping after {unit} {step} as asked (--stop_after); continue with --resume true")
+    else:
+        print(f"stopping after {unit} {step} as asked (--stop_after), before the first checkpoint ({unit} "
+              f"{cfg.ckpt_interval}, --ckpt_interval): nothing was saved, so there is nothing to resume")
+    release_out_dir(cfg.out_dir)
+    return True
+
+
+@dataclasses.dataclass
+class RunState:
+    """What --resume restores in every stage besides the weights: the optimizer, the stage's random streams and
+    its own plain values (`extra`: SFT's data order, PPO's running score statistics and monitoring history);
+    resume_run also fills in how far the log got and the training time so far."""
+    opt: torch.optim.Optimizer
+    rng: Optional[random.Random] = None            # the stage's Python RNG (data order, prompt draws), if any
+    generator: Optional[torch.Generator] = None    # the RL stages' sampling generator
+    extra: dict = dataclasses.field(default_factory=dict)
+    log_lines: Optional[int] = None                # lines of the stage's JSONL log that belong to the run
+    train_time_s: float = 0.0
+    inputs: Optional[dict] = None                  # input_fingerprints when the run started
+
+
+def save_run(path, stage, step, cfg, state, weights, log, t0, metrics=None, **meta):
+    """A stage's checkpoint, written atomically: the modules in `weights` ({key: module}), what later stages
+    read (`meta`), and everything --resume needs. metrics=None marks a run that has not finished. Stages write
+    their final checkpoint last, after the log and the plot: a run killed before it resumes from its last periodic
+    checkpoint and writes them all again, so a finished checkpoint means every file of the stage is there.
+    Under torchrun every rank calls it (each rank's random state is kept: rank r resumes with its own) and rank 0
+    writes; the checkpoint records the world size."""
+    rng_of_ranks = gather_objects(rng_state(state.rng, state.generator))   # [rank 0's, ...]; one without torchrun
+    if rank() != 0:
+        return
+    save_checkpoint(path, stage=stage, **{key: module.state_dict() for key, module in weights.items()}, **meta,
+                    step=step, done=metrics is not None, metrics=metrics or {}, config=dataclasses.asdict(cfg),
+                    optimizer=state.opt.state_dict(), rng=rng_of_ranks[0], **state.extra, log_lines=log.n_lines,
+                    train_time_s=time.time() - t0, inputs=state.inputs, world_size=len(rng_of_ranks),
+                    **({"rng_of_ranks": rng_of_ranks} if len(rng_of_ranks) > 1 else {}))
+
+
+def resume_run(path, stage, cfg, tokenizer_id, state, weights):
+    """--resume: the interrupted run's weights and state back in place (its config must match cfg); returns the
+    step it stopped after."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: nothing to resume (no checkpoint here; a run writes one every --ckpt_interval "
+                         f"steps); drop --resume to start the run")
+    ckpt = load_checkpoint(path, stage, tokenizer_id, finished=False)
+    check_resume(ckpt, cfg, path)
+    if ckpt.get("world_size", 1) != world_size():     # each rank's random streams (and data share) differ
+        raise ValueError(f"{path}: this run was made with {ckpt.get('world_size', 1)} process(es) and is resumed with "
+                         f"{world_size()}; resume it with the same number (torchrun --nproc_per_node "
+                         f"{ckpt.get('world_size', 1)}, or plain python for 1), or start over with --overwrite true")
+    for key, module in weights.items():
+        load_weights(module, ckpt[key], path)
+    state.opt.load_state_dict(ckpt["optimizer"])
+    if "rng" not in ckpt:
+        raise ValueError(f"{path}: written before checkpoints kept their random state; it cannot be resumed "
+                         f"exactly: start the run again without --resume")
+    set_rng_state(ckpt["rng_of_ranks"][rank()] if world_size() > 1 else ckpt["rng"], state.rng, state.generator)
+    state.extra = {key: ckpt[key] for key in state.extra}
+    state.log_lines, state.train_time_s, state.inputs = ckpt["log_lines"], ckpt["train_time_s"], ckpt.get("inputs")
+    print(f"resuming from {path} after step {ckpt['step']}")
+    return ckpt["step"]
+
+
+def run_meta(sft, cfg):
+    """What a stage trained from the SFT policy writes for the next stages: the policy's shape and tokenizer, and
+    the checkpoints it started from."""
+    return dict(model_config=sft["model_config"], tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
+                sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
+
+
+class Run:
+    """
+    One stage's run in its folder, from the claim to the release, behind one object. Every stage uses it alike:
+
+        with Run(cfg, "rloo") as run:            # claims out_dir, refuses to replace an unfinished run, seeds, device
+            ...                                  # models, optimizer, data
+            restored = run.begin(opt, dict(model=policy), meta, n_steps=cfg.n_iters, rng=rng, generator=gen,
+                                 saved=lambda: dict(moving=[moving.total, moving.count]))
+            for it in run.steps():               # from where the run stopped (--resume)
+                ...                              # one iteration; run.log.write(**row)
+            if run.stopped:                      # --stop_after
+                return None
+            run.finish(metrics)                  # the final checkpoint, written last
+
+    begin(): on --resume, the interrupted run's weights, optimizer, random streams and the stage's own values
+    (`saved`, a function returning {name: plain value} that every checkpoint stores; `restored` holds them back,
+    or saved()'s own values on a fresh start) are put back, and the JSONL logs are cut back to what the checkpoint
+    had. steps() yields 1 ... n_steps from there; after each step's body it writes the periodic checkpoint (every
+    ckpt_interval steps, never the last) and honours --stop_after. finish() writes the final checkpoint after the
+    log and plots (a finished checkpoint means every file of the stage is there) and prints the truncation summary.
+    Under torchrun every rank runs it alike and rank 0 alone writes. Leaving the `with` gives the folder back.
+    """
+
+    def __init__(self, cfg, stage, name=None, unit="iteration", data_parallel=False):
+        self.cfg, self.stage, self.name, self.unit = cfg, stage, name or stage.upper(), unit
+        self.ckpt_path = os.path.join(cfg.out_dir, f"{stage}.pt")
+        self.log_path = os.path.join(cfg.out_dir, f"{stage}_log.jsonl")
+        self.samples_path = os.path.join(cfg.out_dir, f"{stage}_samples.jsonl")   # RL stages: rollouts, token by token
+        self.stopped, self.log, self.samples = False, None, None
+        TRUNCATIONS.reset(cfg.log_truncations)
+        claim_out_dir(cfg.out_dir)                     # one run per folder at a time
+        check_fresh_start(self.ckpt_path, cfg)
+        seed_everything(cfg.seed)
+        # [DDP] under torchrun (SFT, RM, PPO, GRPO): this process's device, in the process group
+        self.device = start_ranks(cfg.device) if data_parallel else pick_device(cfg.device)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        release_out_dir(self.cfg.out_dir)
+        return False
+
+    def begin(self, opt, weights, meta, n_steps=None, rng=None, generator=None, saved=dict, samples=False):
+        """Start or (--resume) continue the run: `weights` {checkpoint key: module} and `opt` train, `meta` is what
+        later stages read from the checkpoint (model_config, tokenizer, tokenizer_id, input paths), rng / generator
+        the stage's random streams, `saved` the stage's own values (see the class). Returns the restored values."""
+        self.opt, self.weights, self.meta, self.n_steps, self.saved = opt, weights, meta, n_steps, saved
+        self.state = RunState(opt, rng, generator, extra=saved(), inputs=input_fingerprints(self.cfg))
+        done = (resume_run(self.ckpt_path, self.stage, self.cfg, meta["tokenizer_id"], self.state, weights)
+                if self.cfg.resume else 0)
+        self.start = done + 1
+        self.log = JsonlLog(self.log_path, self.state.log_lines)
+        if samples:
+            self.samples = JsonlLog(self.samples_path, lines_up_to(self.samples_path, "iter", done)
+                                    if self.cfg.resume else None)
+        self.progress = Progress(n_steps) if n_steps is not None else None
+        self.t_start = time.time() - self.state.train_time_s
+        return self.state.extra
+
+    def steps(self):
+        """The steps (or iterations) still to run, 1-based, to n_steps (begin's, or set on the run after it when
+        the length depends on what the restored state computes): after each one's body, the periodic checkpoint
+        and the --stop_after stop (then self.stopped is True). self.progress prints the progress lines."""
+        if self.progress is None or self.progress.total != self.n_steps:
+            self.progress = Progress(self.n_steps)
+        for step in range(self.start, self.n_steps + 1):
+            yield step
+            if step % self.cfg.ckpt_interval == 0 and step < self.n_steps:
+                self.save(step)
+            if stop_here(self.cfg, step, self.n_steps, self.unit):
+                self.stopped = True
+                return
+
+    def train_time(self):
+        """Seconds of training so far, the interrupted runs' included."""
+        return time.time() - self.t_start
+
+    def save(self, step, metrics=None, **final):
+        """The checkpoint after `step` (metrics=None: an unfinished run's)."""
+        self.state.extra = self.saved()
+        save_run(self.ckpt_path, self.stage, step, self.cfg, self.state, self.weights, self.log, self.t_start,
+                 metrics, **self.meta, **final)
+
+    def finish(self, metrics, responses_generated, policy_steps):
+        """The final checkpoint (call it after the logs and plots: it is the run's last file) with the run's metrics
+        and its training budget (responses sampled during training, the policy's optimizer steps: what
+        studies/compare.py matches methods by), the truncation summary; the folder is given back."""
+        self.save(self.n_steps, metrics, training_budget=dict(responses_generated=responses_generated,
+                                                              policy_steps=policy_steps))
+        TRUNCATIONS.summary(self.name)
+        release_out_dir(self.cfg.out_dir)
