@@ -13,6 +13,7 @@ from algorithms.raft import best_of_k
 from algorithms.rloo import MovingAverageBaseline, kl_shaped_rewards, loo_advantages, reinforce_loss
 from model import GPT, GPTConfig
 from checkpoints import load_checkpoint
+from utils import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -244,3 +245,35 @@ def test_training_budget_is_what_each_run_wrote(base, tmp_path):
     rloo.main(["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt",
                "--out_dir", str(tmp_path)])
     assert training_budget(load_checkpoint(the_checkpoint(str(tmp_path)), None)) == (24, 6)
+
+
+def test_the_worked_example_runs_resumable_and_opens_in_the_report(base, tmp_path):
+    """docs/adding_an_algorithm.md's example, algorithms/reinforce.py, added as one new file: its tiny run writes a
+    finished checkpoint with its budget (3 iterations × 8 responses, 3 steps), its log and samples, and
+    studies.report draws its page with no other edit (its resume: tests/test_resume.py)."""
+    from algorithms import reinforce
+    from studies import report
+    out = str(tmp_path)
+    metrics = reinforce.main(["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt",
+                              f"{base}/rm.pt", "--out_dir", out])
+    ckpt = load_checkpoint(f"{out}/reinforce.pt", "reinforce")
+    assert ckpt["training_budget"] == dict(responses_generated=24, policy_steps=3) and ckpt["metrics"] == metrics
+    assert [r["iter"] for r in read_jsonl(f"{out}/reinforce_log.jsonl")] == [1, 2, 3]
+    page = open(report.report([out], f"{out}/report.html"), encoding="utf-8").read()
+    assert f"{os.path.basename(out)} reinforce" in page and "3 iterations logged" in page and "iteration 2" in page
+    assert "(the run has not finished)" not in page
+
+
+def test_batch_mean_baseline_by_hand():
+    """A_i = R_i - mean(R): [1, 2, 6] -> [-2, -1, 3]."""
+    from algorithms.reinforce import batch_mean_advantages
+    assert batch_mean_advantages(torch.tensor([1.0, 2.0, 6.0])).tolist() == [-2.0, -1.0, 3.0]
+
+
+def test_compare_spread_is_the_sample_std_over_seeds():
+    """studies.compare's "±": the sample standard deviation (÷ n-1), 1.0 for gold rewards 1, 2, 3 (the population
+    std would be 0.816); undefined (nan) for one seed."""
+    from studies.compare import KEYS, summarize
+    rows = [dict(method="m", time_s=0.0, **{k: v for k in KEYS}) for v in (1.0, 2.0, 3.0)]
+    assert summarize(rows)["m"]["gold"] == (2.0, 1.0)
+    assert math.isnan(summarize(rows[:1])["m"]["gold"][1])

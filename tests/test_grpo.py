@@ -197,3 +197,28 @@ def test_tasks_filter_keeps_only_the_named_kinds():
     assert all(data.task_of(p).kind == "math" for p in data.sample_prompts(math_only["train"], 50, __import__("random").Random(0)))
     with pytest.raises(ValueError, match="--tasks 'maths': unknown kind maths"):
         data.only_kinds(data.prompt_splits(0), "maths")
+
+
+def test_k3_in_a_loss_has_the_gradient_of_the_reverse_kl():
+    """Exact on a 5-way distribution π = softmax(θ): k3's value averaged over π's own samples is KL(π‖π_ref), but
+    its gradient there, E_{a~π}[∇k3(a)] (the samples' weights held fixed, as in GRPO's loss), is ∇KL(π_ref‖π),
+    not ∇KL(π‖π_ref) (building_blocks/kl.py)."""
+    torch.manual_seed(0)
+    theta, ref = torch.randn(5, requires_grad=True), torch.randn(5).log_softmax(0)
+    logp = theta.log_softmax(0)
+    p = logp.exp().detach()                                              # the sampling distribution
+    expected_grad, = torch.autograd.grad((p * k3_kl(logp, ref)).sum(), theta)
+    reverse, = torch.autograd.grad((ref.exp() * (ref - theta.log_softmax(0))).sum(), theta)
+    forward, = torch.autograd.grad((theta.softmax(0) * (theta.log_softmax(0) - ref)).sum(), theta)
+    assert torch.allclose(expected_grad, reverse, atol=1e-6)
+    assert not torch.allclose(expected_grad, forward, atol=1e-2)
+    assert (p * k3_kl(logp.detach(), ref)).sum().item() == pytest.approx((p * (logp.detach() - ref)).sum().item(), abs=1e-6)
+
+
+def test_a_pad_position_has_a_log_prob_of_about_minus_1e9():
+    """What grpo_policy_loss's comment says: the model never predicts PAD (model.PAD_LOGIT), so a PAD position's
+    log-prob is about -1e9; exp of it in k3 would turn a masked-out gradient into inf·0 = NaN."""
+    policy = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16, pad_id=39)).eval()
+    seq = torch.tensor([[1, 2, 3, 39]])
+    logp = logprobs_from_logits(response_logits(policy, seq, torch.ones_like(seq), 3, 1.0), seq[:, 3:])
+    assert -1.1e9 < logp.item() < -0.9e9

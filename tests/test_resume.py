@@ -11,7 +11,7 @@ import pipeline
 import ppo_rlhf
 import reward_model
 import train_sft
-from algorithms import alol, dpo, grpo, raft, rloo
+from algorithms import alol, dpo, grpo, raft, reinforce, rloo
 from checkpoints import load_checkpoint
 from utils import read_jsonl
 
@@ -122,6 +122,7 @@ def _strict_json(path):
     (rloo, "rloo", [], 2, 2),
     (rloo, "rloo", ["--baseline", "moving_avg", "--samples_per_prompt", "1"], 1, 2),   # the baseline's running mean is resumed too
     (raft, "raft", [], 2, 2),
+    (reinforce, "reinforce", [], 2, 2),                                 # docs/adding_an_algorithm.md's example
     (dpo, "dpo", [], 4, 5),                                             # stopped 1 step after its checkpoint
     (alol, "alol", [], 2, 3),
     (grpo, "grpo", ["--preset", "dapo", "--overlong_cache", "4"] + GRPO_TINY, 1, 2),
