@@ -31,14 +31,14 @@ import torch
 
 import data
 import tokenizer as tok
-from external import hh_rlhf
+from building_blocks.devices import pick_device
 from building_blocks.kl import k1
 from building_blocks.monitors import rm_win_rate
-from building_blocks.sequences import encode_prompts
-from model import ScalarHeadGPT, logprobs_from_logits, response_logits
 from building_blocks.runs import make_out_dir
+from building_blocks.sequences import encode_prompts
 from checkpoints import load_checkpoint, load_policy, load_weights, without_dropout
-from building_blocks.devices import pick_device
+from external import hh_rlhf
+from model import ScalarHeadGPT, logprobs_from_logits, response_logits
 from utils import TRUNCATIONS, device_field, field, json_line, parse_config, run_main, table
 
 

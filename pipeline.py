@@ -25,9 +25,9 @@ import evaluate
 import ppo_rlhf
 import reward_model
 import train_sft
+from building_blocks.devices import world_size
 from building_blocks.runs import finished_run
 from studies import report
-from building_blocks.devices import world_size
 from utils import parse_config, run_main, str2bool
 
 

@@ -24,8 +24,7 @@ Run (after train_sft.py and reward_model.py; writes out/ppo.pt, out/ppo_log.json
     python ppo_rlhf.py --preset vanilla_pg --out_dir out/vanilla_pg  # Back to Basics' vanilla policy gradient
     python ppo_rlhf.py --data hh/train.jsonl.gz --sft_ckpt out/gpt2_hh/sft.pt --rm_ckpt out/gpt2_hh/rm.pt  # HH-RLHF
     torchrun --standalone --nproc_per_node 2 ppo_rlhf.py      # data parallel (docs/data_parallel.md)
-    python ppo_rlhf.py --help
-On CUDA the forward passes run under bf16 autocast (`--amp`); CPU and MPS run fp32.
+    python ppo_rlhf.py --help           # every switch; on CUDA bf16 autocast (--amp), on CPU and MPS fp32
 
 Deliberate choices (where the paper and its code disagree, or where we differ from both):
   1. Score processing: the paper's norm + clip (eq. 18) is the default; the code's scripts only scale.
@@ -62,7 +61,8 @@ import torch
 import data
 import tokenizer as tok
 from building_blocks import kl
-from building_blocks.devices import data_parallel, gather_rows, metrics_over_ranks, rank, share_of_global_tokens, world_size
+from building_blocks.devices import (data_parallel, gather_rows, metrics_over_ranks, rank, share_of_global_tokens,
+                                     world_size)
 from building_blocks.monitors import (ValidationMonitor, clipped_tokens, collapse_signature, minibatch_means,
                                       ppo_iteration_metrics)
 from building_blocks.runs import Run, RunOptions, run_meta
@@ -72,7 +72,8 @@ from checkpoints import load_critic, load_models
 from external import hh_rlhf
 from model import entropy_from_logits, last_token_index, logprobs_from_logits, response_logits, response_values
 from train_sft import sft_loss
-from utils import autocast, check_finite, field, masked_mean, masked_whiten, parse_config, plot_curves, read_jsonl, run_main
+from utils import (autocast, check_finite, field, masked_mean, masked_whiten, parse_config, plot_curves, read_jsonl,
+                   run_main)
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Config(RunOptions):
     sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference", input_file=True)
     rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint (frozen); also the critic's init", input_file=True)
     data: str = field("toy", "toy (the built-in task, with a gold reward), or HH-RLHF .jsonl/.jsonl.gz file(s), "
-                             "comma-separated: PPO on their prompts; no gold, the win rate is judged by the RM", input_file=True)
+                             "comma-separated: PPO on their prompts (no gold: the RM judges the win rate)", input_file=True)
     # rollout
     n_iters: int = field(150, "PPO iterations (rollout + update), critic pre-training included", range="[1, inf)")
     rollout_batch: int = field(64, "prompts (= responses) per iteration", range="[1, inf)", global_batch=True)
@@ -90,12 +91,13 @@ class Config(RunOptions):
                                      "also logs the exact KL over the vocabulary)")
     # score and reward (paper §5.3.1, eq. 18; §3.1 eq. 3)
     reward: str = field("rm", "rm (the reward model's score), or a rule of the toy task in its place: verifier "
-                              "(RLVR: data.verify) or gold (the true reward, an oracle)", choices=('rm', 'verifier', 'gold'))
+                              "(RLVR: data.verify) or gold (the true reward)", choices=("rm", "verifier", "gold"))
     tasks: str = field("all", "prompt kinds to train on (toy task): all, or comma-separated of math, fact, harmful, open")
-    score_norm: str = field("norm_clip", "none | scale (÷ running std) | norm_clip (running mean/std, clip ±score_clip)", choices=('none', 'scale', 'norm_clip'))
+    score_norm: str = field("norm_clip", "scale: ÷ running std; norm_clip: running mean/std, clip ±score_clip",
+                            choices=("none", "scale", "norm_clip"))
     score_clip: float = field(0.8, "δ for norm_clip", range="(0, inf)")
-    missing_eos_penalty: float = field(0.0, "subtracted from the processed score of responses without EOS", range="[0, inf)")
-    kl_coef: float = field(0.1, "β of the per-token KL penalty (paper figs 0.05-0.2; code 0.01 en / 0.1 zh)", range="[0, inf)")
+    missing_eos_penalty: float = field(0.0, "subtracted from the score of responses without EOS", range="[0, inf)")
+    kl_coef: float = field(0.1, "β of the per-token KL penalty (paper 0.05-0.2; code 0.01 en / 0.1 zh)", range="[0, inf)")
     # GAE (§3.1 eqs. 7-11)
     gamma: float = field(1.0, "discount", range="[0, 1]")
     lam: float = field(0.95, "GAE λ (code 0.95; paper App. C.3 0.9)", range="[0, 1]")
@@ -110,15 +112,15 @@ class Config(RunOptions):
     ptx_batch: int = field(16, "SFT demonstrations per minibatch for the PTX term", range="[1, inf)", global_batch=True)
     # optimisation
     epochs: int = field(1, "passes over each batch of rollouts (the released code: 1)", range="[1, inf)")
-    minibatches: int = field(2, "optimizer steps per pass over the batch (each on rollout_batch / minibatches rows)",
-                             range="[1, inf)")
-    micro_batch: int = field(0, "rows per forward/backward inside a minibatch (gradient accumulation; 0 = all)", range="[0, inf)")
+    minibatches: int = field(2, "optimizer steps per pass, each on rollout_batch / minibatches rows", range="[1, inf)")
+    micro_batch: int = field(0, "rows per forward/backward pass (accumulated; 0 = the whole minibatch)", range="[0, inf)")
     policy_lr: float = field(3e-5, "policy learning rate", range="(0, inf)")
     critic_lr: float = field(1e-4, "critic learning rate", range="(0, inf)")
     grad_clip: float = field(1.0, "global grad-norm clip over policy + critic (0 = off)", range="[0, inf)")
-    critic_init: str = field("rm", "rm (copy of the reward model) or sft (SFT backbone, fresh head)", choices=('rm', 'sft'))
+    critic_init: str = field("rm", "rm (a copy of the RM) or sft (SFT backbone, fresh head)", choices=("rm", "sft"))
     policy_init: str = field("sft", "sft, or a policy not initialised from SFT (paper §5.3.3 Fig. 8; the reference "
-                                    "stays SFT): random, or GPT-2 weights (gpt2 | a local file/folder, external/gpt2.py)", input_file=True)
+                                    "stays SFT): random, or GPT-2 weights (gpt2 | a local file/folder, external/gpt2.py)",
+                             input_file=True)
     critic_pretrain_iters: int = field(10, "first iterations update only the critic (paper §5.3.3)", range="[0, inf)")
     # monitoring
     eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts, sample table", range="[1, inf)")

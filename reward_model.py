@@ -42,31 +42,36 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
+from building_blocks.devices import data_parallel, gather_rows, shard, sum_over_ranks, world_size
+from building_blocks.runs import Run, RunOptions, ckpt_interval_field
+from building_blocks.sampling import score_texts
+from checkpoints import load_checkpoint, load_weights
 from external import hh_rlhf
 from external.gpt2 import load_gpt2
-from building_blocks.sampling import score_texts
 from model import GPTConfig, ScalarHeadGPT
-from building_blocks.runs import Run, RunOptions, ckpt_interval_field
-from checkpoints import load_checkpoint, load_weights
-from building_blocks.devices import data_parallel, gather_rows, shard, sum_over_ranks, world_size
 from utils import autocast, check_finite, field, parse_config, plot_curves, read_jsonl, run_main, table
 
 
 @dataclass
 class Config(RunOptions):
     ckpt_interval: int = ckpt_interval_field(100)
-    sft_ckpt: str = field("out/sft.pt", "the SFT checkpoint the RM starts from (its tokenizer; its weights unless --init)", input_file=True)
-    init: str = field("sft", "sft (the SFT checkpoint's weights), or GPT-2 weights: gpt2 | ... | a local file/folder", input_file=True)
+    sft_ckpt: str = field("out/sft.pt", "the SFT checkpoint the RM starts from (its tokenizer; its weights unless --init)",
+                          input_file=True)
+    init: str = field("sft", "sft (the SFT checkpoint's weights), or GPT-2 weights: gpt2 | ... | a local file/folder",
+                      input_file=True)
     # simulated annotators (data.py)
     n_train: int = field(10000, "preference pairs on train prompts (one epoch)", range="[1, inf)")
     n_val: int = field(500, "pairs on val prompts (accuracy during training)", range="[1, inf)")
     n_test: int = field(1000, "pairs on test prompts (final accuracy and correlations)", range="[1, inf)")
-    tau: float = field(data.ANNOTATOR_TAU, "annotator noise temperature: P(a>b) = sigmoid((u_a-u_b)/tau)", range="(0, inf)")
+    tau: float = field(data.ANNOTATOR_TAU, "annotator noise temperature: P(a>b) = sigmoid((u_a-u_b)/tau)",
+                       range="(0, inf)")
     length_bias: float = field(data.ANNOTATOR_LENGTH_BIAS, "annotator utility bonus per word (spurious)")
-    data: str = field("toy", "toy (simulated annotators), or HH-RLHF .jsonl/.jsonl.gz file(s), comma-separated", input_file=True)
+    data: str = field("toy", "toy (simulated annotators), or HH-RLHF .jsonl/.jsonl.gz file(s), comma-separated",
+                      input_file=True)
     # (`data` comes after tau and length_bias: in the class body it would hide the data module from them)
     # optimisation
-    batch_size: int = field(32, "pairs per micro-batch, over all processes under torchrun (each takes an equal share)", range="[1, inf)", global_batch=True)
+    batch_size: int = field(32, "pairs per micro-batch, over all processes under torchrun (each takes an equal share)",
+                            range="[1, inf)", global_batch=True)
     grad_accum: int = field(1, "micro-batches per optimizer step (gradient accumulation)", range="[1, inf)")
     amp: bool = field(True, "bf16 autocast on CUDA (CPU and MPS always run fp32)")
     lr: float = field(3e-4, "learning rate (AdamW), linear warm-up then constant", range="(0, inf)")

@@ -154,6 +154,7 @@ def decode_pieces(enc, ids):
 
 if __name__ == "__main__":
     import argparse
+
     import data
     p = argparse.ArgumentParser(description="Train the toy BPE on the toy task's corpus and write its ranks file.")
     p.add_argument("--out", default=TOY_RANKS, help=f"ranks file to write (default: {TOY_RANKS}, the shipped one)")

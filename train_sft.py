@@ -38,13 +38,13 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from external import hh_rlhf
-from external.gpt2 import load_gpt2
+from building_blocks.devices import data_parallel, shard, share_of_global_tokens, sum_over_ranks, world_size
+from building_blocks.runs import Run, RunOptions, ckpt_interval_field
 from building_blocks.sampling import sample_responses
 from building_blocks.sequences import collate, encode_demos
+from external import hh_rlhf
+from external.gpt2 import load_gpt2
 from model import GPT, GPTConfig
-from building_blocks.runs import Run, RunOptions, ckpt_interval_field
-from building_blocks.devices import share_of_global_tokens, data_parallel, shard, sum_over_ranks, world_size
 from utils import autocast, check_finite, field, parse_config, plot_curves, read_jsonl, run_main, table
 
 
@@ -53,7 +53,8 @@ class Config(RunOptions):
     ckpt_interval: int = ckpt_interval_field(250)
     tokenizer: str = field("toy", "toy (shipped BPE) or gpt2 (tiktoken's, needs its cache)", choices=('toy', 'gpt2'))
     init: str = field("random", "random, or GPT-2 weights: gpt2 | gpt2-medium | ... (HF cache) or a local "
-                                "model.safetensors / pytorch_model.bin / folder; sets n_layer, n_head, n_embd", input_file=True)
+                                "model.safetensors / pytorch_model.bin / folder; sets n_layer, n_head, n_embd",
+                      input_file=True)
     data: str = field("toy", "toy (the built-in task), or HH-RLHF .jsonl/.jsonl.gz file(s), comma-separated: "
                              "SFT on the chosen responses", input_file=True)
     # model
@@ -67,8 +68,10 @@ class Config(RunOptions):
     n_val: int = field(500, "demonstrations drawn from the val prompts (validation loss)", range="[1, inf)")
     # optimisation
     max_iters: int = field(1500, "optimizer steps", range="[0, inf)")
-    batch_size: int = field(32, "sequences per micro-batch, over all processes under torchrun (each takes an equal share)", range="[1, inf)", global_batch=True)
-    grad_accum: int = field(1, "micro-batches per optimizer step (gradient accumulation; exact token-weighted mean)", range="[1, inf)")
+    batch_size: int = field(32, "sequences per micro-batch, over all processes under torchrun (each takes an equal share)",
+                            range="[1, inf)", global_batch=True)
+    grad_accum: int = field(1, "micro-batches per optimizer step (gradient accumulation; exact token-weighted mean)",
+                            range="[1, inf)")
     amp: bool = field(True, "bf16 autocast on CUDA (CPU and MPS always run fp32)")
     lr: float = field(2e-3, "peak learning rate", range="(0, inf)")
     warmup_iters: int = field(50, "linear warm-up steps", range="[1, inf)")
@@ -78,7 +81,8 @@ class Config(RunOptions):
     # final evaluation
     n_eval_prompts: int = field(512, "test prompts sampled for the gold-reward evaluation", range="[1, inf)")
     max_new_tokens: int = field(48, "longest sampled response", range="[1, inf)")
-    temperature: float = field(1.0, "sampling temperature for the evaluation (1 = the policy PPO starts from)", range="(0, inf)")
+    temperature: float = field(1.0, "sampling temperature for the evaluation (1 = the policy PPO starts from)",
+                               range="(0, inf)")
     # reliability
 
 

@@ -20,7 +20,6 @@ import torch
 
 from building_blocks.devices import global_masked_moments, leave_ranks, rank
 
-
 # ---------------------------------------------------------------------------------------------- config
 
 def str2bool(s):

@@ -46,10 +46,10 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from model import logprobs_from_logits, response_logits
-from building_blocks.sampling import sample_responses
 from building_blocks.runs import Run, RunOptions, ckpt_interval_field, run_meta
+from building_blocks.sampling import sample_responses
 from checkpoints import load_models
+from model import logprobs_from_logits, response_logits
 from utils import check_finite, field, fit_prompt, pad_batch, parse_config, plot_curves, read_jsonl, run_main, table
 
 

@@ -36,11 +36,11 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from model import logprobs_from_logits
+from building_blocks.runs import Run, RunOptions, ckpt_interval_field, run_meta
 from building_blocks.sampling import sample_responses
 from building_blocks.sequences import build_sft_example, collate
-from building_blocks.runs import Run, RunOptions, ckpt_interval_field, run_meta
 from checkpoints import load_checkpoint, load_policy
+from model import logprobs_from_logits
 from utils import check_finite, field, fit_prompt, parse_config, plot_curves, read_jsonl, run_main, table
 
 
@@ -48,7 +48,8 @@ from utils import check_finite, field, fit_prompt, parse_config, plot_curves, re
 class Config(RunOptions):
     ckpt_interval: int = ckpt_interval_field(100)
     sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference", input_file=True)
-    rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint: its config says which pairs it was trained on", input_file=True)
+    rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint: its config says which pairs it was trained on",
+                         input_file=True)
     beta: float = field(0.1, "β: strength of the implicit KL constraint (paper: 0.1)", range="(0, inf)")
     label_smoothing: float = field(0.0, "ε of conservative DPO (0 = plain DPO)", range="[0, 0.5)")
     epochs: int = field(1, "passes over the preference pairs", range="[1, inf)")

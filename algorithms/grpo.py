@@ -7,7 +7,7 @@ What GRPO drops from PPO-max: the critic and GAE (the baseline is the mean rewar
 prompt), and the per-token KL reward (the KL to the reference is a term of the loss instead, so the advantage is
 one number per response, the same on each of its tokens). One iteration (DSM Algorithm 1 with M = 1):
   1. sample   P prompts, G responses each (prompt-major rows p·G + j) from π_old = π_θ, with log π_old and
-              log π_ref per token (ppo_rlhf.rollout without a critic); reward r_i per response from the reward
+              log π_ref per token (sampling.sample_and_score); reward r_i per response from the reward
               model, the rule-based verifier (RLVR) or the gold reward (--reward). DAPO: groups whose rewards are
               all equal are dropped and new prompts sampled in their place (dynamic sampling, DAPO §3.2, eq. 11);
               a soft penalty for responses near max_new_tokens (DAPO §3.4, eq. 13).
@@ -63,44 +63,52 @@ import torch.nn.functional as F
 import data
 import tokenizer as tok
 from building_blocks import kl
+from building_blocks.devices import (data_parallel, global_masked_moments, metrics_over_ranks, rank,
+                                     share_of_global_tokens, sum_over_ranks, world_size)
 from building_blocks.monitors import ValidationMonitor, clipped_tokens, minibatch_means
+from building_blocks.runs import Run, RunOptions, run_meta
 from building_blocks.sampling import Samples, sample_and_score
 from building_blocks.sequences import encode_prompts
-from model import logprobs_from_logits, response_logits
-from building_blocks.runs import Run, RunOptions, run_meta
 from checkpoints import load_models
-from building_blocks.devices import share_of_global_tokens, data_parallel, global_masked_moments, metrics_over_ranks, rank, sum_over_ranks, world_size
+from model import logprobs_from_logits, response_logits
 from utils import check_finite, field, masked_mean, parse_config, plot_curves, read_jsonl, run_main
 
 
 @dataclass
 class Config(RunOptions):
     sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference", input_file=True)
-    rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint (frozen; scored and logged whatever --reward is)", input_file=True)
+    rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint (frozen; scored and logged whatever --reward is)",
+                         input_file=True)
     n_iters: int = field(150, "iterations (sample, score, update)", range="[1, inf)")
     prompts_per_iter: int = field(16, "P prompts per iteration; N = P·G responses", range="[1, inf)", global_batch=True)
     samples_per_prompt: int = field(4, "G: responses sampled per prompt (at least 2)", range="[2, inf)")
-    reward: str = field("rm", "rm (the reward model), verifier (a rule: data.verify; RLVR), gold (the true reward)", choices=('rm', 'verifier', 'gold'))
+    reward: str = field("rm", "rm (the reward model), verifier (a rule: data.verify; RLVR), gold (the true reward)",
+                        choices=('rm', 'verifier', 'gold'))
     tasks: str = field("all", "prompt kinds to train on: all, or comma-separated of math, fact, harmful, open")
     scale: str = field("group", "advantage: group ((r - mean)/(std + eps) per group), batch (std over the batch), "
                                 "none (r - group mean; Dr. GRPO)", choices=('group', 'batch', 'none'))
     loss_agg: str = field("seq-mean-token-mean", "token-mean (DAPO), seq-mean-token-mean (GRPO), "
-                                                 "seq-mean-token-sum-norm (Dr. GRPO)", choices=('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'))
-    ratio_level: str = field("token", "token (GRPO) or sequence (GSPO: length-normalised sequence ratio)", choices=('token', 'sequence'))
+                                                 "seq-mean-token-sum-norm (Dr. GRPO)",
+                          choices=('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'))
+    ratio_level: str = field("token", "token (GRPO) or sequence (GSPO: length-normalised sequence ratio)",
+                             choices=('token', 'sequence'))
     ratio_clip_low: float = field(0.2, "ε_low: ratios below 1 - ε_low are clipped (for Â < 0)", range="[0, 1)")
     ratio_clip_high: float = field(0.2, "ε_high: ratios above 1 + ε_high are clipped (for Â > 0); DAPO 0.28",
                                    range="[0, inf)")
     kl_coef: float = field(0.04, "β of the k3 KL term in the loss (DSM 0.04; Dr. GRPO, DAPO, GSPO 0)", range="[0, inf)")
     dynamic_sampling: bool = field(False, "drop groups whose rewards are all equal and sample new prompts instead")
-    max_sample_rounds: int = field(3, "dynamic sampling: at most this many sampling rounds per iteration", range="[1, inf)")
-    overlong_cache: int = field(0, "soft overlong punishment over the last N tokens of max_new_tokens (0 = off)", range="[0, inf)")
+    max_sample_rounds: int = field(3, "dynamic sampling: at most this many sampling rounds per iteration",
+                                   range="[1, inf)")
+    overlong_cache: int = field(0, "soft overlong punishment over the last N tokens of max_new_tokens (0 = off)",
+                                range="[0, inf)")
     max_new_tokens: int = field(48, "longest response (the generation budget)", range="[1, inf)")
     temperature: float = field(1.0, "sampling temperature, used for every log-prob too", range="(0, inf)")
     epochs: int = field(1, "μ: passes over each batch of samples (the update's epochs)", range="[1, inf)")
     minibatches: int = field(2, "optimizer steps per pass", range="[1, inf)")
     lr: float = field(3e-5, "policy learning rate (AdamW)", range="(0, inf)")
     grad_clip: float = field(1.0, "grad-norm clip (0 = off)", range="[0, inf)")
-    eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts and a sample table", range="[1, inf)")
+    eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts and a sample table",
+                               range="[1, inf)")
     n_eval_prompts: int = field(64, "val prompts for the win rate during training", range="[1, inf)")
 
 

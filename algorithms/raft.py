@@ -3,7 +3,7 @@ RAFT: Reward rAnked FineTuning, i.e. best-of-k rejection sampling + supervised f
 the baseline that "Back to Basics" (Ahmadian et al. 2024, §2 and §5) compares RLOO against.
 
 One iteration:
-  1. rollout   B prompts × k samples, prompt-major (ppo_rlhf.rollout, no critic)
+  1. rollout   B prompts × k samples, prompt-major (sampling.sample_and_score)
   2. rank      R = score - β·KL_seq (the same KL-shaped reward as RLOO; --rank_by score ignores the KL)
   3. select    the best of each prompt's k samples: B examples
   4. update    the SFT loss (mean token NLL over response tokens, EOS included) on the selected examples,
@@ -14,14 +14,14 @@ is more sample-efficient.
 Run (after train_sft.py and reward_model.py; writes out/raft.pt, out/raft_log.jsonl, out/raft_curves.png;
 raft.pt also every --ckpt_interval iterations, for --resume true):
     python -m algorithms.raft
-    python -m algorithms.raft --k 8 --rank_by score
+    python -m algorithms.raft --samples_per_prompt 8 --rank_by score
     python -m algorithms.raft --help
 
 Deliberate choices:
   1. Samples per iteration match PPO's and RLOO's defaults (16 prompts × k = 4 = 64).
   2. The NLL uses temperature 1 (it is the SFT loss), while sampling uses --temperature.
 
-Shape legend: B prompts, k samples per prompt, N = B·k rollouts, Tr response length, V vocab.
+Shape legend: B prompts, k = --samples_per_prompt samples per prompt, N = B·k rollouts, Tr response length, V vocab.
 """
 import os
 import random
@@ -34,11 +34,11 @@ import data
 import tokenizer as tok
 from building_blocks import kl
 from building_blocks.monitors import ValidationMonitor
+from building_blocks.runs import Run, RunOptions, run_meta
 from building_blocks.sampling import sample_and_score
 from building_blocks.sequences import encode_prompts
-from model import logprobs_from_logits, response_logits
-from building_blocks.runs import Run, RunOptions, run_meta
 from checkpoints import load_models
+from model import logprobs_from_logits, response_logits
 from utils import check_finite, field, masked_mean, parse_config, plot_curves, read_jsonl, run_main
 
 
@@ -59,7 +59,8 @@ class Config(RunOptions):
     minibatches: int = field(2, "fine-tuning steps per iteration", range="[1, inf)")
     lr: float = field(3e-5, "learning rate (AdamW)", range="(0, inf)")
     grad_clip: float = field(1.0, "grad-norm clip (0 = off)", range="[0, inf)")
-    eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts and a sample table", range="[1, inf)")
+    eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts and a sample table",
+                               range="[1, inf)")
     n_eval_prompts: int = field(64, "val prompts for the win rate during training", range="[1, inf)")
 
 

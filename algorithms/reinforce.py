@@ -35,9 +35,9 @@ import data
 import tokenizer as tok
 from building_blocks import kl
 from building_blocks.monitors import ValidationMonitor
+from building_blocks.runs import Run, RunOptions, run_meta
 from building_blocks.sampling import sample_and_score
 from building_blocks.sequences import encode_prompts
-from building_blocks.runs import Run, RunOptions, run_meta
 from checkpoints import load_models
 from model import logprobs_from_logits, response_logits
 from utils import check_finite, field, parse_config, plot_curves, read_jsonl, run_main

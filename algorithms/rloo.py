@@ -6,7 +6,7 @@ REINFORCE-style RLHF: RLOO (REINFORCE Leave-One-Out) and REINFORCE with a moving
 The whole completion is one action (the bandit view, paper §2-3): no critic, no GAE, no ratio clipping.
 One iteration:
   1. rollout   B prompts, each repeated k times (prompt-major rows b·k + j); sample with the KV cache and
-               record old_logprobs and ref_logprobs (ppo_rlhf.rollout, without a critic)
+               record old_logprobs and ref_logprobs (sampling.sample_and_score)
   2. reward    R = score - β·KL_seq,  KL_seq = Σ_t (old_logprobs - ref_logprobs)_t  (k1, paper eq. 3);
                a constant: no gradient flows through it
   3. baseline  loo:        A_i = R_i - mean_{j≠i} R_j  over the k samples of the same prompt (paper §2.3)
@@ -17,7 +17,7 @@ One iteration:
 Run (after train_sft.py and reward_model.py; writes out/rloo.pt, out/rloo_log.jsonl, out/rloo_curves.png;
 rloo.pt also every --ckpt_interval iterations, for --resume true):
     python -m algorithms.rloo                                            # RLOO, k = 4
-    python -m algorithms.rloo --baseline moving_avg --k 1 --out_dir out/reinforce
+    python -m algorithms.rloo --baseline moving_avg --samples_per_prompt 1 --out_dir out/reinforce_ma
     python ppo_rlhf.py --preset vanilla_pg --out_dir out/vanilla_pg   # the paper's "vanilla PG" (eq. 9): PPO's
                                     # token-level path with γ = λ = 1, one step per batch, no clipping at work
     python -m algorithms.rloo --help
@@ -36,7 +36,7 @@ Deliberate choices:
      under 1%, small next to the noise of a 4-sample baseline, so no ratio is applied
      (`python -m studies.rloo_second_minibatch`, the seed-0 run; SFT and RM from `python pipeline.py`).
 
-Shape legend: B prompts, k samples per prompt, N = B·k rollouts, Tr response length, n minibatch rows.
+Shape legend: B prompts, k = --samples_per_prompt samples per prompt, N = B·k rollouts, Tr response length, n minibatch rows.
 """
 import math
 import os
@@ -50,11 +50,11 @@ import data
 import tokenizer as tok
 from building_blocks import kl
 from building_blocks.monitors import ValidationMonitor
+from building_blocks.runs import Run, RunOptions, run_meta
 from building_blocks.sampling import sample_and_score
 from building_blocks.sequences import encode_prompts
-from model import logprobs_from_logits, response_logits
-from building_blocks.runs import Run, RunOptions, run_meta
 from checkpoints import load_models
+from model import logprobs_from_logits, response_logits
 from utils import check_finite, field, parse_config, plot_curves, read_jsonl, run_main
 
 
@@ -66,7 +66,8 @@ class Config(RunOptions):
     prompts_per_iter: int = field(16, "B prompts per iteration; N = B·k rollouts", range="[1, inf)", global_batch=True)
     samples_per_prompt: int = field(4, "k: responses sampled per prompt (loo needs 2 or more)", range="[1, inf)")
     baseline: str = field("loo", "loo | moving_avg | none", choices=('loo', 'moving_avg', 'none'))
-    kl_coef: float = field(0.1, "β of the sequence KL penalty in the reward (as PPO-max; the paper: 0.03-0.1)", range="[0, inf)")
+    kl_coef: float = field(0.1, "β of the sequence KL penalty in the reward (as PPO-max; the paper: 0.03-0.1)",
+                           range="[0, inf)")
     reward: str = field("rm", "rm (the reward model's score), or a rule in its place: verifier (RLVR: data.verify) "
                               "or gold (the true reward, an oracle)", choices=('rm', 'verifier', 'gold'))
     tasks: str = field("all", "prompt kinds to train on: all, or comma-separated of math, fact, harmful, open")
@@ -75,7 +76,8 @@ class Config(RunOptions):
     minibatches: int = field(2, "optimizer steps per iteration (the paper: 2)", range="[1, inf)")
     lr: float = field(3e-5, "policy learning rate (AdamW)", range="(0, inf)")
     grad_clip: float = field(1.0, "grad-norm clip (0 = off)", range="[0, inf)")
-    eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts and a sample table", range="[1, inf)")
+    eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts and a sample table",
+                               range="[1, inf)")
     n_eval_prompts: int = field(64, "val prompts for the win rate during training", range="[1, inf)")
 
 

@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from checkpoints import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state, write_failure
 from building_blocks.devices import gather_objects, pick_device, rank, start_ranks, world_size
+from checkpoints import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state, write_failure
 from utils import TRUNCATIONS, JsonlLog, Progress, device_field, field, fields_with, lines_up_to, seed_everything
 
 

@@ -52,7 +52,7 @@ KEYS = ["gold", "math_acc", "rm", "win_vs_sft", "kl_sft", "length", "distinct2"]
 
 def training_budget(ckpt):
     """(responses generated during training, policy optimizer steps) of a finished run: what the run wrote in its
-    checkpoint (checkpoints.Run.finish), whatever its stage."""
+    checkpoint (building_blocks.runs.Run.finish), whatever its stage."""
     return ckpt["training_budget"]["responses_generated"], ckpt["training_budget"]["policy_steps"]
 
 

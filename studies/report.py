@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from utils import read_jsonl, run_main, smooth, SMOOTH_FROM
+from utils import SMOOTH_FROM, read_jsonl, run_main, smooth
 
 PAPER_PANELS = [("score_raw", "RM score"), ("gold", "gold reward"), ("kl_seq", "KL to SFT (per response)"),
                 ("perplexity", "perplexity"), ("length", "length (tokens)"), ("win_rate_vs_sft", "win rate vs SFT")]

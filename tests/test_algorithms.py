@@ -11,8 +11,8 @@ from algorithms import rloo
 from algorithms.dpo import dpo_loss, sequence_logprobs
 from algorithms.raft import best_of_k
 from algorithms.rloo import MovingAverageBaseline, kl_shaped_rewards, loo_advantages, reinforce_loss
-from model import GPT, GPTConfig
 from checkpoints import load_checkpoint
+from model import GPT, GPTConfig
 from utils import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,8 +110,8 @@ def test_first_ppo_minibatch_and_first_dpo_step_from_a_dropout_sft(dropout_sft, 
     """From a dropout-0.1 SFT: PPO's first minibatch (one iteration, one minibatch, no critic pre-training) logs
     ratio 1 (with the SFT's dropout left in, as before the fix: mean 0.992, max 1.135), and DPO's first step, where
     π = π_ref, logs loss ln 2."""
-    from algorithms import dpo
     import ppo_rlhf
+    from algorithms import dpo
     from utils import read_jsonl
     ckpts = ["--sft_ckpt", f"{dropout_sft}/sft.pt", "--rm_ckpt", f"{dropout_sft}/rm.pt", "--device", "cpu"]
     ppo_rlhf.main(["--preset", "tiny", "--n_iters", "1", "--critic_pretrain_iters", "0", "--epochs", "1",

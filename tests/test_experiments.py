@@ -3,8 +3,8 @@ helpers read logs correctly; the 150-iteration PPO-max curve really is the start
 import os
 
 import ppo_rlhf
-from studies import experiments
 from checkpoints import load_checkpoint
+from studies import experiments
 from utils import read_jsonl
 
 TIMING = {"t_generate", "t_score", "t_train", "t_iter"}

@@ -13,8 +13,8 @@ import torch
 import data
 import model as M
 import tokenizer as tok
-from external import gpt2, hh_rlhf
 from checkpoints import load_checkpoint
+from external import gpt2, hh_rlhf
 from utils import pad_batch
 
 if os.environ.get("CI"):  # CI installs requirements-dev.txt: a missing transformers there is a failure

@@ -11,10 +11,10 @@ import torch
 import data
 from algorithms.grpo import (aggregate_loss, group_advantages, groups_with_spread, grpo_policy_loss, join_rollouts,
                              overlong_penalty)
-from building_blocks.kl import k3 as k3_kl
 from algorithms.rloo import loo_advantages
-from model import GPT, GPTConfig, logprobs_from_logits, response_logits
+from building_blocks.kl import k3 as k3_kl
 from building_blocks.sampling import sample_and_score
+from model import GPT, GPTConfig, logprobs_from_logits, response_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import tokenizer as tok
-from model import GPT, GPTConfig, ScalarHeadGPT
 from checkpoints import load_checkpoint
+from model import GPT, GPTConfig, ScalarHeadGPT
 from utils import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
