@@ -5,6 +5,7 @@ plain python (one process, the reference). Not a test file itself:
     python tests/ddp_worker.py sft OUT                 # one SFT step (grad_accum 2) -> OUT/rank{r}.pt
     python tests/ddp_worker.py rm OUT SFT_CKPT         # one reward-model step (grad_accum 2) -> OUT/rank{r}.pt
     python tests/ddp_worker.py ppo OUT                 # one PPO update on this rank's rollout -> OUT/rank{r}.pt
+    python tests/ddp_worker.py tokens OUT              # a token mean over unequal token counts -> OUT/rank{r}.pt
 
 Each saves what the test compares: the gradients just before the optimizer step (recorded by wrapping
 clip_grad_norm_, which every stage calls right before opt.step()), the weights after it, and for `ppo` the
@@ -22,7 +23,7 @@ import ppo_rlhf  # noqa: E402
 import reward_model  # noqa: E402
 import train_sft  # noqa: E402
 from model import GPT, GPTConfig, ScalarHeadGPT  # noqa: E402
-from building_blocks.devices import data_parallel, leave_ranks, rank, start_ranks
+from building_blocks.devices import data_parallel, leave_ranks, rank, share_of_global_tokens, start_ranks, world_size
 from utils import masked_whiten
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--overwrite", "true"]
@@ -101,8 +102,22 @@ def ppo(out):
          whitened=masked_whiten(advantages, ro.mask, over_ranks=True))
 
 
+def tokens(out):
+    """The weighting PPO's losses (policy, value and PTX), SFT's and GRPO's token-mean take under torchrun: rank r
+    averages a loss over its own tokens (3 on rank 0, 7 on rank 1: unequal, as PTX demonstrations are) and weighs
+    it by share_of_global_tokens; one process averages over all 10 tokens."""
+    start_ranks("cpu")                                                   # [DDP] join the group (as the stages do)
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(3, 1), torch.randn(10, 3)                 # every process: the same model and tokens
+    mine = x if world_size() == 1 else (x[:3] if rank() == 0 else x[3:])
+    train_model = data_parallel(model)
+    loss = (train_model(mine) ** 2).mean()                               # this rank's per-token mean
+    (share_of_global_tokens(torch.tensor(len(mine)), torch.tensor(len(mine))) * loss).backward()
+    torch.save(dict(grads=[p.grad.clone() for p in model.parameters()]), os.path.join(out, f"rank{rank()}.pt"))
+
+
 if __name__ == "__main__":
     case, out, *rest = sys.argv[1:]
     os.makedirs(out, exist_ok=True)
-    {"sft": sft, "rm": rm, "ppo": ppo}[case](out, *rest)
+    {"sft": sft, "rm": rm, "ppo": ppo, "tokens": tokens}[case](out, *rest)
     leave_ranks()

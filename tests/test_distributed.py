@@ -77,6 +77,15 @@ def test_sft_and_rm_steps_on_two_ranks_equal_one_process_on_the_global_batch(bas
                      adam_lr=reward_model.Config().lr)
 
 
+def test_token_means_over_unequal_ranks_are_one_mean_over_all_tokens(tmp_path):
+    """Ranks holding 3 and 7 tokens, each loss weighted by share_of_global_tokens (what PPO's PTX term now takes,
+    like its policy and value losses): the gradient DDP averages is that of one mean over the 10 tokens; the
+    plain average of the two ranks' means would not be."""
+    two, one = worker("tokens", str(tmp_path / "two")), worker("tokens", str(tmp_path / "one"), n_ranks=1)[0]
+    for g0, g1, g in zip(two[0]["grads"], two[1]["grads"], one["grads"]):
+        assert torch.equal(g0, g1) and torch.allclose(g0, g, atol=1e-6)
+
+
 def test_a_ppo_update_on_two_ranks_is_one_update_on_the_global_batch(tmp_path, monkeypatch):
     rank0, rank1 = worker("ppo", str(tmp_path))
     # the running score statistics are those of all 8 scores, on both ranks
