@@ -34,12 +34,12 @@ import tokenizer as tok
 from building_blocks.devices import pick_device
 from building_blocks.kl import k1
 from building_blocks.monitors import rm_win_rate
-from building_blocks.runs import make_out_dir
+from building_blocks.runs import holding
 from building_blocks.sequences import encode_prompts
-from checkpoints import load_checkpoint, load_policy, load_weights, without_dropout
+from checkpoints import check_rm_context, load_checkpoint, load_policy, load_weights, without_dropout
 from external import hh_rlhf
 from model import ScalarHeadGPT, logprobs_from_logits, response_logits
-from utils import TRUNCATIONS, device_field, field, json_line, parse_config, run_main, table
+from utils import TRUNCATIONS, device_field, field, json_line, parse_config, replaced, run_main, table
 
 
 def distinct_n(texts, n):
@@ -101,6 +101,12 @@ class Config:
 
 def main(argv=None):
     a = parse_config(Config, None, argv, description="Evaluate policy checkpoints on held-out test prompts.")
+    with holding(a.out_dir):      # the folder's owner while it writes eval.*: no stage runs into it meanwhile
+        return evaluate_policies(a)
+
+
+def evaluate_policies(a):
+    """main()'s work: every policy of a.policies sampled on the same test prompts, the table and the plot."""
     device = pick_device(a.device)
     TRUNCATIONS.reset(a.log_truncations)
 
@@ -111,9 +117,12 @@ def main(argv=None):
         ckpt = load_checkpoint(path, None, sft_ckpt["tokenizer_id"])
         if ckpt["stage"] == "rm":
             raise ValueError(f"{path}: is a reward-model checkpoint, not a policy")
-    make_out_dir(a.out_dir)
     enc = tok.get_tokenizer(sft_ckpt["tokenizer"])
     rm_ckpt = load_checkpoint(a.rm_ckpt, "rm", sft_ckpt["tokenizer_id"])
+    check_rm_context(rm_ckpt, sft_ckpt, a.rm_ckpt, a.sft_ckpt)
+    if a.max_new_tokens >= sft.cfg.block_size:
+        raise ValueError(f"--max_new_tokens {a.max_new_tokens} leaves no room for a prompt in block_size "
+                         f"{sft.cfg.block_size} ({a.sft_ckpt})")
     rm = ScalarHeadGPT(without_dropout(rm_ckpt["model_config"]))
     load_weights(rm, rm_ckpt["model"], a.rm_ckpt)
     sft, rm = sft.to(device).eval(), rm.to(device).eval()
@@ -145,11 +154,11 @@ def main(argv=None):
                                                                     "distinct2"]
     md = ["| policy | stage | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     md += [f"| {r['policy']} | {r['stage']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for r in rows]
-    with open(os.path.join(a.out_dir, "eval.md"), "w") as f:
+    with replaced(os.path.join(a.out_dir, "eval.md")) as f:
         f.write(f"{len(prompts)} test prompts, temperature {a.temperature}, seed {a.seed}; win rate vs SFT judged by "
                 f"{'the gold reward' if has_gold else 'the reward model (no gold reward for this data)'}\n\n"
                 + "\n".join(md) + "\n")
-    with open(os.path.join(a.out_dir, "eval.jsonl"), "w") as f:
+    with replaced(os.path.join(a.out_dir, "eval.jsonl")) as f:
         for r in rows:
             f.write(json_line(r))
     for r in rows:
@@ -172,7 +181,8 @@ def main(argv=None):
     ax.legend(fontsize=7)
     ax.set_title("Reward vs KL to SFT (o gold, x reward model)")
     fig.tight_layout()
-    fig.savefig(os.path.join(a.out_dir, "eval_reward_kl.png"), dpi=100)
+    with replaced(os.path.join(a.out_dir, "eval_reward_kl.png"), "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return rows
 

@@ -26,7 +26,7 @@ import ppo_rlhf
 import reward_model
 import train_sft
 from building_blocks.devices import world_size
-from building_blocks.runs import finished_run
+from building_blocks.runs import finished_run, holding
 from studies import report
 from utils import parse_config, run_main, str2bool
 
@@ -50,7 +50,6 @@ def main(argv=None):
                          "ppo_rlhf.py one by one, then evaluate.py with plain python (README: past one GPU)")
     common = ["--out_dir", a.out_dir, "--device", a.device, "--seed", str(a.seed), "--overwrite", str(a.overwrite)]
     sft_path, rm_path, ppo_path = (os.path.join(a.out_dir, f) for f in ("sft.pt", "rm.pt", "ppo.pt"))
-    tiny = a.preset == "tiny"
     t0, times = time.time(), {}
 
     def stage(name, module, args, ckpt_path=None):
@@ -69,6 +68,13 @@ def main(argv=None):
         times[name] = time.time() - t
         return out
 
+    with holding(a.out_dir):      # the folder is the pipeline's from the first stage to the report: nothing runs into it
+        stages(a, stage, common, sft_path, rm_path, ppo_path, t0, times)
+
+
+def stages(a, stage, common, sft_path, rm_path, ppo_path, t0, times):
+    """The four stages in order, each fed the checkpoints of the ones before, the summary and the report."""
+    tiny = a.preset == "tiny"
     sft = stage("1 SFT", train_sft, common + ["--preset", a.preset], sft_path)
     rm = stage("2 reward model", reward_model, common + ["--preset", a.preset, "--sft_ckpt", sft_path], rm_path)
     ppo = stage("3 PPO", ppo_rlhf, common + ["--preset", "tiny" if tiny else a.ppo_preset,

@@ -65,8 +65,9 @@ def train_bpe(text, n_merges=TOY_MERGES):
 
 def save_ranks(ranks, path):
     """tiktoken's ranks file format: one "base64(token bytes) rank" per line."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
+    from utils import replaced
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with replaced(path) as f:                                          # whole or not at all
         for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
 
@@ -74,6 +75,9 @@ def save_ranks(ranks, path):
 def load_ranks(path):
     """The ranks file back as {token_bytes: rank}; a damaged file is a one-line error naming the line."""
     ranks, fix = {}, "restore it with `git checkout tokenizer/toy.tiktoken`, or retrain it with `python tokenizer.py`"
+    from utils import regular_file
+    if regular_file(path, "the tokenizer's ranks file") > 64 << 20:
+        raise ValueError(f"{path}: over 64 MB, too large for a ranks file; the tokenizer file is damaged: {fix}")
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -93,7 +97,7 @@ def load_ranks(path):
 def get_tokenizer(name="toy"):
     """A tiktoken Encoding with EOS and PAD special tokens; `name` is "toy" or "gpt2"."""
     if name == "toy":
-        if not os.path.exists(TOY_RANKS):
+        if not os.path.lexists(TOY_RANKS):
             raise FileNotFoundError(f"{TOY_RANKS} is missing; run `python tokenizer.py` to train it")
         ranks = load_ranks(TOY_RANKS)
         n = len(ranks)
@@ -152,19 +156,22 @@ def decode_pieces(enc, ids):
     return pieces
 
 
-if __name__ == "__main__":
+def main(argv=None):
     import argparse
 
     import data
     p = argparse.ArgumentParser(description="Train the toy BPE on the toy task's corpus and write its ranks file.")
     p.add_argument("--out", default=TOY_RANKS, help=f"ranks file to write (default: {TOY_RANKS}, the shipped one)")
-    out = p.parse_args().out
+    out = p.parse_args(argv).out
+    if os.path.lexists(out):
+        from utils import regular_file
+        regular_file(out, "--out")
     text = data.corpus_text(seed=0)
     ranks = train_bpe(text)
     save_ranks(ranks, out)
     if out != TOY_RANKS:
         print(f"wrote {out}: {len(ranks)} ranks ({len(ranks) - 256} merges)")
-        raise SystemExit(0)
+        return
     enc = get_tokenizer("toy")
     sample = data.make_prompt("What is the capital of Zorbia?") + " Sure! The capital of Zorbia is Velmar." + EOS_TEXT
     ids = encode(enc, sample)
@@ -172,3 +179,8 @@ if __name__ == "__main__":
     print(f"wrote {TOY_RANKS}: {len(ranks)} ranks ({len(ranks) - 256} merges), n_vocab={enc.n_vocab} with EOS/PAD")
     print(f"corpus: {len(text):,} chars -> {len(encode(enc, text)):,} tokens")
     print(f"{len(ids)} tokens: {[enc.decode([i]) for i in ids]}")
+
+
+if __name__ == "__main__":
+    from utils import run_main
+    run_main(main)

@@ -147,6 +147,9 @@ def gold_by_kind(prompts, responses):
 
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[1])
+    if cfg.max_new_tokens >= cfg.block_size:         # found now, not when the final evaluation samples
+        raise ValueError(f"--max_new_tokens {cfg.max_new_tokens}: leaves no room for a prompt in --block_size "
+                         f"{cfg.block_size}; the context must hold a prompt and the longest response")
     with Run(cfg, "sft", unit="step", data_parallel=True) as run:
         device = run.device
         enc = tok.get_tokenizer(cfg.tokenizer)

@@ -12,6 +12,8 @@ import json
 import math
 import os
 import random
+import signal
+import stat
 import sys
 import time
 
@@ -91,6 +93,8 @@ def check_options(cfg):
     n_ranks = int(os.environ.get("WORLD_SIZE", "1"))                  # set by torchrun
     for f in dataclasses.fields(cfg):
         value, m = getattr(cfg, f.name), f.metadata
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"--{f.name} {value!r}: must be a finite number")      # inf passes "(0, inf)"; nan no rule
         if (("range" in m and _outside(m["range"], value)) or ("choices" in m and value not in m["choices"])
                 or ("valid" in m and not m["valid"][0](value))):
             raise ValueError(f"--{f.name} {value!r}: must be {field_rule(f)}")
@@ -220,24 +224,74 @@ def pad_batch(seqs, pad_id, left):
     return ids, mask
 
 
+class Terminated(Exception):
+    """SIGTERM (what `timeout`, `kill` and job schedulers send) arrived: stop as on Ctrl-C."""
+
+
+STOP_NOTE = dict(general="the last periodic checkpoint in --out_dir is intact: run the same command with --resume true "
+                         "to continue from it")
+STOP_NOTE["text"] = STOP_NOTE["general"]    # what a stop says; building_blocks.runs.Run names the exact checkpoint
+
+
 def run_main(main):
-    """Run a stage's main(); our own errors (bad input, missing files, non-finite values) become one line, exit 2."""
+    """Run a stage's main(); our own errors (bad input, missing files, non-finite values) become one line, exit 2;
+    Ctrl-C (exit 130) and SIGTERM (exit 143) one line saying where the last checkpoint is and how to resume."""
     error = "error:" if rank() == 0 else f"[rank {rank()}] error:"      # torchrun: which process said it
+
+    def terminated(signum, frame):
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         main()
         leave_ranks()
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"{error} {e}", file=sys.stderr)
+        print(f"{error} {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # the file system said no: a full disk, a read-only folder, a path that is a file...
         where = f"{e.filename}: " if e.filename else ""
-        print(f"{error} {where}{e.strerror or e}; checkpoints written before are intact (once fixed, continue with "
-              f"--resume true)", file=sys.stderr)
+        print(f"{error} {where}{one_line(e.strerror or e)}; checkpoints written before are intact (once "
+              f"fixed, continue with --resume true)", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        print(f"{error} out of memory: the sizes asked for (model, batch, data) do not fit the device; choose "
+              f"smaller ones", file=sys.stderr)
+        sys.exit(2)
+    except MemoryError:
+        print(f"{error} out of memory: the sizes asked for (model, batch, data) do not fit this machine; choose "
+              f"smaller ones", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("stopped (Ctrl-C); the last periodic checkpoint in --out_dir is intact: run the same command with "
-              "--resume true to continue from it", file=sys.stderr)
+        print(f"stopped (Ctrl-C); {STOP_NOTE['text']}", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print(f"stopped (SIGTERM); {STOP_NOTE['text']}", file=sys.stderr)
+        sys.exit(143)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def one_line(message):
+    """An error message on one line (a file name or a value may hold newlines)."""
+    return " ".join(str(message).split())
+
+
+def regular_file(path, what="an input"):
+    """Check that `path` is a regular file (a link to one is fine) before anything opens it: a FIFO or a device
+    would block or stream forever, a folder fails late. Returns its size in bytes; one-line errors otherwise."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found ({what})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror}; {what})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
+                "not a plain file")
+        raise ValueError(f"{path}: is {kind}; {what} must be a regular file")
+    return os.path.getsize(path)
 
 
 # ---------------------------------------------------------------------------------------------- masked tensors
@@ -270,25 +324,76 @@ def masked_whiten(x, mask, shift_mean=True, over_ranks=False):
 # ---------------------------------------------------------------------------------------------- logging
 
 class JsonlLog:
-    """Append one JSON object per line to `path`: started fresh, or, when resuming, cut back to `keep` lines."""
+    """
+    Append one JSON object per line to `path`. It starts in one of three ways:
+      fresh     an empty log (keep=None)
+      resumed   the first `keep` lines of an interrupted run's log, the rest dropped (keep=N); a partial last line,
+                left by a kill mid-write, is never a row
+      staged    a fresh log written beside a finished run's, at PATH.new, until publish() moves it into place
+                (staged=True): the finished run's log stays whole until the new run's first checkpoint
+    The rewrite of a resumed log goes through a temporary file (replaced): when it fails the log is as it was.
+    """
 
-    def __init__(self, path, keep=None):
-        self.path, self.n_lines, self.writes = path, 0, rank() == 0    # torchrun: rank 0 alone writes
+    def __init__(self, path, keep=None, staged=False):
+        self.final_path, self.writes = path, rank() == 0                 # torchrun: rank 0 alone writes
+        self.path = f"{path}.new" if staged else path
         lines = []
         if keep is not None and os.path.exists(path):
-            with open(path) as f:
-                lines = f.readlines()[:keep]
+            lines = complete_lines(path)[:keep]
         self.n_lines = len(lines)
         if self.writes:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                f.writelines(lines)
+            if keep is None or not os.path.exists(path) or os.path.getsize(path) != sum(map(len, lines)):
+                with replaced(self.path, "wb") as f:
+                    f.writelines(lines)
+
+    @property
+    def staged(self):
+        return self.path != self.final_path
+
+    def publish(self):
+        """A staged log takes its place (the run's first checkpoint is about to be written)."""
+        if self.staged:
+            if self.writes:
+                os.replace(self.path, self.final_path)
+            self.path = self.final_path
+
+    def discard(self):
+        """A staged log that was never published goes (the run stopped before its first checkpoint)."""
+        if self.staged and self.writes:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
 
     def write(self, **row):
         if self.writes:
             with open(self.path, "a") as f:
                 f.write(json_line(row))
         self.n_lines += 1
+
+
+def complete_lines(path):
+    """A JSONL file's lines (bytes), without a last line that lacks its newline (a write cut short)."""
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    return lines[:-1] if lines and not lines[-1].endswith(b"\n") else lines
+
+
+@contextlib.contextmanager
+def replaced(path, mode="w", **kwargs):
+    """
+    Write a file whole or not at all: `with replaced(path) as f: f.write(...)` writes a temporary file beside
+    `path` (named for this process) and moves it into place only once the block finished; a full disk, a kill or
+    an error on the way leaves `path` exactly as it was.
+    """
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def json_line(row):
@@ -307,11 +412,19 @@ def json_line(row):
 
 def lines_up_to(path, key, last):
     """How many leading rows of a JSONL log have row[key] <= last: what a resumed run keeps of a log whose rows
-    are written in `key` order (0 when there is no file)."""
+    are written in `key` order (0 when there is no file; a line that is not such a row ends what is kept)."""
     if not os.path.exists(path):
         return 0
-    rows = read_jsonl(path)
-    return next((n for n, row in enumerate(rows) if row[key] > last), len(rows))
+    n = 0
+    for line in complete_lines(path):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get(key), (int, float)) or row[key] > last:
+                break
+        except ValueError:
+            break
+        n += 1
+    return n
 
 
 def read_jsonl(path):
@@ -376,7 +489,8 @@ def plot_curves(path, rows, x, ys, title, logy=()):
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replaced(path, "wb") as f:                    # a kill mid-write leaves the old plot, not half a PNG
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 

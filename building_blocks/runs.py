@@ -5,7 +5,7 @@ restores and checks (RunState, save_run, resume_run: the same config, the same i
 and the object that holds all of it for a stage's main() (Run). Plumbing, nothing algorithmic: read the stage
 files first; docs/files_and_checkpoints.md describes the files and the checkpoint format (checkpoints.py).
 """
-import atexit
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -18,38 +18,62 @@ import torch
 
 from building_blocks.devices import gather_objects, pick_device, rank, start_ranks, world_size
 from checkpoints import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state, write_failure
-from utils import TRUNCATIONS, JsonlLog, Progress, device_field, field, fields_with, lines_up_to, seed_everything
+from utils import (STOP_NOTE, TRUNCATIONS, JsonlLog, Progress, device_field, field, fields_with, lines_up_to, regular_file,
+                   seed_everything)
+
+
+_HELD = {}  # real path of a folder this process holds -> [its open lock file, how many claims are open]
 
 
 def claim_out_dir(out_dir):
-    """Make this process the owner of out_dir while it runs: a lock file holding its PID. A folder held by another
-    live process is an error naming it; a lock left by a dead (killed) process is taken over with a note. The same
-    process may claim again (pipeline.py runs every stage in one process); release_out_dir, or the process's exit,
-    gives the folder back. Under torchrun, rank 0 claims it for every rank."""
+    """
+    Make this process the owner of out_dir while it runs: an exclusive flock on out_dir/.lock, taken in one
+    atomic step, held until release_out_dir or the process's end (the kernel drops it when the process dies,
+    however it dies: a lock is never stale, and nothing ever deletes the file). The file holds the owner's PID,
+    only for the message of a run refused because the folder is in use. The same process may claim again
+    (pipeline.py holds the folder across its stages, each stage claims it too): claims are counted, and the
+    last release gives the folder back. Under torchrun, rank 0 claims it for every rank.
+    """
     if rank() != 0:
         return
-    lock = os.path.join(make_out_dir(out_dir), ".lock")
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(lock) as f:
-                    holder = int(f.read().strip() or 0)
-            except (OSError, ValueError):
-                holder = 0
-            if holder == os.getpid():
-                return
-            if holder and _alive(holder):
-                raise ValueError(f"{out_dir}: in use by another run (PID {holder}); wait for it to finish, or choose "
-                                 f"another --out_dir")
-            print(f"note: {out_dir}: taking over the lock of PID {holder or '?'}, which is not running", file=sys.stderr)
-            os.remove(lock)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        atexit.register(release_out_dir, out_dir)  # also when the stage stops on an error (not when killed)
+    key = os.path.realpath(make_out_dir(out_dir))
+    if key in _HELD:
+        _HELD[key][1] += 1
         return
+    lock = open(os.path.join(key, ".lock"), "a+")
+    if not _try_lock(lock):
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise ValueError(f"{out_dir}: in use by another run (PID {holder if holder.isdigit() else '?'}); wait for it "
+                         f"to finish, or choose another --out_dir")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    _HELD[key] = [lock, 1]
+
+
+def _try_lock(lock):
+    """Take an exclusive lock on an open file without waiting: True when this process now holds it."""
+    try:
+        import fcntl
+    except ImportError:                                                # Windows: a lock on the file's first byte
+        import msvcrt
+        try:
+            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:                                               # a file system without locks (some NFS)
+        print(f"warning: {lock.name}: cannot be locked here ({e.strerror}); make sure no other run uses this folder",
+              file=sys.stderr)
+        return True
 
 
 def make_out_dir(out_dir):
@@ -67,30 +91,30 @@ def make_out_dir(out_dir):
 
 
 def release_out_dir(out_dir):
-    """Give out_dir back (claim_out_dir): remove its lock when this process holds it."""
-    lock = os.path.join(out_dir, ".lock")
-    try:
-        with open(lock) as f:
-            mine = f.read().strip() == str(os.getpid())
-        if mine:
-            os.remove(lock)
-    except OSError:
-        pass
+    """Give back one claim on out_dir (claim_out_dir); the last one unlocks the folder."""
+    key = os.path.realpath(out_dir)
+    if key in _HELD:
+        _HELD[key][1] -= 1
+        if _HELD[key][1] == 0:
+            _HELD.pop(key)[0].close()                                  # closing the file drops the flock
 
 
-def _alive(pid):
+@contextlib.contextmanager
+def holding(out_dir):
+    """`with holding(out_dir):` this process owns out_dir for the block (claim_out_dir ... release_out_dir)."""
+    claim_out_dir(out_dir)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        yield out_dir
+    finally:
+        if rank() == 0:
+            release_out_dir(out_dir)
 
 
 def check_fresh_start(ckpt_path, cfg):
     """A run without --resume must not silently replace an unfinished one (its checkpoint and log would go):
-    refuse, offering --resume true or --overwrite true."""
+    refuse, offering --resume true or --overwrite true. A checkpoint path that is not a file is an error."""
+    if os.path.lexists(ckpt_path):
+        regular_file(ckpt_path, "the stage's checkpoint")
     if cfg.resume or cfg.overwrite or not os.path.exists(ckpt_path):
         return
     try:
@@ -300,22 +324,51 @@ class Run:
     def __init__(self, cfg, stage, name=None, unit="iteration", data_parallel=False):
         self.cfg, self.stage, self.name, self.unit = cfg, stage, name or stage.upper(), unit
         self.ckpt_path = os.path.join(cfg.out_dir, f"{stage}.pt")
-        self.log_path = os.path.join(cfg.out_dir, f"{stage}_log.jsonl")
         self.samples_path = os.path.join(cfg.out_dir, f"{stage}_samples.jsonl")   # RL stages: rollouts, token by token
         self.stopped, self.log, self.samples = False, None, None
         TRUNCATIONS.reset(cfg.log_truncations)
         claim_out_dir(cfg.out_dir)                     # one run per folder at a time
-        check_fresh_start(self.ckpt_path, cfg)
-        seed_everything(cfg.seed)
-        # [DDP] under torchrun (SFT, RM, PPO, GRPO): this process's device, in the process group
-        self.device = start_ranks(cfg.device) if data_parallel else pick_device(cfg.device)
+        self.claimed = True
+        try:
+            check_fresh_start(self.ckpt_path, cfg)
+            for path in (self.log_path, self.samples_path):
+                if os.path.lexists(path):
+                    regular_file(path, "the stage's log")
+            seed_everything(cfg.seed)
+            # [DDP] under torchrun (SFT, RM, PPO, GRPO): this process's device, in the process group
+            self.device = start_ranks(cfg.device) if data_parallel else pick_device(cfg.device)
+        except BaseException:
+            self.release()
+            raise
+
+    @property
+    def log_path(self):
+        """The stage's JSONL log, where it is written now (PATH.new while staged: JsonlLog)."""
+        return self.log.path if self.log is not None else os.path.join(self.cfg.out_dir, f"{self.stage}_log.jsonl")
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        release_out_dir(self.cfg.out_dir)
+        self.release()
         return False
+
+    def release(self):
+        """Give the folder back (once): a staged log never published goes, and the stop note is the general one."""
+        if self.claimed:
+            for log in (self.log, self.samples):
+                if log is not None:
+                    log.discard()
+            release_out_dir(self.cfg.out_dir)
+            self.claimed = False
+            STOP_NOTE["text"] = STOP_NOTE["general"]
+
+    def note_checkpoint(self, step):
+        """What Ctrl-C or SIGTERM say from now on: where the last checkpoint of this run is, or that there is none."""
+        STOP_NOTE["text"] = (f"the last checkpoint, {self.ckpt_path} (after {self.unit} {step}), is intact: run the "
+                             f"same command with --resume true to continue from it" if step else
+                             f"nothing of this run was saved yet (the first checkpoint comes after {self.unit} "
+                             f"{self.cfg.ckpt_interval}, --ckpt_interval): run the same command to start it again")
 
     def begin(self, opt, weights, meta, n_steps=None, rng=None, generator=None, saved=dict, samples=False):
         """Start or (--resume) continue the run: `weights` {checkpoint key: module} and `opt` train, `meta` is what
@@ -326,10 +379,13 @@ class Run:
         done = (resume_run(self.ckpt_path, self.stage, self.cfg, meta["tokenizer_id"], self.state, weights)
                 if self.cfg.resume else 0)
         self.start = done + 1
-        self.log = JsonlLog(self.log_path, self.state.log_lines)
+        # a new run beside a finished one writes its logs as PATH.new until its first checkpoint (JsonlLog)
+        staged = not self.cfg.resume and not self.cfg.overwrite and os.path.exists(self.ckpt_path)
+        self.log = JsonlLog(self.log_path, self.state.log_lines, staged=staged)
         if samples:
             self.samples = JsonlLog(self.samples_path, lines_up_to(self.samples_path, "iter", done)
-                                    if self.cfg.resume else None)
+                                    if self.cfg.resume else None, staged=staged)
+        self.note_checkpoint(done)
         self.progress = Progress(n_steps) if n_steps is not None else None
         self.t_start = time.time() - self.state.train_time_s
         return self.state.extra
@@ -346,6 +402,7 @@ class Run:
                 self.save(step)
             if stop_here(self.cfg, step, self.n_steps, self.unit):
                 self.stopped = True
+                self.release()
                 return
 
     def train_time(self):
@@ -355,8 +412,12 @@ class Run:
     def save(self, step, metrics=None, **final):
         """The checkpoint after `step` (metrics=None: an unfinished run's)."""
         self.state.extra = self.saved()
+        for log in (self.log, self.samples):
+            if log is not None:
+                log.publish()                          # a staged log takes its place before the checkpoint counts it
         save_run(self.ckpt_path, self.stage, step, self.cfg, self.state, self.weights, self.log, self.t_start,
                  metrics, **self.meta, **final)
+        self.note_checkpoint(step)
 
     def finish(self, metrics, responses_generated, policy_steps):
         """The final checkpoint (call it after the logs and plots: it is the run's last file) with the run's metrics
@@ -365,4 +426,4 @@ class Run:
         self.save(self.n_steps, metrics, training_budget=dict(responses_generated=responses_generated,
                                                               policy_steps=policy_steps))
         TRUNCATIONS.summary(self.name)
-        release_out_dir(self.cfg.out_dir)
+        self.release()

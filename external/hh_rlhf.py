@@ -6,12 +6,12 @@ last "\n\nAssistant:" into the prompt (all earlier turns) and the final response
 """
 import gzip
 import json
-import os
 import random
 import sys
 import zlib
 
 from data import ASSISTANT, EOS_TEXT, HUMAN, SPLIT_FRACTIONS
+from utils import regular_file
 
 
 def split_hh(text):
@@ -39,11 +39,18 @@ def _read_records(path):
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg}); expected one object per line") from None
+            except RecursionError:
+                raise ValueError(f"{where}: JSON nested too deeply; expected one flat object per line") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{where}: expected a JSON object with 'chosen' and 'rejected'")
             for field in ("chosen", "rejected"):
                 if not isinstance(rec.get(field), str):
                     raise ValueError(f"{where}: field '{field}' is missing or not a string")
+                try:
+                    rec[field].encode("utf-8")       # JSON may spell a lone surrogate (\ud800), which no text holds
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"{where}: field '{field}' holds {rec[field][e.start]!r} at character {e.start}, "
+                                     f"half of a UTF-16 pair, which is not text; fix or drop the line") from None
             if ASSISTANT not in rec["chosen"] or ASSISTANT not in rec["rejected"]:
                 skipped.setdefault(f'with no "{ASSISTANT.strip()}" turn', []).append(lineno)
                 continue
@@ -69,8 +76,7 @@ def load_hh_jsonl(path):
     hold such records, e.g. chosen and rejected differing before the last Assistant turn where a turn marker
     was written "  Human:" without the blank line. A file with no usable record is an error.
     """
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a folder; --data takes HH-RLHF .jsonl or .jsonl.gz files")
+    regular_file(path, "--data (HH-RLHF .jsonl or .jsonl.gz files)")     # a FIFO would block, a folder fail late
     try:
         records, skipped = _read_records(path)
     except (OSError, EOFError, zlib.error) as e:  # unreadable, or a damaged / not-really-gzip .gz

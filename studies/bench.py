@@ -48,7 +48,7 @@ import ppo_rlhf
 from algorithms import rloo
 from building_blocks.sampling import sample_and_score
 from model import GPT, GPTConfig, ScalarHeadGPT
-from utils import json_line, run_main
+from utils import json_line, regular_file, run_main
 
 WORKLOAD = dict(n_layer=4, n_head=4, n_embd=128, B=64, Tp=16, Tr=48, epochs=4, minibatch=16, k=4)
 QUICK = dict(n_layer=1, n_head=2, n_embd=32, B=8, Tp=4, Tr=6, epochs=2, minibatch=4, k=2)
@@ -299,6 +299,12 @@ def main(argv=None):
     p.add_argument("--all", action="store_true", help="every workload, each in its own process, then a summary")
     p.add_argument("--json", default=None, help="also append the result as one JSON line to this file")
     a = p.parse_args(argv)
+    for name, value, low, high in (("vocab", a.vocab, 2, 1 << 20), ("iters", a.iters, 1, 10_000),
+                                   ("threads", a.threads, 0, 4096)):
+        if not low <= value <= high:
+            raise ValueError(f"--{name} {value}: must be in [{low}, {high}]")
+    if a.json and os.path.lexists(a.json):
+        regular_file(a.json, "--json")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.all:
@@ -310,7 +316,8 @@ def main(argv=None):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         for job in jobs:
             extra = (["--quick"] if a.quick else []) + (["--threads", str(a.threads)] if a.threads else [])
-            subprocess.run([sys.executable, __file__, *job, *extra, "--json", path], check=True)
+            if subprocess.run([sys.executable, __file__, *job, *extra, "--json", path]).returncode:
+                raise ValueError(f"the {' '.join(job)} workload failed (its error is above)")
         with open(path) as f:
             results = [json.loads(line) for line in f]
         return results

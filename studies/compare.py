@@ -16,6 +16,9 @@ compare_reward_kl.png):
     python -m studies.compare                                  # 5 methods × 3 seeds, about 35 minutes on 2 CPU cores
     python -m studies.compare --methods ppo_max rloo --seeds 0 # a subset
     python -m studies.compare --quick --sft_ckpt out/tiny/sft.pt --rm_ckpt out/tiny/rm.pt --out_dir out/tiny/compare
+Run again after a kill, the same command continues the study: finished method runs are kept (when made with
+these options), an interrupted one resumes from its last checkpoint, the rest are trained; --overwrite trains
+every run again.
 """
 import argparse
 import glob
@@ -25,8 +28,9 @@ import statistics
 import evaluate
 import ppo_rlhf
 from algorithms import alol, dpo, grpo, raft, rloo
+from building_blocks.runs import finished_run, holding
 from checkpoints import load_checkpoint
-from utils import json_line, run_main
+from utils import json_line, parse_config, replaced, run_main
 
 # method -> (module, extra arguments, training data); each run's checkpoint is the one it writes in its folder
 METHODS = {
@@ -94,7 +98,8 @@ def plot_compare(rows, summary, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replaced(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -110,18 +115,38 @@ def main(argv=None):
     p.add_argument("--n_prompts", type=int, default=512, help="test prompts for the evaluation")
     p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, mps")
     p.add_argument("--quick", action="store_true", help="tiny presets (seconds; for the tests)")
-    p.add_argument("--skip_existing", action="store_true", help="reuse finished runs already in out_dir")
+    p.add_argument("--overwrite", action="store_true", help="train every method run again, even a finished one")
     a = p.parse_args(argv)
+    with holding(a.out_dir):               # the study's folder is this process's until the summary is written
+        return compare(a)
 
+
+def train_or_keep(module, args, out, overwrite):
+    """One method run in `out`, continued where a study stopped: a run that finished with these options is kept,
+    an interrupted one resumes from its checkpoint, otherwise (or with overwrite) it is trained from the start."""
+    found = glob.glob(os.path.join(out, "*.pt"))
+    if overwrite or not found:
+        module.main(args + (["--overwrite", "true"] if overwrite else []))
+        return
+    path = the_checkpoint(out)
+    stage = os.path.basename(path)[:-len(".pt")]                        # a run's checkpoint is named after its stage
+    if finished_run(path, stage, parse_config(module.Config, module.PRESETS, args)) is not None:
+        print(f"{path}: finished with these options; kept")
+    else:
+        module.main(args + ["--resume", "true"])
+
+
+def compare(a):
+    """main()'s study: every method and seed trained (or kept, or resumed), one evaluation, the table, the plot."""
     runs = []
     for seed in a.seeds:
         for m in a.methods:
             module, extra, _ = METHODS[m]
             out = os.path.join(a.out_dir, f"{m}_s{seed}")
-            if not (a.skip_existing and glob.glob(os.path.join(out, "*.pt"))):
-                print("=" * 20, f"{m}, seed {seed}", "=" * 20)
-                module.main(extra + ["--seed", str(seed), "--out_dir", out, "--sft_ckpt", a.sft_ckpt, "--rm_ckpt",
-                                     a.rm_ckpt, "--device", a.device] + (["--preset", "tiny"] if a.quick else []))
+            print("=" * 20, f"{m}, seed {seed}", "=" * 20)
+            train_or_keep(module, extra + ["--seed", str(seed), "--out_dir", out, "--sft_ckpt", a.sft_ckpt,
+                                           "--rm_ckpt", a.rm_ckpt, "--device", a.device]
+                          + (["--preset", "tiny"] if a.quick else []), out, a.overwrite)
             ckpt = the_checkpoint(out)
             done = load_checkpoint(ckpt, None)
             generated, steps = training_budget(done)
@@ -135,7 +160,7 @@ def main(argv=None):
         row.update(method=run["method"], seed=run["seed"], time_s=run["time_s"], generated=run["generated"],
                    policy_steps=run["policy_steps"])
         row.pop("samples", None)
-    with open(os.path.join(a.out_dir, "compare.jsonl"), "w") as f:
+    with replaced(os.path.join(a.out_dir, "compare.jsonl")) as f:
         for r in rows:
             f.write(json_line(r))
     summary = summarize(rows)
@@ -149,7 +174,7 @@ def main(argv=None):
         budget = sorted({(r["generated"], r["policy_steps"]) for r in rows if r["method"] == m})
         md.append(f"| {m} | {METHODS[m][2]} | {' / '.join(f'{g:,}' for g, _ in budget)} | "
                   f"{' / '.join(f'{n:,}' for _, n in budget)} | {s['n']} | {cells} |")
-    with open(os.path.join(a.out_dir, "compare.md"), "w") as f:
+    with replaced(os.path.join(a.out_dir, "compare.md")) as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
 

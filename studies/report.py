@@ -26,9 +26,9 @@ import io
 import json
 import os
 
-import torch
-
-from utils import SMOOTH_FROM, read_jsonl, run_main, smooth
+from building_blocks.runs import holding
+from checkpoints import read_checkpoint
+from utils import SMOOTH_FROM, complete_lines, regular_file, replaced, run_main, smooth
 
 PAPER_PANELS = [("score_raw", "RM score"), ("gold", "gold reward"), ("kl_seq", "KL to SFT (per response)"),
                 ("perplexity", "perplexity"), ("length", "length (tokens)"), ("win_rate_vs_sft", "win rate vs SFT")]
@@ -150,11 +150,13 @@ def find_stages(run_dir):
     for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
         path = os.path.join(run_dir, name)
         if name.endswith("_log.jsonl") and os.path.isfile(path):
-            with open(path) as f:
-                first = f.readline()
+            regular_file(path, "a run's log")                              # a FIFO would block
+            with open(path, "rb") as f:
+                first = f.readline(1 << 20)
             try:
-                is_iterations = "iter" in json.loads(first)
-            except ValueError:                                              # empty, or not a log of ours
+                row = json.loads(first)
+                is_iterations = isinstance(row, dict) and "iter" in row
+            except (ValueError, RecursionError):                            # empty, or not a log of ours
                 is_iterations = False
             if is_iterations:
                 stages.append(name[:-len("_log.jsonl")])
@@ -164,9 +166,63 @@ def find_stages(run_dir):
 def run_config(run_dir, stage):
     """The config a stage's run started with (from its checkpoint), or {} when there is no checkpoint yet."""
     path = os.path.join(run_dir, f"{stage}.pt")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return {}
-    return torch.load(path, map_location="cpu", weights_only=True).get("config", {})
+    config = read_checkpoint(path).get("config", {})
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: its 'config' is not a set of options; not a checkpoint of this project?")
+    return config
+
+
+def read_rows(path, check_row):
+    """A run's JSONL file -> its rows, each checked by check_row(row) (None, or what is wrong with it). A last line
+    without its newline (the run is writing it, or was killed mid-write) is left out; any other line that is not a
+    row of ours is a one-line error naming file:line."""
+    regular_file(path, "a run's log")
+    rows = []
+    for lineno, line in enumerate(complete_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            raise ValueError(f"{path}:{lineno}: not a line of JSON; the file is damaged or not written by a run") from None
+        problem = check_row(row) if isinstance(row, dict) else "not a JSON object"
+        if problem:
+            raise ValueError(f"{path}:{lineno}: {problem}; the file is damaged or not written by a run")
+        rows.append(row)
+    return rows
+
+
+def _number(v):
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def log_row_problem(row):
+    """What is wrong with a log row for the page (None when nothing): an iteration number, and numbers (or null)
+    wherever a panel reads a value."""
+    if not isinstance(row.get("iter"), (int, float)) or isinstance(row.get("iter"), bool):
+        return "no iteration number ('iter')"
+    keys = [k for keys, _ in PAPER_PANELS + PPO_DIAGNOSTICS for k in (keys if isinstance(keys, tuple) else (keys,))]
+    bad = [k for k in keys if k in row and not _number(row[k])]
+    return f"'{bad[0]}' is not a number" if bad else None
+
+
+def sample_row_problem(row):
+    """What is wrong with a samples row (None when nothing): its fields, with one value per token per quantity."""
+    if not isinstance(row.get("iter"), (int, float)) or isinstance(row.get("iter"), bool):
+        return "no iteration number ('iter')"
+    if not all(isinstance(row.get(k), str) for k in ("sample", "prompt")):
+        return "'sample' and 'prompt' must be text"
+    if not isinstance(row.get("rm_score"), (int, float)) or not _number(row.get("gold")):
+        return "'rm_score' (and 'gold') must be numbers"
+    tokens, per_token = row.get("tokens"), row.get("per_token")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) or not isinstance(per_token, dict):
+        return "'tokens' must be a list of text and 'per_token' an object"
+    for q, values in per_token.items():
+        if not isinstance(values, list) or len(values) != len(tokens) or not all(map(_number, values)):
+            return f"per_token '{q}' must hold one number (or null) per token"
+    return None
 
 
 def samples_html(rows, quantities):
@@ -176,9 +232,9 @@ def samples_html(rows, quantities):
     for it in dict.fromkeys(r["iter"] for r in rows):
         out.append(f"<h4>iteration {it}</h4>")
         for r in (r for r in rows if r["iter"] == it):
-            views = "".join(f'<div class="tv" data-q="{html.escape(q)}">'
+            views = "".join(f'<div class="tv" data-q="{i}">'            # the menu's index: no name in the CSS
                             f'{token_view_html(r["tokens"], r["per_token"][q], q)}</div>'
-                            for q in quantities if q in r["per_token"])
+                            for i, q in enumerate(quantities) if q in r["per_token"])
             gold = "–" if r.get("gold") is None else f'{r["gold"]:+.3f}'
             out.append(f'<div class="sample"><div class="meta"><b>{html.escape(r["sample"])}</b> · RM '
                        f'{r["rm_score"]:+.2f} · gold {gold} · {len(r["tokens"])} tokens</div>'
@@ -187,7 +243,7 @@ def samples_html(rows, quantities):
 
 
 def config_html(cfg):
-    cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in cfg.items())
+    cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(json.dumps(v, default=str))}</td></tr>" for k, v in cfg.items())
     return f'<details><summary>config ({len(cfg)} options)</summary><table class="cfg">{cells}</table></details>'
 
 
@@ -196,7 +252,7 @@ body{{font:14px sans-serif;margin:24px;max-width:1250px;color:#222}} h2{{border-
 .sample{{border:1px solid #ddd;border-radius:4px;padding:6px 10px;margin:6px 0}} .meta{{font-size:12px;color:#555}}
 .prompt{{font:12px monospace;color:#666;white-space:pre-wrap;margin:2px 0 4px}} .tv{{display:none}}
 table.cfg td{{font:12px monospace;padding:0 8px}} .note{{color:#555;font-size:13px}}
-</style></head><body data-q="k1"><h1>{title}</h1>
+</style></head><body data-q="{first}"><h1>{title}</h1>
 <p class="note">Colour tokens by <select id="q" onchange="document.body.dataset.q=this.value">{options}</select>
 (blue below, red above the neutral value: 0, or 1 for the ratio; hover a token for its value).</p>
 <style>{show}</style>{body}</body></html>"""
@@ -211,10 +267,10 @@ def report(run_dirs, out_file):
             raise ValueError(f"{run_dir}: no run here (no {{stage}}_log.jsonl of iterations: PPO, RLOO, RAFT, GRPO, ...)")
         for stage in stages:
             name = f"{os.path.basename(os.path.normpath(run_dir))} {stage}"
-            rows = read_jsonl(os.path.join(run_dir, f"{stage}_log.jsonl"))
+            rows = read_rows(os.path.join(run_dir, f"{stage}_log.jsonl"), log_row_problem)
             all_runs.append((name, rows))
             samples_path = os.path.join(run_dir, f"{stage}_samples.jsonl")
-            samples = read_jsonl(samples_path) if os.path.exists(samples_path) else []
+            samples = read_rows(samples_path, sample_row_problem) if os.path.lexists(samples_path) else []
             for r in samples:
                 quantities += [q for q in r["per_token"] if q not in quantities]
             finished = bool(rows) and rows[-1].get("iter") == run_config(run_dir, stage).get("n_iters")
@@ -231,12 +287,16 @@ def report(run_dirs, out_file):
     if len(all_runs) > 1:
         sections.insert(0, "<h2>All runs</h2>" + frontier_html(all_runs) + panels_html(all_runs, PAPER_PANELS))
     quantities = quantities or ["k1"]
-    options = "".join(f'<option value="{html.escape(q)}">{html.escape(q)}</option>' for q in quantities)
-    show = " ".join(f'body[data-q="{q}"] .tv[data-q="{q}"]{{display:block}}' for q in quantities)
+    # the quantities are named in the page's text only (escaped); the menu, the CSS and the views use their index
+    first = quantities.index("k1") if "k1" in quantities else 0              # shown first: KL to the reference
+    options = "".join(f'<option value="{i}"{" selected" if i == first else ""}>{html.escape(q)}</option>'
+                      for i, q in enumerate(quantities))
+    show = " ".join(f'body[data-q="{i}"] .tv[data-q="{i}"]{{display:block}}' for i in range(len(quantities)))
     title = "RLHF report: " + ", ".join(os.path.normpath(d) for d in run_dirs)
-    os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
-    with open(out_file, "w", encoding="utf-8") as f:
-        f.write(PAGE.format(title=html.escape(title), options=options, show=show, body="\n".join(sections)))
+    page = PAGE.format(title=html.escape(title), first=first, options=options, show=show, body="\n".join(sections))
+    with holding(os.path.dirname(os.path.abspath(out_file))):     # no run writes into the folder meanwhile
+        with replaced(out_file, "w", encoding="utf-8") as f:
+            f.write(page)
     return out_file
 
 

@@ -118,7 +118,7 @@ def test_tiny_ppo_under_torchrun_writes_one_checkpoint_and_log_and_resumes(base,
             "--rm_ckpt", f"{base}/rm.pt", "--ckpt_interval", "2"]
     cut, whole = str(tmp_path / "cut"), str(tmp_path / "whole")
     launch(args + ["--out_dir", cut, "--stop_after", "2"])
-    assert sorted(os.listdir(cut)) == ["ppo.pt", "ppo_log.jsonl", "ppo_samples.jsonl"]   # rank 0 alone wrote
+    assert sorted(os.listdir(cut)) == [".lock", "ppo.pt", "ppo_log.jsonl", "ppo_samples.jsonl"]   # rank 0 alone wrote
     ckpt = load_checkpoint(f"{cut}/ppo.pt", "ppo", finished=False)
     assert (ckpt["step"], ckpt["world_size"], len(ckpt["rng_of_ranks"])) == (2, 2, 2)
     assert [row["iter"] for row in read_jsonl(f"{cut}/ppo_log.jsonl")] == [1, 2]

@@ -94,7 +94,7 @@ def test_clear_errors(hf_gpt2, tmp_path):
     sd = {k: v.clone() for k, v in hf.state_dict().items()}
     sd["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(32, 100)          # wrong shape
     torch.save(sd, tmp_path / "shape.bin")
-    with pytest.raises(ValueError, match="shape.bin: weights do not fit"):
+    with pytest.raises(ValueError, match="shape.bin: parameter .h.0.mlp.c_fc.weight. is of shape"):
         gpt2.load_gpt2(str(tmp_path / "shape.bin"), vocab_size=VOCAB)
     sd = dict(hf.state_dict(), **{"transformer.h.0.attn.rotary.weight": torch.zeros(2)})  # unknown name
     torch.save(sd, tmp_path / "unknown.bin")

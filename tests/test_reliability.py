@@ -12,6 +12,7 @@ import model
 import ppo_rlhf
 import reward_model
 import train_sft
+from building_blocks import runs
 from checkpoints import load_checkpoint, load_weights
 from utils import TRUNCATIONS, fit_prompt, read_jsonl, run_main
 
@@ -174,22 +175,27 @@ def test_option_values_are_checked_before_any_work(stage, argv, message, tmp_pat
 
 
 def test_one_run_per_output_folder(base, tmp_path, capsys):
-    """A folder held by a live run (its PID in out_dir/.lock) refuses a second run with one line naming it; a lock
-    left by a dead process is taken over with a note; a finished run leaves no lock behind."""
+    """A folder held by a live run (its flock on out_dir/.lock) refuses a second run with one line naming the
+    holder's PID; once the holder is killed (SIGKILL: no clean-up ran) the kernel has dropped its lock and the
+    next run takes the folder without a note; a PID of some other live process in the file blocks nothing."""
     out = tmp_path / "busy"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from building_blocks.runs import claim_out_dir; "
+                               "claim_out_dir(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(out)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
-        (out / ".lock").write_text(str(holder.pid))
+        assert holder.stdout.readline().strip() == "held"
         message = _error_line(capsys, train_sft.main, TINY + ["--out_dir", str(out)])
         assert message == f"error: {out}: in use by another run (PID {holder.pid}); wait for it to finish, or choose another --out_dir"
         assert not (out / "sft_log.jsonl").exists()
     finally:
         holder.kill()
         holder.wait()
-    train_sft.main(TINY + ["--out_dir", str(out)])                        # the holder is gone: taken over
-    assert f"taking over the lock of PID {holder.pid}" in capsys.readouterr().err
-    assert not (out / ".lock").exists() and os.path.exists(out / "sft.pt")
+    train_sft.main(TINY + ["--out_dir", str(out)])                        # the holder is gone, and so is its lock
+    assert "lock" not in capsys.readouterr().err and os.path.exists(out / "sft.pt")
+    (out / ".lock").write_text(str(os.getppid()))                          # a live process that is no run
+    train_sft.main(TINY + ["--out_dir", str(out), "--overwrite", "true"])
+    assert not runs._HELD                                                  # every claim was given back
 
 
 def test_a_new_run_does_not_replace_an_unfinished_one(tmp_path, capsys):
@@ -226,7 +232,7 @@ def test_damaged_weights_that_still_load_are_caught_by_the_checksum(base, tmp_pa
     damaged = tmp_path / "sft.pt"
     damaged.write_bytes(bytes(data))
     torch.load(damaged, map_location="cpu", weights_only=True)                   # it still unpickles
-    with pytest.raises(ValueError, match="'model' weights do not match the checksum"):
+    with pytest.raises(ValueError, match="'model' model .its weights, model_config or tokenizer. does not match the checksum"):
         load_checkpoint(str(damaged), "sft")
 
 
@@ -273,7 +279,7 @@ def test_hand_edited_checkpoints_and_a_damaged_tokenizer_file_are_one_line(base,
         f"error: {edited}: not a complete 'sft' checkpoint (missing model_config); was it edited by hand or written "
         f"by another program?")
     torch.save({**ckpt, "model_config": {**ckpt["model_config"], "n_experts": 8}}, edited)
-    assert "unknown model_config fields ['n_experts']" in _error_line(capsys, reward_model.main, rm_args)
+    assert "model_config has unknown fields ['n_experts']" in _error_line(capsys, reward_model.main, rm_args)
 
     import tokenizer
     ranks = open(tokenizer.TOY_RANKS).read().splitlines()
