@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import os
 import random
+import signal
 import sys
 import time
 from typing import Optional
@@ -291,6 +292,20 @@ def resume_run(path, stage, cfg, tokenizer_id, state, weights):
     return ckpt["step"]
 
 
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM arriving inside the block are delivered when it ends (where the OS allows it)."""
+    block = getattr(signal, "pthread_sigmask", None)
+    held = {signal.SIGINT, signal.SIGTERM}
+    if block is not None:
+        block(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        if block is not None:
+            block(signal.SIG_UNBLOCK, held)
+
+
 def run_meta(sft, cfg):
     """What a stage trained from the SFT policy writes for the next stages: the policy's shape and tokenizer, and
     the checkpoints it started from."""
@@ -327,6 +342,7 @@ class Run:
         self.samples_path = os.path.join(cfg.out_dir, f"{stage}_samples.jsonl")   # RL stages: rollouts, token by token
         self.stopped, self.log, self.samples = False, None, None
         TRUNCATIONS.reset(cfg.log_truncations)
+        STOP_NOTE["text"] = STOP_NOTE["general"]
         claim_out_dir(cfg.out_dir)                     # one run per folder at a time
         self.claimed = True
         try:
@@ -354,14 +370,14 @@ class Run:
         return False
 
     def release(self):
-        """Give the folder back (once): a staged log never published goes, and the stop note is the general one."""
+        """Give the folder back (once); a staged log never published goes (the stop note stays: an error or a
+        signal on the way out still names this run's last checkpoint)."""
         if self.claimed:
             for log in (self.log, self.samples):
                 if log is not None:
                     log.discard()
             release_out_dir(self.cfg.out_dir)
             self.claimed = False
-            STOP_NOTE["text"] = STOP_NOTE["general"]
 
     def note_checkpoint(self, step):
         """What Ctrl-C or SIGTERM say from now on: where the last checkpoint of this run is, or that there is none."""
@@ -412,12 +428,13 @@ class Run:
     def save(self, step, metrics=None, **final):
         """The checkpoint after `step` (metrics=None: an unfinished run's)."""
         self.state.extra = self.saved()
-        for log in (self.log, self.samples):
-            if log is not None:
-                log.publish()                          # a staged log takes its place before the checkpoint counts it
-        save_run(self.ckpt_path, self.stage, step, self.cfg, self.state, self.weights, self.log, self.t_start,
-                 metrics, **self.meta, **final)
-        self.note_checkpoint(step)
+        with signals_held():                           # Ctrl-C / SIGTERM wait until the checkpoint and its note agree
+            for log in (self.log, self.samples):
+                if log is not None:
+                    log.publish()                      # a staged log takes its place before the checkpoint counts it
+            save_run(self.ckpt_path, self.stage, step, self.cfg, self.state, self.weights, self.log, self.t_start,
+                     metrics, **self.meta, **final)
+            self.note_checkpoint(step)
 
     def finish(self, metrics, responses_generated, policy_steps):
         """The final checkpoint (call it after the logs and plots: it is the run's last file) with the run's metrics
@@ -426,4 +443,5 @@ class Run:
         self.save(self.n_steps, metrics, training_budget=dict(responses_generated=responses_generated,
                                                               policy_steps=policy_steps))
         TRUNCATIONS.summary(self.name)
+        STOP_NOTE["text"] = STOP_NOTE["general"]      # the run is complete: a later stop is about something else
         self.release()

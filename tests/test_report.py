@@ -1,4 +1,5 @@
 """Per-token views, the samples log of the RL stages, and the self-contained report page."""
+import json
 import os
 import re
 
@@ -78,3 +79,22 @@ def test_report_of_a_folder_without_a_run_is_one_line(tmp_path, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path}: no run here (no {{stage}}_log.jsonl of "
                                                f"iterations: PPO, RLOO, RAFT, GRPO, ...)")
+
+
+def test_the_report_escapes_every_string_it_takes_from_a_run_folder(tmp_path):
+    """Hostile keys and values in a run folder's files -- a per-token quantity named to close the <style> block, a
+    sample name, a prompt, tokens, config keys and values, the folder's own name -- end up as text: no tag, no
+    attribute, no style rule of theirs reaches the page."""
+    import torch
+    evil = '</style><script>alert(1)</script><img src=x onerror=alert(2)>"\'{}'
+    run = tmp_path / f"run{evil.replace('/', '')}"
+    run.mkdir()
+    (run / "ppo_log.jsonl").write_text(json.dumps({"iter": 1, "gold": 0.5, evil: evil}) + "\n")
+    row = {"iter": 1, "sample": evil, "prompt": evil, "rm_score": 1.0, "gold": None, "tokens": [evil, "ok"],
+           "per_token": {evil: [0.1, -0.2], "k1": [0.0, 0.3]}}
+    (run / "ppo_samples.jsonl").write_text(json.dumps(row) + "\n")
+    torch.save({"stage": "ppo", "config": {evil: evil, "n_iters": 1}}, run / "ppo.pt")
+    page = open(report.report([str(run)], str(tmp_path / "page.html")), encoding="utf-8").read()
+    assert "<script" not in page and "<img src=x" not in page and '"\'{}' not in page     # no tag, no quote unescaped
+    assert page.count("</style>") == 2                                   # the page's own two style blocks
+    assert "&lt;/style&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in page   # shown, as text
