@@ -143,6 +143,20 @@ def gold_by_kind(prompts, responses):
     return out
 
 
+def check_fits_in_memory(mcfg):
+    """Sizes that cannot fit are one line before anything is allocated (not a machine swapping, then killed):
+    fp32 weights, gradients and AdamW's two moments take 16 bytes a parameter, counted on the meta device."""
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in GPT(mcfg).parameters())
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):                      # a system that does not say
+        return
+    if 16 * n_params > memory:
+        raise ValueError(f"--n_layer {mcfg.n_layer} --n_embd {mcfg.n_embd}: {n_params / 1e9:.1f}B parameters need "
+                         f"{16 * n_params / 2**30:.0f} GiB to train, more than this machine's {memory / 2**30:.0f} GiB")
+
+
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -173,6 +187,7 @@ def main(argv=None):
         if cfg.init == "random":
             mcfg = GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd, dropout=cfg.dropout, pad_id=tok.pad_id(enc))
+            check_fits_in_memory(mcfg)
             model = GPT(mcfg).to(device)
         else:  # GPT-2 weights; the model's shape comes from the checkpoint, not from n_layer / n_head / n_embd
             model = load_gpt2(cfg.init, cfg.block_size, enc.n_vocab, tok.pad_id(enc), cfg.dropout).to(device)
