@@ -395,6 +395,9 @@ class Run:
         done = (resume_run(self.ckpt_path, self.stage, self.cfg, meta["tokenizer_id"], self.state, weights)
                 if self.cfg.resume else 0)
         self.start = done + 1
+        if self.cfg.stop_after and self.cfg.stop_after <= done:     # it would never be reached: the run goes to its end
+            raise ValueError(f"--stop_after {self.cfg.stop_after}: the run resumes after {self.unit} {done}, past it; "
+                             f"give a later {self.unit}, or 0 for off")
         # a new run beside a finished one writes its logs as PATH.new until its first checkpoint (JsonlLog)
         staged = not self.cfg.resume and not self.cfg.overwrite and os.path.exists(self.ckpt_path)
         self.log = JsonlLog(self.log_path, self.state.log_lines, staged=staged)

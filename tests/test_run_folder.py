@@ -290,3 +290,12 @@ def test_compare_continues_an_interrupted_study(base, tmp_path, capsys):
     assert said.count("finished with these options; kept") == 2 and "resuming" not in said
     means = lambda summary: {m: (s["gold"][0], s["rm"][0], s["kl_sft"][0]) for m, s in summary.items()}
     assert means(second) == means(first)                                   # the same runs, evaluated again
+
+
+def test_a_stop_after_the_resume_has_passed_is_refused(tmp_path):
+    """--stop_after 5 on a run that resumes after step 10 would never stop: refused before any step."""
+    out = str(tmp_path)
+    train_sft.main(TINY + ["--out_dir", out, "--ckpt_interval", "5", "--stop_after", "10"])
+    with pytest.raises(ValueError, match="--stop_after 5: the run resumes after step 10, past it"):
+        train_sft.main(TINY + ["--out_dir", out, "--ckpt_interval", "5", "--resume", "true", "--stop_after", "5"])
+    assert not runs._HELD
