@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from building_blocks.devices import gather_objects, pick_device, rank, start_ranks, world_size
-from checkpoints import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state, write_failure
+from checkpoints import load_checkpoint, load_weights, read_checkpoint, rng_state, save_checkpoint, set_rng_state, write_failure
 from utils import (STOP_NOTE, TRUNCATIONS, JsonlLog, Progress, device_field, field, fields_with, lines_up_to, regular_file,
                    seed_everything)
 
@@ -119,8 +119,8 @@ def check_fresh_start(ckpt_path, cfg):
     if cfg.resume or cfg.overwrite or not os.path.exists(ckpt_path):
         return
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception:
+        ckpt = read_checkpoint(ckpt_path)
+    except ValueError:
         return  # not ours or damaged: the stage's own loading reports it when it matters
     if isinstance(ckpt, dict) and ckpt.get("done") is False:
         raise ValueError(f"{ckpt_path}: an unfinished run is here (step {ckpt.get('step')}); continue it with "

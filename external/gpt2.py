@@ -230,7 +230,7 @@ def load_gpt2(spec, block_size=None, vocab_size=None, pad_id=-1, dropout=0.0):
     wrong = sorted(k for k in expected.keys() | sd.keys() if k not in sd or tuple(sd[k].shape) != expected.get(k))
     if wrong:
         k = wrong[0]
-        raise ValueError(f"{path}: parameter {k!r} is " + (f"missing" if k not in sd else f"of shape {tuple(sd[k].shape)}"
+        raise ValueError(f"{path}: parameter {k!r} is " + ("missing" if k not in sd else f"of shape {tuple(sd[k].shape)}"
                          f"{'' if k in expected else ' but not a parameter'}") + f" for a {n_layer}-layer GPT-2 of width "
                          f"{n_embd}" + (f" (expected {expected[k]})" if k in expected and k in sd else ""))
     model = GPT(cfg)

@@ -198,10 +198,14 @@ def _number(v):
     return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
+def _iteration(row):
+    return row.get("iter") is not None and _number(row["iter"])
+
+
 def log_row_problem(row):
     """What is wrong with a log row for the page (None when nothing): an iteration number, and numbers (or null)
     wherever a panel reads a value."""
-    if not isinstance(row.get("iter"), (int, float)) or isinstance(row.get("iter"), bool):
+    if not _iteration(row):
         return "no iteration number ('iter')"
     keys = [k for keys, _ in PAPER_PANELS + PPO_DIAGNOSTICS for k in (keys if isinstance(keys, tuple) else (keys,))]
     bad = [k for k in keys if k in row and not _number(row[k])]
@@ -210,7 +214,7 @@ def log_row_problem(row):
 
 def sample_row_problem(row):
     """What is wrong with a samples row (None when nothing): its fields, with one value per token per quantity."""
-    if not isinstance(row.get("iter"), (int, float)) or isinstance(row.get("iter"), bool):
+    if not _iteration(row):
         return "no iteration number ('iter')"
     if not all(isinstance(row.get(k), str) for k in ("sample", "prompt")):
         return "'sample' and 'prompt' must be text"
