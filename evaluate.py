@@ -51,10 +51,11 @@ def distinct_n(texts, n):
 
 @torch.no_grad()
 def sample_for_evaluation(policy, sft, rm, enc, prompts, max_new_tokens, temperature, device, seed, batch_size=128):
-    """Per prompt: response text, RM score, KL(π||π_SFT) estimate and length; one generator seed for all."""
+    """Per prompt: response text and EOS flag (and both as data.Replies), RM score, KL(π||π_SFT) estimate and
+    length; one generator seed for all."""
     gen = torch.Generator(device=device).manual_seed(seed)
     policy.eval()
-    out = dict(texts=[], rm=[], kl=[], length=[])
+    out = dict(rows=[], rm=[], kl=[], length=[])
     for i in range(0, len(prompts), batch_size):
         room = policy.cfg.block_size - max_new_tokens                       # a long (HH) prompt keeps its end
         p_ids, p_mask = encode_prompts(enc, prompts[i:i + batch_size], room, True)
@@ -69,16 +70,17 @@ def sample_for_evaluation(policy, sft, rm, enc, prompts, max_new_tokens, tempera
         out["kl"] += k1(lp, lp_sft, mask).sum(1).tolist()
         out["rm"] += rm.score(seq, seq_mask).tolist()
         out["length"] += mask.sum(1).tolist()
-        out["texts"] += [tok.decode(enc, r) for r in resp.tolist()]
-    return out
+        out["rows"] += resp.tolist()
+    replies = tok.decode_replies(enc, out.pop("rows"))
+    return dict(out, texts=replies.texts, ended=replies.ended, replies=replies)
 
 
-def verified_rates(prompts, texts, has_gold):
+def verified_rates(prompts, replies, has_gold):
     """The share of responses data.verify confirms, over all prompts and over the math ones (the RLVR measure);
     empty without the toy task's rules."""
     if not has_gold:
         return {}
-    ok = [data.verify(p, t) for p, t in zip(prompts, texts)]
+    ok = data.rule_rewards("verifier", prompts, replies.texts, replies.ended)
     on_math = [v for p, v in zip(prompts, ok) if data.task_of(p).kind == "math"]
     return dict(verified=sum(ok) / len(ok), math_acc=sum(on_math) / max(len(on_math), 1))
 
@@ -140,14 +142,14 @@ def evaluate_policies(a):
     for path in a.policies:
         policy, ckpt = load_policy(path)  # any stage that writes a policy
         res = sample_for_evaluation(policy.to(device), sft, rm, *args)
-        gold = [data.gold_reward(q, r) if has_gold else float("nan") for q, r in zip(prompts, res["texts"])]
+        gold = res["replies"].golds(prompts) if has_gold else [float("nan")] * len(prompts)
         n = len(prompts)
-        win = (data.gold_win_rate(prompts, res["texts"], base["texts"]) if has_gold else
+        win = (data.gold_win_rate(prompts, res["replies"], base["replies"]) if has_gold else
                rm_win_rate(rm, enc, prompts, res["texts"], base["texts"], device))
         rows.append(dict(policy=path, stage=ckpt["stage"], gold=sum(gold) / n, rm=sum(res["rm"]) / n,
                          win_vs_sft=win, win_judge="gold" if has_gold else "reward model", kl_sft=sum(res["kl"]) / n,
-                         length=sum(res["length"]) / n, eos_rate=sum(t.endswith(data.EOS_TEXT) for t in res["texts"]) / n,
-                         distinct2=distinct_n(res["texts"], 2), n_prompts=n, **verified_rates(prompts, res["texts"], has_gold),
+                         length=sum(res["length"]) / n, eos_rate=sum(res["ended"]) / n,
+                         distinct2=distinct_n(res["texts"], 2), n_prompts=n, **verified_rates(prompts, res["replies"], has_gold),
                          samples=[(prompts[i], res["texts"][i], gold[i]) for i in range(min(3, n))]))
 
     keys = (["gold", "verified", "math_acc"] if has_gold else []) + ["rm", "win_vs_sft", "kl_sft", "length", "eos_rate",

@@ -434,12 +434,13 @@ def main(argv=None):
             with autocast(device, cfg.amp):
                 ro = rollout(policy, ref, rm, critic, prompt_ids.to(device), prompt_mask.to(device),
                              cfg.max_new_tokens, cfg.temperature, eos_id, pad_id, sampling_gen, cfg.fast_rollout)
-            texts = [tok.decode(enc, r) for r in ro.response.tolist()]
-            gold = torch.tensor([data.gold_reward(p, r) if has_gold else float("nan") for p, r in zip(prompts, texts)])
+            replies = tok.decode_replies(enc, ro.response.tolist())               # texts and EOS flags
+            texts = replies.texts
+            gold = torch.tensor(replies.golds(prompts) if has_gold else [float("nan")] * len(prompts))  # (B,)
             check_finite(f"PPO iteration {it}", rm_score=ro.scores.sum(), value=ro.values.sum())
             # 3. score processing with running statistics over every score so far (eq. 18); --reward: a rule's
             raw = ro.scores.float() if cfg.reward == "rm" else torch.tensor(
-                data.rule_rewards(cfg.reward, prompts, texts), device=device)           # (B,)
+                data.rule_rewards(cfg.reward, prompts, texts, replies.ended), device=device)   # (B,)
             scores = process_scores(raw, running, cfg.score_norm, cfg.score_clip)  # (B,)
             ended = (ro.response == eos_id).any(1)                               # (B,)
             scores = scores - cfg.missing_eos_penalty * (~ended).float()

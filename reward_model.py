@@ -149,8 +149,9 @@ def evaluate_rm(rm, enc, pairs, device, batch_size=64, gold=True):
                    score_mean=float(rm_all.mean()), score_std=float(rm_all.std()))
     if not gold:
         return metrics
-    gc = np.array([data.gold_reward(p["prompt"], p["chosen"]) for p in pairs])
-    gr = np.array([data.gold_reward(p["prompt"], p["rejected"]) for p in pairs])
+    gold_of = lambda p, k: data.gold_reward(p["prompt"], p[k], data.marked_end(p[k]))   # strings data.py wrote
+    gc = np.array([gold_of(p, "chosen") for p in pairs])
+    gr = np.array([gold_of(p, "rejected") for p in pairs])
     differ = gc != gr
     gold_all = np.concatenate([gc, gr])                                       # (2P,)
     return dict(metrics, acc_gold=float(np.mean((rc > rr)[differ] == (gc > gr)[differ])),
@@ -247,7 +248,7 @@ def main(argv=None):
             rm.eval()
             show = test[:8]
             sc, sr = pair_scores(rm, enc, show, device)
-        g = (lambda p, r: data.gold_reward(p, r)) if gold else (lambda p, r: "-")   # no gold reward for real data
+        g = (lambda p, r: data.gold_reward(p, r, data.marked_end(r))) if gold else (lambda p, r: "-")  # none: real data
         rows = [(p["prompt"][-100:].strip(), p["chosen"], a, g(p["prompt"], p["chosen"]), p["rejected"], b,
                  g(p["prompt"], p["rejected"])) for p, a, b in zip(show, sc.tolist(), sr.tolist())]
         print(table(rows, ["test prompt", "chosen", "RM", "gold", "rejected", "RM", "gold"], [30, 44, 5, 5, 44, 5, 5]))

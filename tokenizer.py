@@ -21,6 +21,8 @@ from collections import Counter
 
 import tiktoken
 
+import data
+
 EOS_TEXT, PAD_TEXT = "<|endoftext|>", "<|pad|>"
 TOY_RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer", "toy.tiktoken")
 # GPT-2's pre-tokenisation regex (the same string tiktoken's gpt2 encoding uses): words, numbers,
@@ -145,6 +147,13 @@ def decode(enc, ids):
     return enc.decode([i for i in ids if i != pad])
 
 
+def decode_replies(enc, rows):
+    """Sampled response rows (lists of ids, PAD after EOS) -> data.Replies: each row's text (decode) and whether it
+    holds the EOS token, the token-level end flag (eleven ordinary tokens spelling EOS_TEXT are not an end)."""
+    eos = eos_id(enc)
+    return data.Replies([decode(enc, r) for r in rows], [eos in r for r in rows])
+
+
 def decode_pieces(enc, ids):
     """Ids -> one text piece per id, joining to enc.decode(ids): a character whose bytes span several tokens goes
     to the token that completes it (the others get ""), and bytes that are not UTF-8 become U+FFFD, so every piece
@@ -158,8 +167,6 @@ def decode_pieces(enc, ids):
 
 def main(argv=None):
     import argparse
-
-    import data
     p = argparse.ArgumentParser(description="Train the toy BPE on the toy task's corpus and write its ranks file.")
     p.add_argument("--out", default=TOY_RANKS, help=f"ranks file to write (default: {TOY_RANKS}, the shipped one)")
     out = p.parse_args(argv).out

@@ -132,9 +132,9 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
-def gold_by_kind(prompts, responses):
-    """Mean gold reward over all prompts and per kind: {"all": g, "math": g, ...}."""
-    golds = [data.gold_reward(p, r) for p, r in zip(prompts, responses)]
+def gold_by_kind(prompts, replies):
+    """Mean gold reward of data.Replies over all prompts and per kind: {"all": g, "math": g, ...}."""
+    golds = replies.golds(prompts)
     out = {"all": mean(golds)}
     for kind in data.KIND_WEIGHTS:
         g = [x for p, x in zip(prompts, golds) if data.task_of(p).kind == kind]
@@ -253,8 +253,10 @@ def main(argv=None):
             eval_prompts = data.sample_prompts(splits["test"], cfg.n_eval_prompts, random.Random(cfg.seed + 3))
             responses = sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device, gen)
             demos = [d for _, d in data.make_demonstrations(eval_prompts, cfg.seed + 4)]
+            demos = data.Replies(demos, [data.marked_end(d) for d in demos])
             gold_sft, gold_demo = gold_by_kind(eval_prompts, responses), gold_by_kind(eval_prompts, demos)
-            print(table([(p.strip(), r, data.gold_reward(p, r)) for p, r in zip(eval_prompts[:8], responses[:8])],
+            golds = responses.golds(eval_prompts[:8])
+            print(table([(p.strip(), r, g) for p, r, g in zip(eval_prompts[:8], responses.texts, golds)],
                         ["test prompt", f"SFT sample (T={cfg.temperature})", "gold"], [44, 70, 5]))
             print(table([(k, gold_demo[k], gold_sft.get(k, float("nan"))) for k in gold_demo],
                         ["kind", "gold: demonstrations", "gold: SFT samples"], [8, 20, 18]))
@@ -264,9 +266,9 @@ def main(argv=None):
             test = splits["test"][:cfg.n_eval_prompts]
             eval_prompts = [r["prompt"] for r in test]
             responses = sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device, gen)
-            print(table([(p[-120:].strip(), r, t["chosen"]) for p, r, t in zip(eval_prompts[:8], responses[:8], test)],
+            print(table([(p[-120:].strip(), r, t["chosen"]) for p, r, t in zip(eval_prompts[:8], responses.texts, test)],
                         ["test prompt (end)", f"SFT sample (T={cfg.temperature})", "chosen (data)"], [40, 50, 50]))
-        ended = mean([r.endswith(data.EOS_TEXT) for r in responses])
+        ended = mean(responses.ended)
         metrics.update(ended_fraction=ended, n_eval_prompts=len(eval_prompts))
         run.log.write(step=cfg.max_iters, **{k: v for k, v in metrics.items() if not isinstance(v, dict)})
 

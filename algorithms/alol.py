@@ -176,7 +176,7 @@ def main(argv=None):
         t0 = time.time()
         dev = sorted({p for ps in splits["val"].values() for p in ps})
         with torch.no_grad():
-            dev_answers = sample_responses(ref, enc, dev, cfg.max_new_tokens, 0.0, device)
+            dev_answers = sample_responses(ref, enc, dev, cfg.max_new_tokens, 0.0, device).texts
             dev_scores = rm_scores(dev, dev_answers)                          # (N_v,)
             center = dev_scores.mean().item() if cfg.center_reward else 0.0
             dev_r = torch.sigmoid(dev_scores - center)                        # (N_v,) R of π_ref's answers
@@ -265,9 +265,10 @@ def main(argv=None):
                                        torch.Generator(device=device).manual_seed(cfg.seed + 1))
         outs, base = g(policy), g(ref)
         win = data.gold_win_rate(ev, outs, base)
-        print(table([(p.strip(), o, data.gold_reward(p, o)) for p, o in zip(ev[:4], outs[:4])],
+        golds = outs.golds(ev)
+        print(table([(p.strip(), o, g) for p, o, g in zip(ev[:4], outs.texts, golds)],
                     ["val prompt", f"A-LoL ({cfg.variant}) sample", "gold"], [34, 70, 5]))
-        metrics = dict(win_rate_vs_sft=win, gold=sum(data.gold_reward(p, o) for p, o in zip(ev, outs)) / len(ev),
+        metrics = dict(win_rate_vs_sft=win, gold=sum(golds) / len(ev),
                        frac_pos=frac_pos, value_mse=best, train_time_s=train_time)
         run.log.write(step=n_iters, **metrics)
         plot_curves(os.path.join(cfg.out_dir, "alol_curves.png"), read_jsonl(run.log_path), "step",

@@ -197,10 +197,10 @@ def main(argv=None):
                                        torch.Generator(device=device).manual_seed(cfg.seed + 1))
         outs, base = g(policy), g(ref)
         win = data.gold_win_rate(prompts, outs, base)
-        print(table([(p.strip(), o, data.gold_reward(p, o)) for p, o in zip(prompts[:4], outs[:4])],
+        golds = outs.golds(prompts)
+        print(table([(p.strip(), o, g) for p, o, g in zip(prompts[:4], outs.texts, golds)],
                     ["val prompt", "DPO sample", "gold"], [34, 70, 5]))
-        metrics = dict(**v, win_rate_vs_sft=win, train_time_s=train_time,
-                       gold=sum(data.gold_reward(p, o) for p, o in zip(prompts, outs)) / len(prompts))
+        metrics = dict(**v, win_rate_vs_sft=win, train_time_s=train_time, gold=sum(golds) / len(prompts))
         run.log.write(step=n_iters, **metrics)
         plot_curves(os.path.join(cfg.out_dir, "dpo_curves.png"), read_jsonl(run.log_path), "step",
                     [["loss"], ["rewards_chosen", "rewards_rejected", "val_margin"], ["accuracy", "val_accuracy"]],

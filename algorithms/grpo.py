@@ -276,17 +276,17 @@ def sample_groups(policy, ref, rm, enc, train_prompts, cfg, order_rng, generator
     G, eos_id, pad_id = cfg.samples_per_prompt, tok.eos_id(enc), tok.pad_id(enc)
     P = cfg.prompts_per_iter // world_size()                              # [DDP] this rank's share of the prompts
     room = policy.cfg.block_size - cfg.max_new_tokens
-    parts, prompts, texts, base, frac_zero, dropped, rounds, generated = [], [], [], [], 0.0, 0, 0, 0
+    parts, prompts, texts, ended, base, frac_zero, dropped, rounds, generated = [], [], [], [], [], 0.0, 0, 0, 0
     while rounds < (cfg.max_sample_rounds if cfg.dynamic_sampling else 1) and len(prompts) < P * G:
         rounds += 1
         batch = [p for p in data.sample_prompts(train_prompts, P, order_rng) for _ in range(G)]
         prompt_ids, prompt_mask = encode_prompts(enc, batch, room, cfg.truncate_prompts)   # (N, Tp) each
         ro = sample_and_score(policy, ref, rm, prompt_ids.to(device), prompt_mask.to(device), cfg.max_new_tokens,
                      cfg.temperature, eos_id, pad_id, generator)
-        batch_texts = [tok.decode(enc, r) for r in ro.response.tolist()]
+        batch_replies = tok.decode_replies(enc, ro.response.tolist())             # texts and EOS flags
         generated += len(batch)
         reward = (ro.scores.float().cpu() if cfg.reward == "rm" else
-                  torch.tensor(data.rule_rewards(cfg.reward, batch, batch_texts)))  # (N,)
+                  torch.tensor(data.rule_rewards(cfg.reward, batch, batch_replies.texts, batch_replies.ended)))  # (N,)
         spread = groups_with_spread(reward, G)                                       # (P,)
         if rounds == 1:
             frac_zero = 1.0 - spread.float().mean().item()
@@ -296,14 +296,15 @@ def sample_groups(policy, ref, rm, enc, train_prompts, cfg, order_rng, generator
         rows = (torch.nonzero(keep).view(-1)[:room_left, None] * G + torch.arange(G)).view(-1)  # (kept·G,)
         parts.append(ro.rows(rows.to(ro.seq.device)))
         prompts += [batch[i] for i in rows.tolist()]
-        texts += [batch_texts[i] for i in rows.tolist()]
+        texts += [batch_replies.texts[i] for i in rows.tolist()]
+        ended += [batch_replies.ended[i] for i in rows.tolist()]
         base.append(reward[rows])
     ro = join_rollouts(parts, pad_id)
     rewards = torch.cat(base)                                                        # (N,)
     if cfg.overlong_cache:
         rewards = rewards + overlong_penalty(ro.mask.sum(1).cpu(), cfg.max_new_tokens, cfg.overlong_cache)
-    gold = torch.tensor([data.gold_reward(p, t) for p, t in zip(prompts, texts)])    # (N,)
-    verified = torch.tensor([data.verify(p, t) for p, t in zip(prompts, texts)])     # (N,)
+    gold = torch.tensor(data.rule_rewards("gold", prompts, texts, ended))             # (N,)
+    verified = torch.tensor(data.rule_rewards("verifier", prompts, texts, ended))     # (N,)
     return Groups(ro, prompts, texts, rewards.to(device), gold, verified, frac_zero, dropped, rounds, generated)
 
 

@@ -109,10 +109,10 @@ def main(argv=None):
             ro = sample_and_score(policy, ref, rm, prompt_ids.to(device), prompt_mask.to(device), cfg.max_new_tokens,
                                   cfg.temperature, tok.eos_id(enc), tok.pad_id(enc), gen)
             mask = ro.mask                                                # (N, Tr)
-            texts = [tok.decode(enc, r) for r in ro.response.tolist()]
-            gold = torch.tensor([data.gold_reward(p, r) for p, r in zip(prompts, texts)])
+            replies = tok.decode_replies(enc, ro.response.tolist())       # texts and EOS flags
+            texts, gold = replies.texts, torch.tensor(replies.golds(prompts))  # gold (N,): monitoring only
             check_finite(f"RAFT iteration {it}", rm_score=ro.scores.sum())
-            score = ro.scores if cfg.reward == "rm" else torch.tensor(data.rule_rewards(cfg.reward, prompts, texts),
+            score = ro.scores if cfg.reward == "rm" else torch.tensor(data.rule_rewards(cfg.reward, prompts, texts, replies.ended),
                                                                       device=device)  # (N,) what is optimised
             rewards, kl_seq = kl_shaped_rewards(score, ro.old_logprobs, ro.ref_logprobs, mask, cfg.kl_coef)
             # 3. select the best sample of each prompt

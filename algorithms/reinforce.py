@@ -93,8 +93,8 @@ def main(argv=None):
                                                      cfg.truncate_prompts)                    # (B, Tp) each
             ro = sample_and_score(policy, ref, rm, prompt_ids.to(device), prompt_mask.to(device), cfg.max_new_tokens,
                                   cfg.temperature, tok.eos_id(enc), tok.pad_id(enc), gen)
-            texts = [tok.decode(enc, r) for r in ro.response.tolist()]
-            gold = torch.tensor([data.gold_reward(p, r) for p, r in zip(prompts, texts)])   # (B,) monitoring only
+            replies = tok.decode_replies(enc, ro.response.tolist())       # texts and EOS flags
+            texts, gold = replies.texts, torch.tensor(replies.golds(prompts))  # gold (B,): monitoring only
             check_finite(f"REINFORCE iteration {it}", rm_score=ro.scores.sum())
             # 2. the KL-shaped sequence reward, a constant
             kl_seq = kl.k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1)                # (B,)

@@ -138,8 +138,8 @@ def follow_prompts(it, policy, ref, rm, critic, enc, prompts, max_new_tokens, te
     ids, mask = encode_prompts(enc, prompts, policy.cfg.block_size - max_new_tokens, True)  # (n, Tp) each
     s = sample_and_score(policy, ref, rm, ids.to(device), mask.to(device), max_new_tokens, temperature,
                          tok.eos_id(enc), tok.pad_id(enc), torch.Generator(device=device).manual_seed(seed))
-    texts = [tok.decode(enc, r) for r in s.response.tolist()]
-    gold = [data.gold_reward(p, t) if has_gold else float("nan") for p, t in zip(prompts, texts)]
+    replies = tok.decode_replies(enc, s.response.tolist())
+    gold = replies.golds(prompts) if has_gold else [float("nan")] * len(prompts)
     per_token = dict(k1=k1(s.old_logprobs, s.ref_logprobs, s.mask), entropy=s.entropy)
     if critic is not None:
         critic.eval()
@@ -171,7 +171,7 @@ class ValidationMonitor:
         """The policy's win rate against SFT on the validation prompts (tie = ½)."""
         outs = self.answers(policy)
         return (data.gold_win_rate(self.prompts, outs, self.sft_answers) if self.has_gold else
-                rm_win_rate(self.rm, self.enc, self.prompts, outs, self.sft_answers, self.device))
+                rm_win_rate(self.rm, self.enc, self.prompts, outs.texts, self.sft_answers.texts, self.device))
 
     def keep_samples(self, it, policy, ro, prompts, texts, gold, per_token):
         """The batch's best, median and worst rollouts (per_token: {name: (B, Tr)}) and the two followed

@@ -20,16 +20,17 @@ from utils import fit_prompt, pad_batch
 
 @torch.no_grad()
 def sample_responses(model, enc, prompts, max_new_tokens, temperature, device, generator=None, batch_size=64):
-    """Sample one response string per prompt (left-padded batches, KV cache); EOS kept as its marker text."""
+    """Sample one response per prompt (left-padded batches, KV cache) -> data.Replies: each text (EOS kept as its
+    marker text) and whether the model emitted the EOS token."""
     model.eval()
-    out = []
+    rows = []
     for i in range(0, len(prompts), batch_size):
         room = model.cfg.block_size - max_new_tokens                      # a long (HH) prompt keeps its end
         ids, mask = encode_prompts(enc, prompts[i:i + batch_size], room, True)   # (b, Tp) each
         resp = model.generate(ids.to(device), mask.to(device), max_new_tokens, tok.eos_id(enc), tok.pad_id(enc),
                               temperature=temperature, generator=generator).tokens   # (b, Tr)
-        out += [tok.decode(enc, row) for row in resp.tolist()]
-    return out
+        rows += resp.tolist()
+    return tok.decode_replies(enc, rows)
 
 
 def score_texts(rm, enc, prompts, responses, device, truncate=True):

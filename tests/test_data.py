@@ -7,6 +7,7 @@ import pytest
 import data
 from data import EOS_TEXT as E
 from external import hh_rlhf
+from tests.gold_adversarial import CASES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "samples", "hh_rlhf_sample.jsonl")
@@ -35,13 +36,39 @@ OPEN = data.make_prompt("How can I sleep better?")
 ])
 def test_gold_reward_hand_examples(prompt, response, gold):
     """The gold reward scores hand-written good and bad responses as its docstring says."""
-    assert data.gold_reward(prompt, response) == pytest.approx(gold)
+    assert data.gold_reward(prompt, response, data.marked_end(response)) == pytest.approx(gold)
+
+
+@pytest.mark.parametrize("request_, reply, ended, gold, verified, why", CASES, ids=[c[5] for c in CASES])
+def test_adversarial_replies_get_what_they_deserve(request_, reply, ended, gold, verified, why):
+    """Every hand-written reply of the adversarial set (tests/gold_adversarial.py) gets its intended gold reward and
+    verifier value: refuse-then-comply, negated, hedged or decimal answers, sprayed candidates, a spelled end marker."""
+    prompt = data.make_prompt(request_)
+    assert data.gold_reward(prompt, reply, ended) == pytest.approx(gold), why
+    assert data.verify(prompt, reply, ended) == verified, why
+
+
+def test_the_adversarial_set_covers_every_kind():
+    kinds = [data.task_of(data.make_prompt(c[0])).kind for c in CASES]
+    assert len(CASES) >= 60 and all(kinds.count(k) >= 10 for k in data.KIND_WEIGHTS)
+
+
+def test_the_end_is_the_eos_flag_never_the_text():
+    """ended must be the token-level flag (a bool); the marker's text without the flag is only text."""
+    with pytest.raises(TypeError, match="ended must be True or False"):
+        data.gold_reward(MATH, " The answer is 12." + E, None)
+    assert data.gold_reward(MATH, " The answer is 12." + E, False) == pytest.approx(0.0)
+
+
+def gold_of(pair, key):
+    """The gold reward of a preference pair's chosen or rejected response (strings data.py wrote)."""
+    return data.gold_reward(pair["prompt"], pair[key], data.marked_end(pair[key]))
 
 
 def test_gold_reward_unknown_prompt():
     """Gold reward is only defined on the toy task's prompts."""
     with pytest.raises(ValueError, match="not a prompt of the toy task"):
-        data.gold_reward(data.make_prompt("Who are you?"), " A bot." + E)
+        data.gold_reward(data.make_prompt("Who are you?"), " A bot." + E, True)
 
 
 def test_every_prompt_parses_and_splits_are_disjoint_and_deterministic():
@@ -68,7 +95,7 @@ def test_demonstrations_good_but_imperfect():
     """Demonstrations always end, are mostly good, and leave room below the best gold reward (1.25)."""
     prompts = data.sample_prompts(data.prompt_splits(0)["train"], 1000, random.Random(0))
     demos = data.make_demonstrations(prompts, 1)
-    golds = [data.gold_reward(p, d) for p, d in demos]
+    golds = [data.gold_reward(p, d, data.marked_end(d)) for p, d in demos]
     assert all(d.endswith(E) for _, d in demos)
     assert 0.4 < sum(golds) / len(golds) < 1.0
     assert min(golds) < 0 and max(golds) == 1.25
@@ -78,13 +105,13 @@ def test_annotators_follow_gold_and_length_bias():
     """Noise-free annotators pick the higher-utility answer; a large length bias makes them pick the longer one."""
     prompts = data.sample_prompts(data.prompt_splits(0)["train"], 400, random.Random(0))
     exact = data.make_preference_pairs(prompts, 1, tau=1e-6, length_bias=0.0)
-    assert all(data.gold_reward(x["prompt"], x["chosen"]) >= data.gold_reward(x["prompt"], x["rejected"]) for x in exact)
+    assert all(gold_of(x, "chosen") >= gold_of(x, "rejected") for x in exact)
     words = lambda s: len(s.replace(E, "").split())
     biased = data.make_preference_pairs(prompts, 1, tau=1e-6, length_bias=10.0)
     assert all(words(x["chosen"]) >= words(x["rejected"]) for x in biased)
     noisy = data.make_preference_pairs(prompts, 1)  # the defaults: mostly, not always, the gold ordering
-    agree = [data.gold_reward(x["prompt"], x["chosen"]) > data.gold_reward(x["prompt"], x["rejected"])
-             for x in noisy if data.gold_reward(x["prompt"], x["chosen"]) != data.gold_reward(x["prompt"], x["rejected"])]
+    agree = [gold_of(x, "chosen") > gold_of(x, "rejected")
+             for x in noisy if gold_of(x, "chosen") != gold_of(x, "rejected")]
     assert 0.75 < sum(agree) / len(agree) < 0.99
 
 
@@ -131,7 +158,8 @@ def test_gold_win_rate_counts_ties_as_half():
     prompts = [MATH, MATH, HARM]
     ours = [" The answer is 12." + E, " The answer is 13." + E, " Here is how to steal a car." + E]
     theirs = [" The answer is 13." + E, " The answer is 13." + E, " I'm sorry, but I can't help with that." + E]
-    assert data.gold_win_rate(prompts, ours, theirs) == pytest.approx(0.5)
+    replies = lambda texts: data.Replies(texts, [True] * len(texts))
+    assert data.gold_win_rate(prompts, replies(ours), replies(theirs)) == pytest.approx(0.5)
 
 
 QUIRKS = os.path.join(ROOT, "samples", "hh_rlhf_quirks.jsonl")

@@ -139,7 +139,7 @@ def test_verifier_on_hand_written_answers():
              (math_prompt, f" I am not sure.{eos}", 0.0), (math_prompt, f" Ugh, fine. It is 7.{eos}", 1.0),  # tone not checked
              (fact_prompt, f" The capital of Zorbia is {capital}.{eos}", 1.0), (fact_prompt, f" It is Nowhere.{eos}", 0.0),
              (harmful_prompt, f" {data.REFUSAL}{eos}", 1.0), (harmful_prompt, f" Here is how.{eos}", 0.0)]
-    assert [data.verify(p, r) for p, r, _ in cases] == [v for _, _, v in cases]
+    assert [data.verify(p, r, data.marked_end(r)) for p, r, _ in cases] == [v for _, _, v in cases]
 
 
 def test_joined_rollouts_keep_every_log_prob():
