@@ -101,8 +101,15 @@ class Config:
     log_truncations: bool = field(False, "print one warning line per truncated prompt (false: one summary line)")
 
 
+PRESETS = {  # the sizes of pipeline.py's presets (the default evaluation is the field defaults)
+    "default": {},
+    "small": dict(n_prompts=256, max_new_tokens=32),
+    "tiny": dict(n_prompts=16, max_new_tokens=12),
+}
+
+
 def main(argv=None):
-    a = parse_config(Config, None, argv, description="Evaluate policy checkpoints on held-out test prompts.")
+    a = parse_config(Config, PRESETS, argv, description="Evaluate policy checkpoints on held-out test prompts.")
     with holding(a.out_dir):      # the folder's owner while it writes eval.*: no stage runs into it meanwhile
         return evaluate_policies(a)
 

@@ -10,7 +10,9 @@ The whole RLHF pipeline on the toy task, stage after stage, each stage's checkpo
 
 Run:
     python pipeline.py                                  # default config, CPU minutes
-    python pipeline.py --preset tiny --out_dir out/tiny # seconds (what the smoke test runs)
+    python pipeline.py --preset small --out_dir out/small          # about a minute: RLHF visibly at work
+    python pipeline.py --preset small --kl_coef 0.5 --out_dir out/small_kl05   # any PPO option passes through
+    python pipeline.py --preset tiny --out_dir out/tiny # seconds: a smoke test (every stage runs; numbers mean nothing)
     python pipeline.py --ppo_preset vanilla --out_dir out/vanilla   # PPO without the PPO-max tricks (docs/ppo.md)
     python pipeline.py --resume true    # after a kill or Ctrl-C: finished stages are kept, the interrupted one
                                         # continues from its last checkpoint, the rest run
@@ -30,21 +32,29 @@ from building_blocks.runs import finished_run, holding
 from studies import report
 from utils import parse_config, run_main, str2bool
 
+SIZES = ("default", "small", "tiny")   # the size presets every stage has
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Run SFT, the reward model, PPO and the evaluation on the toy task.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out_dir", default="out", help="directory for every stage's checkpoint, log and plot")
-    p.add_argument("--preset", default="default", choices=["default", "tiny"], help="size preset for every stage")
-    p.add_argument("--ppo_preset", default="ppo_max", choices=["ppo_max", "vanilla"],
-                   help="PPO recipe (ignored with --preset tiny)")
+    p.add_argument("--preset", default="default", choices=SIZES,
+                   help="size preset for every stage: default (CPU minutes), small (about a minute, RLHF visibly "
+                        "raising gold), tiny (seconds: a smoke test, its numbers mean nothing)")
+    p.add_argument("--ppo_preset", default="ppo_max", choices=["ppo_max", "vanilla", "vanilla_pg"],
+                   help="PPO recipe, applied before the size preset")
     p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, mps")
     p.add_argument("--seed", default=0, type=int, help="seed for every stage")
     p.add_argument("--resume", default=False, type=str2bool,
                    help="continue a stopped pipeline: keep the stages that finished with these options, resume the "
                         "interrupted one from its last checkpoint, run the rest")
     p.add_argument("--overwrite", default=False, type=str2bool, help="start every stage over, even an unfinished one")
-    a = p.parse_args(argv)
+    p.epilog = ("Any other option is PPO's (python ppo_rlhf.py --help), passed through to the PPO stage after the "
+                "presets: e.g. --kl_coef 0.5, --n_iters 300, --reward gold.")
+    a, ppo_options = p.parse_known_args(argv)
+    check_ppo_options(a, ppo_options)
+    a.ppo_options = ppo_options
     if world_size() > 1:
         raise ValueError("pipeline.py runs in one process: under torchrun, launch train_sft.py, reward_model.py and "
                          "ppo_rlhf.py one by one, then evaluate.py with plain python (README: past one GPU)")
@@ -72,16 +82,36 @@ def main(argv=None):
         stages(a, stage, common, sft_path, rm_path, ppo_path, t0, times)
 
 
+def ppo_presets(a):
+    """The PPO stage's presets: the recipe, then the size (the default size is the recipe's own)."""
+    return ["--preset", a.ppo_preset] + (["--preset", a.preset] if a.preset != "default" else [])
+
+
+def check_ppo_options(a, ppo_options):
+    """The options pipeline.py passes through to PPO, checked now (a typo found before SFT runs, not after it)."""
+    owned = {"--out_dir", "--device", "--seed", "--resume", "--overwrite", "--sft_ckpt", "--rm_ckpt", "--preset"}
+    taken = [o.split("=")[0] for o in ppo_options if o.split("=")[0] in owned]
+    if taken:
+        raise ValueError(f"{taken[0]}: the pipeline sets it for every stage; it cannot be passed through to PPO")
+    try:
+        parse_config(ppo_rlhf.Config, ppo_rlhf.PRESETS, ppo_presets(a) + ppo_options)
+    except SystemExit as e:             # argparse's message is already printed, naming the option
+        raise ValueError(f"pipeline.py passes every option it does not know to ppo_rlhf.py, which refused "
+                         f"{' '.join(ppo_options)} (see above; python ppo_rlhf.py --help lists its options)") from e
+
+
 def stages(a, stage, common, sft_path, rm_path, ppo_path, t0, times):
     """The four stages in order, each fed the checkpoints of the ones before, the summary and the report."""
-    tiny = a.preset == "tiny"
+    if a.preset == "tiny":
+        print("--preset tiny is a smoke test: every stage runs in seconds, and a model this small learns nothing "
+              "(its numbers mean nothing). --preset small shows RLHF at work in about a minute.")
     sft = stage("1 SFT", train_sft, common + ["--preset", a.preset], sft_path)
     rm = stage("2 reward model", reward_model, common + ["--preset", a.preset, "--sft_ckpt", sft_path], rm_path)
-    ppo = stage("3 PPO", ppo_rlhf, common + ["--preset", "tiny" if tiny else a.ppo_preset,
-                                             "--sft_ckpt", sft_path, "--rm_ckpt", rm_path], ppo_path)
+    ppo = stage("3 PPO", ppo_rlhf, common + ppo_presets(a) + ["--sft_ckpt", sft_path, "--rm_ckpt", rm_path]
+                + a.ppo_options, ppo_path)
     ev = stage("4 evaluate", evaluate, ["--out_dir", a.out_dir, "--device", a.device, "--seed", str(a.seed),
-                                        "--sft_ckpt", sft_path, "--rm_ckpt", rm_path, "--policies", sft_path, ppo_path]
-               + (["--n_prompts", "16", "--max_new_tokens", "12"] if tiny else []))
+                                        "--preset", a.preset, "--sft_ckpt", sft_path, "--rm_ckpt", rm_path,
+                                        "--policies", sft_path, ppo_path])
     print("=" * 30, f"pipeline done in {time.time() - t0:.0f}s", "=" * 30)
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print(f"SFT: val loss {sft['val_loss']:.3f}; gold reward {sft['gold_sft']:.3f} (demonstrations {sft['gold_demos']:.3f})")

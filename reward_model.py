@@ -84,6 +84,7 @@ class Config(RunOptions):
 
 PRESETS = {
     "default": {},
+    "small": dict(n_train=3000, n_val=200, n_test=500, eval_interval=25),
     "tiny": dict(n_train=128, n_val=32, n_test=64, batch_size=16, warmup_iters=2, eval_interval=4),
 }
 

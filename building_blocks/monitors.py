@@ -24,15 +24,18 @@ def collapse_signature(history, max_new_tokens, window):
     """
     The paper's pattern-collapse signature (§5.2, Fig. 4) in the last `window` iterations of `history`
     (list of metric dicts), compared with the window before: returns the reasons found, [] if none.
-      length heading to the max (mean length ≥ 90% of max_new_tokens, or EOS rate < 50%),
+      length heading to the max (mean length ≥ 90% of max_new_tokens, or EOS rate < 50%) when the run's first
+      window was not there already (a policy that never learnt to end, such as the tiny preset's, has not
+      collapsed: it never ended),
       KL rising while the RM score rises and the gold reward falls.
     """
     if len(history) < 2 * window:
         return []
-    now, before = history[-window:], history[-2 * window:-window]
+    now, before, first = history[-window:], history[-2 * window:-window], history[:window]
     avg = lambda rows, k: sum(r[k] for r in rows) / len(rows)
+    at_the_limit = lambda rows: avg(rows, "length") >= 0.9 * max_new_tokens or avg(rows, "eos_rate") < 0.5
     reasons = []
-    if avg(now, "length") >= 0.9 * max_new_tokens or avg(now, "eos_rate") < 0.5:
+    if at_the_limit(now) and not at_the_limit(first):
         reasons.append(f"length {avg(now, 'length'):.1f}/{max_new_tokens}, EOS rate {avg(now, 'eos_rate'):.2f}")
     if (avg(now, "kl_seq") > avg(before, "kl_seq") + 0.5 and avg(now, "score_raw") > avg(before, "score_raw")
             and avg(now, "gold") < avg(before, "gold") - 0.05):

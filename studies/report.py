@@ -2,15 +2,18 @@
 One self-contained HTML page for one run folder, or for several side by side (PPO-max vs vanilla, the compare
 runs): it opens offline, with no server and no network request (images embedded, no external scripts or fonts).
 
-What it shows, for each RL stage found in a folder (every {stage}_log.jsonl whose rows are iterations: PPO, RLOO,
-RAFT, GRPO, or a stage of your own):
+What it shows: first the whole run, where the folder has them: the SFT curves (sft_log.jsonl), the reward model's
+curves (rm_log.jsonl) and the final evaluation table (eval.jsonl, evaluate.py); then, for each RL stage found in a
+folder (every {stage}_log.jsonl whose rows are iterations: PPO, RLOO, RAFT, GRPO, or a stage of your own):
   - the config the run was started with (from its checkpoint);
   - the paper's panels (Secrets of RLHF §5.2: RM score, gold reward, KL to SFT, perplexity, length, win rate vs
     SFT), raw points faint under a smoothed line, the collapse warning marked;
   - the PPO diagnostics, where the log has them (clip fraction, approx. KL, explained variance, value loss,
     entropy, time per phase);
   - the sample table of every eval interval, and each kept rollout token by token, coloured by a per-token
-    quantity you pick (KL to the reference, reward, value, advantage, return, entropy, ratio, clipped);
+    quantity you pick (KL to the reference, reward, value, advantage, return, entropy, ratio, clipped): one
+    colour scale per quantity for the whole page, sequential for the non-negative ones (entropy, clipped),
+    diverging around the neutral value for the signed ones;
   - with several folders, the gold-reward-vs-KL frontier of the runs.
 
 Run:
@@ -36,6 +39,19 @@ PPO_DIAGNOSTICS = [("clipfrac", "clip fraction"), ("approx_kl", "approx. KL(π_o
                    ("explained_var", "explained variance"), ("vf_loss", "value loss"), ("entropy", "entropy"),
                    (("t_generate", "t_score", "t_train"), "seconds per phase")]
 CENTERS = {"ratio": 1.0}  # per-token quantities whose neutral value is not 0
+NON_NEGATIVE = ("entropy", "clipped")  # per-token quantities never below 0: a sequential scale from 0
+SCALE_QUANTILE = 0.95  # a quantity's colour is full at this quantile of |value − neutral| over every card
+SFT_PANELS = [(("train_loss", "val_loss"), "SFT: response-token cross-entropy")]
+RM_PANELS = [(("train_loss", "val_loss"), "reward model: Bradley–Terry loss"),
+             (("train_acc", "val_acc_labels", "val_acc_gold"), "reward model: pairwise accuracy")]
+EVAL_KEYS = ("gold", "verified", "math_acc", "rm", "win_vs_sft", "kl_sft", "length", "eos_rate", "distinct2")
+CARD_TIMES = ("When the per-token values were taken: a batch card (best, median, worst) is one of the iteration's "
+              "rollouts, its k1, reward, value, advantage, return and entropy computed before the update from the "
+              "policy that sampled it, its ratio and clipped from the update's last epoch; a validation card (val_*) "
+              "is sampled after the iteration's update by the updated policy, and has only k1, entropy and the "
+              "critic's value (no update used it). k1 = log π(a|s) − log π_ref(a|s) of the sampled token: negative "
+              "where the policy made that token less likely than the reference; its mean over samples estimates the "
+              "KL, which is never negative, but one token's k1 can be.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -43,25 +59,30 @@ CENTERS = {"ratio": 1.0}  # per-token quantities whose neutral value is not 0
 
 def token_view_html(tokens, values, quantity, scale=None):
     """
-    One rollout as coloured text: each token's background shows `values` (one per token) on a diverging scale
-    centred at 0 (ratio: at 1), blue below and red above, the strongest colour at ±scale (default: the largest
-    deviation in this rollout); hovering a token shows its value. Model output is HTML-escaped. Returns an HTML
-    fragment with inline styles (it displays in a notebook as it does in the report).
+    One rollout as coloured text: each token's background shows `values` (one per token). A signed quantity is on
+    a diverging scale centred at its neutral value (0; ratio: 1), blue below and red above, the strongest colour at
+    ±scale; a non-negative one (NON_NEGATIVE: entropy, clipped) on a sequential scale from white at 0 to purple at
+    `scale`. scale defaults to the largest deviation in this rollout (the report passes one scale per quantity for
+    the whole page). Hovering a token shows its value. Model output is HTML-escaped. Returns an HTML fragment with
+    inline styles (it displays in a notebook as it does in the report).
     """
     center = CENTERS.get(quantity, 0.0)
+    sequential = quantity in NON_NEGATIVE
     spread = max([abs(v - center) for v in values if v is not None] + [0.0])
     scale = scale or (spread if spread > 1e-6 else 1.0)                    # all neutral: no colour at all
     spans = []
     for piece, v in zip(tokens, values):
         strength = 0.0 if v is None else max(-1.0, min(1.0, (v - center) / scale))
-        rgb = "178,24,43" if strength > 0 else "33,102,172"
+        rgb = "84,39,143" if sequential else "178,24,43" if strength > 0 else "33,102,172"
         text = html.escape(piece).replace("\n", "↵\n") or "·"             # an empty piece still gets a box
         spans.append(f'<span title="{html.escape(quantity)} = {v if v is None else f"{v:.4g}"}" style="background:'
                      f'rgba({rgb},{abs(strength):.2f});border-radius:2px">{text}</span>')
-    legend = (f'<div style="font:11px sans-serif;color:#555;margin-top:2px">{html.escape(quantity)}: '
-              f'<span style="background:rgba(33,102,172,1);color:#fff;padding:0 4px">{center - scale:.3g}</span>'
+    low = ("" if sequential else
+           f'<span style="background:rgba(33,102,172,1);color:#fff;padding:0 4px">≤ {center - scale:.3g}</span>')
+    high = "84,39,143" if sequential else "178,24,43"
+    legend = (f'<div style="font:11px sans-serif;color:#555;margin-top:2px">{html.escape(quantity)}: {low}'
               f'<span style="padding:0 4px">{center:g}</span>'
-              f'<span style="background:rgba(178,24,43,1);color:#fff;padding:0 4px">{center + scale:.3g}</span></div>')
+              f'<span style="background:rgba({high},1);color:#fff;padding:0 4px">≥ {center + scale:.3g}</span></div>')
     return (f'<div style="font:13px/1.7 monospace;white-space:pre-wrap;word-break:break-word">{"".join(spans)}</div>'
             + legend)
 
@@ -229,16 +250,29 @@ def sample_row_problem(row):
     return None
 
 
-def samples_html(rows, quantities):
+def colour_scales(rows, quantities):
+    """One colour scale per quantity over every card of `rows`: the SCALE_QUANTILE quantile of |value − neutral|
+    (1 when every value is neutral), so the same colour means the same value on every card of the page."""
+    scales = {}
+    for q in quantities:
+        devs = sorted(abs(v - CENTERS.get(q, 0.0)) for r in rows for v in r["per_token"].get(q, ()) if v is not None)
+        scale = devs[min(len(devs) - 1, int(SCALE_QUANTILE * len(devs)))] if devs else 0.0
+        scales[q] = scale if scale > 1e-6 else 1.0
+    return scales
+
+
+def samples_html(rows, quantities, scales):
     """The kept rollouts grouped by eval interval: a table row each, and its per-token view for every quantity
-    (the page shows the one picked in the menu)."""
+    (the page shows the one picked in the menu), each on the page's scale for that quantity, or a note where the
+    card has no such values."""
     out = []
     for it in dict.fromkeys(r["iter"] for r in rows):
         out.append(f"<h4>iteration {it}</h4>")
         for r in (r for r in rows if r["iter"] == it):
             views = "".join(f'<div class="tv" data-q="{i}">'            # the menu's index: no name in the CSS
-                            f'{token_view_html(r["tokens"], r["per_token"][q], q)}</div>'
-                            for i, q in enumerate(quantities) if q in r["per_token"])
+                            + (token_view_html(r["tokens"], r["per_token"][q], q, scales[q]) if q in r["per_token"]
+                               else f'<p class="note">{html.escape(q)}: not computed for this card</p>') + '</div>'
+                            for i, q in enumerate(quantities))
             gold = "–" if r.get("gold") is None else f'{r["gold"]:+.3f}'
             out.append(f'<div class="sample"><div class="meta"><b>{html.escape(r["sample"])}</b> · RM '
                        f'{r["rm_score"]:+.2f} · gold {gold} · {len(r["tokens"])} tokens</div>'
@@ -256,16 +290,60 @@ body{{font:14px sans-serif;margin:24px;max-width:1250px;color:#222}} h2{{border-
 .sample{{border:1px solid #ddd;border-radius:4px;padding:6px 10px;margin:6px 0}} .meta{{font-size:12px;color:#555}}
 .prompt{{font:12px monospace;color:#666;white-space:pre-wrap;margin:2px 0 4px}} .tv{{display:none}}
 table.cfg td{{font:12px monospace;padding:0 8px}} .note{{color:#555;font-size:13px}}
+table.ev{{border-collapse:collapse}} table.ev td,table.ev th{{border:1px solid #ddd;padding:2px 8px;font-size:13px}}
 </style></head><body data-q="{first}"><h1>{title}</h1>
 <p class="note">Colour tokens by <select id="q" onchange="document.body.dataset.q=this.value">{options}</select>
-(blue below, red above the neutral value: 0, or 1 for the ratio; hover a token for its value).</p>
+(signed quantities: blue below, red above the neutral value, 0 or 1 for the ratio; entropy and clipped: white at 0
+to purple; one scale per quantity for the whole page, full colour at the 95th percentile of every card's values;
+hover a token for its value).</p>
 <style>{show}</style>{body}</body></html>"""
+
+
+def step_row_problem(row):
+    """What is wrong with an SFT or RM log row for the page (None when nothing): a step number, and numbers (or
+    null) wherever a panel reads a value."""
+    if row.get("step") is None or not _number(row["step"]):
+        return "no step number ('step')"
+    bad = [k for keys, _ in SFT_PANELS + RM_PANELS for k in keys if k in row and not _number(row[k])]
+    return f"'{bad[0]}' is not a number" if bad else None
+
+
+def eval_row_problem(row):
+    """What is wrong with an eval.jsonl row for the page (None when nothing)."""
+    if not isinstance(row.get("policy"), str):
+        return "no policy name ('policy')"
+    bad = [k for k in EVAL_KEYS if k in row and not _number(row[k])]
+    return f"'{bad[0]}' is not a number" if bad else None
+
+
+def whole_run_html(run_dir):
+    """The run before and after its RL stage: the SFT and reward-model curves and the final evaluation table, from
+    whichever of sft_log.jsonl, rm_log.jsonl and eval.jsonl the folder holds ("" when none)."""
+    parts = []
+    for stage, panels in (("sft", SFT_PANELS), ("rm", RM_PANELS)):
+        path = os.path.join(run_dir, f"{stage}_log.jsonl")
+        if os.path.lexists(path):
+            rows = [r for r in read_rows(path, step_row_problem) if any(k in r for ks, _ in panels for k in ks)]
+            if rows:
+                parts.append(panels_html([(stage.upper(), rows)], panels, x="step"))
+    path = os.path.join(run_dir, "eval.jsonl")
+    if os.path.lexists(path):
+        rows = read_rows(path, eval_row_problem)
+        keys = [k for k in EVAL_KEYS if any(k in r for r in rows)]
+        head = "".join(f"<th>{k}</th>" for k in ["policy", "stage"] + keys)
+        body = "".join("<tr>" + f"<td>{html.escape(r['policy'])}</td><td>{html.escape(str(r.get('stage', '')))}</td>"
+                       + "".join(f"<td>{'–' if r.get(k) is None else f'{r[k]:.3f}'}</td>" for k in keys) + "</tr>"
+                       for r in rows)
+        n = rows[0].get("n_prompts", "?") if rows else "?"
+        parts.append(f'<h3>Final evaluation (evaluate.py, {html.escape(str(n))} test prompts)</h3>'
+                     f'<table class="ev"><tr>{head}</tr>{body}</table>')
+    return "\n".join(parts)
 
 
 def report(run_dirs, out_file):
     """Write the page for run_dirs to out_file; returns out_file. A folder with no RL stage log is an error."""
-    sections, all_runs, quantities = [], [], []
-    for run_dir in run_dirs:
+    found, all_runs, quantities = [], [], []
+    for run_dir in run_dirs:                 # first read everything: the menu and the colour scales are page-wide
         stages = find_stages(run_dir)
         if not stages:
             raise ValueError(f"{run_dir}: no run here (no {{stage}}_log.jsonl of iterations: PPO, RLOO, RAFT, GRPO, ...)")
@@ -277,20 +355,30 @@ def report(run_dirs, out_file):
             samples = read_rows(samples_path, sample_row_problem) if os.path.lexists(samples_path) else []
             for r in samples:
                 quantities += [q for q in r["per_token"] if q not in quantities]
-            finished = bool(rows) and rows[-1].get("iter") == run_config(run_dir, stage).get("n_iters")
-            parts = [f'<h2>{html.escape(name)}</h2><p class="note">{len(rows)} iterations logged'
-                     f'{"" if finished else " (the run has not finished)"}; folder {html.escape(run_dir)}</p>',
-                     config_html(run_config(run_dir, stage)), "<h3>The paper's panels</h3>",
-                     panels_html([(name, rows)], PAPER_PANELS)]
-            if any("explained_var" in r for r in rows):                     # a critic's run: PPO's diagnostics
-                parts += ["<h3>PPO diagnostics</h3>", panels_html([(name, rows)], PPO_DIAGNOSTICS)]
-            parts += ["<h3>Samples (best, median and worst of the batch by RM score; val_*: the same validation "
-                      "prompts every time)</h3>", samples_html(samples, quantities) if samples else
-                      '<p class="note">no samples log</p>']
-            sections.append("\n".join(parts))
+            found.append((run_dir, stage, name, rows, samples))
+    quantities = quantities or ["k1"]
+    scales = colour_scales([r for *_, samples in found for r in samples], quantities)
+    sections, seen = [], set()
+    for run_dir, stage, name, rows, samples in found:
+        if run_dir not in seen:
+            seen.add(run_dir)
+            whole = whole_run_html(run_dir)
+            if whole:
+                sections.append(f"<h2>{html.escape(os.path.normpath(run_dir))}: SFT, reward model, evaluation</h2>"
+                                + whole)
+        finished = bool(rows) and rows[-1].get("iter") == run_config(run_dir, stage).get("n_iters")
+        parts = [f'<h2>{html.escape(name)}</h2><p class="note">{len(rows)} iterations logged'
+                 f'{"" if finished else " (the run has not finished)"}; folder {html.escape(run_dir)}</p>',
+                 config_html(run_config(run_dir, stage)), "<h3>The paper's panels</h3>",
+                 panels_html([(name, rows)], PAPER_PANELS)]
+        if any("explained_var" in r for r in rows):                     # a critic's run: PPO's diagnostics
+            parts += ["<h3>PPO diagnostics</h3>", panels_html([(name, rows)], PPO_DIAGNOSTICS)]
+        parts += ["<h3>Samples (best, median and worst of the batch by RM score; val_*: the same validation "
+                  f'prompts every time)</h3><p class="note">{html.escape(CARD_TIMES)}</p>',
+                  samples_html(samples, quantities, scales) if samples else '<p class="note">no samples log</p>']
+        sections.append("\n".join(parts))
     if len(all_runs) > 1:
         sections.insert(0, "<h2>All runs</h2>" + frontier_html(all_runs) + panels_html(all_runs, PAPER_PANELS))
-    quantities = quantities or ["k1"]
     # the quantities are named in the page's text only (escaped); the menu, the CSS and the views use their index
     first = quantities.index("k1") if "k1" in quantities else 0              # shown first: KL to the reference
     options = "".join(f'<option value="{i}"{" selected" if i == first else ""}>{html.escape(q)}</option>'

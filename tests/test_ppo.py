@@ -279,6 +279,8 @@ def test_collapse_signature():
     assert "length" in collapse_signature(long, 48, 3)[0]
     hacked = healthy[:3] + [dict(length=25, eos_rate=1.0, kl_seq=3.0, score_raw=5.0, gold=0.2)] * 3
     assert "gold down" in collapse_signature(hacked, 48, 3)[0]
+    never_ended = [dict(length=47, eos_rate=0.1, kl_seq=1.0, score_raw=3.0, gold=-1.0)] * 6  # e.g. the tiny preset
+    assert collapse_signature(never_ended, 48, 3) == []
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Per-token views, the samples log of the RL stages, and the self-contained report page."""
+import html
 import json
 import os
 import re
@@ -39,12 +40,23 @@ def test_token_pieces_join_to_the_text_even_for_bytes_that_are_not_utf8():
 
 
 def test_token_view_escapes_model_output_and_centres_the_scale():
-    html = token_view_html(["<script>alert(1)</script>", " ok", "\n"], [0.5, -1.0, 0.0], "advantage")
-    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    assert "rgba(178,24,43,0.50)" in html and "rgba(33,102,172,1.00)" in html  # +0.5 of 1 red, -1 full blue
-    assert "↵" in html
+    view = token_view_html(["<script>alert(1)</script>", " ok", "\n"], [0.5, -1.0, 0.0], "advantage")
+    assert "<script>" not in view and "&lt;script&gt;alert(1)&lt;/script&gt;" in view
+    assert "rgba(178,24,43,0.50)" in view and "rgba(33,102,172,1.00)" in view  # +0.5 of 1 red, -1 full blue
+    assert "↵" in view
     ratio = token_view_html(["a"], [1.0], "ratio")                            # the ratio's neutral value is 1
     assert "rgba(33,102,172,0.00)" in ratio
+    entropy = token_view_html(["a", "b"], [0.5, 2.0], "entropy", scale=1.0)    # non-negative: one hue from 0
+    assert "rgba(84,39,143,0.50)" in entropy and "rgba(84,39,143,1.00)" in entropy and "178,24,43" not in entropy
+
+
+def test_one_colour_scale_per_quantity_for_every_card():
+    """The same value has the same colour on every card: the scale is the page's, not the card's."""
+    cards = [dict(per_token={"k1": [0.1, -0.2] + [0.0] * 18}), dict(per_token={"k1": [1.0] * 20, "entropy": [3.0]})]
+    scales = report.colour_scales(cards, ["k1", "entropy", "advantage"])
+    assert scales == {"k1": 1.0, "entropy": 3.0, "advantage": 1.0}             # 95th percentile of |k1| is 1.0
+    small = token_view_html(["a"], [0.5], "k1", scales["k1"])
+    assert "rgba(178,24,43,0.50)" in small                                     # not full red on its own card
 
 
 def test_smoothing_is_a_debiased_moving_average():
@@ -57,8 +69,10 @@ def test_report_of_a_finished_run_is_one_offline_page(tiny_pipeline, tmp_path):
     page = open(path, encoding="utf-8").read()
     tags = re.findall(r"<[^>]+>", re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page))
     assert not any("http" in t or "//" in t for t in tags)                   # no URL to fetch: opens offline
-    assert page.count("data:image/png;base64,") == 2                         # paper panels, PPO diagnostics
+    assert page.count("data:image/png;base64,") == 4                  # SFT, RM, paper panels, PPO diagnostics
+    assert "Final evaluation (evaluate.py, 16 test prompts)" in page and "win_vs_sft" in page
     assert "iteration 2" in page and ">advantage</option>" in page and "<select" in page
+    assert html.escape(report.CARD_TIMES) in page and "advantage: not computed for this card" in page  # val cards
     assert "(the run has not finished)" not in page
     assert os.path.exists(f"{tiny_pipeline}/report.html")                    # pipeline.py wrote its own
 
@@ -70,7 +84,7 @@ def test_report_of_a_stopped_run_and_of_two_runs(base, tmp_path):
     page = open(report.report([out], str(tmp_path / "stopped.html")), encoding="utf-8").read()
     assert "(the run has not finished)" in page and "iteration 2" in page
     page = open(report.report([out, base], str(tmp_path / "two.html")), encoding="utf-8").read()
-    assert "<h2>All runs</h2>" in page and page.count("<h2>") == 3           # the frontier, then each run
+    assert "<h2>All runs</h2>" in page and page.count("<h2>") == 4   # the frontier, each run, base: SFT/RM/eval too
 
 
 def test_report_of_a_folder_without_a_run_is_one_line(tmp_path, capsys):

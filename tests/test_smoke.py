@@ -81,6 +81,27 @@ def test_pipeline_script_tiny_is_deterministic(tmp_path):
     assert evals[0] == evals[1] and len(evals[0]) == 2
 
 
+def test_pipeline_passes_ppo_options_through_and_refuses_a_typo_before_sft(tmp_path, capsys):
+    """`pipeline.py --kl_coef 0.5` reaches the PPO stage; an option neither the pipeline nor PPO has is refused
+    before SFT starts (nothing is written)."""
+    import pipeline
+    with pytest.raises(ValueError, match="passes every option it does not know to ppo_rlhf.py"):
+        pipeline.main(["--preset", "tiny", "--device", "cpu", "--out_dir", str(tmp_path / "typo"), "--kl_cof", "1"])
+    assert not (tmp_path / "typo" / "sft.pt").exists()
+    with pytest.raises(ValueError, match="--seed: the pipeline sets it"):
+        pipeline.check_ppo_options(pipeline_args(), ["--seed", "3"])
+    pipeline.main(["--preset", "tiny", "--device", "cpu", "--out_dir", str(tmp_path / "kl"), "--kl_coef", "0.5",
+                   "--n_iters", "3"])
+    config = load_checkpoint(str(tmp_path / "kl" / "ppo.pt"), "ppo")["config"]
+    assert (config["kl_coef"], config["n_iters"], config["rollout_batch"]) == (0.5, 3, 8)   # tiny's batch kept
+    assert "--preset tiny is a smoke test" in capsys.readouterr().out
+
+
+def pipeline_args():
+    import argparse
+    return argparse.Namespace(ppo_preset="ppo_max", preset="tiny")
+
+
 @pytest.mark.parametrize("script", ["tokenizer.py", "data.py"])
 def test_help_of_the_helper_scripts_changes_nothing(script):
     """`--help` prints usage and exits; tokenizer.py no longer retrains (and rewrites) the shipped ranks file."""
