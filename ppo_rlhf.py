@@ -136,8 +136,8 @@ PRESETS = {
     # baseline (the critic), one gradient step per rollout batch, so ρ = 1 and the clip never acts
     "vanilla_pg": dict(gamma=1.0, lam=1.0, epochs=1, minibatches=1, vf_clip=0.0, score_norm="none",
                        critic_pretrain_iters=0),
-    "small": dict(n_iters=40, rollout_batch=32, max_new_tokens=32, critic_pretrain_iters=5, eval_interval=10,
-                  n_eval_prompts=32, collapse_window=5),
+    "small": dict(n_iters=80, rollout_batch=32, max_new_tokens=32, policy_lr=1e-4, critic_pretrain_iters=5,
+                  eval_interval=10, n_eval_prompts=32, collapse_window=5),
     "tiny": dict(n_iters=4, rollout_batch=8, minibatches=2, max_new_tokens=12, critic_pretrain_iters=1,
                  eval_interval=2, n_eval_prompts=8, collapse_window=2, ptx_batch=4),
 }

@@ -88,7 +88,7 @@ class Config(RunOptions):
 
 PRESETS = {
     "default": {},
-    "small": dict(n_layer=2, n_head=2, n_embd=64, n_train=4000, n_val=200, max_iters=600, warmup_iters=20,
+    "small": dict(n_layer=2, n_head=2, n_embd=64, n_train=4000, n_val=200, max_iters=800, lr=3e-3, warmup_iters=20,
                   eval_interval=100, n_eval_prompts=128, max_new_tokens=32),
     "tiny": dict(n_layer=1, n_head=2, n_embd=32, n_train=256, n_val=64, max_iters=30, batch_size=16,
                  warmup_iters=5, eval_interval=15, n_eval_prompts=16, max_new_tokens=24),
