@@ -104,7 +104,7 @@ def best_of_n(sft_ckpt, rm_ckpt, n_prompts, n_samples, max_new_tokens, seed, dev
         golds += tok.decode_replies(enc, resp.tolist()).golds(batch)
         print(f"best-of-n: {min(i + batch_size, len(flat))}/{len(flat)} samples", flush=True)
     out = []
-    for n in BON_N:
+    for n in (n for n in BON_N if n <= n_samples):
         per_prompt = [(scores[j * n_samples:(j + 1) * n_samples], golds[j * n_samples:(j + 1) * n_samples])
                       for j in range(len(prompts))]
         out.append(dict(n=n, kl=bon_kl(n),
@@ -207,7 +207,7 @@ def main(argv=None):
             bon = best_of_n(a.sft_ckpt, a.rm_ckpt, n_prompts, n_samples, 12 if a.quick else 48, a.seed,
                             pick_device(a.device))
             with replaced(os.path.join(a.out_dir, "bon.json"), "w") as f:
-                json.dump([b for b in bon if b["n"] <= n_samples], f, indent=1)
+                json.dump(bon, f, indent=1)
     rl, bon = read_results(a.out_dir)
     plot(os.path.join(a.out_dir, "overoptimization.png"), rl, bon)
     md = summary_markdown(rl, bon)

@@ -4,7 +4,10 @@ resume: a part trains (or keeps) its runs under out/reproduce/PART/, writes what
 docs/measured/PART/RUN.json (the pages' one source, committed), then redraws the pages from docs/measured/.
 
     python -m studies.reproduce seeds       # the pipeline over 3 seeds, default and small presets (~40 min, 2 cores)
-    python -m studies.reproduce overopt     # Gao et al.'s over-optimisation curves: RL β sweep, best-of-n (~55 min)
+    python -m studies.reproduce ablations   # the paper's ablations at 300 iterations (~4 h of one thread; split it
+                                            # with --runs, e.g. two parts side by side, one thread each)
+    python -m studies.reproduce overopt     # Gao et al.'s over-optimisation curves: RL β sweep, best-of-n (~2 h)
+    python -m studies.reproduce compare     # every method × 3 seeds, and the RLVR study (~1.5 h)
     python -m studies.reproduce redraw      # only the pages, from docs/measured/ (seconds; what the tests check)
     python -m studies.reproduce seeds --runs small_s0 small_s1   # some runs of a part
 
@@ -98,6 +101,7 @@ def mean_std(values):
 # ----------------------------------------------------------------------------------------------------
 # Part "seeds": the pipeline over 3 seeds, at the default size and the small preset (and its β sweep)
 
+KEPT_S = 60     # a part's run that took less than this was kept from an earlier call, not trained now
 SMALL_KL = (0.02, 0.5)   # the small preset's β sweep beside its default 0.1: --kl_coef visibly moves the KL
 
 
@@ -120,8 +124,10 @@ def pipeline_record(out_dir, args, wall_s):
              for r in read_jsonl(os.path.join(out_dir, "eval.jsonl"))}
     keep = lambda d, keys: {k: d[k] for k in keys if k in d}
     return dict(command="python pipeline.py " + " ".join(args), stamp=stamp(), wall_s=wall_s,
-                sft=keep(metrics["sft"], ("val_loss", "gold_sft", "gold_demos", "train_time_s", "n_params")),
-                rm=keep(metrics["rm"], ("acc_gold", "acc_labels", "spearman", "pearson", "train_time_s")),
+                sft=keep(metrics["sft"], ("val_loss", "gold_sft", "gold_demos", "train_time_s", "n_params",
+                                          "gold_sft_by_kind", "gold_demos_by_kind")),
+                rm=keep(metrics["rm"], ("acc_gold", "acc_labels", "spearman", "pearson", "train_time_s",
+                                        "length_corr_rm", "length_corr_gold")),
                 ppo=keep(metrics["ppo"], ("collapse_warning", "train_time_s", "gold", "kl_seq")),
                 eval=evals)
 
@@ -137,8 +143,8 @@ def run_seeds(out_root, only, device):
         pipeline.main(args + ["--out_dir", out, "--device", device, "--resume", "true"])
         old = read_records("seeds").get(name)
         wall = time.time() - t0
-        # a run kept whole from an earlier call took no time now: its first measured time stays
-        write_record("seeds", name, pipeline_record(out, args, old["wall_s"] if old and wall < 30 else wall))
+        # a run kept from an earlier call (only its evaluation runs again) keeps its first measured time
+        write_record("seeds", name, pipeline_record(out, args, old["wall_s"] if old and wall < KEPT_S else wall))
 
 
 def block_pipeline(records):
@@ -170,6 +176,25 @@ def block_pipeline(records):
             f"{stamp_line(runs)}. On another CPU kind expect other digits, within about the spread shown.")
 
 
+def block_sft_rm(records):
+    """docs/toy_task.md: SFT's gold reward per prompt kind and the reward model's test metrics, over 3 seeds."""
+    runs = [records[f"default_s{s}"] for s in SEEDS if f"default_s{s}" in records]
+    if not runs or "gold_sft_by_kind" not in runs[0]["sft"]:
+        return None
+    kinds = list(runs[0]["sft"]["gold_sft_by_kind"])
+    lines = ["| kind | demonstrations | SFT samples |", "|---|---|---|"]
+    lines += [f"| {k} | {mean_std([r['sft']['gold_demos_by_kind'][k] for r in runs])} | "
+              f"{mean_std([r['sft']['gold_sft_by_kind'].get(k) for r in runs])} |" for k in kinds]
+    rm = [("accuracy vs the gold ordering (pairs whose gold rewards differ)", "acc_gold"),
+          ("accuracy vs the (noisy) annotator labels", "acc_labels"), ("Spearman with the gold reward", "spearman"),
+          ("Pearson with the gold reward", "pearson"), ("correlation with length: RM score", "length_corr_rm"),
+          ("correlation with length: gold reward", "length_corr_gold")]
+    lines += ["", "| reward model, 1,000 held-out test pairs | mean ± std |", "|---|---|"]
+    lines += [f"| {label} | {mean_std([r['rm'][k] for r in runs])} |" for label, k in rm]
+    return ("\n".join(lines) + f"\n\n`train_sft.py`'s and `reward_model.py`'s own evaluations in `python pipeline.py "
+            f"--seed S`, S = {', '.join(map(str, SEEDS[:len(runs)]))}; measured at {stamp_line(runs)}.")
+
+
 def block_small(records):
     """README: the small preset over 3 seeds: its time, SFT → PPO gold, and how --kl_coef moves the KL."""
     groups = [("0.1 (default)", "small_s{}")] + [(f"{b}", f"small_kl{b}_s{{}}") for b in SMALL_KL]
@@ -193,13 +218,211 @@ def block_small(records):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Parts "ablations" and "overopt": PPO runs from the default pipeline's seed-0 SFT and RM
+
+DEFAULT_BETA = 0.1   # ppo_rlhf.py's --kl_coef: its overopt run is the ablations' ppo_max_s0 (same options, same run)
+SERIES_KEYS = ("iter", "score_raw", "gold", "kl_seq", "perplexity", "length", "eos_rate", "win_rate_vs_sft")
+SNAPSHOTS = 5   # iterations whose rollouts' RM scores a record keeps (paper Fig. 13)
+
+
+def compact(rows):
+    """A PPO log cut to what the pages draw: SERIES_KEYS rounded to 4 decimals, the collapse warning where it is
+    on, and the rollouts' scores at SNAPSHOTS evenly spaced iterations."""
+    keep = {round(i * (len(rows) - 1) / (SNAPSHOTS - 1)) for i in range(SNAPSHOTS)}
+    out = []
+    for i, r in enumerate(rows):
+        row = {k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in SERIES_KEYS if k in r}
+        if r.get("collapse_warning"):
+            row["collapse_warning"] = True
+        if i in keep and "scores_raw" in r:
+            row["scores_raw"] = [round(v, 3) for v in r["scores_raw"]]
+        out.append(row)
+    return out
+
+
+def ppo_record(out_dir, command, wall_s):
+    from utils import read_jsonl
+    return dict(command=command, stamp=stamp(), wall_s=wall_s,
+                rows=compact(read_jsonl(os.path.join(out_dir, "ppo_log.jsonl"))))
+
+
+def base_checkpoints(out_root):
+    """The SFT and RM every PPO study starts from: the seeds part's default_s0 (run it first)."""
+    base = os.path.join(out_root, "seeds", "default_s0")
+    sft, rm = os.path.join(base, "sft.pt"), os.path.join(base, "rm.pt")
+    if not os.path.exists(rm):
+        raise ValueError(f"{rm}: not there yet; the PPO parts start from the seeds part's default_s0 (python -m "
+                         f"studies.reproduce seeds --runs default_s0)")
+    return ["--sft_ckpt", sft, "--rm_ckpt", rm]
+
+
+def finished(out_dir, stage="ppo"):
+    from checkpoints import load_checkpoint
+    path = os.path.join(out_dir, f"{stage}.pt")
+    return os.path.exists(path) and load_checkpoint(path, stage, finished=False).get("done", True)
+
+
+def run_ablations(out_root, only, device):
+    from studies import experiments
+    out = os.path.join(out_root, "ablations")
+    for run in experiments.run_names():
+        if only and run not in only:
+            continue
+        t0 = time.time()
+        args = base_checkpoints(out_root) + ["--out_dir", out, "--device", device, "--runs", run]
+        experiments.main(args)
+        old = read_records("ablations").get(run)
+        wall = time.time() - t0
+        if finished(os.path.join(out, run)):
+            write_record("ablations", run, ppo_record(os.path.join(out, run), "python -m studies.experiments "
+                                                      + " ".join(args), old["wall_s"] if old and wall < KEPT_S else wall))
+
+
+def run_overopt(out_root, only, device):
+    from studies import overoptimization as oo
+    out = os.path.join(out_root, "overopt")
+    for name in [oo.run_name(b) for b in oo.BETAS if b != DEFAULT_BETA] + ["bon"]:   # β 0.1: ablations' ppo_max_s0
+        if only and name not in only:
+            continue
+        t0 = time.time()
+        args = base_checkpoints(out_root) + ["--out_dir", out, "--device", device, "--only", name]
+        oo.main(args)
+        old = read_records("overopt").get(name)
+        wall = time.time() - t0
+        wall = old["wall_s"] if old and wall < KEPT_S else wall
+        command = "python -m studies.overoptimization " + " ".join(args)
+        if name == "bon":
+            write_record("overopt", name, dict(command=command, stamp=stamp(), wall_s=wall,
+                                               points=json.load(open(os.path.join(out, "bon.json")))))
+        elif finished(os.path.join(out, name)):
+            write_record("overopt", name, ppo_record(os.path.join(out, name), command, wall))
+
+
+COMPARED = ("ppo_max", "rloo", "raft", "grpo", "dr_grpo", "dapo", "gspo", "dpo", "alol")
+RLVR = ("grpo_math_rm", "grpo_math_verifier", "grpo_math_gold")
+
+
+def run_compare(out_root, only, device):
+    """studies.compare over 3 seeds for every method of COMPARED and RLVR, from default_s0's SFT and RM; one record
+    per method with each seed's evaluation row."""
+    from studies import compare
+    from utils import read_jsonl
+    methods = [m for m in COMPARED + RLVR if not only or m in only]
+    out = os.path.join(out_root, "compare")
+    t0 = time.time()
+    args = base_checkpoints(out_root) + ["--out_dir", out, "--device", device, "--methods", *methods,
+                                          "--seeds", *map(str, SEEDS)]
+    compare.main(args)
+    rows = read_jsonl(os.path.join(out, "compare.jsonl"))
+    for m in methods:
+        old = read_records("compare").get(m)
+        mine = [r for r in rows if r["method"] == m]
+        wall = sum(r["time_s"] for r in mine) if time.time() - t0 > KEPT_S or not old else old["wall_s"]
+        write_record("compare", m, dict(command="python -m studies.compare " + " ".join(args), stamp=stamp(),
+                                        wall_s=wall, rows=mine))
+
+
+def compare_table(records, methods, sft):
+    """Markdown: SFT's row, then each method's mean ± std over seeds of the evaluation's keys."""
+    keys = ("gold", "math_acc", "rm", "win_vs_sft", "kl_sft", "length", "distinct2")
+    lines = ["| method | " + " | ".join(keys) + " | policy steps | train time (s) |", "|---" * (len(keys) + 3) + "|"]
+    if sft:
+        lines.append("| SFT (the start) | " + " | ".join(f"{sft[k]:.3f}" for k in keys) + " | | |")
+    for m in methods:
+        if m in records:
+            rows = records[m]["rows"]
+            lines.append(f"| {m} | " + " | ".join(mean_std([r[k] for r in rows]) for k in keys) +
+                         f" | {'/'.join(sorted({str(r['policy_steps']) for r in rows}))} | "
+                         f"{mean_std([r['time_s'] for r in rows])} |")
+    return "\n".join(lines)
+
+
+def block_compare(methods):
+    def block(records):
+        if not any(m in records for m in methods):
+            return None
+        base = read_records("seeds").get("default_s0")
+        used = [records[m] for m in methods if m in records]
+        return (compare_table(records, methods, base["eval"]["sft"] if base else None) +
+                f"\n\nMean ± std over seeds {', '.join(map(str, SEEDS))}; 512 test prompts; measured at "
+                f"{stamp_line(used)} (`python -m studies.reproduce compare`).")
+    return block
+
+
+def draw_compare(records):
+    from studies import compare
+    rows = [r for m in COMPARED if m in records for r in records[m]["rows"]]
+    if rows:
+        os.makedirs(FIGURES, exist_ok=True)
+        compare.plot_compare(rows, compare.summarize(rows), os.path.join(FIGURES, "compare_reward_kl.png"))
+
+
+def block_claims(records):
+    from studies import experiments
+    summary = {run: experiments.summarize_run(r["rows"]) for run, r in records.items()}
+    if not summary:
+        return None
+    return (experiments.claims_markdown(experiments.claims(summary)) + f"\nMeasured at {stamp_line(records.values())}; "
+            f"{len(records)} runs, {sum(r['wall_s'] for r in records.values()) / 60:.0f} minutes of one thread each "
+            f"in all (`python -m studies.reproduce ablations`).")
+
+
+def block_ablation_runs(records):
+    from studies import experiments
+    summary = {run: experiments.summarize_run(r["rows"]) for run, r in records.items()}
+    return experiments.summary_markdown(summary).rstrip("\n") if summary else None
+
+
+def draw_ablations(records):
+    from studies import experiments
+    if records:
+        experiments.draw({run: r["rows"] for run, r in records.items()}, os.path.join(FIGURES, "experiments"))
+
+
+def overopt_curves(records):
+    """The RL curves ({β: points}; β 0.1 is the ablations' ppo_max_s0, the same run) and best-of-n's points."""
+    from studies import overoptimization as oo
+    records = dict(records)
+    same_run = read_records("ablations").get("ppo_max_s0")
+    if same_run and len(same_run["rows"]) == oo.N_ITERS:
+        records[oo.run_name(DEFAULT_BETA)] = same_run
+    rl = {b: oo.rl_curve(records[oo.run_name(b)]["rows"]) for b in oo.BETAS if oo.run_name(b) in records}
+    return rl, records["bon"]["points"] if "bon" in records else []
+
+
+def block_overopt(records):
+    from studies import overoptimization as oo
+    rl, bon = overopt_curves(records)
+    if not rl and not bon:
+        return None
+    return (oo.summary_markdown(rl, bon).rstrip("\n") + f"\n\nMeasured at {stamp_line(records.values())} "
+            f"(`python -m studies.reproduce overopt`); RL points are smoothed over iterations.")
+
+
+def draw_overopt(records):
+    from studies import overoptimization as oo
+    rl, bon = overopt_curves(records)
+    if rl or bon:
+        os.makedirs(FIGURES, exist_ok=True)
+        oo.plot(os.path.join(FIGURES, "overoptimization.png"), rl, bon)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Pages: blocks filled from the records
 
 BLOCKS = {  # block name -> (part whose records it reads, function records -> markdown or None)
     "pipeline_seeds": ("seeds", block_pipeline),
     "small_preset": ("seeds", block_small),
+    "sft_rm": ("seeds", block_sft_rm),
+    "claims": ("ablations", block_claims),
+    "ablation_runs": ("ablations", block_ablation_runs),
+    "overoptimization": ("overopt", block_overopt),
+    "compare_methods": ("compare", block_compare(COMPARED)),
+    "compare_rlvr": ("compare", block_compare(RLVR)),
 }
-PAGES = ("README.md", "docs/ppo.md", "docs/experiments.md", "docs/overoptimization.md", "docs/toy_task.md")
+DRAWINGS = {"ablations": draw_ablations, "overopt": draw_overopt, "compare": draw_compare}   # part -> draws its figures into docs/figures
+PAGES = ("README.md", "docs/ppo.md", "docs/experiments.md", "docs/overoptimization.md", "docs/algorithms.md",
+         "docs/toy_task.md")
 
 
 def fill_blocks(text, contents):
@@ -229,6 +452,8 @@ def redraw(root=ROOT):
     contents = {}
     for name, (part, make) in BLOCKS.items():
         contents[name] = make(read_records(part))
+    for part, draw in DRAWINGS.items():
+        draw(read_records(part))
     changed = []
     for page in PAGES:
         path = os.path.join(root, page)
@@ -237,13 +462,14 @@ def redraw(root=ROOT):
         text = open(path, encoding="utf-8").read()
         new = fill_blocks(text, contents)
         if new != text:
-            with open(path, "w", encoding="utf-8") as f:
+            from utils import replaced
+            with replaced(path, "w", encoding="utf-8") as f:
                 f.write(new)
             changed.append(page)
     return changed
 
 
-PARTS = {"seeds": run_seeds}
+PARTS = {"seeds": run_seeds, "ablations": run_ablations, "overopt": run_overopt, "compare": run_compare}
 
 
 def main(argv=None):

@@ -1,47 +1,114 @@
-"""experiments.py: the quick mode runs every ablation through ppo_rlhf.py and draws every figure; the summary
-helpers read logs correctly; the 150-iteration PPO-max curve really is the start of the 300-iteration run."""
+"""The studies behind the pages: experiments.py's quick mode runs every ablation through ppo_rlhf.py and draws
+every figure; the summary and claim rules read logs correctly; the over-optimisation study's best-of-n estimate
+by hand; studies/reproduce.py fills the pages' blocks from the records, and the committed pages equal what the
+committed records give."""
 import os
+import shutil
 
-import ppo_rlhf
+import pytest
+
 from checkpoints import load_checkpoint
-from studies import experiments
+from studies import experiments, overoptimization, reproduce
 from utils import read_jsonl
-
-TIMING = {"t_generate", "t_score", "t_train", "t_iter"}
 
 
 def test_quick_runs_every_ablation_and_draws_the_figures(tiny_pipeline, tmp_path):
     out = str(tmp_path / "exp")
     ck = ["--sft_ckpt", f"{tiny_pipeline}/sft.pt", "--rm_ckpt", f"{tiny_pipeline}/rm.pt", "--device", "cpu"]
     summary = experiments.main(["--quick", "--out_dir", out] + ck)
-    assert set(summary) == set(experiments.EXPERIMENTS) | set(experiments.ALIASES)
-    for name in list(experiments.FIGURES) + ["reward_distribution"]:
+    assert set(summary) == set(experiments.run_names())
+    assert {"vanilla_s0", "vanilla_s1", "vanilla_s2", "ppo_max_s2", "entropy_s0"} <= set(summary)
+    for name in list(experiments.FIGURES) + ["seeds", "reward_distribution"]:
         assert os.path.getsize(os.path.join(out, f"{name}.png")) > 0, name
-    assert summary["ppo_max_long"]["iters"] == 8 and summary["ppo_max"]["iters"] == 4
-    # each run really used its switches: its log (no critic pre-training) and the config saved in its checkpoint
-    assert read_jsonl(f"{out}/vanilla/ppo_log.jsonl")[0]["policy_updated"]       # no critic pre-training
+    # each run really used its switches and its seed: the config saved in its checkpoint
     config = lambda run: load_checkpoint(f"{out}/{run}/ppo.pt", "ppo")["config"]
-    assert (config("vanilla")["kl_coef"], config("vanilla")["score_norm"], config("vanilla")["vf_clip"]) == (0, "none", 0)
-    assert (config("kl_0.1")["kl_coef"], config("kl_0.1")["score_norm"]) == (0.1, "none")
-    assert (config("ppo_max_long")["kl_coef"], config("ppo_max_long")["score_norm"]) == (0.1, "norm_clip")
-    assert len(read_jsonl(f"{out}/vanilla/ppo_log.jsonl")[0]["scores_raw"]) == 8  # rollout_batch of tiny
-    # the alias: a separate 4-iteration PPO-max run is identical to the first 4 iterations of the long run
-    ppo_rlhf.main(["--preset", "tiny", "--out_dir", str(tmp_path / "short")] + ck)
-    short = read_jsonl(str(tmp_path / "short" / "ppo_log.jsonl"))
-    long_ = read_jsonl(f"{out}/ppo_max_long/ppo_log.jsonl")[:4]
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-    assert strip(short) == strip(long_)
-    # --skip_existing runs nothing when every run finished
-    again = experiments.main(["--quick", "--out_dir", out, "--skip_existing"] + ck)
-    assert again.keys() == summary.keys()
+    assert read_jsonl(f"{out}/vanilla_s0/ppo_log.jsonl")[0]["policy_updated"]      # no critic pre-training
+    assert (config("vanilla_s1")["kl_coef"], config("vanilla_s1")["score_norm"], config("vanilla_s1")["seed"]) == \
+           (0, "none", 1)
+    assert (config("kl_0.1_s0")["kl_coef"], config("kl_0.1_s0")["score_norm"]) == (0.1, "none")
+    assert (config("ppo_max_2ep_s0")["epochs"], config("ppo_max_s0")["epochs"]) == (2, 1)
+    assert (config("ppo_max_s0")["kl_coef"], config("ppo_max_s0")["score_norm"]) == (0.1, "norm_clip")
+    # run again: every finished run is kept (nothing retrained), the same summary
+    before = os.path.getmtime(f"{out}/vanilla_s0/ppo.pt")
+    again = experiments.main(["--quick", "--out_dir", out] + ck)
+    assert again == summary and os.path.getmtime(f"{out}/vanilla_s0/ppo.pt") == before
+
+
+def rows_of(golds, warn_from=None, kl=1.0, rm=3.0):
+    return [dict(iter=i, score_raw=rm, gold=g, kl_seq=kl, perplexity=2.0, length=10.0, eos_rate=1.0,
+                 collapse_warning=warn_from is not None and i >= warn_from) for i, g in enumerate(golds, 1)]
 
 
 def test_summarize_run_and_first_warning_by_hand():
     wins = {5: 0.6, 10: 0.7, 15: 0.55, 20: 0.4}                          # an early peak, then a fall
-    rows = [dict(iter=i, score_raw=float(i), gold=0.1 * i, kl_seq=1.0, perplexity=2.0, length=10.0, eos_rate=1.0,
-                 collapse_warning=i >= 15, **({"win_rate_vs_sft": wins[i]} if i in wins else {}))
-            for i in range(1, 21)]
+    rows = [dict(r, **({"win_rate_vs_sft": wins[r["iter"]]} if r["iter"] in wins else {}), score_raw=float(r["iter"]))
+            for r in rows_of([0.1 * i for i in range(1, 21)], warn_from=15)]
     s = experiments.summarize_run(rows, window=10)
     assert s["iters"] == 20 and s["rm"] == sum(range(11, 21)) / 10
     assert s["collapse_iter"] == 15 and experiments.first_warning(rows[:14]) is None
     assert s["win_final"] == 0.4 and (s["win_peak"], s["win_peak_iter"]) == (0.7, 10)
+    assert (s["gold_peak"], s["gold_peak_iter"]) == (pytest.approx(2.0), 20)
+
+
+def test_claim_verdicts_follow_their_rules():
+    """Vanilla that warns and falls from its peak in 2 of 3 seeds is 'reproduced'; PPO-max with one seed warning
+    is 'partly'; a KL hierarchy ordered in KL but not in RM score is 'partly'."""
+    collapse = rows_of([0.5] * 20 + [0.9] * 10 + [0.2] * 20, warn_from=35)
+    healthy = rows_of([0.5] * 50)
+    summary = {f"vanilla_s{s}": experiments.summarize_run(r) for s, r in enumerate((collapse, collapse, healthy))}
+    summary |= {f"ppo_max_s{s}": experiments.summarize_run(r) for s, r in enumerate((healthy, healthy, collapse))}
+    summary |= {f"kl_{b}_s0": experiments.summarize_run(rows_of([0.5] * 50, kl=kl, rm=3.0))
+                for b, kl in (("0.05", 3.0), ("0.1", 2.0), ("0.2", 1.0))}
+    verdicts = {c.split(" (")[0]: v for c, _, v, _ in experiments.claims(summary)}
+    assert verdicts["Vanilla PPO collapses: the RM score rises while the true reward and the win rate peak and fall, "
+                    "the KL runs away"] == "reproduced"
+    assert verdicts["PPO-max stays stable for long"] == "partly"
+    assert verdicts["The KL penalty gives a clear reward / deviation hierarchy"] == "partly"
+
+
+def test_best_of_n_by_hand():
+    """N = 3 samples, RM scores 1, 3, 2 and gold 10, 30, 20: best-of-1 is the mean (20), best-of-3 the top-scored
+    sample (30), best-of-2 the mean over the three pairs {1,3}, {1,2}, {3,2} of the better-scored's gold: 80/3."""
+    scores, gold = [1.0, 3.0, 2.0], [10.0, 30.0, 20.0]
+    assert overoptimization.bon_expectation(scores, gold, 1) == pytest.approx(20.0)
+    assert overoptimization.bon_expectation(scores, gold, 2) == pytest.approx(80.0 / 3)
+    assert overoptimization.bon_expectation(scores, gold, 3) == pytest.approx(30.0)
+    assert overoptimization.bon_kl(1) == 0.0 and overoptimization.bon_kl(4) == pytest.approx(1.3862944 - 0.75)
+
+
+def test_overoptimization_quick_draws_the_figure(tiny_pipeline, tmp_path):
+    out = str(tmp_path / "oo")
+    rl, bon = overoptimization.main(["--quick", "--sft_ckpt", f"{tiny_pipeline}/sft.pt", "--rm_ckpt",
+                                     f"{tiny_pipeline}/rm.pt", "--out_dir", out, "--device", "cpu",
+                                     "--only", "kl_0.0", "bon"])
+    assert list(rl) == [0.0] and [b["n"] for b in bon] == [1, 2, 4, 8]
+    assert os.path.getsize(os.path.join(out, "overoptimization.png")) > 0
+    assert "best-of-n (peak at n =" in open(os.path.join(out, "summary.md")).read()
+
+
+def test_blocks_are_filled_between_their_markers():
+    text = "a\n<!-- reproduce:claims -->\nold\n<!-- /reproduce:claims -->\nb\n<!-- reproduce:small_preset -->x" \
+           "<!-- /reproduce:small_preset -->"
+    out = reproduce.fill_blocks(text, {"claims": "new", "small_preset": None})
+    assert out == "a\n<!-- reproduce:claims -->\nnew\n<!-- /reproduce:claims -->\nb\n<!-- reproduce:small_preset -->x" \
+                  "<!-- /reproduce:small_preset -->"                     # no records: the block is left as it is
+    with pytest.raises(ValueError, match="no closing"):
+        reproduce.fill_blocks("<!-- reproduce:claims -->", {})
+    with pytest.raises(ValueError, match="no such block"):
+        reproduce.fill_blocks("<!-- reproduce:nope --><!-- /reproduce:nope -->", {})
+
+
+def test_the_pages_equal_what_the_committed_records_give(tmp_path):
+    """studies.reproduce redraw on a copy of the pages changes nothing: every generated table in README and docs/
+    is what docs/measured/ gives (a number typed by hand into a block, or a record without its page, fails)."""
+    for page in reproduce.PAGES:
+        src = os.path.join(reproduce.ROOT, page)
+        if os.path.exists(src):
+            os.makedirs(os.path.dirname(os.path.join(tmp_path, page)), exist_ok=True)
+            shutil.copy(src, os.path.join(tmp_path, page))
+    figures = reproduce.FIGURES
+    try:
+        reproduce.FIGURES = str(tmp_path / "figures")                   # the figures are drawn aside, not compared
+        assert reproduce.redraw(str(tmp_path)) == []
+    finally:
+        reproduce.FIGURES = figures
