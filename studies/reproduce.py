@@ -407,6 +407,22 @@ def draw_overopt(records):
         oo.plot(os.path.join(FIGURES, "overoptimization.png"), rl, bon)
 
 
+def block_parts(_):
+    """README: each part of the command, its runs recorded so far and the time they took (from the records)."""
+    lines = ["| part | what it measures | runs recorded | time they took (one thread each) |", "|---|---|---|---|"]
+    what = {"seeds": "the pipeline over 3 seeds: default and small presets, the small β sweep",
+            "ablations": "the paper's ablations, 300 iterations, vanilla and PPO-max over 3 seeds",
+            "overopt": "over-optimisation: PPO at 5 β × 300 iterations (β 0.1 is ablations' ppo_max_s0), best-of-n",
+            "compare": "every method × 3 seeds, and the RLVR study"}
+    for part in PARTS:
+        records = read_records(part)
+        minutes = sum(r["wall_s"] for r in records.values()) / 60
+        lines.append(f"| `python -m studies.reproduce {part}` | {what[part]} | {len(records)} | "
+                     f"{f'{minutes:.0f} min' if records else '–'} |")
+    return "\n".join(lines) + "\n\nEach part resumes where it stopped; two parts (or two `--runs` halves of one) run side " \
+                              "by side on 2 cores, one thread each. `python -m studies.reproduce redraw` takes seconds."
+
+
 # ----------------------------------------------------------------------------------------------------
 # Pages: blocks filled from the records
 
@@ -419,6 +435,7 @@ BLOCKS = {  # block name -> (part whose records it reads, function records -> ma
     "overoptimization": ("overopt", block_overopt),
     "compare_methods": ("compare", block_compare(COMPARED)),
     "compare_rlvr": ("compare", block_compare(RLVR)),
+    "reproduce_parts": ("seeds", block_parts),
 }
 DRAWINGS = {"ablations": draw_ablations, "overopt": draw_overopt, "compare": draw_compare}   # part -> draws its figures into docs/figures
 PAGES = ("README.md", "docs/ppo.md", "docs/experiments.md", "docs/overoptimization.md", "docs/algorithms.md",
