@@ -10,7 +10,7 @@ The whole RLHF pipeline on the toy task, stage after stage, each stage's checkpo
 
 Run:
     python pipeline.py                                  # default config, CPU minutes
-    python pipeline.py --preset small --out_dir out/small          # about a minute: RLHF visibly at work
+    python pipeline.py --preset small --out_dir out/small          # a minute or two: RLHF visibly at work
     python pipeline.py --preset small --kl_coef 0.5 --out_dir out/small_kl05   # any PPO option passes through
     python pipeline.py --preset tiny --out_dir out/tiny # seconds: a smoke test (every stage runs; numbers mean nothing)
     python pipeline.py --ppo_preset vanilla --out_dir out/vanilla   # PPO without the PPO-max tricks (docs/ppo.md)
@@ -40,7 +40,7 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out_dir", default="out", help="directory for every stage's checkpoint, log and plot")
     p.add_argument("--preset", default="default", choices=SIZES,
-                   help="size preset for every stage: default (CPU minutes), small (about a minute, RLHF visibly "
+                   help="size preset for every stage: default (CPU minutes), small (a minute or two, RLHF visibly "
                         "raising gold), tiny (seconds: a smoke test, its numbers mean nothing)")
     p.add_argument("--ppo_preset", default="ppo_max", choices=["ppo_max", "vanilla", "vanilla_pg"],
                    help="PPO recipe, applied before the size preset")
@@ -104,7 +104,7 @@ def stages(a, stage, common, sft_path, rm_path, ppo_path, t0, times):
     """The four stages in order, each fed the checkpoints of the ones before, the summary and the report."""
     if a.preset == "tiny":
         print("--preset tiny is a smoke test: every stage runs in seconds, and a model this small learns nothing "
-              "(its numbers mean nothing). --preset small shows RLHF at work in about a minute.")
+              "(its numbers mean nothing). --preset small shows RLHF at work in a minute or two.")
     sft = stage("1 SFT", train_sft, common + ["--preset", a.preset], sft_path)
     rm = stage("2 reward model", reward_model, common + ["--preset", a.preset, "--sft_ckpt", sft_path], rm_path)
     ppo = stage("3 PPO", ppo_rlhf, common + ppo_presets(a) + ["--sft_ckpt", sft_path, "--rm_ckpt", rm_path]

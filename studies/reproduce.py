@@ -81,6 +81,13 @@ def write_record(part, run, record):
         f.write("\n")
 
 
+def wall_time(part, run, t0):
+    """Seconds since t0, or the run's recorded time when it took under KEPT_S now (kept from an earlier call:
+    only its evaluation, or nothing, ran again)."""
+    old, wall = read_records(part).get(run), time.time() - t0
+    return old["wall_s"] if old and wall < KEPT_S else wall
+
+
 def read_records(part):
     """{run: record} of a part, from docs/measured/PART/ ({} when the part has not run)."""
     folder = os.path.join(MEASURED, part)
@@ -141,10 +148,7 @@ def run_seeds(out_root, only, device):
         print("=" * 20, f"seeds: {name}", "=" * 20)
         t0 = time.time()
         pipeline.main(args + ["--out_dir", out, "--device", device, "--resume", "true"])
-        old = read_records("seeds").get(name)
-        wall = time.time() - t0
-        # a run kept from an earlier call (only its evaluation runs again) keeps its first measured time
-        write_record("seeds", name, pipeline_record(out, args, old["wall_s"] if old and wall < KEPT_S else wall))
+        write_record("seeds", name, pipeline_record(out, args, wall_time("seeds", name, t0)))
 
 
 def block_pipeline(records):
@@ -271,11 +275,9 @@ def run_ablations(out_root, only, device):
         t0 = time.time()
         args = base_checkpoints(out_root) + ["--out_dir", out, "--device", device, "--runs", run]
         experiments.main(args)
-        old = read_records("ablations").get(run)
-        wall = time.time() - t0
         if finished(os.path.join(out, run)):
             write_record("ablations", run, ppo_record(os.path.join(out, run), "python -m studies.experiments "
-                                                      + " ".join(args), old["wall_s"] if old and wall < KEPT_S else wall))
+                                                      + " ".join(args), wall_time("ablations", run, t0)))
 
 
 def run_overopt(out_root, only, device):
@@ -287,9 +289,7 @@ def run_overopt(out_root, only, device):
         t0 = time.time()
         args = base_checkpoints(out_root) + ["--out_dir", out, "--device", device, "--only", name]
         oo.main(args)
-        old = read_records("overopt").get(name)
-        wall = time.time() - t0
-        wall = old["wall_s"] if old and wall < KEPT_S else wall
+        wall = wall_time("overopt", name, t0)
         command = "python -m studies.overoptimization " + " ".join(args)
         if name == "bon":
             write_record("overopt", name, dict(command=command, stamp=stamp(), wall_s=wall,
