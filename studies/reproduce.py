@@ -97,12 +97,12 @@ def read_records(part):
             for name in sorted(os.listdir(folder)) if name.endswith(".json")}
 
 
-def mean_std(values):
-    """'m ± s' over seeds (sample standard deviation), with 3 decimals."""
+def mean_std(values, digits=3):
+    """'m ± s' over seeds (sample standard deviation), with `digits` decimals."""
     values = [v for v in values if v is not None]
     if len(values) < 2:
-        return f"{values[0]:.3f}" if values else "–"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}" if values else "–"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,8 +172,8 @@ def block_pipeline(records):
     lines = [f"| measure | mean ± std | {head} |", "|---|---|" + "---|" * len(runs)]
     for label, get in rows:
         values = [get(r) for r in runs]
-        lines.append(f"| {label} | {mean_std(values)} | " + " | ".join(f"{v:.3f}" if v < 100 else f"{v:.0f}"
-                                                                      for v in values) + " |")
+        digits = 0 if label.endswith("(s)") else 3
+        lines.append(f"| {label} | {mean_std(values, digits)} | " + " | ".join(f"{v:.{digits}f}" for v in values) + " |")
     warned = sum(bool(r["ppo"]["collapse_warning"]) for r in runs)
     return ("\n".join(lines) + f"\n\n`python pipeline.py --seed S` for S = {', '.join(map(str, SEEDS[:len(runs)]))} "
             f"(`python -m studies.reproduce seeds`); collapse warnings: {warned} of {len(runs)} runs. Measured at "
@@ -202,8 +202,8 @@ def block_sft_rm(records):
 def block_small(records):
     """README: the small preset over 3 seeds: its time, SFT → PPO gold, and how --kl_coef moves the KL."""
     groups = [("0.1 (default)", "small_s{}")] + [(f"{b}", f"small_kl{b}_s{{}}") for b in SMALL_KL]
-    lines = ["| --kl_coef | pipeline time (s) | SFT gold | PPO gold | gold gain | KL to SFT | win rate vs SFT |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| --kl_coef | pipeline time (s) | SFT gold | PPO gold | gold gain | seeds with a gain | KL to SFT | "
+             "win rate vs SFT | collapse warnings |", "|---|---|---|---|---|---|---|---|---|"]
     used = []
     for label, pattern in groups:
         runs = [records[pattern.format(s)] for s in SEEDS if pattern.format(s) in records]
@@ -212,9 +212,10 @@ def block_small(records):
         used += runs
         ev = lambda stage, key: [r["eval"][stage][key] for r in runs]
         gain = [p - s for p, s in zip(ev("ppo", "gold"), ev("sft", "gold"))]
-        lines.append(f"| {label} | {mean_std([r['wall_s'] for r in runs])} | {mean_std(ev('sft', 'gold'))} | "
-                     f"{mean_std(ev('ppo', 'gold'))} | {mean_std(gain)} | {mean_std(ev('ppo', 'kl_sft'))} | "
-                     f"{mean_std(ev('ppo', 'win_vs_sft'))} |")
+        lines.append(f"| {label} | {mean_std([r['wall_s'] for r in runs], 0)} | {mean_std(ev('sft', 'gold'))} | "
+                     f"{mean_std(ev('ppo', 'gold'))} | {mean_std(gain)} | {sum(g > 0 for g in gain)} of {len(runs)} | "
+                     f"{mean_std(ev('ppo', 'kl_sft'))} | {mean_std(ev('ppo', 'win_vs_sft'))} | "
+                     f"{sum(bool(r['ppo']['collapse_warning']) for r in runs)} of {len(runs)} |")
     if not used:
         return None
     return ("\n".join(lines) + f"\n\n`python pipeline.py --preset small [--kl_coef B] --seed S`, mean ± std over "
@@ -333,7 +334,7 @@ def compare_table(records, methods, sft):
             rows = records[m]["rows"]
             lines.append(f"| {m} | " + " | ".join(mean_std([r[k] for r in rows]) for k in keys) +
                          f" | {'/'.join(sorted({str(r['policy_steps']) for r in rows}))} | "
-                         f"{mean_std([r['time_s'] for r in rows])} |")
+                         f"{mean_std([r['time_s'] for r in rows], 0)} |")
     return "\n".join(lines)
 
 
