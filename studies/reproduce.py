@@ -71,7 +71,7 @@ def stamp():
 def stamp_line(records):
     """One line saying where a block's records were measured (several lines' worth if they disagree)."""
     kinds = sorted({(r["stamp"]["commit"], r["stamp"]["cpu"], r["stamp"]["threads"]) for r in records})
-    return "; ".join(f"commit {c}, {cpu}, {t} threads" for c, cpu, t in kinds)
+    return "; ".join(f"commit {c}, {cpu}, {t} thread{'' if t == 1 else 's'}" for c, cpu, t in kinds)
 
 
 def write_record(part, run, record):
