@@ -139,12 +139,18 @@ def pipeline_record(out_dir, args, wall_s):
                 eval=evals)
 
 
-def run_seeds(out_root, only, device):
+def run_seeds(out_root, only, device, record_only=False):
+    """The part's runs (or with record_only, their records written again from the finished folders, keeping each
+    record's stamp and time: for a record format that gained a field)."""
     import pipeline
     for name, args in seed_runs().items():
         if only and name not in only:
             continue
         out = os.path.join(out_root, "seeds", name)
+        if record_only:
+            old = read_records("seeds")[name]
+            write_record("seeds", name, dict(pipeline_record(out, args, old["wall_s"]), stamp=old["stamp"]))
+            continue
         print("=" * 20, f"seeds: {name}", "=" * 20)
         t0 = time.time()
         pipeline.main(args + ["--out_dir", out, "--device", device, "--resume", "true"])
@@ -498,10 +504,14 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu (the pages' numbers), or cuda / mps / auto")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the pages' numbers: 1, so that two parts "
                                                            "can run side by side on 2 cores; a record states its own)")
+    p.add_argument("--record_only", action="store_true", help="seeds: write the records again from the finished "
+                                                                "run folders (their stamps and times kept), train nothing")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.record_only and a.part != "seeds":
+        raise ValueError("--record_only: only the seeds part writes its records again from its folders")
     if a.part != "redraw":
-        PARTS[a.part](a.out_root, a.runs, a.device)
+        PARTS[a.part](a.out_root, a.runs, a.device, **({"record_only": True} if a.record_only else {}))
     changed = redraw()
     print(f"pages redrawn from docs/measured/: {', '.join(changed) if changed else 'none changed'}")
 
