@@ -163,7 +163,8 @@ def block_pipeline(records):
     if not runs:
         return None
     rows = [("SFT val loss", lambda r: r["sft"]["val_loss"]),
-            ("SFT samples' gold reward (demonstrations: ~0.76; best 1.25)", lambda r: r["sft"]["gold_sft"]),
+            ("SFT samples' gold reward (best possible 1.25)", lambda r: r["sft"]["gold_sft"]),
+            ("demonstrations' gold reward, the same prompts", lambda r: r["sft"]["gold_demos"]),
             ("RM accuracy vs the gold ordering", lambda r: r["rm"]["acc_gold"]),
             ("RM accuracy vs the annotators' labels", lambda r: r["rm"]["acc_labels"]),
             ("RM Pearson with gold", lambda r: r["rm"]["pearson"]),
@@ -173,12 +174,12 @@ def block_pipeline(records):
             ("evaluation: PPO-max win rate vs SFT (gold)", lambda r: r["eval"]["ppo"]["win_vs_sft"]),
             ("evaluation: PPO-max KL to SFT (nats)", lambda r: r["eval"]["ppo"]["kl_sft"]),
             ("evaluation: PPO-max length (tokens)", lambda r: r["eval"]["ppo"]["length"]),
-            ("pipeline time (s)", lambda r: r["wall_s"])]
+            ("pipeline time (s; one thread, beside another part)", lambda r: r["wall_s"])]
     head = " | ".join(f"seed {s}" for s in SEEDS[:len(runs)])
     lines = [f"| measure | mean ± std | {head} |", "|---|---|" + "---|" * len(runs)]
     for label, get in rows:
         values = [get(r) for r in runs]
-        digits = 0 if label.endswith("(s)") else 3
+        digits = 0 if "time (s" in label else 3
         lines.append(f"| {label} | {mean_std(values, digits)} | " + " | ".join(f"{v:.{digits}f}" for v in values) + " |")
     warned = sum(bool(r["ppo"]["collapse_warning"]) for r in runs)
     return ("\n".join(lines) + f"\n\n`python pipeline.py --seed S` for S = {', '.join(map(str, SEEDS[:len(runs)]))} "
@@ -208,7 +209,7 @@ def block_sft_rm(records):
 def block_small(records):
     """README: the small preset over 3 seeds: its time, SFT → PPO gold, and how --kl_coef moves the KL."""
     groups = [("0.1 (default)", "small_s{}")] + [(f"{b}", f"small_kl{b}_s{{}}") for b in SMALL_KL]
-    lines = ["| --kl_coef | pipeline time (s) | SFT gold | PPO gold | gold gain | seeds with a gain | KL to SFT | "
+    lines = ["| --kl_coef | pipeline time (s; one thread, beside another part) | SFT gold | PPO gold | gold gain | seeds with a gain | KL to SFT | "
              "win rate vs SFT | collapse warnings |", "|---|---|---|---|---|---|---|---|---|"]
     used = []
     for label, pattern in groups:
