@@ -40,3 +40,20 @@ def test_unknown_tokenizer():
     """An unknown tokenizer name is a ValueError naming the choices."""
     with pytest.raises(ValueError, match="toy"):
         tok.get_tokenizer("bert")
+
+
+def test_an_end_marker_spelled_by_ordinary_tokens_is_not_an_end():
+    """The audit's hole: eleven ordinary tokens that spell "<|endoftext|>" decode to the same text as the EOS token,
+    but decode_replies reads the end from the token, so the gold reward charges the missing end and the verifier
+    says 0; the EOS token itself ends the reply."""
+    enc = tok.get_tokenizer("toy")
+    prompt = data.make_prompt("What is 7 plus 5?")
+    body = tok.encode(enc, " The answer is 12.")
+    spelled = enc.encode("<|endoftext|>", disallowed_special=())          # ordinary tokens, not the special one
+    assert len(spelled) > 1 and tok.eos_id(enc) not in spelled
+    rows = [body + spelled, body + [tok.eos_id(enc)] + [tok.pad_id(enc)] * 2]
+    replies = tok.decode_replies(enc, rows)
+    assert replies.texts[0] == replies.texts[1] == " The answer is 12.<|endoftext|>"  # the same text ...
+    assert replies.ended == [False, True]                                  # ... but only one ended
+    assert replies.golds([prompt, prompt]) == [0.0, 1.0]
+    assert data.rule_rewards("verifier", [prompt] * 2, replies.texts, replies.ended) == [0.0, 1.0]
