@@ -97,13 +97,15 @@ def first_warning(rows):
 
 
 def summarize_run(rows, window=10):
-    """Metrics of one log: means over its last `window` iterations, first collapse warning, win-rate peak."""
+    """Metrics of one log: means over its last `window` iterations, first collapse warning, win-rate peak, and the
+    peak of gold as a mean over `window` iterations (one batch's gold is too noisy to compare with a mean)."""
     last = rows[-window:]
     avg = lambda k: sum(r[k] for r in last) / len(last)
     wins = [(r["iter"], r["win_rate_vs_sft"]) for r in rows if "win_rate_vs_sft" in r]
     peak_it, peak = max(wins, key=lambda w: w[1]) if wins else (None, float("nan"))
-    golds = [(r["iter"], r["gold"]) for r in rows]
-    gold_peak_iter, gold_peak = max(golds, key=lambda g: g[1])
+    rolling = [(rows[i]["iter"], sum(r["gold"] for r in rows[max(0, i - window + 1):i + 1]) / min(window, i + 1))
+               for i in range(len(rows))]                                  # gold, mean of the last `window` iterations
+    gold_peak_iter, gold_peak = max(rolling, key=lambda g: g[1])
     return dict(iters=rows[-1]["iter"], rm=avg("score_raw"), gold=avg("gold"), kl=avg("kl_seq"),
                 perplexity=avg("perplexity"), length=avg("length"), eos_rate=avg("eos_rate"),
                 win_final=wins[-1][1] if wins else float("nan"), win_peak=peak, win_peak_iter=peak_it,

@@ -1,7 +1,7 @@
 """
 Reward-model over-optimisation on the toy task, the picture of Gao et al. 2022 (*Scaling Laws for Reward Model
 Overoptimization*, Figs. 1-2): the proxy (our reward model) and the truth (the gold reward) against √KL(π‖π_SFT),
-for RL (PPO-max at several KL coefficients β, each point an iteration of training) and for best-of-n sampling
+for RL (PPO-max at several KL coefficients β, each point 10 iterations of training) and for best-of-n sampling
 against the reward model (n = 1 … 256). Where the two curves part is where optimising the proxy stops helping.
 
 Run (after pipeline.py, which writes out/sft.pt and out/rm.pt):
@@ -13,9 +13,9 @@ Outputs in out_dir: kl_<β>/ (each PPO run's folder), bon.json, overoptimization
 after a kill: finished PPO runs are kept, an interrupted one resumes.
 
 Deliberate deviations from Gao et al.:
-  1. RL's gold, RM score and KL are the means over each iteration's own rollouts (training prompts; KL the k1
-     estimate summed over the response), smoothed over iterations; Gao et al. evaluate held-out prompts at
-     checkpoints. The rollouts cost nothing extra and give every iteration a point.
+  1. RL's gold, RM score and KL are the means over the rollouts of BLOCK consecutive iterations (training
+     prompts; KL the k1 estimate summed over the response); Gao et al. evaluate held-out prompts at checkpoints.
+     The rollouts cost nothing extra; best-of-n is measured on test prompts, so the two starts differ a little.
   2. Best-of-n's KL is the analytic value log n − (n−1)/n (Stiennon et al. 2020, as Gao et al. use), and its
      gold and RM score are the unbiased estimates over all n-subsets of N = 256 samples per prompt
      (bon_expectation), not one draw of n.
@@ -37,11 +37,12 @@ import tokenizer as tok
 from building_blocks.devices import pick_device
 from building_blocks.sequences import encode_prompts
 from checkpoints import load_models
-from utils import read_jsonl, replaced, run_main, smooth
+from utils import read_jsonl, replaced, run_main
 
 BETAS = (0.0, 0.02, 0.05, 0.1, 0.2)    # PPO-max's KL coefficient; 0.1 is ppo_rlhf.py's default
 N_ITERS = 300                          # twice the default run: long enough for the low-β runs to pass their peak
 BON_N = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BLOCK = 10                             # iterations averaged into one point of an RL curve
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -64,12 +65,15 @@ def bon_expectation(scores, values, n):
     return sum(math.comb(rank, n - 1) * values[i] for rank, i in enumerate(order) if rank >= n - 1) / total
 
 
-def rl_curve(rows):
-    """One PPO log -> smoothed (iter, KL, gold, RM score) per iteration (the critic-only iterations included:
-    they are the policy at KL 0)."""
-    its = [r["iter"] for r in rows]
-    kl, gold, rm = (smooth([r[k] for r in rows]) for k in ("kl_seq", "gold", "score_raw"))
-    return [dict(iter=i, kl=max(0.0, k), gold=g, rm=s) for i, k, g, s in zip(its, kl, gold, rm)]
+def rl_curve(rows, block=BLOCK):
+    """One PPO log -> a point per `block` consecutive iterations: their mean KL, gold and RM score, at the block's
+    last iteration (the first block, critic pre-training, is the SFT policy at KL ≈ 0)."""
+    out = []
+    for i in range(0, len(rows) - block + 1, block):
+        part = rows[i:i + block]
+        mean = lambda k: sum(r[k] for r in part) / len(part)
+        out.append(dict(iter=part[-1]["iter"], kl=max(0.0, mean("kl_seq")), gold=mean("gold"), rm=mean("score_raw")))
+    return out
 
 
 def peak(points):
@@ -137,7 +141,7 @@ def plot(path, rl, bon):
         for p in bon:
             axes[1].annotate(f"n={p['n']}", (math.sqrt(p["kl"]), p["gold"]), fontsize=7, textcoords="offset points",
                              xytext=(2, -10))
-    for ax, twin, title in zip(axes, twins, ("RL: PPO-max, one point per iteration (smoothed)",
+    for ax, twin, title in zip(axes, twins, (f"RL: PPO-max, one point per {BLOCK} iterations",
                                              "Best-of-n sampling against the reward model")):
         ax.set_xlabel("√KL(π ‖ π_SFT)  (√nats)")
         ax.set_ylabel("gold reward (solid)")

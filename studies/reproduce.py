@@ -404,7 +404,7 @@ def block_overopt(records):
     if not rl and not bon:
         return None
     return (oo.summary_markdown(rl, bon).rstrip("\n") + f"\n\nMeasured at {stamp_line(records.values())} "
-            f"(`python -m studies.reproduce overopt`); RL points are smoothed over iterations.")
+            f"(`python -m studies.reproduce overopt`); each RL point is the mean of 10 iterations.")
 
 
 def draw_overopt(records):

@@ -47,7 +47,7 @@ def test_summarize_run_and_first_warning_by_hand():
     assert s["iters"] == 20 and s["rm"] == sum(range(11, 21)) / 10
     assert s["collapse_iter"] == 15 and experiments.first_warning(rows[:14]) is None
     assert s["win_final"] == 0.4 and (s["win_peak"], s["win_peak_iter"]) == (0.7, 10)
-    assert (s["gold_peak"], s["gold_peak_iter"]) == (pytest.approx(2.0), 20)
+    assert (s["gold_peak"], s["gold_peak_iter"]) == (pytest.approx(1.55), 20)   # the mean of iterations 11-20
 
 
 def test_claim_verdicts_follow_their_rules():
@@ -74,6 +74,12 @@ def test_best_of_n_by_hand():
     assert overoptimization.bon_expectation(scores, gold, 2) == pytest.approx(80.0 / 3)
     assert overoptimization.bon_expectation(scores, gold, 3) == pytest.approx(30.0)
     assert overoptimization.bon_kl(1) == 0.0 and overoptimization.bon_kl(4) == pytest.approx(1.3862944 - 0.75)
+
+
+def test_rl_curve_points_are_block_means():
+    rows = [dict(iter=i, kl_seq=float(i), gold=1.0 if i <= 10 else 0.0, score_raw=2.0) for i in range(1, 26)]
+    points = overoptimization.rl_curve(rows, block=10)
+    assert [(p["iter"], p["kl"], p["gold"]) for p in points] == [(10, 5.5, 1.0), (20, 15.5, 0.0)]   # 21-25 left out
 
 
 def test_overoptimization_quick_draws_the_figure(tiny_pipeline, tmp_path):
