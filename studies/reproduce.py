@@ -58,10 +58,12 @@ def cpu_kind():
 
 
 def commit():
-    """The short commit hash, with '+changes' when tracked files differ from it (a record of uncommitted code)."""
+    """The short commit hash, with '+changes' when tracked code differs from it (a record of uncommitted code; the
+    pages a part redraws are not code)."""
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    code = git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.txt", "*.tiktoken", ".ci")
+    return head + ("+changes" if code else "")
 
 
 def stamp():
