@@ -67,8 +67,9 @@ def bon_expectation(scores, values, n):
 
 def rl_curve(rows, block=BLOCK):
     """One PPO log -> a point per `block` consecutive iterations: their mean KL, gold and RM score, at the block's
-    last iteration (the first block, critic pre-training, is the SFT policy at KL ≈ 0)."""
-    out = []
+    last iteration (the first block, critic pre-training, is the SFT policy at KL ≈ 0); a run shorter than one
+    block is one point."""
+    block, out = max(1, min(block, len(rows))), []
     for i in range(0, len(rows) - block + 1, block):
         part = rows[i:i + block]
         mean = lambda k: sum(r[k] for r in part) / len(part)
