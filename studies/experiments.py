@@ -103,8 +103,9 @@ def summarize_run(rows, window=10):
     avg = lambda k: sum(r[k] for r in last) / len(last)
     wins = [(r["iter"], r["win_rate_vs_sft"]) for r in rows if "win_rate_vs_sft" in r]
     peak_it, peak = max(wins, key=lambda w: w[1]) if wins else (None, float("nan"))
-    rolling = [(rows[i]["iter"], sum(r["gold"] for r in rows[max(0, i - window + 1):i + 1]) / min(window, i + 1))
-               for i in range(len(rows))]                                  # gold, mean of the last `window` iterations
+    full = min(window, len(rows))                                          # gold, mean of `full` iterations in a row
+    rolling = [(rows[i]["iter"], sum(r["gold"] for r in rows[i - full + 1:i + 1]) / full)
+               for i in range(full - 1, len(rows))]
     gold_peak_iter, gold_peak = max(rolling, key=lambda g: g[1])
     return dict(iters=rows[-1]["iter"], rm=avg("score_raw"), gold=avg("gold"), kl=avg("kl_seq"),
                 perplexity=avg("perplexity"), length=avg("length"), eos_rate=avg("eos_rate"),
