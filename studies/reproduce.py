@@ -8,6 +8,7 @@ docs/measured/PART/RUN.json (the pages' one source, committed), then redraws the
                                             # with --runs, e.g. two parts side by side, one thread each)
     python -m studies.reproduce overopt     # Gao et al.'s over-optimisation curves: RL β sweep, best-of-n (~2 h)
     python -m studies.reproduce compare     # every method × 3 seeds, and the RLVR study (~1.5 h)
+    python -m studies.reproduce bench       # studies.bench's workloads, alone on the machine, every core (~5 min)
     python -m studies.reproduce redraw      # only the pages, from docs/measured/ (seconds; what the tests check)
     python -m studies.reproduce seeds --runs small_s0 small_s1   # some runs of a part
 
@@ -367,6 +368,62 @@ def draw_compare(records):
         compare.plot_compare(rows, compare.summarize(rows), os.path.join(FIGURES, "compare_reward_kl.png"))
 
 
+# ----------------------------------------------------------------------------------------------------
+# Part "bench": studies.bench's reference workloads (time them alone: a neighbour process slows them down)
+
+BENCH_JOBS = {"ppo_v8192": ["--algo", "ppo"], "ppo_v50257": ["--algo", "ppo", "--vocab", "50257"],
+              "rloo_v8192": ["--algo", "rloo"], "rloo_v50257": ["--algo", "rloo", "--vocab", "50257"],
+              "generate_v8192": ["--algo", "generate"]}
+
+
+def run_bench(out_root, only, device):
+    """Each workload of BENCH_JOBS in its own process (so that its peak RSS is its own), at this process's thread
+    count; one record per workload. Always measured again (a time is not kept from an earlier call)."""
+    import sys
+    if device != "cpu":
+        raise ValueError(f"--device {device}: the bench part measures the CPU workloads of studies.bench")
+    out = os.path.join(out_root, "bench")
+    os.makedirs(out, exist_ok=True)
+    for run, job in BENCH_JOBS.items():
+        if only and run not in only:
+            continue
+        path = os.path.join(out, f"{run}.jsonl")
+        if os.path.exists(path):
+            os.remove(path)
+        args = job + ["--threads", str(torch.get_num_threads()), "--json", path]
+        t0 = time.time()
+        if subprocess.run([sys.executable, "-m", "studies.bench", *args], cwd=ROOT).returncode:
+            raise ValueError(f"the {run} workload failed (its error is above)")
+        result = json.loads(open(path, encoding="utf-8").read().splitlines()[-1])
+        write_record("bench", run, dict(command="python -m studies.bench " + " ".join(args[:-2]), stamp=stamp(),
+                                        wall_s=time.time() - t0, result=result))
+
+
+def block_bench(records):
+    """docs/performance.md: each workload's seconds per iteration against its two floors, and generation speed."""
+    if not records:
+        return None
+    lines = ["| workload (16 optimizer steps per iteration) | ours s/iteration (generate / score / train) | "
+             "bare-pass floor | ours / floor | FLOP floor | peak RSS |", "|---|---|---|---|---|---|"]
+    for run in BENCH_JOBS:
+        if run not in records or run.startswith("generate"):
+            continue
+        r = records[run]["result"]
+        m = r["median"]
+        lines.append(f"| {r['algo'].upper()}, vocab {r['vocab']} | **{m['iteration']:.2f}** ({m['generate']:.2f} / "
+                     f"{m['score']:.2f} / {m['train']:.2f}) | {r['bare_floor']['iteration']:.2f} | "
+                     f"**{r['ratio_bare']:.2f}** | {r['flop_floor']['iteration']:.2f} | {r['peak_rss_mib']:.0f} MiB |")
+    if "generate_v8192" in records:
+        r = records["generate_v8192"]["result"]
+        lines.append(f"| KV-cache generation alone, {r['rows']} × {r['new']} tokens, vocab {r['vocab']} | "
+                     f"{r['seconds']:.2f} s = **{r['tokens_per_s']:,.0f} tokens/s** | | | | {r['peak_rss_mib']:.0f} MiB |")
+    spread = [f"{run}: " + ", ".join(f"{x:.2f}" for x in records[run]["result"]["runs"])
+              for run in BENCH_JOBS if run in records and "runs" in records[run]["result"]]
+    return ("\n".join(lines) + f"\n\nMedian of each workload's timed iterations (each one: {'; '.join(spread)} s). "
+            f"Measured at {stamp_line(records.values())}, nothing else running (`python -m studies.reproduce bench "
+            f"--threads 2`).")
+
+
 def block_claims(records):
     from studies import experiments
     summary = {run: experiments.summarize_run(r["rows"]) for run, r in records.items()}
@@ -419,18 +476,21 @@ def draw_overopt(records):
 
 def block_parts(_):
     """README: each part of the command, its runs recorded so far and the time they took (from the records)."""
-    lines = ["| part | what it measures | runs recorded | time they took (one thread each) |", "|---|---|---|---|"]
+    lines = ["| part | what it measures | runs recorded | time they took |", "|---|---|---|---|"]
     what = {"seeds": "the pipeline over 3 seeds: default and small presets, the small β sweep",
             "ablations": "the paper's ablations, 300 iterations, vanilla and PPO-max over 3 seeds",
             "overopt": "over-optimisation: PPO at 5 β × 300 iterations (β 0.1 is ablations' ppo_max_s0), best-of-n",
-            "compare": "every method × 3 seeds, and the RLVR study"}
+            "compare": "every method × 3 seeds, and the RLVR study",
+            "bench": "studies.bench's reference workloads against their floors (alone on the machine)"}
     for part in PARTS:
         records = read_records(part)
         minutes = sum(r["wall_s"] for r in records.values()) / 60
+        threads = sorted({r["stamp"]["threads"] for r in records.values()})
+        took = f"{minutes:.0f} min, {'/'.join(map(str, threads))} thread{'' if threads == [1] else 's'}"
         lines.append(f"| `python -m studies.reproduce {part}` | {what[part]} | {len(records)} | "
-                     f"{f'{minutes:.0f} min' if records else '–'} |")
-    return "\n".join(lines) + "\n\nEach part resumes where it stopped; two parts (or two `--runs` halves of one) run side " \
-                              "by side on 2 cores, one thread each. `python -m studies.reproduce redraw` takes seconds."
+                     f"{took if records else '–'} |")
+    return "\n".join(lines) + "\n\nEach part resumes where it stopped; two training parts (or two `--runs` halves of one) run " \
+                              "side by side on 2 cores, one thread each; bench runs alone. `python -m studies.reproduce redraw` takes seconds."
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -446,10 +506,11 @@ BLOCKS = {  # block name -> (part whose records it reads, function records -> ma
     "compare_methods": ("compare", block_compare(COMPARED)),
     "compare_rlvr": ("compare", block_compare(RLVR)),
     "reproduce_parts": ("seeds", block_parts),
+    "bench": ("bench", block_bench),
 }
 DRAWINGS = {"ablations": draw_ablations, "overopt": draw_overopt, "compare": draw_compare}   # part -> draws its figures into docs/figures
 PAGES = ("README.md", "docs/ppo.md", "docs/experiments.md", "docs/overoptimization.md", "docs/algorithms.md",
-         "docs/toy_task.md")
+         "docs/toy_task.md", "docs/performance.md")
 
 
 def fill_blocks(text, contents):
@@ -496,7 +557,8 @@ def redraw(root=ROOT):
     return changed
 
 
-PARTS = {"seeds": run_seeds, "ablations": run_ablations, "overopt": run_overopt, "compare": run_compare}
+PARTS = {"seeds": run_seeds, "ablations": run_ablations, "overopt": run_overopt, "compare": run_compare,
+         "bench": run_bench}
 
 
 def main(argv=None):
@@ -505,12 +567,15 @@ def main(argv=None):
     p.add_argument("--runs", nargs="+", default=None, help="only these runs of the part")
     p.add_argument("--out_root", default="out/reproduce", help="where the runs' folders go")
     p.add_argument("--device", default="cpu", help="cpu (the pages' numbers), or cuda / mps / auto")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the pages' numbers: 1, so that two parts "
-                                                           "can run side by side on 2 cores; a record states its own)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: 1 for the training parts (the pages' "
+                   "numbers: two parts side by side on 2 cores), every core for bench; a record states its own")
     p.add_argument("--record_only", action="store_true", help="seeds: write the records again from the finished "
                                                                 "run folders (their stamps and times kept), train nothing")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
+    if a.threads < 0:
+        raise ValueError(f"--threads {a.threads}: must be 0 (the part's default) or more")
+    if a.threads or a.part != "bench":
+        torch.set_num_threads(a.threads or 1)
     if a.record_only and a.part != "seeds":
         raise ValueError("--record_only: only the seeds part writes its records again from its folders")
     if a.part != "redraw":

@@ -2,8 +2,11 @@
 every figure; the summary and claim rules read logs correctly; the over-optimisation study's best-of-n estimate
 by hand; studies/reproduce.py fills the pages' blocks from the records, and the committed pages equal what the
 committed records give."""
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -118,3 +121,19 @@ def test_the_pages_equal_what_the_committed_records_give(tmp_path):
         assert reproduce.redraw(str(tmp_path)) == []
     finally:
         reproduce.FIGURES = figures
+
+
+def test_bench_block_tabulates_what_the_bench_measured(tmp_path):
+    """The bench part's table shows each workload's own result (a quick studies.bench run here), stamped."""
+    path = tmp_path / "ppo.jsonl"
+    subprocess.run([sys.executable, "-m", "studies.bench", "--quick", "--algo", "ppo", "--json", str(path)],
+                   cwd=reproduce.ROOT, check=True, capture_output=True, timeout=300)
+    result = json.loads(path.read_text().splitlines()[-1])
+    record = dict(command="bench", stamp=dict(commit="abc1234", cpu="a CPU", threads=2, torch="2"), wall_s=1.0,
+                  result=result)
+    table = reproduce.block_bench({"ppo_v8192": record})
+    row = next(line for line in table.splitlines() if line.startswith("| PPO"))
+    assert f"**{result['median']['iteration']:.2f}**" in row and f"**{result['ratio_bare']:.2f}**" in row
+    assert "commit abc1234, a CPU, 2 threads" in table and reproduce.block_bench({}) is None
+    with pytest.raises(ValueError, match="CPU workloads"):
+        reproduce.run_bench(str(tmp_path), None, "cuda")
