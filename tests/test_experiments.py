@@ -69,6 +69,20 @@ def test_claim_verdicts_follow_their_rules():
     assert verdicts["The KL penalty gives a clear reward / deviation hierarchy"] == "partly"
 
 
+def test_the_critic_claim_compares_at_the_initialisation_runs_horizon():
+    """The critic variants run SHORT iterations: they are compared with PPO-max's gold at iteration SHORT, not at
+    its own end; a variant not run yet makes the verdict 'so far'."""
+    short = experiments.SHORT
+    pm = rows_of([0.3] * short + [0.8] * short)                            # PPO-max keeps climbing after SHORT
+    summary = {f"ppo_max_s{s}": experiments.summarize_run(pm) for s in range(3)}
+    summary |= {f"{n}_s0": experiments.summarize_run(rows_of([0.32] * short)) for n in ("critic_rm_nopre", "critic_sft_pre")}
+    claim = next(c for c in experiments.claims(summary) if c[0].startswith("The critic's initialisation"))
+    assert summary["ppo_max_s0"]["gold_at_short"] == pytest.approx(0.3) and claim[2] == "reproduced so far"
+    summary["critic_sft_nopre_s0"] = experiments.summarize_run(rows_of([0.6] * short))
+    claim = next(c for c in experiments.claims(summary) if c[0].startswith("The critic's initialisation"))
+    assert claim[2] == "partly"
+
+
 def test_best_of_n_by_hand():
     """N = 3 samples, RM scores 1, 3, 2 and gold 10, 30, 20: best-of-1 is the mean (20), best-of-3 the top-scored
     sample (30), best-of-2 the mean over the three pairs {1,3}, {1,2}, {3,2} of the better-scored's gold: 80/3."""
