@@ -2,11 +2,12 @@
 A run of a stage, shared by every stage: the output folder it owns while it runs (claim_out_dir, a lock holding
 its PID), the refusal to replace an unfinished run, the options every stage shares (RunOptions), what --resume
 restores and checks (RunState, save_run, resume_run: the same config, the same input contents), --stop_after,
-and the object that holds all of it for a stage's main() (Run). Plumbing, nothing algorithmic: read the stage
-files first; docs/files_and_checkpoints.md describes the files and the checkpoint format (checkpoints.py).
+the object that holds all of it for a stage's main() (Run), and a study's run kept, resumed or trained
+(train_or_keep). Plumbing, nothing algorithmic: read the stage files first; docs/files_and_checkpoints.md describes the files and the checkpoint format (checkpoints.py).
 """
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import os
 import random
@@ -19,8 +20,8 @@ import torch
 
 from building_blocks.devices import gather_objects, pick_device, rank, start_ranks, world_size
 from checkpoints import load_checkpoint, load_weights, read_checkpoint, rng_state, save_checkpoint, set_rng_state, write_failure
-from utils import (STOP_NOTE, TRUNCATIONS, JsonlLog, Progress, device_field, field, fields_with, lines_up_to, regular_file,
-                   seed_everything)
+from utils import (STOP_NOTE, TRUNCATIONS, JsonlLog, Progress, device_field, field, fields_with, lines_up_to, parse_config,
+                   regular_file, seed_everything)
 
 
 _HELD = {}  # real path of a folder this process holds -> [its open lock file, how many claims are open]
@@ -174,6 +175,29 @@ def finished_run(path, stage, cfg):
         return None
     check_same_run(ckpt, cfg, path)
     return ckpt["metrics"]
+
+
+def the_checkpoint(run_dir):
+    """The one checkpoint a method's run wrote in its own folder."""
+    found = sorted(glob.glob(os.path.join(run_dir, "*.pt")))
+    if len(found) != 1:
+        raise ValueError(f"{run_dir}: expected the one checkpoint of a run, found {len(found)}")
+    return found[0]
+
+
+def train_or_keep(module, args, out, overwrite):
+    """One method run in `out`, continued where a study stopped: a run that finished with these options is kept,
+    an interrupted one resumes from its checkpoint, otherwise (or with overwrite) it is trained from the start."""
+    found = glob.glob(os.path.join(out, "*.pt"))
+    if overwrite or not found:
+        module.main(args + (["--overwrite", "true"] if overwrite else []))
+        return
+    path = the_checkpoint(out)
+    stage = os.path.basename(path)[:-len(".pt")]                        # a run's checkpoint is named after its stage
+    if finished_run(path, stage, parse_config(module.Config, module.PRESETS, args)) is not None:
+        print(f"{path}: finished with these options; kept")
+    else:
+        module.main(args + ["--resume", "true"])
 
 
 def check_same_run(ckpt, cfg, path):

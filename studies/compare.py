@@ -21,16 +21,15 @@ these options), an interrupted one resumes from its last checkpoint, the rest ar
 every run again.
 """
 import argparse
-import glob
 import os
 import statistics
 
 import evaluate
 import ppo_rlhf
 from algorithms import alol, dpo, grpo, raft, rloo
-from building_blocks.runs import finished_run, holding
+from building_blocks.runs import holding, the_checkpoint, train_or_keep
 from checkpoints import load_checkpoint
-from utils import json_line, parse_config, replaced, run_main
+from utils import json_line, replaced, run_main
 
 # method -> (module, extra arguments, training data); each run's checkpoint is the one it writes in its folder
 METHODS = {
@@ -58,14 +57,6 @@ def training_budget(ckpt):
     """(responses generated during training, policy optimizer steps) of a finished run: what the run wrote in its
     checkpoint (building_blocks.runs.Run.finish), whatever its stage."""
     return ckpt["training_budget"]["responses_generated"], ckpt["training_budget"]["policy_steps"]
-
-
-def the_checkpoint(run_dir):
-    """The one checkpoint a method's run wrote in its own folder."""
-    found = sorted(glob.glob(os.path.join(run_dir, "*.pt")))
-    if len(found) != 1:
-        raise ValueError(f"{run_dir}: expected the one checkpoint of a run, found {len(found)}")
-    return found[0]
 
 
 def summarize(rows):
@@ -119,21 +110,6 @@ def main(argv=None):
     a = p.parse_args(argv)
     with holding(a.out_dir):               # the study's folder is this process's until the summary is written
         return compare(a)
-
-
-def train_or_keep(module, args, out, overwrite):
-    """One method run in `out`, continued where a study stopped: a run that finished with these options is kept,
-    an interrupted one resumes from its checkpoint, otherwise (or with overwrite) it is trained from the start."""
-    found = glob.glob(os.path.join(out, "*.pt"))
-    if overwrite or not found:
-        module.main(args + (["--overwrite", "true"] if overwrite else []))
-        return
-    path = the_checkpoint(out)
-    stage = os.path.basename(path)[:-len(".pt")]                        # a run's checkpoint is named after its stage
-    if finished_run(path, stage, parse_config(module.Config, module.PRESETS, args)) is not None:
-        print(f"{path}: finished with these options; kept")
-    else:
-        module.main(args + ["--resume", "true"])
 
 
 def compare(a):
