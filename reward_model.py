@@ -84,7 +84,9 @@ class Config(RunOptions):
 
 PRESETS = {
     "default": {},
-    "small": dict(n_train=3000, n_val=200, n_test=500, eval_interval=25),
+    # small: lr 1e-3 on 6,000 pairs, not 3e-4 on 3,000: accuracy vs gold 0.69 -> 0.78 on seed 1's small SFT, and
+    # PPO on that SFT then gained gold instead of losing it
+    "small": dict(n_train=6000, n_val=200, n_test=500, eval_interval=25, lr=1e-3),
     "tiny": dict(n_train=128, n_val=32, n_test=64, batch_size=16, warmup_iters=2, eval_interval=4),
 }
 
