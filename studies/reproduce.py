@@ -402,7 +402,7 @@ def run_bench(out_root, only, device):
 def block_bench(records):
     """docs/performance.md: each workload's seconds per iteration against its two floors, and generation speed."""
     if not records:
-        return None
+        return "Not measured yet: `python -m studies.reproduce bench` writes this table."
     lines = ["| workload (16 optimizer steps per iteration) | ours s/iteration (generate / score / train) | "
              "bare-pass floor | ours / floor | FLOP floor | peak RSS |", "|---|---|---|---|---|---|"]
     for run in BENCH_JOBS:
