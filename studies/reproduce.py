@@ -177,7 +177,7 @@ def block_pipeline(records):
             ("evaluation: PPO-max win rate vs SFT (gold)", lambda r: r["eval"]["ppo"]["win_vs_sft"]),
             ("evaluation: PPO-max KL to SFT (nats)", lambda r: r["eval"]["ppo"]["kl_sft"]),
             ("evaluation: PPO-max length (tokens)", lambda r: r["eval"]["ppo"]["length"]),
-            ("pipeline time (s; one thread, beside another part)", lambda r: r["wall_s"])]
+            ("pipeline time (s; one thread, beside other runs)", lambda r: r["wall_s"])]
     head = " | ".join(f"seed {s}" for s in SEEDS[:len(runs)])
     lines = [f"| measure | mean ± std | {head} |", "|---|---|" + "---|" * len(runs)]
     for label, get in rows:
@@ -212,7 +212,7 @@ def block_sft_rm(records):
 def block_small(records):
     """README: the small preset over 3 seeds: its time, SFT → PPO gold, and how --kl_coef moves the KL."""
     groups = [("0.1 (default)", "small_s{}")] + [(f"{b}", f"small_kl{b}_s{{}}") for b in SMALL_KL]
-    lines = ["| --kl_coef | pipeline time (s; one thread, beside another part) | SFT gold | PPO gold | gold gain | seeds with a gain | KL to SFT | "
+    lines = ["| --kl_coef | pipeline time (s; one thread, beside other runs) | SFT gold | PPO gold | gold gain | seeds with a gain | KL to SFT | "
              "win rate vs SFT | collapse warnings |", "|---|---|---|---|---|---|---|---|---|"]
     used = []
     for label, pattern in groups:
