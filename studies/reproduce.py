@@ -356,7 +356,8 @@ def block_compare(methods):
         used = [records[m] for m in methods if m in records]
         return (compare_table(records, methods, base["eval"]["sft"] if base else None) +
                 f"\n\nMean ± std over seeds {', '.join(map(str, SEEDS))}; 512 test prompts; measured at "
-                f"{stamp_line(used)} (`python -m studies.reproduce compare`).")
+                f"{stamp_line(used)} (`python -m studies.reproduce compare`). Train times are of one thread beside "
+                f"other runs, as many as the machine had then: they compare runs of one sitting only.")
     return block
 
 
