@@ -325,12 +325,14 @@ def run_compare(out_root, only, device):
                                           "--seeds", *map(str, SEEDS)]
     compare.main(args)
     rows = read_jsonl(os.path.join(out, "compare.jsonl"))
+    [start] = [{k: v for k, v in r.items() if k not in ("samples", "policy")}
+               for r in read_jsonl(os.path.join(out, "eval.jsonl")) if r["stage"] == "sft"]
     for m in methods:
         old = read_records("compare").get(m)
         mine = [r for r in rows if r["method"] == m]
         wall = sum(r["time_s"] for r in mine) if time.time() - t0 > KEPT_S or not old else old["wall_s"]
         write_record("compare", m, dict(command="python -m studies.compare " + " ".join(args), stamp=stamp(),
-                                        wall_s=wall, rows=mine))
+                                        wall_s=wall, rows=mine, sft_start=start))
 
 
 def compare_table(records, methods, sft):
@@ -352,9 +354,14 @@ def block_compare(methods):
     def block(records):
         if not any(m in records for m in methods):
             return None
-        base = read_records("seeds").get("default_s0")
         used = [records[m] for m in methods if m in records]
-        return (compare_table(records, methods, base["eval"]["sft"] if base else None) +
+        starts = {json.dumps(r["sft_start"], sort_keys=True) for r in used if "sft_start" in r}
+        if len(starts) > 1:
+            raise ValueError("docs/measured/compare: the methods' records start from different SFT evaluations "
+                             "(measured on different machines?): rerun the part on one machine")
+        base = read_records("seeds").get("default_s0")                   # records from before sft_start was kept
+        start = json.loads(starts.pop()) if starts else base["eval"]["sft"] if base else None
+        return (compare_table(records, methods, start) +
                 f"\n\nMean ± std over seeds {', '.join(map(str, SEEDS))}; 512 test prompts; measured at "
                 f"{stamp_line(used)} (`python -m studies.reproduce compare`). Train times are of one thread beside "
                 f"other runs, as many as the machine had then: they compare runs of one sitting only.")
