@@ -67,6 +67,7 @@ from building_blocks.monitors import (ValidationMonitor, clipped_tokens, collaps
                                       ppo_iteration_metrics)
 from building_blocks.runs import Run, RunOptions, run_meta
 from building_blocks.sampling import Samples
+from building_blocks.sanity import SanityChecks
 from building_blocks.sequences import collate, encode_demos, encode_prompts
 from checkpoints import load_critic, load_models
 from external import hh_rlhf
@@ -140,6 +141,10 @@ PRESETS = {
                   eval_interval=10, n_eval_prompts=32, collapse_window=5),
     "tiny": dict(n_iters=4, rollout_batch=8, minibatches=2, max_new_tokens=12, critic_pretrain_iters=1,
                  eval_interval=2, n_eval_prompts=8, collapse_window=2, ptx_batch=4),
+    # debug: for stepping through in a debugger (docs/debugging.md): 4 rollouts, one minibatch, the policy updated
+    # from iteration 1 (no critic-only warm-up), so from iteration 2 on the KL reward of step 4 is not 0
+    "debug": dict(n_iters=3, rollout_batch=4, minibatches=1, max_new_tokens=12, critic_pretrain_iters=0,
+                  eval_interval=3, n_eval_prompts=4, collapse_window=2, ptx_batch=4),
 }
 
 
@@ -210,6 +215,7 @@ def compute_gae(rewards, values, mask, gamma, lam):
     Values and rewards at padding are zeroed first, so the value after a response's last token is 0 (terminal).
     Returns (advantages, returns), both (B, T) and 0 at padding.
     """
+    # [assignment: gae]
     mask = mask.to(values.dtype)
     values, rewards = values * mask, rewards * mask                       # (B, T) no leaks from padding
     T = rewards.shape[1]
@@ -222,11 +228,15 @@ def compute_gae(rewards, values, mask, gamma, lam):
         adv[:, t] = last
     adv = adv * mask
     return adv, (adv + values) * mask                                     # (B, T), (B, T)
+    # [end assignment: gae]
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, ratio_clip):
-    """Clipped surrogate (paper eq. 15): mean over tokens of max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε)), ρ = π/π_old.
-    Returns (loss, stats) with clipfrac, approx_kl (k3 between π_old and π), ratio mean and max."""
+    """Clipped surrogate (paper eq. 15): mean over tokens of max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε)), ρ = π/π_old,
+    ε = ratio_clip; logprobs (b, Tr) carry the gradient, old_logprobs and advantages (b, Tr) are constants.
+    Returns (loss, stats): the stats are floats over the tokens where mask is 1 — clipfrac (the share where the
+    clipped term is the larger), approx_kl (k3 between π_old and π: mean of (ρ - 1) - log ρ), ratio_mean, ratio_max."""
+    # [assignment: ppo_policy_loss]
     log_ratio = (logprobs - old_logprobs) * mask                          # (b, Tr)
     ratio = torch.exp(log_ratio)                                          # (b, Tr)
     pg1 = -advantages * ratio                                             # (b, Tr)
@@ -238,11 +248,15 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, ratio_clip):
                      ratio_mean=masked_mean(ratio, mask).item(),
                      ratio_max=ratio.masked_fill(mask == 0, 0).max().item())
     return loss, stats
+    # [end assignment: ppo_policy_loss]
 
 
 def ppo_value_loss(values, old_values, returns, mask, vf_clip):
     """Clipped value loss (eq. 16): ½·mean over tokens of max((V - R)², (clip(V, V_old ± ε_v) - R)²), ε_v = vf_clip;
-    vf_clip 0 = plain ½·MSE. Returns (loss, stats) with vf_clipfrac."""
+    vf_clip 0 = plain ½·MSE. values (b, Tr) carry the gradient; old_values, returns (b, Tr) are constants.
+    Returns (loss, stats): stats["vf_clipfrac"], the share of masked tokens where the clipped error is the larger
+    (0.0 when vf_clip is 0)."""
+    # [assignment: ppo_value_loss]
     err = (values - returns) ** 2                                         # (b, Tr)
     if vf_clip > 0:
         v_clip = old_values + torch.clamp(values - old_values, -vf_clip, vf_clip)
@@ -252,6 +266,7 @@ def ppo_value_loss(values, old_values, returns, mask, vf_clip):
     else:
         loss, clipfrac = 0.5 * masked_mean(err, mask), 0.0
     return loss, dict(vf_clipfrac=clipfrac)
+    # [end assignment: ppo_value_loss]
 
 
 class RunningMoments:
@@ -261,12 +276,17 @@ class RunningMoments:
         self.mean, self.var, self.count = 0.0, 1.0, 1e-24
 
     def update(self, x):
-        """x (n,): fold a batch in; under torchrun, every rank's batch (the statistics are global, alike on all)."""
+        """x (n,): fold a batch in; under torchrun, every rank's batch (the statistics are global, alike on all).
+        The batch's n, mean m and population variance v (÷ n) merge with the running (count, mean, var) by the
+        parallel-variance rule: total = count + n, δ = m - mean, mean += δ·n/total,
+        var = (var·count + v·n + δ²·count·n/total) / total, count = total."""
         x = gather_rows(x)                                                # [DDP] (N·n,) every rank's scores
+        # [assignment: running_moments]
         n, m, v = x.numel(), x.mean().item(), x.var(unbiased=False).item()
         delta, total = m - self.mean, self.count + n
         m2 = self.var * self.count + v * n + delta ** 2 * self.count * n / total
         self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+        # [end assignment: running_moments]
 
     @property
     def std(self):
@@ -274,7 +294,10 @@ class RunningMoments:
 
 
 def process_scores(scores, running, mode, clip):
-    """Raw RM scores (B,) -> processed (B,): `none`, `scale` (÷ running std), `norm_clip` (eq. 18)."""
+    """Raw RM scores (B,) -> processed (B,): `none` (unchanged, the moments not updated), `scale` (÷ running std),
+    `norm_clip` (eq. 18: (score - running mean) / running std, clipped to [-clip, clip]). `scale` and `norm_clip`
+    fold the batch into `running` first, so a batch is normalised with moments that include it."""
+    # [assignment: running_moments]
     if mode == "none":
         return scores
     running.update(scores)
@@ -282,15 +305,20 @@ def process_scores(scores, running, mode, clip):
         return scores / running.std
     if mode == "norm_clip":
         return torch.clamp((scores - running.mean) / running.std, -clip, clip)
+    # [end assignment: running_moments]
     raise ValueError(f"unknown score_norm {mode!r}; expected none, scale or norm_clip")
 
 
 def kl_rewards(old_logprobs, ref_logprobs, mask, scores, kl_coef):
-    """Per-token reward (B, Tr): -β·k1 on every response token, plus the score on the last real one (eq. 3)."""
+    """Per-token reward (B, Tr) (eq. 3): -β·k1 on every response token (k1 = old_logprobs - ref_logprobs where mask
+    is 1, building_blocks.kl.k1), plus the score (B,) on each response's last real token (last_token_index(mask));
+    0 at padding. β = kl_coef."""
+    # [assignment: kl_reward]
     rewards = -kl_coef * kl.k1(old_logprobs, ref_logprobs, mask)          # (B, Tr)
     last = last_token_index(mask)                                         # (B,) EOS position, or the last token
     rewards[torch.arange(len(scores)), last] += scores
     return rewards
+    # [end assignment: kl_reward]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -419,6 +447,7 @@ def main(argv=None):
         order_rng = random.Random(rank_seed)            # prompt draws, minibatch order, PTX demonstrations
         sampling_gen = torch.Generator(device=device).manual_seed(rank_seed)  # token sampling in the rollouts
         running, history, warned = RunningMoments(), [], False   # score statistics (step 3), metrics, the warning
+        sanity, bf16 = SanityChecks("PPO"), str(device).startswith("cuda") and cfg.amp   # bf16: autocast on CUDA
         splits, ptx_data = load_prompts(cfg, sft, enc, order_rng)
         restored = run.begin(opt, dict(model=policy, critic=critic), run_meta(sft, cfg), cfg.n_iters, order_rng,
                              sampling_gen, samples=True, saved=lambda: dict(
@@ -456,6 +485,11 @@ def main(argv=None):
             update_stats, ratios = ppo_update(train_policy, train_critic, opt, ro, advantages, returns, cfg,
                                               update_policy, minibatch_gen, ptx_data, f"PPO iteration {it}")
             t_train = time.time() - t_train
+            # the classic silent failures, each a plain-English warning once per run (building_blocks/sanity.py)
+            sanity.rollout(it, ro.old_logprobs, ro.ref_logprobs, ro.mask, ended)
+            sanity.advantages(it, advantages, ro.mask)
+            if update_policy:
+                sanity.first_ratio(it, update_stats[0]["ratio_mean"], update_stats[0]["ratio_max"], bf16)
 
             # monitoring: the paper's §5.2 metrics, PPO diagnostics, win rate vs SFT, the collapse warning
             row = metrics_over_ranks(dict(                                   # [DDP] the global batch's metrics

@@ -306,19 +306,23 @@ def masked_mean(x, mask, dim=None):
 
 def masked_var(x, mask):
     """Unbiased variance of x over mask."""
+    # [assignment: whitening]
     mean = masked_mean(x, mask)
     n = mask.sum()
     return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+    # [end assignment: whitening]
 
 
 def masked_whiten(x, mask, shift_mean=True, over_ranks=False):
     """(x - μ) / σ over masked positions (shift_mean=False keeps the mean: (x - μ)/σ + μ). Padding stays 0.
     over_ranks: under torchrun, μ and σ of every rank's rows together (global_masked_moments)."""
     mean, var = global_masked_moments(x, mask) if over_ranks else (masked_mean(x, mask), masked_var(x, mask))
+    # [assignment: whitening]
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
     return out * mask
+    # [end assignment: whitening]
 
 
 # ---------------------------------------------------------------------------------------------- logging

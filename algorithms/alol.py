@@ -107,6 +107,19 @@ def priority_sample(advantages, n, generator):
     return torch.multinomial(w, n, replacement=True, generator=generator)
 
 
+def alol_weight(advantages, seq_logp, ref_seq_logp, clip_eps):
+    """
+    The A-LoL weight of each training example (paper eq. 5), a constant (B,): A⁺ · clip(ρ, 1-ε, 1+ε) with
+    A⁺ = max(A, 0) and ρ = π_θ(y|x) / π_ref(y|x) = exp(s_θ - s_ref) from summed response log-probs seq_logp and
+    ref_seq_logp (B,). The clip is done in log space, log ρ ∈ [log(1-ε), log(1+ε)], so a long response cannot
+    overflow exp; no gradient flows through the weight (sg[·] in the paper's loss).
+    """
+    # [assignment: alol_weight]
+    log_rho = (seq_logp - ref_seq_logp).clamp(math.log(1 - clip_eps), math.log(1 + clip_eps))  # (B,) clipped
+    return (advantages.clamp(min=0) * log_rho.exp()).detach()            # (B,)
+    # [end assignment: alol_weight]
+
+
 def alol_loss(logp, ref_logp, mask, advantages, variant, clip_eps, kl_coef=0.0):
     """
     The A-LoL family's loss on (B, Tr) token log-probs of the data responses under π_θ (logp) and π_ref (ref_logp),
@@ -120,7 +133,7 @@ def alol_loss(logp, ref_logp, mask, advantages, variant, clip_eps, kl_coef=0.0):
                  log_rho_abs_max=log_rho.abs().max().item(),
                  clipped_frac=((log_rho < lo) | (log_rho > hi)).float().mean().item(), drift=log_rho.mean().item())
     if variant == "alol":
-        loss = -(a_pos * log_rho.clamp(lo, hi).exp() * s).mean()
+        loss = -(alol_weight(advantages, s, s_ref, clip_eps) * s).mean()
     elif variant == "ref_free":
         loss = -(a_pos * s).mean()
     elif variant == "seq":

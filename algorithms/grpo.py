@@ -66,6 +66,7 @@ from building_blocks import kl
 from building_blocks.devices import (data_parallel, global_masked_moments, metrics_over_ranks, rank,
                                      share_of_global_tokens, sum_over_ranks, world_size)
 from building_blocks.monitors import ValidationMonitor, clipped_tokens, minibatch_means
+from building_blocks.sanity import SanityChecks
 from building_blocks.runs import Run, RunOptions, run_meta
 from building_blocks.sampling import Samples, sample_and_score
 from building_blocks.sequences import encode_prompts
@@ -119,6 +120,9 @@ PRESETS = {
     "dapo": dict(ratio_clip_high=0.28, loss_agg="token-mean", kl_coef=0.0, dynamic_sampling=True, overlong_cache=12),
     "gspo": dict(ratio_level="sequence", ratio_clip_low=3e-4, ratio_clip_high=4e-4, kl_coef=0.0, minibatches=4),
     "tiny": dict(n_iters=3, prompts_per_iter=4, samples_per_prompt=2, max_new_tokens=16, eval_interval=2, n_eval_prompts=8),
+    # debug: for stepping through in a debugger (docs/debugging.md): 2 prompts × 2 samples, one minibatch
+    "debug": dict(n_iters=3, prompts_per_iter=2, samples_per_prompt=2, minibatches=1, max_new_tokens=12,
+                  eval_interval=3, n_eval_prompts=4),
 }
 STD_EPS = 1e-6  # added to the std (choice 2)
 
@@ -136,6 +140,7 @@ def group_advantages(rewards, group_size, scale):
     """
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale {scale!r}: must be one of group, batch, none")
+    # [assignment: group_advantages]
     r = rewards.double().view(-1, group_size)                            # (P, G)
     adv = r - r.mean(1, keepdim=True)                                     # (P, G)
     if scale == "group":
@@ -146,6 +151,7 @@ def group_advantages(rewards, group_size, scale):
     flat = r.max(1, keepdim=True).values == r.min(1, keepdim=True).values  # (P, 1) no spread: no signal
     dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
     return adv.masked_fill(flat, 0.0).view(-1).to(dtype)                  # (N,)
+    # [end assignment: group_advantages]
 
 
 def aggregate_loss(loss_per_token, mask, mode, norm_len=None):
@@ -158,6 +164,7 @@ def aggregate_loss(loss_per_token, mask, mode, norm_len=None):
     response differently: per-sequence means give short responses' tokens more weight (the length bias).
     """
     m = mask.bool()
+    # [assignment: loss_aggregation]
     masked = torch.where(m, loss_per_token, torch.zeros_like(loss_per_token))  # (B, Tr) NaN-safe (NaN·0 = NaN)
     if mode == "token-mean":
         return masked.sum() / m.sum().clamp(min=1)
@@ -165,6 +172,7 @@ def aggregate_loss(loss_per_token, mask, mode, norm_len=None):
         return (masked.sum(1) / m.sum(1).clamp(min=1)).mean()
     if mode == "seq-mean-token-sum-norm":
         return (masked.sum(1) / (norm_len or mask.shape[1])).mean()
+    # [end assignment: loss_aggregation]
     raise ValueError(f"loss_agg {mode!r}: must be one of token-mean, seq-mean-token-mean, seq-mean-token-sum-norm")
 
 
@@ -368,6 +376,7 @@ def main(argv=None):
         order_rng = random.Random(rank_seed)                                  # prompt draws, minibatch order
         sampling_gen = torch.Generator(device=device).manual_seed(rank_seed)  # token sampling
         budget = dict(generated=0, policy_steps=0)    # responses generated, optimizer steps taken: saved with the run
+        sanity = SanityChecks("GRPO")
         budget.update(run.begin(opt, dict(model=policy), run_meta(sft, cfg), cfg.n_iters, order_rng, sampling_gen,
                                 samples=True, saved=lambda: dict(budget)))
         monitor = ValidationMonitor(enc, ref, rm, None, data.sample_prompts(
@@ -389,6 +398,12 @@ def main(argv=None):
                      if len(adv) else [])
             if not steps:
                 print(f"iteration {it}: every sampled group had equal rewards in {g.rounds} rounds; no update")
+            # the classic silent failures, each a plain-English warning once per run (building_blocks/sanity.py)
+            sanity.rollout(it, ro.old_logprobs, ro.ref_logprobs, ro.mask, (ro.response == tok.eos_id(enc)).any(1))
+            sanity.tied_groups(it, g.rewards, cfg.samples_per_prompt)
+            sanity.advantages(it, adv)
+            if steps:
+                sanity.first_ratio(it, steps[0]["ratio"], bf16=str(device).startswith("cuda") and cfg.amp)
             budget["generated"] += int(sum_over_ranks(torch.tensor(g.generated)))   # [DDP] every rank's
             budget["policy_steps"] += len(steps)
             n_tok = ro.mask.sum()

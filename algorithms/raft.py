@@ -67,6 +67,9 @@ class Config(RunOptions):
 PRESETS = {
     "default": {},
     "tiny": dict(n_iters=3, prompts_per_iter=4, samples_per_prompt=2, max_new_tokens=12, eval_interval=2, n_eval_prompts=8),
+    # debug: for stepping through in a debugger (docs/debugging.md): 2 prompts × 2 samples, one fine-tuning step
+    "debug": dict(n_iters=3, prompts_per_iter=2, samples_per_prompt=2, minibatches=1, max_new_tokens=12,
+                  eval_interval=3, n_eval_prompts=4),
 }
 
 

@@ -62,6 +62,8 @@ class Config(RunOptions):
 PRESETS = {
     "default": {},
     "tiny": dict(n_iters=3, prompts_per_iter=8, max_new_tokens=12, eval_interval=2, n_eval_prompts=8),
+    # debug: for stepping through in a debugger (docs/debugging.md): 4 prompts, one sample each
+    "debug": dict(n_iters=3, prompts_per_iter=4, max_new_tokens=12, eval_interval=3, n_eval_prompts=4),
 }
 
 

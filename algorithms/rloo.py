@@ -52,6 +52,7 @@ from building_blocks import kl
 from building_blocks.monitors import ValidationMonitor
 from building_blocks.runs import Run, RunOptions, run_meta
 from building_blocks.sampling import sample_and_score
+from building_blocks.sanity import SanityChecks
 from building_blocks.sequences import encode_prompts
 from checkpoints import load_models
 from model import logprobs_from_logits, response_logits
@@ -84,6 +85,9 @@ class Config(RunOptions):
 PRESETS = {
     "default": {},
     "tiny": dict(n_iters=3, prompts_per_iter=4, samples_per_prompt=2, max_new_tokens=12, eval_interval=2, n_eval_prompts=8),
+    # debug: for stepping through in a debugger (docs/debugging.md): 2 prompts × 2 samples, one minibatch
+    "debug": dict(n_iters=3, prompts_per_iter=2, samples_per_prompt=2, minibatches=1, max_new_tokens=12,
+                  eval_interval=3, n_eval_prompts=4),
 }
 
 
@@ -97,9 +101,11 @@ def loo_advantages(rewards, k):
     """
     if k < 2:
         raise ValueError(f"the leave-one-out baseline needs k >= 2 samples per prompt, got k={k}")
+    # [assignment: rloo_baseline]
     g = rewards.view(-1, k)                                               # (B, k)
     baseline = (g.sum(1, keepdim=True) - g) / (k - 1)                     # (B, k) mean of the others
     return (g - baseline).view(-1)                                        # (N,)
+    # [end assignment: rloo_baseline]
 
 
 class MovingAverageBaseline:
@@ -176,7 +182,7 @@ def main(argv=None):
         splits = data.only_kinds(data.prompt_splits(sft["config"]["seed"]), cfg.tasks)
         rng = random.Random(cfg.seed)                                     # prompt draws, minibatch order
         gen = torch.Generator(device=device).manual_seed(cfg.seed)        # token sampling
-        moving = MovingAverageBaseline()
+        moving, sanity = MovingAverageBaseline(), SanityChecks("RLOO")
         restored = run.begin(opt, dict(model=policy), run_meta(sft, cfg), cfg.n_iters, rng, gen, samples=True,
                              saved=lambda: dict(moving=[moving.total, moving.count]))
         moving.total, moving.count = restored["moving"]
@@ -207,6 +213,11 @@ def main(argv=None):
                 adv, b = moving.advantages(rewards)
             else:
                 adv = rewards
+            # the classic silent failures, each a plain-English warning once per run (building_blocks/sanity.py)
+            sanity.rollout(it, ro.old_logprobs, ro.ref_logprobs, mask, (ro.response == tok.eos_id(enc)).any(1))
+            if cfg.baseline == "loo":
+                sanity.tied_groups(it, rewards, k)
+            sanity.advantages(it, adv)
             # 4. one pass of REINFORCE updates over shuffled minibatches
             t_train = time.time()
             losses, gnorms = rloo_update(policy, opt, ro, adv, cfg,
