@@ -325,14 +325,27 @@ def run_compare(out_root, only, device):
                                           "--seeds", *map(str, SEEDS)]
     compare.main(args)
     rows = read_jsonl(os.path.join(out, "compare.jsonl"))
-    [start] = [{k: v for k, v in r.items() if k not in ("samples", "policy")}
-               for r in read_jsonl(os.path.join(out, "eval.jsonl")) if r["stage"] == "sft"]
+    start = sft_start(out_root, device)
     for m in methods:
         old = read_records("compare").get(m)
         mine = [r for r in rows if r["method"] == m]
         wall = sum(r["time_s"] for r in mine) if time.time() - t0 > KEPT_S or not old else old["wall_s"]
         write_record("compare", m, dict(command="python -m studies.compare " + " ".join(args), stamp=stamp(),
                                         wall_s=wall, rows=mine, sft_start=start))
+
+
+def sft_start(out_root, device):
+    """The evaluation of the SFT every compared method starts from (evaluate.py on it alone, as on the methods:
+    512 test prompts), measured once per out_root and kept in compare_sft_start/."""
+    import evaluate
+    from utils import read_jsonl
+    out = os.path.join(out_root, "compare_sft_start")
+    if not os.path.exists(os.path.join(out, "eval.jsonl")):
+        sft, rm = base_checkpoints(out_root)[1::2]
+        evaluate.main(["--policies", sft, "--sft_ckpt", sft, "--rm_ckpt", rm, "--out_dir", out, "--device", device,
+                       "--n_prompts", "512"])
+    [row] = read_jsonl(os.path.join(out, "eval.jsonl"))
+    return {k: v for k, v in row.items() if k not in ("samples", "policy")}
 
 
 def compare_table(records, methods, sft):
