@@ -320,18 +320,15 @@ def run_compare(out_root, only, device):
     from utils import read_jsonl
     methods = [m for m in COMPARED + RLVR if not only or m in only]
     out = os.path.join(out_root, "compare")
-    t0 = time.time()
     args = base_checkpoints(out_root) + ["--out_dir", out, "--device", device, "--methods", *methods,
                                           "--seeds", *map(str, SEEDS)]
     compare.main(args)
     rows = read_jsonl(os.path.join(out, "compare.jsonl"))
     start = sft_start(out_root, device)
     for m in methods:
-        old = read_records("compare").get(m)
         mine = [r for r in rows if r["method"] == m]
-        wall = sum(r["time_s"] for r in mine) if time.time() - t0 > KEPT_S or not old else old["wall_s"]
         write_record("compare", m, dict(command="python -m studies.compare " + " ".join(args), stamp=stamp(),
-                                        wall_s=wall, rows=mine, sft_start=start))
+                                        wall_s=sum(r["time_s"] for r in mine), rows=mine, sft_start=start))
 
 
 def sft_start(out_root, device):
