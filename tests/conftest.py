@@ -5,6 +5,9 @@ import sys
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):   # pytest -n 2: one torch thread per worker (and its subprocesses), so
+    os.environ.setdefault("OMP_NUM_THREADS", "1")   # that two workers on two cores do not oversubscribe them
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
