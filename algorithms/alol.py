@@ -75,6 +75,9 @@ class Config(RunOptions):
 PRESETS = {
     "default": {},
     "tiny": dict(batch_size=8, value_epochs=2, max_new_tokens=12, eval_interval=4, n_eval_prompts=8),
+    # debug: for stepping through in a debugger (docs/debugging.md): batches of 4 examples, one value epoch; the
+    # steps are one pass over the positive-advantage pairs (seconds from the tiny pipeline's RM)
+    "debug": dict(batch_size=4, value_epochs=1, max_new_tokens=12, eval_interval=4, n_eval_prompts=4),
 }
 VARIANTS = ("alol", "ref_free", "seq", "kl")
 

@@ -66,6 +66,9 @@ class Config(RunOptions):
 PRESETS = {
     "default": {},
     "tiny": dict(batch_size=16, warmup_iters=2, eval_interval=4, n_val=16, n_eval_prompts=8, max_new_tokens=12),
+    # debug: for stepping through in a debugger (docs/debugging.md): batches of 4 pairs; the steps are one pass
+    # over the pairs the RM was trained on (seconds from the tiny pipeline's RM)
+    "debug": dict(batch_size=4, warmup_iters=1, eval_interval=4, n_val=8, n_eval_prompts=4, max_new_tokens=12),
 }
 
 

@@ -143,15 +143,18 @@ def _run(*args):
     return r.stdout
 
 
-def test_each_algorithm_runs_tiny_and_evaluates(tiny_pipeline, tmp_path):
-    """RLOO, REINFORCE (moving average), DPO and RAFT run with the tiny preset and evaluate.py reads their checkpoints."""
+def test_each_algorithm_runs_tiny_and_evaluates(tiny_pipeline, tmp_path, capsys):
+    """RLOO, REINFORCE (moving average), DPO, RAFT and A-LoL run with the tiny preset (in this process) and
+    evaluate.py (its command line) reads their checkpoints."""
+    from algorithms import alol, dpo, raft
     out, base = str(tmp_path), tiny_pipeline
     common = ["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt"]
-    _run("-m", "algorithms.rloo", *common, "--out_dir", out)
-    _run("-m", "algorithms.rloo", *common, "--baseline", "moving_avg", "--samples_per_prompt", "1", "--out_dir", f"{out}/reinforce")
-    _run("-m", "algorithms.dpo", *common, "--out_dir", out)
-    _run("-m", "algorithms.raft", *common, "--out_dir", out)
-    _run("-m", "algorithms.alol", *common, "--out_dir", out)
+    rloo.main(common + ["--out_dir", out])
+    rloo.main(common + ["--baseline", "moving_avg", "--samples_per_prompt", "1", "--out_dir", f"{out}/reinforce"])
+    dpo.main(common + ["--out_dir", out])
+    raft.main(common + ["--out_dir", out])
+    alol.main(common + ["--out_dir", out])
+    capsys.readouterr()
     enc_id = tok.tokenizer_id(tok.get_tokenizer("toy"))
     for stage, path in (("rloo", "rloo.pt"), ("rloo", "reinforce/rloo.pt"), ("dpo", "dpo.pt"), ("raft", "raft.pt"),
                         ("alol", "alol.pt")):

@@ -34,10 +34,11 @@ def test_a_pdb_session_stops_in_step_6_with_a_nonzero_kl_reward(tiny_pipeline, t
 
 def test_the_debug_preset_updates_the_policy_from_iteration_1():
     import ppo_rlhf
-    from algorithms import grpo, raft, reinforce, rloo
+    from algorithms import alol, dpo, grpo, raft, reinforce, rloo
     assert ppo_rlhf.PRESETS["debug"]["critic_pretrain_iters"] == 0
     assert ppo_rlhf.PRESETS["debug"]["rollout_batch"] == 4
     for module in (grpo, rloo, raft):
         p = module.PRESETS["debug"]
         assert p["prompts_per_iter"] * p["samples_per_prompt"] == 4
     assert reinforce.PRESETS["debug"]["prompts_per_iter"] == 4
+    assert dpo.PRESETS["debug"]["batch_size"] == alol.PRESETS["debug"]["batch_size"] == 4

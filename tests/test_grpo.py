@@ -2,8 +2,6 @@
 verifier on hand-written answers, and a tiny run of every preset."""
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -169,19 +167,15 @@ class _Scorer(torch.nn.Module):
         return mask.sum(1).float()
 
 
-def _run(*args):
-    r = subprocess.run([sys.executable, "-m", "algorithms.grpo", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return r.stdout
-
-
 @pytest.mark.parametrize("preset, extra", [("grpo", []), ("dr_grpo", []), ("dapo", ["--overlong_cache", "4"]),
                                            ("gspo", []), ("grpo", ["--reward", "verifier", "--tasks", "math"])])
-def test_each_preset_runs_tiny(base, tmp_path, preset, extra):
-    out = _run("--preset", preset, "--device", "cpu", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt",
+def test_each_preset_runs_tiny(base, tmp_path, preset, extra, capsys):
+    """In this process (the command line itself is run by tests/test_sanity.py and tests/test_distributed.py)."""
+    from algorithms import grpo
+    grpo.main(["--preset", preset, "--device", "cpu", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt",
                "--n_iters", "2", "--prompts_per_iter", "4", "--samples_per_prompt", "2", "--max_new_tokens", "12",
-               "--eval_interval", "2", "--n_eval_prompts", "8", "--out_dir", str(tmp_path), *extra)
+               "--eval_interval", "2", "--n_eval_prompts", "8", "--out_dir", str(tmp_path), *extra])
+    out = capsys.readouterr().out
     assert "GRPO done" in out and os.path.getsize(tmp_path / "grpo_curves.png") > 0
     from checkpoints import load_checkpoint
     from utils import read_jsonl
