@@ -5,7 +5,8 @@ copy). Run it after changing a marked body or a case:
 
     python -m assignments.cases
 
-This is the only file of assignments/ that imports the reference; grading reads the stored values.
+This file and mutations.py (the key's tools, both left out of the student copy) run the reference; grading
+reads the stored values.
 Each case is built to catch a classic mistake: γ and λ both away from 1, values and rewards that are not 0 at
 padding, ragged masks with left and right padding, a row with no response, score gaps where log(sigmoid)
 underflows, tied groups, NaN at padding, a mask with few real tokens (where the unbiased variance differs).
