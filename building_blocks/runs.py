@@ -165,13 +165,19 @@ def check_resume(ckpt, cfg, path):
     check_same_run(ckpt, cfg, path)
 
 
-def finished_run(path, stage, cfg):
-    """pipeline.py --resume: the metrics of a finished `stage` run of exactly `cfg` (same config, same input
-    contents) at `path`; None when there is no checkpoint there or an unfinished one (the stage runs or resumes)."""
+def done_checkpoint(path, stage):
+    """The checkpoint at `path` if a `stage` run finished there; None when there is none or an unfinished one."""
     if not os.path.exists(path):
         return None
     ckpt = load_checkpoint(path, stage, finished=False)
-    if not ckpt.get("done", True):
+    return ckpt if ckpt.get("done", True) else None
+
+
+def finished_run(path, stage, cfg):
+    """pipeline.py --resume: the metrics of a finished `stage` run of exactly `cfg` (same config, same input
+    contents) at `path`; None when there is no checkpoint there or an unfinished one (the stage runs or resumes)."""
+    ckpt = done_checkpoint(path, stage)
+    if ckpt is None:
         return None
     check_same_run(ckpt, cfg, path)
     return ckpt["metrics"]

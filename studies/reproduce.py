@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -272,9 +273,9 @@ def base_checkpoints(out_root):
 
 
 def finished(out_dir, stage="ppo"):
-    from checkpoints import load_checkpoint
-    path = os.path.join(out_dir, f"{stage}.pt")
-    return os.path.exists(path) and load_checkpoint(path, stage, finished=False).get("done", True)
+    """Whether the `stage` run in out_dir finished (whatever its options: a part keeps its own runs)."""
+    from building_blocks.runs import done_checkpoint
+    return done_checkpoint(os.path.join(out_dir, f"{stage}.pt"), stage) is not None
 
 
 def run_ablations(out_root, only, device):
@@ -397,7 +398,6 @@ BENCH_JOBS = {"ppo_v8192": ["--algo", "ppo"], "ppo_v50257": ["--algo", "ppo", "-
 def run_bench(out_root, only, device):
     """Each workload of BENCH_JOBS in its own process (so that its peak RSS is its own), at this process's thread
     count; one record per workload. Always measured again (a time is not kept from an earlier call)."""
-    import sys
     if device != "cpu":
         raise ValueError(f"--device {device}: the bench part measures the CPU workloads of studies.bench")
     out = os.path.join(out_root, "bench")
