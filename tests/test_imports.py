@@ -1,5 +1,5 @@
 """Imports flow one way, down the reading path (every import counts, function-level ones too):
-library modules (model, tokenizer, data, checkpoints, utils, building_blocks/, external/) import no stage, no
+library modules (model, tokenizer, data, checkpoints, utils, building_blocks/, external/, tasks/) import no stage, no
 algorithm file and no study; a stage never imports a later stage or an algorithm file; an algorithm file
 imports neither another algorithm file nor a stage; no training stage imports evaluate.py; nothing imports in
 a circle. `python tests/test_imports.py` prints the graph: each file's project imports."""
@@ -10,7 +10,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("train_sft", "reward_model", "ppo_rlhf", "evaluate", "pipeline")          # the reading path, in order
 TRAINING_STAGES = STAGES[:3]
-LIBRARY_FOLDERS = ("building_blocks", "external")
+LIBRARY_FOLDERS = ("building_blocks", "external", "tasks")
 LIBRARY = ("model", "tokenizer", "data", "checkpoints", "utils")
 
 
