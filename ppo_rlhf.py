@@ -74,7 +74,7 @@ from external import hh_rlhf
 from model import entropy_from_logits, last_token_index, logprobs_from_logits, response_logits, response_values
 from train_sft import sft_loss
 from utils import (autocast, check_finite, field, masked_mean, masked_whiten, parse_config, plot_curves, read_jsonl,
-                   run_main)
+                   run_main, uses_bf16)
 
 
 @dataclass
@@ -447,7 +447,7 @@ def main(argv=None):
         order_rng = random.Random(rank_seed)            # prompt draws, minibatch order, PTX demonstrations
         sampling_gen = torch.Generator(device=device).manual_seed(rank_seed)  # token sampling in the rollouts
         running, history, warned = RunningMoments(), [], False   # score statistics (step 3), metrics, the warning
-        sanity, bf16 = SanityChecks("PPO"), str(device).startswith("cuda") and cfg.amp   # bf16: autocast on CUDA
+        sanity = SanityChecks("PPO")
         splits, ptx_data = load_prompts(cfg, sft, enc, order_rng)
         restored = run.begin(opt, dict(model=policy, critic=critic), run_meta(sft, cfg), cfg.n_iters, order_rng,
                              sampling_gen, samples=True, saved=lambda: dict(
@@ -486,10 +486,11 @@ def main(argv=None):
                                               update_policy, minibatch_gen, ptx_data, f"PPO iteration {it}")
             t_train = time.time() - t_train
             # the classic silent failures, each a plain-English warning once per run (building_blocks/sanity.py)
-            sanity.rollout(it, ro.old_logprobs, ro.ref_logprobs, ro.mask, ended)
+            sanity.rollout(it, kl.k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1), ended)
             sanity.advantages(it, advantages, ro.mask)
             if update_policy:
-                sanity.first_ratio(it, update_stats[0]["ratio_mean"], update_stats[0]["ratio_max"], bf16)
+                sanity.first_ratio(it, update_stats[0]["ratio_mean"], update_stats[0]["ratio_max"],
+                                   uses_bf16(device, cfg.amp))
 
             # monitoring: the paper's §5.2 metrics, PPO diagnostics, win rate vs SFT, the collapse warning
             row = metrics_over_ranks(dict(                                   # [DDP] the global batch's metrics

@@ -204,10 +204,15 @@ def fit_prompt(prompt_ids, room, truncate, where):
     return prompt_ids[-room:]
 
 
+def uses_bf16(device, enabled=True):
+    """Whether autocast(device, enabled) runs in bf16: on CUDA only."""
+    return enabled and str(device).startswith("cuda")
+
+
 def autocast(device, enabled=True):
     """bf16 autocast on CUDA only: matmuls run in bf16, softmax / log-softmax / losses in fp32 (torch's autocast
     lists). CPU and MPS stay in fp32, so every number the tests check is the plain fp32 math."""
-    if enabled and str(device).startswith("cuda"):
+    if uses_bf16(device, enabled):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

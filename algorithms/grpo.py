@@ -398,20 +398,21 @@ def main(argv=None):
                      if len(adv) else [])
             if not steps:
                 print(f"iteration {it}: every sampled group had equal rewards in {g.rounds} rounds; no update")
-            # the classic silent failures, each a plain-English warning once per run (building_blocks/sanity.py)
-            sanity.rollout(it, ro.old_logprobs, ro.ref_logprobs, ro.mask, (ro.response == tok.eos_id(enc)).any(1))
-            sanity.tied_groups(it, g.rewards, cfg.samples_per_prompt)
-            sanity.advantages(it, adv)
-            if steps:
-                sanity.first_ratio(it, steps[0]["ratio"], bf16=str(device).startswith("cuda") and cfg.amp)
             budget["generated"] += int(sum_over_ranks(torch.tensor(g.generated)))   # [DDP] every rank's
             budget["policy_steps"] += len(steps)
             n_tok = ro.mask.sum()
             kl_seq = kl.k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1)  # (N,) k1, logged as for PPO and RLOO
+            ended = (ro.response == tok.eos_id(enc)).any(1)                  # (N,)
+            # the classic silent failures, each a plain-English warning once per run (building_blocks/sanity.py)
+            sanity.rollout(it, kl_seq, ended)
+            sanity.tied_groups(it, g.rewards, cfg.samples_per_prompt)
+            sanity.advantages(it, adv)
+            if steps:
+                sanity.first_ratio(it, steps[0]["ratio"])                   # GRPO runs in fp32 on every device
             row = dict(iter=it, reward=g.rewards.mean().item(), reward_std=g.rewards.std().item(),
                        score_raw=ro.scores.mean().item(), gold=g.gold.mean().item(), verified=g.verified.mean().item(),
                        kl_seq=kl_seq.mean().item(), length=ro.mask.sum(1).float().mean().item(),
-                       eos_rate=(ro.response == tok.eos_id(enc)).any(1).float().mean().item(),
+                       eos_rate=ended.float().mean().item(),
                        perplexity=math.exp(-(ro.old_logprobs.sum() / n_tok).item()),
                        entropy=(ro.entropy.sum() / n_tok).item(), frac_reward_zero_std=g.frac_zero_std,
                        groups=len(adv) // cfg.samples_per_prompt, groups_dropped=g.dropped, sample_rounds=g.rounds,

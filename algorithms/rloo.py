@@ -214,7 +214,7 @@ def main(argv=None):
             else:
                 adv = rewards
             # the classic silent failures, each a plain-English warning once per run (building_blocks/sanity.py)
-            sanity.rollout(it, ro.old_logprobs, ro.ref_logprobs, mask, (ro.response == tok.eos_id(enc)).any(1))
+            sanity.rollout(it, kl_seq, torch.tensor(replies.ended))
             if cfg.baseline == "loo":
                 sanity.tied_groups(it, rewards, k)
             sanity.advantages(it, adv)

@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from assignments.grade import fresh_inputs
 from assignments.parts import BY_NAME, PARTS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -191,8 +192,7 @@ CASES = {   # part -> [(case name, seed, options)]; the last case of each part i
 
 def outputs_of(part, module, inputs, needs_grad):
     """The reference's outputs and gradients for one case."""
-    x = {k: (v.clone().requires_grad_(True) if k in needs_grad else v.clone()) if isinstance(v, torch.Tensor) else v
-         for k, v in inputs.items()}
+    x = fresh_inputs(inputs, needs_grad)
     out = BY_NAME[part].call(module, x)
     grads = {}
     if "loss" in out and needs_grad:

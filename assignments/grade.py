@@ -102,11 +102,17 @@ def compare(what, got, want):
     return None if got == want else f"{what} is {got!r}, expected {want!r}"
 
 
+def fresh_inputs(inputs, needs_grad):
+    """A copy of a case's inputs for one call: every tensor cloned (a call that edits one cannot touch the stored
+    value), those named in needs_grad requiring a gradient."""
+    return {k: (v.clone().requires_grad_(True) if k in needs_grad else v.clone()) if isinstance(v, torch.Tensor)
+            else v for k, v in inputs.items()}
+
+
 def run_case(part, module, case):
     """None if the case passes, else the first reason it fails."""
     inputs = {k: decode(v) for k, v in case["inputs"].items()}
-    given = {k: (v.clone().requires_grad_(True) if k in case["needs_grad"] else v.clone())
-             if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    given = fresh_inputs(inputs, case["needs_grad"])
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             out = part.call(module, given)

@@ -100,10 +100,10 @@ class SanityChecks:
                 f"'Advantages that explode'."))
         return False
 
-    def rollout(self, it, old_logprobs, ref_logprobs, mask, ended):
+    def rollout(self, it, kl_seq, ended):
         """What a batch of samples can show before any update: the KL estimate's sign and whether any ended.
-        old_logprobs, ref_logprobs, mask (B, Tr); ended (B,) bool."""
-        said = self.kl_estimate(it, ((old_logprobs - ref_logprobs) * mask).sum(1))
+        kl_seq (B,) k1 summed over each response; ended (B,) bool."""
+        said = self.kl_estimate(it, kl_seq)
         return self.no_eos(it, ended) or said
 
     def no_eos(self, it, ended):
