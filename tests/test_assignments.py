@@ -148,3 +148,12 @@ def test_the_instructors_page_shows_what_the_code_gives():
     with open(mutations.PAGE) as f:
         text = f.read()
     assert text == mutations.page_with_blocks(text), "rerun: python -m assignments.mutations --docs"
+
+
+def test_a_bad_out_dir_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "taken.txt").write_text("x")
+    r = subprocess.run([sys.executable, "-m", "assignments.make", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == f"error: {tmp_path}: exists and is not empty; give a new folder\n"
