@@ -9,6 +9,7 @@ its only teacher: it learns the reply format, the knowledge base and when to sto
 Run (defaults: ~1M-parameter GPT, CPU minutes; writes out/sft.pt, out/sft_log.jsonl, out/sft_loss.png):
     python train_sft.py
     python train_sft.py --preset tiny --out_dir out/tiny        # seconds: the smoke test
+    python train_sft.py --data chains --out_dir out/chains   # arithmetic chains, step by step (process supervision)
     python train_sft.py --tokenizer gpt2 --init gpt2/ --data hh/train.jsonl.gz --out_dir out/gpt2_hh  # GPT-2, HH-RLHF
     torchrun --standalone --nproc_per_node 2 train_sft.py     # data parallel: 2 processes, one per GPU (or CPU)
     python train_sft.py --help
@@ -43,6 +44,7 @@ from building_blocks.runs import Run, RunOptions, ckpt_interval_field
 from building_blocks.sampling import sample_responses
 from building_blocks.sequences import collate, encode_demos
 from external import hh_rlhf
+from tasks import arithmetic_chains
 from external.gpt2 import load_gpt2
 from model import GPT, GPTConfig
 from utils import autocast, check_finite, field, parse_config, plot_curves, read_jsonl, run_main, table
@@ -55,7 +57,8 @@ class Config(RunOptions):
     init: str = field("random", "random, or GPT-2 weights: gpt2 | gpt2-medium | ... (HF cache) or a local "
                                 "model.safetensors / pytorch_model.bin / folder; sets n_layer, n_head, n_embd",
                       input_file=True)
-    data: str = field("toy", "toy (the built-in task), or HH-RLHF .jsonl/.jsonl.gz file(s), comma-separated: "
+    data: str = field("toy", "toy (the built-in task), chains (arithmetic chains worked step by step: "
+                             "tasks/arithmetic_chains.py), or HH-RLHF .jsonl/.jsonl.gz file(s), comma-separated: "
                              "SFT on the chosen responses", input_file=True)
     # model
     n_layer: int = field(4, "transformer blocks", range="[1, inf)")
@@ -181,6 +184,10 @@ def main(argv=None):
             splits = data.prompt_splits(cfg.seed)
             train = data.make_demonstrations(data.sample_prompts(splits["train"], cfg.n_train, rng), cfg.seed + 1)
             val = data.make_demonstrations(data.sample_prompts(splits["val"], cfg.n_val, rng), cfg.seed + 2)
+        elif cfg.data == "chains":  # the worked steps of arithmetic chains; its own splits, the same draws of rng
+            splits = arithmetic_chains.splits(cfg.seed)
+            train = arithmetic_chains.demonstrations([rng.choice(splits["train"]) for _ in range(cfg.n_train)])
+            val = arithmetic_chains.demonstrations([rng.choice(splits["val"]) for _ in range(cfg.n_val)])
         else:  # HH-RLHF: the chosen response of each record is the demonstration
             splits = hh_rlhf.hh_splits(cfg.data, cfg.seed)
             train = [(r["prompt"], r["chosen"]) for r in splits["train"][:cfg.n_train]]
@@ -268,6 +275,16 @@ def main(argv=None):
                         ["kind", "gold: demonstrations", "gold: SFT samples"], [8, 20, 18]))
             metrics.update(gold_sft=gold_sft["all"], gold_demos=gold_demo["all"], gold_sft_by_kind=gold_sft,
                            gold_demos_by_kind=gold_demo)
+        elif cfg.data == "chains":  # final answer, steps and gold by the task's rules; demonstrations are all right
+            eval_prompts = splits["test"][:cfg.n_eval_prompts]
+            responses = sample_responses(model, enc, eval_prompts, cfg.max_new_tokens, cfg.temperature, device, gen)
+            chains = arithmetic_chains.score_replies(eval_prompts, responses.texts, responses.ended)
+            golds = [arithmetic_chains.gold_reward(p, t, e) for p, t, e in
+                     zip(eval_prompts[:8], responses.texts, responses.ended)]
+            print(table([(p.strip(), r, g) for p, r, g in zip(eval_prompts[:8], responses.texts, golds)],
+                        ["test prompt", f"SFT sample (T={cfg.temperature})", "gold"], [44, 70, 5]))
+            print(table(list(chains.items()), ["chains metric", "SFT samples"], [12, 11]))
+            metrics.update(gold_sft=chains["gold"], chains_sft=chains)
         else:  # no gold reward for real data: show samples next to the chosen responses
             test = splits["test"][:cfg.n_eval_prompts]
             eval_prompts = [r["prompt"] for r in test]
@@ -282,7 +299,8 @@ def main(argv=None):
                     [["train_loss", "val_loss"]], "SFT: response-token cross-entropy", logy=(0,))
         run.finish(metrics, responses_generated=0, policy_steps=cfg.max_iters)
         gold = (f"gold reward SFT {metrics['gold_sft']:.3f} vs demonstrations {metrics['gold_demos']:.3f}, "
-                if "gold_sft" in metrics else "")
+                if "gold_demos" in metrics else f"final answers right {metrics['chains_sft']['answer_acc']:.3f}, "
+                f"steps right {metrics['chains_sft']['step_acc']:.3f}, " if "chains_sft" in metrics else "")
         print(f"SFT done in {train_time:.0f}s: val loss {vl:.4f}, {gold}{100 * ended:.0f}% ended with EOS -> {run.ckpt_path}")
         return metrics
 

@@ -23,6 +23,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from data import EOS_TEXT
+
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 OPS = ("+", "-", "*")
 STEP = re.compile(r"^\s*(-?\d+)\s*([+*-])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
@@ -98,14 +100,21 @@ def sample_chain(rng, n_numbers=None):
 
 
 def sentences(response):
-    """The reply split into sentences at '.', empty pieces dropped ("12." and "12" both give one sentence)."""
+    """The reply split into sentences at '.', empty pieces dropped ("12." and "12" both give one sentence); a
+    trailing EOS marker text (a sampled reply that ended keeps it) is not a sentence."""
+    if response.endswith(EOS_TEXT):
+        response = response[: -len(EOS_TEXT)]
     return [s.strip() for s in response.split(".") if s.strip()]
 
 
 def step_labels(prompt, response):
     """[(step text, correct?)] for every sentence before the answer sentence (see the module docstring)."""
-    chain, labels = chain_of(prompt), []
-    parts = sentences(response)
+    return _label_steps(chain_of(prompt), response)[0]
+
+
+def _label_steps(chain, response):
+    """(step_labels, the chain left after the correct steps)."""
+    labels, parts = [], sentences(response)
     if parts and ANSWER.match(parts[-1]):
         parts = parts[:-1]
     for text in parts:
@@ -119,7 +128,39 @@ def step_labels(prompt, response):
                     chain, ok = reduce(chain, i), True
                     break
         labels.append((text, ok))
+    return labels, chain
+
+
+def sentence_labels(prompt, response, ended):
+    """[(sentence, correct?)] for every sentence: step_labels, then the answer sentence when the reply has one,
+    correct iff the reply ended, the correct steps finished the expression and the answer is its value. All
+    correct (and at least one sentence) iff gold_reward is 1.0: the labels a process reward model learns."""
+    chain = chain_of(prompt)
+    labels, left = _label_steps(chain, response)
+    answer = final_answer(response)
+    if answer is not None:
+        labels.append((sentences(response)[-1], bool(ended) and not left.ops and answer == value_of(chain)))
     return labels
+
+
+def sentence_ends(pieces):
+    """The index of the token that ends each sentence (sentences() of "".join(pieces)): the one holding its closing
+    '.', or the last token for a last sentence that no '.' closes. pieces: one text piece per token
+    (tokenizer.decode_pieces). A process reward model is read at these tokens."""
+    text = "".join(pieces)
+    owner = [i for i, piece in enumerate(pieces) for _ in piece]           # the token of each character
+    eos_at = len(text) - len(EOS_TEXT) if text.endswith(EOS_TEXT) else len(text)
+    ends, open_sentence = [], False
+    for c, ch in enumerate(text[:eos_at]):
+        if ch == ".":
+            if open_sentence:
+                ends.append(owner[c])
+            open_sentence = False
+        elif not ch.isspace():
+            open_sentence = True
+    if open_sentence:
+        ends.append(owner[eos_at - 1])
+    return ends
 
 
 def final_answer(response):
@@ -138,6 +179,31 @@ def gold_reward(prompt, response, ended):
     labels = step_labels(prompt, response)
     right_process = len(labels) == len(chain.ops) and all(ok for _, ok in labels)
     return 1.0 if right_process else 0.5
+
+
+def demonstrations(prompts):
+    """[(prompt, the demonstration ending with EOS_TEXT)]: SFT's examples for this task (no noise: every one is right)."""
+    return [(p, demonstration(chain_of(p)) + EOS_TEXT) for p in prompts]
+
+
+def score_replies(prompts, texts, ended):
+    """The task's metrics of n replies (texts, token-level EOS flags):
+      answer_acc   the reply ended and its final answer is right
+      step_acc     correct steps / all steps written (step_labels), over every reply
+      process_acc  gold reward 1.0: every step right, none missing, and the answer right
+      gold         mean gold reward;  ended  share that emitted EOS;  steps  mean steps written"""
+    n_right = n_steps = 0
+    answer, process, golds = [], [], []
+    for p, t, e in zip(prompts, texts, ended):
+        labels = step_labels(p, t)
+        n_steps, n_right = n_steps + len(labels), n_right + sum(ok for _, ok in labels)
+        g = gold_reward(p, t, e)
+        golds.append(g)
+        answer.append(g > 0)
+        process.append(g == 1.0)
+    n = max(len(golds), 1)
+    return dict(answer_acc=sum(answer) / n, step_acc=n_right / max(n_steps, 1), process_acc=sum(process) / n,
+                gold=sum(golds) / n, ended=sum(map(bool, ended)) / n, steps=n_steps / n)
 
 
 def splits(seed, n_train=4000, n_val=200, n_test=500):
