@@ -23,6 +23,9 @@ from utils import regular_file
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
+SCALAR_HEAD_STAGES = ("rm", "orm", "prm_rule", "prm_mc")   # reward models (model.ScalarHeadGPT); the rest are policies
+
+
 def save_checkpoint(path, **ckpt):
     """Write atomically: to a temporary file of this process first, then rename (a kill mid-save leaves the old
     file intact; two writers never share a temporary file)."""
@@ -160,7 +163,8 @@ def load_checkpoint(path, stage, tokenizer_id=None, finished=True):
         if key not in ckpt or not isinstance(ckpt[key], dict) or weights_sha256(ckpt[key]) != expected:
             raise ValueError(f"{path}: the '{key}' weights do not match the checksum written with them: the file "
                              f"was damaged after it was saved; use another copy or train the stage again")
-    check_weight_shapes(ScalarHeadGPT if ckpt["stage"] == "rm" else GPT, ckpt["model_config"], ckpt["model"], path)
+    check_weight_shapes(ScalarHeadGPT if ckpt["stage"] in SCALAR_HEAD_STAGES else GPT, ckpt["model_config"],
+                        ckpt["model"], path)
     if finished and not ckpt.get("done", True):
         raise ValueError(f"{path}: is from an interrupted '{ckpt['stage']}' run (step {ckpt['step']}); finish it "
                          f"with --resume true first")
@@ -187,7 +191,7 @@ def load_policy(path, stages=None):
     """A finished policy checkpoint -> (GPT without dropout, checkpoint dict); stages=None accepts every stage
     but the RM's."""
     ckpt = load_checkpoint(path, stages)
-    if ckpt["stage"] == "rm":
+    if ckpt["stage"] in SCALAR_HEAD_STAGES:
         raise ValueError(f"{path}: is a reward-model checkpoint, not a policy")
     model = GPT(without_dropout(ckpt["model_config"]))
     load_weights(model, ckpt["model"], path)

@@ -159,3 +159,57 @@ def test_reward_models_refuse_an_sft_of_the_main_task(tiny_pipeline, tmp_path):
     with pytest.raises(ValueError, match="not chains"):
         process_reward.main(["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{tiny_pipeline}/sft.pt",
                              "--out_dir", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Part 2: GRPO with process or outcome rewards (algorithms/process_grpo.py)
+
+def test_process_advantages_by_hand():
+    """G = 2. Reply A: step rewards [1, 0] ending at tokens 1 and 3; reply B: [1] ending at token 2. R = {1, 0, 1}:
+    mean 2/3, sample std √(1/3), so r̃_A = [1/√3, -2/√3], r̃_B = [1/√3]; Â_t sums the r̃ of the steps ending at or
+    after t: A = [-1/√3, -1/√3, -2/√3, -2/√3, 0], B = [1/√3, 1/√3, 1/√3, 0, 0]."""
+    from algorithms.process_grpo import process_advantages
+    adv = process_advantages([[1.0, 0.0], [1.0]], [[1, 3], [2]], 2, 5)
+    s = 1 / math.sqrt(3)
+    assert adv[0].tolist() == pytest.approx([-s, -s, -2 * s, -2 * s, 0.0], abs=1e-5)
+    assert adv[1].tolist() == pytest.approx([s, s, s, 0.0, 0.0], abs=1e-5)
+    # a group whose step rewards are all equal, or a reply with no step: no signal
+    assert process_advantages([[0.7, 0.7], [0.7]], [[1, 3], [2]], 2, 5).abs().sum() == 0
+    assert process_advantages([[1.0, 0.0], []], [[1, 3], []], 2, 5)[1].abs().sum() == 0
+
+
+def test_outcome_advantages_by_hand():
+    from algorithms.process_grpo import outcome_advantages
+    assert outcome_advantages(torch.tensor([1.0, 0.0, 0.3, 0.3]), 2).tolist() == pytest.approx(
+        [1 / math.sqrt(2), -1 / math.sqrt(2), 0.0, 0.0], abs=1e-5)
+
+
+def test_policy_loss_at_ratio_one_is_minus_the_mean_advantage():
+    """π_θ = π_old = π_ref: ρ = 1 and k3 = 0, so the loss is -(1/N) Σ_i mean_t Â_{i,t}: replies' means 1.5 and
+    -1, loss -0.25; the padding's huge advantage counts for nothing."""
+    from algorithms.process_grpo import policy_loss
+    logp = torch.full((2, 3), -1.0)
+    adv = torch.tensor([[1.0, 2.0, 99.0], [-1.0, 99.0, 99.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss, stats = policy_loss(logp, logp, logp, adv, mask, 0.2, 0.5)
+    assert loss.item() == pytest.approx(-0.25) and stats["ratio"] == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def chains_models(chains_sft):
+    for labels in ("outcome", "rule"):
+        process_reward.main(["--preset", "tiny", "--labels", labels, "--device", "cpu", "--sft_ckpt",
+                             f"{chains_sft}/sft.pt", "--out_dir", chains_sft])
+    return chains_sft
+
+
+@pytest.mark.parametrize("reward", ["process", "outcome"])
+def test_process_grpo_runs_tiny(chains_models, reward, tmp_path):
+    from algorithms import process_grpo
+    d = chains_models
+    m = process_grpo.main(["--preset", "tiny", "--reward", reward, "--device", "cpu", "--sft_ckpt", f"{d}/sft.pt",
+                           "--orm_ckpt", f"{d}/orm.pt", "--prm_ckpt", f"{d}/prm_rule.pt", "--out_dir", str(tmp_path)])
+    assert {"answer_acc", "step_acc", "prm_step", "orm", "kl_sft"} <= set(m)
+    with pytest.raises(ValueError, match="expected 'orm'"):
+        process_grpo.main(["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{d}/sft.pt", "--orm_ckpt",
+                           f"{d}/prm_rule.pt", "--prm_ckpt", f"{d}/prm_rule.pt", "--out_dir", str(tmp_path / "x")])
