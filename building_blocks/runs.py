@@ -191,14 +191,16 @@ def the_checkpoint(run_dir):
     return found[0]
 
 
-def train_or_keep(module, args, out, overwrite):
+def train_or_keep(module, args, out, overwrite, stage=None):
     """One method run in `out`, continued where a study stopped: a run that finished with these options is kept,
-    an interrupted one resumes from its checkpoint, otherwise (or with overwrite) it is trained from the start."""
-    found = glob.glob(os.path.join(out, "*.pt"))
+    an interrupted one resumes from its checkpoint, otherwise (or with overwrite) it is trained from the start.
+    `stage`: the run's checkpoint is out/STAGE.pt, in a folder that holds several stages' runs (else the one .pt)."""
+    found = [p for p in [os.path.join(out, f"{stage}.pt")] if os.path.exists(p)] if stage else \
+        glob.glob(os.path.join(out, "*.pt"))
     if overwrite or not found:
         module.main(args + (["--overwrite", "true"] if overwrite else []))
         return
-    path = the_checkpoint(out)
+    path = found[0] if stage else the_checkpoint(out)
     stage = os.path.basename(path)[:-len(".pt")]                        # a run's checkpoint is named after its stage
     if finished_run(path, stage, parse_config(module.Config, module.PRESETS, args)) is not None:
         print(f"{path}: finished with these options; kept")

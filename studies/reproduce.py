@@ -8,6 +8,7 @@ docs/measured/PART/RUN.json (the pages' one source, committed), then redraws the
                                             # with --runs, e.g. two parts side by side, one thread each)
     python -m studies.reproduce overopt     # Gao et al.'s over-optimisation curves: RL β sweep, best-of-n (~2 h)
     python -m studies.reproduce compare     # every method × 3 seeds, and the RLVR study (~1.5 h)
+    python -m studies.reproduce process     # process supervision on the arithmetic chains, 3 seeds (~1 h of one thread)
     python -m studies.reproduce bench       # studies.bench's workloads, alone on the machine, every core (~5 min)
     python -m studies.reproduce redraw      # only the pages, from docs/measured/ (seconds; what the tests check)
     python -m studies.reproduce seeds --runs small_s0 small_s1   # some runs of a part
@@ -32,6 +33,8 @@ import sys
 import time
 
 import torch
+
+from studies import process_supervision as ps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEASURED = os.path.join(ROOT, "docs", "measured")
@@ -388,6 +391,37 @@ def draw_compare(records):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Part "process": process supervision on the arithmetic chains (studies/process_supervision.py), one record per seed
+
+def run_process(out_root, only, device):
+    for seed in SEEDS:
+        name = f"s{seed}"
+        if only and name not in only:
+            continue
+        out = os.path.join(out_root, "process", name)
+        t0 = time.time()
+        ps.run_seed(out, seed, device)
+        write_record("process", name, dict(ps.record(out, seed, device), stamp=stamp(),
+                                           wall_s=wall_time("process", name, t0)))
+
+
+def process_block(make):
+    """A docs/process_supervision.md block: the study's markdown and the stamp of the seeds it reads."""
+    def block(records):
+        if not records:
+            return None
+        return make(records) + (f"\n\nMeasured at {stamp_line(records.values())} over seeds "
+                                f"{', '.join(sorted(records))} (`python -m studies.reproduce process`).")
+    return block
+
+
+def draw_process(records):
+    if records:
+        os.makedirs(FIGURES, exist_ok=True)
+        ps.plot(records, os.path.join(FIGURES, "process_best_of_n.png"), os.path.join(FIGURES, "process_rl.png"))
+
+
+# ----------------------------------------------------------------------------------------------------
 # Part "bench": studies.bench's reference workloads (time them alone: a neighbour process slows them down)
 
 BENCH_JOBS = {"ppo_v8192": ["--algo", "ppo"], "ppo_v50257": ["--algo", "ppo", "--vocab", "50257"],
@@ -499,6 +533,7 @@ def block_parts(_):
             "ablations": "the paper's ablations, 300 iterations, vanilla and PPO-max over 3 seeds",
             "overopt": "over-optimisation: PPO at 5 β × 300 iterations (β 0.1 is ablations' ppo_max_s0), best-of-n",
             "compare": "every method × 3 seeds, and the RLVR study",
+            "process": "process supervision on the arithmetic chains: SFT, ORM and PRMs, best-of-N, GRPO, 3 seeds",
             "bench": "studies.bench's reference workloads against their floors (alone on the machine)"}
     for part in PARTS:
         records = read_records(part)
@@ -525,10 +560,15 @@ BLOCKS = {  # block name -> (part whose records it reads, function records -> ma
     "compare_rlvr": ("compare", block_compare(RLVR)),
     "reproduce_parts": ("seeds", block_parts),
     "bench": ("bench", block_bench),
+    "process_sft": ("process", process_block(ps.block_sft)),
+    "process_step_accuracy": ("process", process_block(ps.block_step_accuracy)),
+    "process_best_of_n": ("process", process_block(ps.block_best_of_n)),
+    "process_best_of_n_steps": ("process", process_block(lambda r: ps.block_best_of_n(r, "best_of_n_process"))),
+    "process_rl": ("process", process_block(ps.block_rl)),
 }
-DRAWINGS = {"ablations": draw_ablations, "overopt": draw_overopt, "compare": draw_compare}   # part -> draws its figures into docs/figures
+DRAWINGS = {"ablations": draw_ablations, "overopt": draw_overopt, "compare": draw_compare, "process": draw_process}   # part -> draws its figures into docs/figures
 PAGES = ("README.md", "docs/ppo.md", "docs/experiments.md", "docs/overoptimization.md", "docs/algorithms.md",
-         "docs/toy_task.md", "docs/performance.md")
+         "docs/toy_task.md", "docs/performance.md", "docs/process_supervision.md")
 
 
 def fill_blocks(text, contents):
@@ -576,7 +616,7 @@ def redraw(root=ROOT):
 
 
 PARTS = {"seeds": run_seeds, "ablations": run_ablations, "overopt": run_overopt, "compare": run_compare,
-         "bench": run_bench}
+         "process": run_process, "bench": run_bench}
 
 
 def main(argv=None):

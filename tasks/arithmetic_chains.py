@@ -206,12 +206,15 @@ def score_replies(prompts, texts, ended):
                 gold=sum(golds) / n, ended=sum(map(bool, ended)) / n, steps=n_steps / n)
 
 
-def splits(seed, n_train=4000, n_val=200, n_test=500):
-    """{"train", "val", "test"}: disjoint lists of distinct prompts, from their own random.Random(seed)."""
+def splits(seed, n_train=4000, n_val=200, n_test=500, n_rm=2000):
+    """{"train", "val", "test", "rm"}: disjoint lists of distinct prompts, from their own random.Random(seed). "rm":
+    prompts for the reward models' training replies, which SFT never sees (drawn after the others, so they
+    leave train, val and test as they are)."""
     rng, seen, prompts = random.Random(f"arithmetic_chains/{seed}"), set(), []
-    while len(prompts) < n_train + n_val + n_test:
+    while len(prompts) < n_train + n_val + n_test + n_rm:
         p = prompt_of(sample_chain(rng))
         if p not in seen:
             seen.add(p)
             prompts.append(p)
-    return dict(train=prompts[:n_train], val=prompts[n_train:n_train + n_val], test=prompts[n_train + n_val:])
+    a, b, c = n_train, n_train + n_val, n_train + n_val + n_test
+    return dict(train=prompts[:a], val=prompts[a:b], test=prompts[b:c], rm=prompts[c:])

@@ -51,8 +51,10 @@ def test_a_reply_that_did_not_end_scores_zero_and_other_prompts_are_refused():
 
 
 def test_the_splits_are_disjoint_distinct_and_their_own_draws():
-    s = splits(0, n_train=300, n_val=50, n_test=50)
-    everything = s["train"] + s["val"] + s["test"]
-    assert len(set(everything)) == len(everything) == 400
-    assert splits(0, n_train=300, n_val=50, n_test=50) == s and splits(1, n_train=300, n_val=50, n_test=50) != s
+    s = splits(0, n_train=300, n_val=50, n_test=50, n_rm=100)
+    everything = s["train"] + s["val"] + s["test"] + s["rm"]
+    assert len(set(everything)) == len(everything) == 500
+    # the reward models' prompts are drawn last: they leave the other splits as they are
+    assert {k: v for k, v in s.items() if k != "rm"} == {k: v for k, v in splits(0, 300, 50, 50, 0).items() if k != "rm"}
+    assert splits(0, 300, 50, 50, 100) == s and splits(1, 300, 50, 50, 100) != s
     assert all(gold_reward(p, demonstration(chain_of(p)), True) == 1.0 for p in everything)

@@ -132,6 +132,14 @@ def test_best_of_n_accuracy_by_hand():
     assert best_of_n_accuracy(-scores, correct, 4) == 1.0                   # the 0.1 scores highest now
 
 
+def test_majority_vote_by_hand():
+    """Answers [6, 7, 7, None] with only the 6 right: N=1 the mean, 1/4; N=2 groups {6, 7} -> 6 (the first of a
+    tie, right), {7, None} -> 7 (wrong): 1/2; N=4: 7 twice, wrong."""
+    from algorithms.process_reward import majority_vote_accuracy
+    correct = torch.tensor([[True, False, False, False]])
+    assert [majority_vote_accuracy([[6, 7, 7, None]], correct, n) for n in (1, 2, 4)] == [0.25, 0.5, 0.0]
+
+
 def test_aggregate_min_and_product_by_hand():
     """logits 0 and log 3 are probabilities 1/2 and 3/4: min 1/2, product 3/8; a reply with no sentence 0."""
     assert aggregate([[0.0, math.log(3.0)], []], "min") == pytest.approx([0.5, 0.0])
@@ -151,7 +159,8 @@ def test_each_reward_model_runs_tiny(chains_sft, labels):
     m = process_reward.main(["--preset", "tiny", "--labels", labels, "--device", "cpu", "--sft_ckpt",
                              f"{chains_sft}/sft.pt", "--out_dir", chains_sft])
     assert 0.0 <= m["step_acc"] <= 1.0 and m["n"] == [1, 2, 4]
-    assert set(m["best_of_n"]) == ({"orm", "gold"} if labels == "outcome" else {"prm_min", "prm_product", "gold"})
+    assert set(m["best_of_n"]) == ({"orm", "gold", "majority"} if labels == "outcome" else
+                                   {"prm_min", "prm_product", "gold", "majority"})
     assert ("mc_label_acc" in m) == (labels == "monte_carlo")
 
 

@@ -1,0 +1,180 @@
+"""
+The process-supervision study on the arithmetic chains, one seed at a time (studies/reproduce.py's "process" part
+runs it over 3 seeds and draws docs/process_supervision.md from the records):
+  1. SFT on the chains at the default size (train_sft.py --data chains)
+  2. three reward models from it on the same sampled replies (algorithms/process_reward.py): an ORM (final answer),
+     a PRM on the rule's step labels (PRM800K's role), a PRM on Math-Shepherd's Monte-Carlo labels; each one's step
+     accuracy against the rule and its best-of-N curve, N = 1 ... 64
+  3. GRPO from the SFT with the ORM's outcome reward and with the PRM's (rule labels) step rewards, the same budget
+     (algorithms/process_grpo.py)
+Finished runs are kept and an interrupted one resumes (building_blocks.runs.train_or_keep).
+
+    python -m studies.process_supervision --seed 0 --out_dir out/process/s0
+"""
+import argparse
+import os
+import statistics
+
+RMS = ("outcome", "rule", "monte_carlo")          # process_reward --labels
+RL = ("outcome", "process")                       # process_grpo --reward
+SELECTORS = (("orm", "outcome", "ORM"), ("prm_min", "rule", "PRM (rule labels), min"),
+             ("prm_product", "rule", "PRM (rule labels), product"), ("prm_min", "monte_carlo", "PRM (Monte-Carlo labels), min"),
+             ("prm_product", "monte_carlo", "PRM (Monte-Carlo labels), product"),
+             ("majority", "outcome", "majority vote (no model)"), ("gold", "outcome", "gold reward (oracle)"))
+RL_KEYS = ("answer_acc", "step_acc", "process_acc", "prm_step", "orm", "kl_sft", "length")
+
+
+def commands(out, seed, device="cpu"):
+    """[(module, stage, arguments, folder)] of one seed's runs, in order."""
+    common, sft = ["--seed", str(seed), "--device", device], os.path.join(out, "sft.pt")
+    runs = [("train_sft", "sft", ["--data", "chains", "--out_dir", out] + common, out)]
+    runs += [("algorithms.process_reward", stage, ["--labels", labels, "--sft_ckpt", sft, "--out_dir", out] + common,
+              out) for labels, stage in (("outcome", "orm"), ("rule", "prm_rule"), ("monte_carlo", "prm_mc"))]
+    for reward in RL:
+        folder = os.path.join(out, f"grpo_{reward}")
+        runs.append(("algorithms.process_grpo", "process_grpo",
+                     ["--reward", reward, "--sft_ckpt", sft, "--orm_ckpt", os.path.join(out, "orm.pt"), "--prm_ckpt",
+                      os.path.join(out, "prm_rule.pt"), "--out_dir", folder] + common, folder))
+    return runs
+
+
+def run_seed(out, seed, device="cpu"):
+    import importlib
+    from building_blocks.runs import train_or_keep
+    for module, stage, args, folder in commands(out, seed, device):
+        print("=" * 20, f"process supervision, seed {seed}: {module} {' '.join(args[:2])}", "=" * 20)
+        train_or_keep(importlib.import_module(module), args, folder, False, stage)
+
+
+def record(out, seed, device="cpu"):
+    """What one seed's finished runs measured: SFT's chain metrics, each reward model's test metrics, each GRPO
+    run's final evaluation and its evaluation curve."""
+    from checkpoints import load_checkpoint
+    from utils import read_jsonl
+    runs = commands(out, seed, device)
+    metrics = {stage if stage != "process_grpo" else os.path.basename(folder):
+               load_checkpoint(os.path.join(folder, f"{stage}.pt"), stage)["metrics"] for _, stage, _, folder in runs}
+    curves = {f"grpo_{r}": [{k: row[k] for k in ["iter"] + [f"val_{key}" for key in RL_KEYS] if k in row}
+                            for row in read_jsonl(os.path.join(out, f"grpo_{r}", "process_grpo_log.jsonl"))
+                            if "val_answer_acc" in row] for r in RL}
+    return dict(commands=[f"python {'-m ' if '.' in m else ''}{m}{'' if '.' in m else '.py'} {' '.join(a)}"
+                          for m, _, a, _ in runs],
+                sft=metrics["sft"]["chains_sft"], sft_train_time_s=metrics["sft"]["train_time_s"],
+                rms={labels: metrics[stage] for labels, stage in (("outcome", "orm"), ("rule", "prm_rule"),
+                                                                  ("monte_carlo", "prm_mc"))},
+                rl={r: metrics[f"grpo_{r}"] for r in RL}, curves=curves)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The page's tables and figures, from the records ({run: record}, one run per seed)
+
+def mean_std(values, digits=3):
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}" if values else "–"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def each(values, digits=3):
+    return " / ".join(f"{v:.{digits}f}" for v in values)
+
+
+def block_sft(records):
+    rs = list(records.values())
+    keys = ("answer_acc", "step_acc", "process_acc", "gold", "ended", "steps")
+    lines = ["| SFT on the chains (test prompts, T = 1) | mean ± std | each seed |", "|---|---|---|"]
+    lines += [f"| {k} | {mean_std([r['sft'][k] for r in rs])} | {each([r['sft'][k] for r in rs])} |" for k in keys]
+    return "\n".join(lines)
+
+
+def block_step_accuracy(records):
+    rs = list(records.values())
+    names = {"outcome": "ORM (read at each step's end)", "rule": "PRM, rule labels", "monte_carlo": "PRM, Monte-Carlo labels"}
+    lines = ["| model | step accuracy vs the rule | incorrect steps found | each seed (accuracy) |", "|---|---|---|---|"]
+    for labels in RMS:
+        acc = [r["rms"][labels]["step_acc"] for r in rs]
+        lines.append(f"| {names[labels]} | {mean_std(acc)} | "
+                     f"{mean_std([r['rms'][labels]['wrong_step_recall'] for r in rs])} | {each(acc)} |")
+    mc = [r["rms"]["monte_carlo"] for r in rs]
+    lines.append(f"| the Monte-Carlo labels themselves (training replies) | {mean_std([m['mc_label_acc'] for m in mc])} | "
+                 f"{mean_std([m['mc_wrong_step_recall'] for m in mc])} | {each([m['mc_label_acc'] for m in mc])} |")
+    return "\n".join(lines)
+
+
+def best_of_n(records, key="best_of_n"):
+    """{label: (ns, [per-seed accuracy lists])} for each SELECTORS row."""
+    rs = list(records.values())
+    ns = rs[0]["rms"]["outcome"]["n"]
+    return {label: (ns, [r["rms"][rm][key][name] for r in rs]) for name, rm, label in SELECTORS
+            if name in rs[0]["rms"][rm][key]}
+
+
+def block_best_of_n(records, key="best_of_n"):
+    curves = best_of_n(records, key)
+    ns = next(iter(curves.values()))[0]
+    lines = ["| selected by | " + " | ".join(f"N = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for label, (_, per_seed) in curves.items():
+        lines.append(f"| {label} | " + " | ".join(mean_std([s[i] for s in per_seed]) for i in range(len(ns))) + " |")
+    return "\n".join(lines)
+
+
+def block_rl(records):
+    rs = list(records.values())
+    names = {"outcome": "GRPO, outcome reward (ORM)", "process": "GRPO, process reward (PRM step scores)"}
+    lines = ["| val prompts | " + " | ".join(RL_KEYS) + " |", "|---|" + "---|" * len(RL_KEYS)]
+    start = {k: [r["curves"]["grpo_outcome"][0][f"val_{k}"] for r in rs] for k in RL_KEYS}
+    lines.append("| SFT (iteration 0) | " + " | ".join(mean_std(start[k]) for k in RL_KEYS) + " |")
+    for reward in RL:
+        lines.append(f"| {names[reward]} | " + " | ".join(mean_std([r["rl"][reward][k] for r in rs]) for k in RL_KEYS)
+                     + " |")
+    return "\n".join(lines)
+
+
+def plot(records, path_bon, path_rl):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in zip(axes, ("best_of_n", "best_of_n_process"), ("final answer right", "every step right")):
+        for label, (ns, per_seed) in best_of_n(records, key).items():
+            mean = [statistics.mean(s[i] for s in per_seed) for i in range(len(ns))]
+            std = [statistics.stdev(s[i] for s in per_seed) if len(per_seed) > 1 else 0 for i in range(len(ns))]
+            ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N (replies sampled per test prompt)")
+        ax.set_ylabel(f"best-of-N: {title}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Best-of-N on the arithmetic chains, mean ± std over {len(records)} seeds")
+    fig.tight_layout()
+    fig.savefig(path_bon, dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    for ax, key in zip(axes, ("val_answer_acc", "val_step_acc", "val_prm_step", "val_kl_sft")):
+        for reward, color in zip(RL, ("tab:blue", "tab:orange")):
+            for i, r in enumerate(records.values()):
+                rows = r["curves"][f"grpo_{reward}"]
+                ax.plot([x["iter"] for x in rows], [x[key] for x in rows], color=color, alpha=0.8,
+                        label=f"{reward} reward" if i == 0 else None)
+        ax.set_xlabel("GRPO iteration")
+        ax.set_title(key[4:])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("GRPO on the chains: val replies by the rule (answers, steps), the PRM and the KL; one line per seed")
+    fig.tight_layout()
+    fig.savefig(path_rl, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out_dir", default="out/process/s0")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    run_seed(a.out_dir, a.seed, a.device)
+
+
+if __name__ == "__main__":
+    from utils import run_main
+    run_main(main)
