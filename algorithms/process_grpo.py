@@ -11,7 +11,8 @@ One iteration (DSM Algorithm 1 with M = 1):
                per token (sampling.sample_and_score, the ORM scoring the last token); the PRM read at the token
                that ends each sentence (building_blocks/steps.py)
   2. reward    outcome  r_i = σ(ORM logit of reply i);  Â_{i,t} = (r_i - mean(r)) / std(r) over the group, on
-                        every token of reply i (DSM §4.1.2)
+                        every token of reply i (DSM §4.1.2): process supervision's one-step case, a reply with one
+                        step that ends at its last token, and computed so (process_advantages)
                process  r_i^j = σ(PRM logit at the end of sentence j of reply i);  normalised over every step
                         reward of the group's G replies, r̃ = (r - mean(R)) / std(R);  Â_{i,t} = Σ_{j: end(j) ≥ t} r̃_i^j,
                         the normalised rewards of the steps that end at or after token t (DSM §4.1.3)
@@ -93,15 +94,6 @@ STD_EPS = 1e-6
 
 # ----------------------------------------------------------------------------------------------------
 # Pure functions (imported by the tests)
-
-def outcome_advantages(rewards, group_size):
-    """Step 2, outcome (DSM §4.1.2): rewards (N,) prompt-major -> (N,) (r - group mean) / (group std + eps),
-    std the sample std (÷ G-1); a group whose rewards are all equal gets exactly 0."""
-    r = rewards.double().view(-1, group_size)                                  # (P, G)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + STD_EPS)   # (P, G)
-    flat = r.max(1, keepdim=True).values == r.min(1, keepdim=True).values      # (P, 1)
-    return adv.masked_fill(flat, 0.0).view(-1).float()                        # (N,)
-
 
 def process_advantages(step_rewards, ends, group_size, width):
     """
@@ -218,10 +210,11 @@ def main(argv=None):
             outcome = torch.sigmoid(ro.scores.float())                         # (N,) σ(ORM logit)
             check_finite(f"process GRPO iteration {it}", orm=outcome.sum(), prm=sum(map(sum, step_probs)))
             # 2. advantages: one per reply on every token (outcome) or the sum of the later steps' (process)
-            if cfg.reward == "outcome":
-                adv = outcome_advantages(outcome, G)[:, None] * ro.mask        # (N, Tr)
+            if cfg.reward == "outcome":                                   # one "step": the whole reply, at its end
+                rewards, ends = [[r] for r in outcome.tolist()], [[len(ids) - 1] for ids in replies.response_ids]
             else:
-                adv = process_advantages(step_probs, replies.ends, G, ro.response.shape[1]).to(device) * ro.mask
+                rewards, ends = step_probs, replies.ends
+            adv = process_advantages(rewards, ends, G, ro.response.shape[1]).to(device) * ro.mask   # (N, Tr)
             # 3. clipped surrogate + β·k3, one pass over shuffled minibatches
             policy.train()
             order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(rng.randrange(2**31)))

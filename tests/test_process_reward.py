@@ -187,10 +187,13 @@ def test_process_advantages_by_hand():
     assert process_advantages([[1.0, 0.0], []], [[1, 3], []], 2, 5)[1].abs().sum() == 0
 
 
-def test_outcome_advantages_by_hand():
-    from algorithms.process_grpo import outcome_advantages
-    assert outcome_advantages(torch.tensor([1.0, 0.0, 0.3, 0.3]), 2).tolist() == pytest.approx(
-        [1 / math.sqrt(2), -1 / math.sqrt(2), 0.0, 0.0], abs=1e-5)
+def test_outcome_advantages_are_the_one_step_case():
+    """One reward per reply at its last token: Â = (r - mean) / std of the group on every token (DSM §4.1.2).
+    Rewards [1, 0 | 0.3, 0.3], G = 2: the first group ±1/√2, the second (all equal) 0."""
+    from algorithms.process_grpo import process_advantages
+    adv = process_advantages([[1.0], [0.0], [0.3], [0.3]], [[2], [1], [2], [0]], 2, 4)
+    h = 1 / math.sqrt(2)
+    assert adv.flatten().tolist() == pytest.approx([h, h, h, 0, -h, -h, 0, 0] + [0] * 8, abs=1e-5)
 
 
 def test_policy_loss_at_ratio_one_is_minus_the_mean_advantage():
