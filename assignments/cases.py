@@ -126,13 +126,21 @@ def inputs_of(part, seed, **kw):
         s = torch.randn(n, generator=g) * 2 - 20
         return dict(advantages=torch.randn(n, generator=g), seq_logp=s,
                     ref_seq_logp=s + torch.randn(n, generator=g) * 0.5, clip_eps=kw["clip_eps"])
+    if part == "step_bce_loss":
+        B, T = len(kw["reads"]), kw["T"]
+        read = torch.zeros(B, T)
+        for i, at in enumerate(kw["reads"]):
+            read[i, list(at)] = 1.0
+        target = torch.rand(B, T, generator=g) if kw.get("soft") else (torch.rand(B, T, generator=g) < 0.7).float()
+        logits = torch.randn(B, T, generator=g) * kw.get("scale", 2.0)
+        return dict(logits=logits, target=target, read=read)
     raise ValueError(f"no inputs for part {part!r}")
 
 
 # Inputs whose gradient is checked (of the output "loss", or, for alol_weight, that none flows into the weight).
 NEEDS_GRAD = dict(sft_loss=["logits"], bradley_terry=["r_chosen", "r_rejected"], ppo_policy_loss=["logprobs"],
                   ppo_value_loss=["values"], loss_aggregation=["loss_per_token"],
-                  dpo_loss=["policy_chosen", "policy_rejected"], alol_weight=["seq_logp"])
+                  dpo_loss=["policy_chosen", "policy_rejected"], alol_weight=["seq_logp"], step_bce_loss=["logits"])
 
 M = [[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1, 1]]   # prompt, response, right padding
 CASES = {   # part -> [(case name, seed, options)]; the last case of each part is the hidden one
@@ -185,6 +193,12 @@ CASES = {   # part -> [(case name, seed, options)]; the last case of each part i
                  ("hidden", 3, dict(n=4, beta=0.3, label_smoothing=0.1))],
     "alol_weight": [("ε 0.2", 1, dict(n=8, clip_eps=0.2)), ("ε 0.9", 2, dict(n=6, clip_eps=0.9)),
                     ("hidden", 3, dict(n=5, clip_eps=0.5))],
+    "step_bce_loss": [("hard labels, 1 to 3 steps a row", 1, dict(T=7, reads=[(2, 4, 6), (3,), (1, 5)])),
+                      ("soft (Monte-Carlo) labels, a row with no step", 2, dict(T=6, reads=[(1, 3, 5), (), (4,)],
+                                                                                soft=True)),
+                      ("logits of ±60, where log(sigmoid) underflows", 3, dict(T=5, reads=[(0, 2, 4), (1, 3)],
+                                                                               scale=60.0)),
+                      ("hidden", 4, dict(T=6, reads=[(5,), (0, 1, 2, 3), (2, 4)], soft=True, scale=30.0))],
 }
 
 

@@ -110,6 +110,14 @@ MUTANTS = [
      [(".clamp(math.log(1 - clip_eps), math.log(1 + clip_eps))  # (B,) clipped", "  # (B,)")]),
     ("alol_weight", "the weight not detached: a gradient through ρ",
      [("(advantages.clamp(min=0) * log_rho.exp()).detach()", "(advantages.clamp(min=0) * log_rho.exp())")]),
+    ("step_bce_loss", "every token trained on, not only the step ends",
+     [("return (bce * read).sum() / read.sum().clamp(min=1)", "return bce.mean()")]),
+    ("step_bce_loss", "the mean of each row's mean: a reply with few steps weighs more",
+     [("return (bce * read).sum() / read.sum().clamp(min=1)",
+       "return ((bce * read).sum(1) / read.sum(1).clamp(min=1)).mean()")]),
+    ("step_bce_loss", "cross-entropy of sigmoid(logits): clamped at log 0 where logits are confident",
+     [("F.binary_cross_entropy_with_logits(logits.float(), target, reduction=\"none\")",
+       "F.binary_cross_entropy(torch.sigmoid(logits.float()), target, reduction=\"none\")")]),
 ]
 
 

@@ -100,6 +100,11 @@ PARTS = (
          "Leftover Lunch (Baheti et al. 2023) eq. 5 and §2.3", "only positive advantages count; the ratio is "
          "clipped in log space and carries no gradient", 10,
          lambda m, x: dict(weight=m.alol_weight(x["advantages"], x["seq_logp"], x["ref_seq_logp"], x["clip_eps"]))),
+    Part("step_bce_loss", "algorithms.process_reward", "step_bce_loss: a process reward model's loss at the step ends",
+         4, "Let's Verify Step by Step (Lightman et al. 2023); Math-Shepherd (Wang et al. 2024), soft labels",
+         "a PRM is a classifier read only at the tokens that end a step; a soft label is a target like any other, "
+         "and the loss must stay finite for confident wrong logits", 10,
+         lambda m, x: dict(loss=m.step_bce_loss(x["logits"], x["target"], x["read"]))),
 )
 
 BY_NAME = {p.name: p for p in PARTS}

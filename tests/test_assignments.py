@@ -17,7 +17,7 @@ def test_the_reference_scores_full_marks_hidden_cases_included():
     assert [(p.name, points, passed == n, why) for p, points, passed, n, why in rows] == \
         [(p.name, p.points, True, "") for p in PARTS]
     assert all(n == len(cases.CASES[p.name]) for p, _, _, n, _ in rows)          # the hidden case was graded too
-    assert sum(p.points for p in PARTS) == 100
+    assert sum(p.points for p in PARTS) == 104
 
 
 def test_the_grading_command_ends_with_the_total(capsys):
@@ -109,7 +109,7 @@ def test_the_student_copy_scores_nothing_until_written(student_copy):
                        timeout=120)
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 0, r.stderr[-2000:]
-    assert lines[-1] == "total: 0 / 100 points"
+    assert lines[-1] == "total: 0 / 104 points"
     assert sum("not implemented yet (NotImplementedError)" in line for line in lines) == len(PARTS)
     assert "the hidden case of each part is not in this copy" in r.stdout
 

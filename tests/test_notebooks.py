@@ -55,7 +55,7 @@ def test_notebook_executes(name, tiny_pipeline, tmp_path, monkeypatch):
         assert all(q in h for q, h in zip(("k1", "advantage", "value"), html))
     if name.startswith("4_"):  # the graded parts, from the notebook: the reference passes, the wrong loss does not
         assert "gae                12 points  ppo_rlhf.py: compute_gae" in text
-        assert "total: 29 / 29 points" in text and "total: 100 / 100 points" in text
+        assert "total: 29 / 29 points" in text and "total: 104 / 104 points" in text
         assert "ppo_policy_loss: 0 of 3 cases pass; case 'ε 0.2, ragged right padding': output loss differs" in text
 
 
