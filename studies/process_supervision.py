@@ -118,6 +118,13 @@ def block_best_of_n(records, key="best_of_n"):
     return "\n".join(lines)
 
 
+def mean_curve(records, run, key):
+    """(iterations, the mean over seeds of `key` at each) of a GRPO run's evaluation curve."""
+    curves = [r["curves"][run] for r in records.values()]
+    its = [row["iter"] for row in curves[0]]
+    return its, [statistics.mean(c[i][key] for c in curves) for i in range(len(its))]
+
+
 def block_rl(records):
     rs = list(records.values())
     names = {"outcome": "GRPO, outcome reward (ORM)", "process": "GRPO, process reward (PRM step scores)"}
@@ -127,6 +134,14 @@ def block_rl(records):
     for reward in RL:
         lines.append(f"| {names[reward]} | " + " | ".join(mean_std([r["rl"][reward][k] for r in rs]) for k in RL_KEYS)
                      + " |")
+    lines.append("")
+    for reward in RL:       # where the rule's step accuracy peaks, and what the PRM says after it
+        its, step = mean_curve(records, f"grpo_{reward}", "val_step_acc")
+        prm = mean_curve(records, f"grpo_{reward}", "val_prm_step")[1]
+        peak = max(range(len(its)), key=lambda i: step[i])
+        lines.append(f"- {names[reward]}: the rule's step accuracy (mean over seeds) peaks at iteration {its[peak]} "
+                     f"({step[peak]:.3f}); from there to iteration {its[-1]} it goes to {step[-1]:.3f} while the "
+                     f"PRM's mean step score goes {prm[peak]:.3f} → {prm[-1]:.3f}.")
     return "\n".join(lines)
 
 

@@ -225,3 +225,30 @@ def test_process_grpo_runs_tiny(chains_models, reward, tmp_path):
     with pytest.raises(ValueError, match="expected 'orm'"):
         process_grpo.main(["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{d}/sft.pt", "--orm_ckpt",
                            f"{d}/prm_rule.pt", "--prm_ckpt", f"{d}/prm_rule.pt", "--out_dir", str(tmp_path / "x")])
+
+
+def _same(a, b, stage):
+    """Weights, metrics and log lines of two runs equal (wall-clock fields aside)."""
+    from checkpoints import load_checkpoint
+    from utils import read_jsonl
+    ca, cb = load_checkpoint(f"{a}/{stage}.pt", stage), load_checkpoint(f"{b}/{stage}.pt", stage)
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("t_") and not k.endswith(("time", "time_s"))}
+    assert strip(ca["metrics"]) == strip(cb["metrics"])
+    assert [strip(r) for r in read_jsonl(f"{a}/{stage}_log.jsonl")] == [strip(r) for r in read_jsonl(f"{b}/{stage}_log.jsonl")]
+
+
+def test_reward_model_and_process_grpo_resume_exactly(chains_models, tmp_path):
+    """Stopped after a checkpoint and resumed, each ends with the weights, metrics and log of an unbroken run."""
+    from algorithms import process_grpo
+    d = chains_models
+    for name, module, stage, args in [
+            ("mc", process_reward, "prm_mc", ["--labels", "monte_carlo", "--sft_ckpt", f"{d}/sft.pt"]),
+            ("grpo", process_grpo, "process_grpo", ["--sft_ckpt", f"{d}/sft.pt", "--orm_ckpt", f"{d}/orm.pt",
+                                                    "--prm_ckpt", f"{d}/prm_rule.pt", "--n_iters", "4"])]:
+        full, cut = str(tmp_path / f"{name}_full"), str(tmp_path / f"{name}_cut")
+        args = ["--preset", "tiny", "--device", "cpu", "--ckpt_interval", "2"] + args
+        module.main(args + ["--out_dir", full])
+        assert module.main(args + ["--out_dir", cut, "--stop_after", "2"]) is None
+        module.main(args + ["--out_dir", cut, "--resume", "true"])
+        _same(full, cut, stage)
