@@ -26,6 +26,7 @@ Run (after train_sft.py --data chains and algorithms/process_reward.py's ORM and
 process_grpo.pt, its log, rollouts and curves):
     python -m algorithms.process_grpo --reward process --out_dir out/chains/grpo_process
     python -m algorithms.process_grpo --reward outcome --out_dir out/chains/grpo_outcome
+    python -m algorithms.process_grpo --reward process_rule --out_dir out/chains/grpo_process_rule   # the oracle
     python -m algorithms.process_grpo --preset tiny --sft_ckpt out/chains_tiny/sft.pt --orm_ckpt ... --prm_ckpt ...
     python -m algorithms.process_grpo --help
 
@@ -35,6 +36,8 @@ Deliberate choices:
   2. A group whose rewards are all equal (outcome) or whose step rewards are all equal (process) gets Â = 0
      exactly, as algorithms/grpo.py (its choice 2); a reply with no sentence has no step reward and Â = 0.
   3. G = 4 × P = 16 prompts, 2 minibatches, lr 3e-5, β = 0.04, ε = 0.2: algorithms/grpo.py's defaults.
+  4. --reward process_rule / outcome_rule put the rule where a reward model was (as grpo.py's --reward gold):
+     the same loop on the true labels, so a run on a model's reward can be told apart from what its labels teach.
 
 Shape legend: P prompts, G samples per prompt, N = P·G replies, Tr response length, S sentences of a reply,
 n minibatch rows.
@@ -67,8 +70,10 @@ class Config(RunOptions):
     prm_ckpt: str = field("out/chains/prm_rule.pt", "process reward model (process_reward --labels rule or "
                                                      "monte_carlo)", input_file=True)
     out_dir: str = field("out/chains/grpo_process", "where the checkpoint, logs and curves go")
-    reward: str = field("process", "process (the PRM's score of every step, DSM §4.1.3) or outcome (the ORM's "
-                                   "score of the reply, §4.1.2)", choices=("process", "outcome"))
+    reward: str = field("process", "process (the PRM's score of every step, DSM §4.1.3), outcome (the ORM's "
+                                   "score of the reply, §4.1.2), or the rule in a model's place: process_rule (each "
+                                   "step's true label), outcome_rule (the final answer right)",
+                        choices=("process", "outcome", "process_rule", "outcome_rule"))
     n_iters: int = field(100, "iterations (sample, reward, update)", range="[1, inf)")
     prompts_per_iter: int = field(16, "P prompts per iteration; N = P·G replies", range="[1, inf)")
     samples_per_prompt: int = field(4, "G: replies sampled per prompt (at least 2)", range="[2, inf)")
@@ -132,6 +137,16 @@ def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip, kl
 
 
 # ----------------------------------------------------------------------------------------------------
+
+def rule_steps(replies):
+    """The rule's label of every sentence (1.0 / 0.0): the oracle process reward."""
+    return [[float(ok) for _, ok in arithmetic_chains.sentence_labels(p, t, e)]
+            for p, t, e in zip(replies.prompts, replies.texts, replies.ended)]
+
+
+def rule_golds(replies):
+    return [arithmetic_chains.gold_reward(p, t, e) for p, t, e in zip(replies.prompts, replies.texts, replies.ended)]
+
 
 def load_scorer(path, stages, sft, device):
     """A frozen reward model of process_reward.py (stage orm, prm_rule or prm_mc) that reads the SFT's tokens."""
@@ -210,10 +225,11 @@ def main(argv=None):
             outcome = torch.sigmoid(ro.scores.float())                         # (N,) σ(ORM logit)
             check_finite(f"process GRPO iteration {it}", orm=outcome.sum(), prm=sum(map(sum, step_probs)))
             # 2. advantages: one per reply on every token (outcome) or the sum of the later steps' (process)
-            if cfg.reward == "outcome":                                   # one "step": the whole reply, at its end
-                rewards, ends = [[r] for r in outcome.tolist()], [[len(ids) - 1] for ids in replies.response_ids]
-            else:
-                rewards, ends = step_probs, replies.ends
+            last = [[len(ids) - 1] for ids in replies.response_ids]     # outcome: one "step", ending at the end
+            rewards, ends = {"outcome": ([[r] for r in outcome.tolist()], last),
+                             "process": (step_probs, replies.ends),
+                             "outcome_rule": ([[float(g > 0)] for g in rule_golds(replies)], last),
+                             "process_rule": (rule_steps(replies), replies.ends)}[cfg.reward]
             adv = process_advantages(rewards, ends, G, ro.response.shape[1]).to(device) * ro.mask   # (N, Tr)
             # 3. clipped surrogate + β·k3, one pass over shuffled minibatches
             policy.train()

@@ -6,7 +6,7 @@ runs it over 3 seeds and draws docs/process_supervision.md from the records):
      a PRM on the rule's step labels (PRM800K's role), a PRM on Math-Shepherd's Monte-Carlo labels; each one's step
      accuracy against the rule and its best-of-N curve, N = 1 ... 64
   3. GRPO from the SFT with the ORM's outcome reward and with the PRM's (rule labels) step rewards, the same budget
-     (algorithms/process_grpo.py)
+     (algorithms/process_grpo.py); and the same two with the rule in the models' place (the oracles)
 Finished runs are kept and an interrupted one resumes (building_blocks.runs.train_or_keep).
 
     python -m studies.process_supervision --seed 0 --out_dir out/process/s0
@@ -16,7 +16,11 @@ import os
 import statistics
 
 RMS = ("outcome", "rule", "monte_carlo")          # process_reward --labels
-RL = ("outcome", "process")                       # process_grpo --reward
+RL = ("outcome", "process", "outcome_rule", "process_rule")     # process_grpo --reward (the last two: the rule)
+RL_NAMES = {"outcome": "GRPO, outcome reward (ORM)", "process": "GRPO, process reward (PRM step scores)",
+            "outcome_rule": "GRPO, outcome reward from the rule (oracle)",
+            "process_rule": "GRPO, step rewards from the rule (oracle)"}
+SHORT = {"outcome": "ORM reward", "process": "PRM step rewards", "outcome_rule": "rule: outcome", "process_rule": "rule: steps"}
 SELECTORS = (("orm", "outcome", "ORM"), ("prm_min", "rule", "PRM (rule labels), min"),
              ("prm_product", "rule", "PRM (rule labels), product"), ("prm_min", "monte_carlo", "PRM (Monte-Carlo labels), min"),
              ("prm_product", "monte_carlo", "PRM (Monte-Carlo labels), product"),
@@ -127,21 +131,57 @@ def mean_curve(records, run, key):
 
 def block_rl(records):
     rs = list(records.values())
-    names = {"outcome": "GRPO, outcome reward (ORM)", "process": "GRPO, process reward (PRM step scores)"}
     lines = ["| val prompts | " + " | ".join(RL_KEYS) + " |", "|---|" + "---|" * len(RL_KEYS)]
     start = {k: [r["curves"]["grpo_outcome"][0][f"val_{k}"] for r in rs] for k in RL_KEYS}
     lines.append("| SFT (iteration 0) | " + " | ".join(mean_std(start[k]) for k in RL_KEYS) + " |")
     for reward in RL:
-        lines.append(f"| {names[reward]} | " + " | ".join(mean_std([r["rl"][reward][k] for r in rs]) for k in RL_KEYS)
-                     + " |")
+        lines.append(f"| {RL_NAMES[reward]} | " + " | ".join(mean_std([r["rl"][reward][k] for r in rs])
+                                                              for k in RL_KEYS) + " |")
     lines.append("")
-    for reward in RL:       # where the rule's step accuracy peaks, and what the PRM says after it
+    for reward in RL[:2]:   # where the rule's step accuracy peaks, and what the PRM says after it
         its, step = mean_curve(records, f"grpo_{reward}", "val_step_acc")
         prm = mean_curve(records, f"grpo_{reward}", "val_prm_step")[1]
         peak = max(range(len(its)), key=lambda i: step[i])
-        lines.append(f"- {names[reward]}: the rule's step accuracy (mean over seeds) peaks at iteration {its[peak]} "
+        lines.append(f"- {RL_NAMES[reward]}: the rule's step accuracy (mean over seeds) peaks at iteration {its[peak]} "
                      f"({step[peak]:.3f}); from there to iteration {its[-1]} it goes to {step[-1]:.3f} while the "
                      f"PRM's mean step score goes {prm[peak]:.3f} → {prm[-1]:.3f}.")
+    return "\n".join(lines)
+
+
+def claims(record):
+    """[(claim, its source, the measured quantity, whether it holds)] for one seed's record."""
+    rms, rl, curves = record["rms"], record["rl"], record["curves"]
+    bon = lambda rm, name, i: rms[rm]["best_of_n"][name][i]
+    first, last = (lambda run, key: curves[run][0][f"val_{key}"]), (lambda run, key: curves[run][-1][f"val_{key}"])
+    out = [("a PRM selects better than an ORM at the largest N (product of step probabilities)",
+            "Lightman et al. 2023, Fig. 3", "PRM − ORM final-answer accuracy at N = 64",
+            bon("rule", "prm_product", -1) - bon("outcome", "orm", -1)),
+           ("best-of-N by the PRM improves on a single sample", "Lightman et al. 2023, Fig. 3",
+            "PRM (product) at N = 64 − at N = 1", bon("rule", "prm_product", -1) - bon("rule", "prm_product", 0)),
+           ("a PRM on true step labels judges steps better than one on Monte-Carlo labels",
+            "Math-Shepherd's labels are estimates", "step accuracy: rule-label PRM − Monte-Carlo-label PRM",
+            rms["rule"]["step_acc"] - rms["monte_carlo"]["step_acc"]),
+           ("RL on the PRM's step rewards gives more correct steps than RL on the outcome reward",
+            "Uesato et al. 2022; DeepSeekMath §4.1.3 vs §4.1.2", "val step accuracy: process − outcome GRPO",
+            rl["process"]["step_acc"] - rl["outcome"]["step_acc"]),
+           ("RL on the PRM raises its score while the rule's step accuracy falls (the PRM over-optimised)",
+            "Gao et al. 2022, for a PRM", "the PRM's step score change × −(the rule's step accuracy change)",
+            (last("grpo_process", "prm_step") - first("grpo_process", "prm_step")) > 0 and
+            (last("grpo_process", "step_acc") - first("grpo_process", "step_acc")) < 0),
+           ("RL on the rule's own step rewards gives more correct steps than RL on the PRM's", "the oracle",
+            "val step accuracy: rule-rewarded − PRM-rewarded GRPO", rl["process_rule"]["step_acc"] - rl["process"]["step_acc"])]
+    return [(c, src, what, float(v), bool(v > 0)) for c, src, what, v in out]
+
+
+def block_claims(records):
+    per_seed = [claims(r) for r in records.values()]
+    lines = ["| claim | source | measured (each seed) | verdict |", "|---|---|---|---|"]
+    for i, (claim, src, what, _, _) in enumerate(per_seed[0]):
+        values, holds = [c[i][3] for c in per_seed], [c[i][4] for c in per_seed]
+        shown = " / ".join("yes" if h else "no" for h in holds) if i == 4 else each(values)
+        verdict = ("holds in every seed" if all(holds) else "fails in every seed" if not any(holds) else
+                   f"holds in {sum(holds)} of {len(holds)} seeds: not told apart from chance")
+        lines.append(f"| {claim} | {src} | {what}: {shown} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -166,11 +206,11 @@ def plot(records, path_bon, path_rl):
     plt.close(fig)
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
     for ax, key in zip(axes, ("val_answer_acc", "val_step_acc", "val_prm_step", "val_kl_sft")):
-        for reward, color in zip(RL, ("tab:blue", "tab:orange")):
+        for reward, color in zip(RL, ("tab:blue", "tab:orange", "tab:gray", "tab:green")):
             for i, r in enumerate(records.values()):
                 rows = r["curves"][f"grpo_{reward}"]
                 ax.plot([x["iter"] for x in rows], [x[key] for x in rows], color=color, alpha=0.8,
-                        label=f"{reward} reward" if i == 0 else None)
+                        label=SHORT[reward] if i == 0 else None)
         ax.set_xlabel("GRPO iteration")
         ax.set_title(key[4:])
         ax.grid(alpha=0.3)

@@ -560,6 +560,7 @@ BLOCKS = {  # block name -> (part whose records it reads, function records -> ma
     "compare_rlvr": ("compare", block_compare(RLVR)),
     "reproduce_parts": ("seeds", block_parts),
     "bench": ("bench", block_bench),
+    "process_claims": ("process", process_block(ps.block_claims)),
     "process_sft": ("process", process_block(ps.block_sft)),
     "process_step_accuracy": ("process", process_block(ps.block_step_accuracy)),
     "process_best_of_n": ("process", process_block(ps.block_best_of_n)),
