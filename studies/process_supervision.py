@@ -25,7 +25,7 @@ SELECTORS = (("orm", "outcome", "ORM"), ("prm_min", "rule", "PRM (rule labels), 
              ("prm_product", "rule", "PRM (rule labels), product"), ("prm_min", "monte_carlo", "PRM (Monte-Carlo labels), min"),
              ("prm_product", "monte_carlo", "PRM (Monte-Carlo labels), product"),
              ("majority", "outcome", "majority vote (no model)"), ("gold", "outcome", "gold reward (oracle)"))
-RL_KEYS = ("answer_acc", "step_acc", "process_acc", "prm_step", "orm", "kl_sft", "length")
+RL_KEYS = ("answer_acc", "step_acc", "process_acc", "prm_step", "orm", "kl_sft", "steps")
 
 
 def commands(out, seed, device="cpu"):

@@ -215,7 +215,7 @@ def chains_models(chains_sft):
     return chains_sft
 
 
-@pytest.mark.parametrize("reward", ["process", "outcome"])
+@pytest.mark.parametrize("reward", ["process", "outcome", "process_rule", "outcome_rule"])
 def test_process_grpo_runs_tiny(chains_models, reward, tmp_path):
     from algorithms import process_grpo
     d = chains_models
