@@ -43,11 +43,17 @@ def commands(out, seed, device="cpu"):
 
 
 def run_seed(out, seed, device="cpu"):
+    """Train (or keep, or resume) one seed's runs; returns the seconds spent on the runs this call trained."""
     import importlib
-    from building_blocks.runs import train_or_keep
+    import time
+    from building_blocks.runs import done_checkpoint, train_or_keep
+    spent = 0.0
     for module, stage, args, folder in commands(out, seed, device):
         print("=" * 20, f"process supervision, seed {seed}: {module} {' '.join(args[:2])}", "=" * 20)
+        kept, t0 = done_checkpoint(os.path.join(folder, f"{stage}.pt"), stage) is not None, time.time()
         train_or_keep(importlib.import_module(module), args, folder, False, stage)
+        spent += 0.0 if kept else time.time() - t0
+    return spent
 
 
 def record(out, seed, device="cpu"):
