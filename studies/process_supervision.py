@@ -197,10 +197,11 @@ def plot(records, path_bon, path_rl):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in zip(axes, ("best_of_n", "best_of_n_process"), ("final answer right", "every step right")):
+        colors = {label: f"C{i}" for i, (_, _, label) in enumerate(SELECTORS)}   # one colour per selector
         for label, (ns, per_seed) in best_of_n(records, key).items():
             mean = [statistics.mean(s[i] for s in per_seed) for i in range(len(ns))]
             std = [statistics.stdev(s[i] for s in per_seed) if len(per_seed) > 1 else 0 for i in range(len(ns))]
-            ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, label=label)
+            ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, label=label, color=colors[label])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("N (replies sampled per test prompt)")
         ax.set_ylabel(f"best-of-N: {title}")
