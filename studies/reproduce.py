@@ -8,7 +8,7 @@ docs/measured/PART/RUN.json (the pages' one source, committed), then redraws the
                                             # with --runs, e.g. two parts side by side, one thread each)
     python -m studies.reproduce overopt     # Gao et al.'s over-optimisation curves: RL β sweep, best-of-n (~2 h)
     python -m studies.reproduce compare     # every method × 3 seeds, and the RLVR study (~1.5 h)
-    python -m studies.reproduce process     # process supervision on the arithmetic chains, 3 seeds (~1 h of one thread)
+    python -m studies.reproduce process     # process supervision on the arithmetic chains, 3 seeds (~1.5 h, one thread)
     python -m studies.reproduce bench       # studies.bench's workloads, alone on the machine, every core (~5 min)
     python -m studies.reproduce redraw      # only the pages, from docs/measured/ (seconds; what the tests check)
     python -m studies.reproduce seeds --runs small_s0 small_s1   # some runs of a part
