@@ -54,7 +54,7 @@ from building_blocks import kl
 from building_blocks.runs import Run, RunOptions
 from building_blocks.sampling import sample_and_score
 from building_blocks.sequences import encode_prompts
-from building_blocks.steps import aggregate, read_steps, step_replies
+from building_blocks.steps import aggregate, outcome_labels, read_steps, rule_labels, step_replies
 from checkpoints import load_checkpoint, load_policy, load_weights, without_dropout
 from model import ScalarHeadGPT, logprobs_from_logits, response_logits
 from tasks import arithmetic_chains
@@ -138,16 +138,6 @@ def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip, kl
 
 # ----------------------------------------------------------------------------------------------------
 
-def rule_steps(replies):
-    """The rule's label of every sentence (1.0 / 0.0): the oracle process reward."""
-    return [[float(ok) for _, ok in arithmetic_chains.sentence_labels(p, t, e)]
-            for p, t, e in zip(replies.prompts, replies.texts, replies.ended)]
-
-
-def rule_golds(replies):
-    return [arithmetic_chains.gold_reward(p, t, e) for p, t, e in zip(replies.prompts, replies.texts, replies.ended)]
-
-
 def load_scorer(path, stages, sft, device):
     """A frozen reward model of process_reward.py (stage orm, prm_rule or prm_mc) that reads the SFT's tokens."""
     ckpt = load_checkpoint(path, stages, sft["tokenizer_id"])
@@ -228,8 +218,8 @@ def main(argv=None):
             last = [[len(ids) - 1] for ids in replies.response_ids]     # outcome: one "step", ending at the end
             rewards, ends = {"outcome": ([[r] for r in outcome.tolist()], last),
                              "process": (step_probs, replies.ends),
-                             "outcome_rule": ([[float(g > 0)] for g in rule_golds(replies)], last),
-                             "process_rule": (rule_steps(replies), replies.ends)}[cfg.reward]
+                             "outcome_rule": (outcome_labels(replies), last),
+                             "process_rule": (rule_labels(replies), replies.ends)}[cfg.reward]
             adv = process_advantages(rewards, ends, G, ro.response.shape[1]).to(device) * ro.mask   # (N, Tr)
             # 3. clipped surrogate + β·k3, one pass over shuffled minibatches
             policy.train()

@@ -60,7 +60,8 @@ import torch.nn.functional as F
 import tokenizer as tok
 from building_blocks.runs import Run, RunOptions
 from building_blocks.sequences import encode_prompts
-from building_blocks.steps import StepReplies, aggregate, read_steps, sample_step_replies, step_replies, step_rows
+from building_blocks.steps import (StepReplies, aggregate, outcome_labels, read_steps, rule_labels, sample_step_replies,
+                                   step_replies, step_rows)
 from checkpoints import load_policy, load_weights
 from model import ScalarHeadGPT
 from tasks import arithmetic_chains
@@ -161,18 +162,6 @@ def majority_vote_accuracy(answers, correct, n):
 
 # ----------------------------------------------------------------------------------------------------
 # Labels (plumbing around the pure functions: the sampling they need)
-
-def rule_labels(replies):
-    """The code's label of every sentence of every reply: B lists of 1.0 / 0.0."""
-    return [[float(ok) for _, ok in arithmetic_chains.sentence_labels(p, t, e)]
-            for p, t, e in zip(replies.prompts, replies.texts, replies.ended)]
-
-
-def outcome_labels(replies):
-    """One label per reply: it ended and its final answer is the expression's value."""
-    return [[float(arithmetic_chains.gold_reward(p, t, e) > 0)]
-            for p, t, e in zip(replies.prompts, replies.texts, replies.ended)]
-
 
 @torch.no_grad()
 def mc_labels(policy, enc, replies, cfg, device, generator, batch_size=64):

@@ -1,7 +1,8 @@
 """
 The steps of a sampled reply, for process supervision (algorithms/process_reward.py trains reward models on them,
 algorithms/process_grpo.py rewards a policy with them): replies kept as the sampled token rows with the token that
-ends each sentence (StepReplies, sample_step_replies), the right-padded rows a scalar-head model reads, with a
+ends each sentence (StepReplies, sample_step_replies), the rule's labels of them (rule_labels, outcome_labels),
+the right-padded rows a scalar-head model reads, with a
 mask at the tokens it is read at (step_rows), one no-grad pass reading it there (read_steps), and the two ways a
 reply's step probabilities become one score (Lightman et al. 2023: the product, "the probability that every step is
 correct"; the minimum, which the paper also discusses).
@@ -61,6 +62,19 @@ def sample_step_replies(model, enc, prompts, max_new_tokens, temperature, device
         rows += model.generate(ids.to(device), mask.to(device), max_new_tokens, tok.eos_id(enc), tok.pad_id(enc),
                                temperature=temperature, generator=generator).tokens.tolist()   # (b, Tr)
     return step_replies(enc, prompts, rows)
+
+
+def rule_labels(replies):
+    """The rule's label of every sentence of every reply (arithmetic_chains.sentence_labels): B lists of 1.0 / 0.0.
+    A PRM's training labels, the oracle's process reward, and the truth every step judge is measured against."""
+    return [[float(ok) for _, ok in arithmetic_chains.sentence_labels(p, t, e)]
+            for p, t, e in zip(replies.prompts, replies.texts, replies.ended)]
+
+
+def outcome_labels(replies):
+    """One label per reply, 1.0 when it ended and its final answer is the expression's value (gold reward > 0)."""
+    return [[float(arithmetic_chains.gold_reward(p, t, e) > 0)]
+            for p, t, e in zip(replies.prompts, replies.texts, replies.ended)]
 
 
 def read_positions(replies, i, outcome):

@@ -10,7 +10,7 @@ import torch
 import tokenizer as tok
 from algorithms import process_reward
 from algorithms.process_reward import best_of_n_accuracy, monte_carlo_label, step_bce_loss, up_to_first_error
-from building_blocks.steps import aggregate, step_replies, step_rows
+from building_blocks.steps import aggregate, outcome_labels, rule_labels, step_replies, step_rows
 from data import EOS_TEXT
 from tasks import arithmetic_chains as ac
 
@@ -109,7 +109,7 @@ def test_monte_carlo_labels_on_a_tiny_case():
     r = replies_of(WRONG + EOS_TEXT)
     always_right = process_reward.mc_labels(Completer(" The answer is 6."), ENC, r, cfg, "cpu", None)
     assert always_right == [[1.0, 1.0, 1.0, 0.0]]
-    assert process_reward.rule_labels(r) == [[1.0, 0.0, 0.0, 0.0]]
+    assert rule_labels(r) == [[1.0, 0.0, 0.0, 0.0]] and outcome_labels(r) == [[0.0]]
     cfg.mc_target = "soft"
     half = process_reward.mc_labels(Completer(" The answer is 6.", " The answer is 5."), ENC, r, cfg, "cpu", None)
     assert half == [[0.5, 0.5, 0.5, 0.0]]
