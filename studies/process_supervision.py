@@ -171,7 +171,8 @@ def claims(record):
             "Uesato et al. 2022; DeepSeekMath §4.1.3 vs §4.1.2", "val step accuracy: process − outcome GRPO",
             rl["process"]["step_acc"] - rl["outcome"]["step_acc"]),
            ("RL on the PRM raises its score while the rule's step accuracy falls (the PRM over-optimised)",
-            "Gao et al. 2022, for a PRM", "the PRM's step score change × −(the rule's step accuracy change)",
+            "Gao et al. 2022, for a PRM", "from iteration 0 to the end, the PRM's step score rose and the rule's "
+            "step accuracy fell",
             (last("grpo_process", "prm_step") - first("grpo_process", "prm_step")) > 0 and
             (last("grpo_process", "step_acc") - first("grpo_process", "step_acc")) < 0),
            ("RL on the rule's own step rewards gives more correct steps than RL on the PRM's", "the oracle",
