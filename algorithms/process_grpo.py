@@ -22,12 +22,13 @@ One iteration (DSM Algorithm 1 with M = 1):
   Every eval_interval: the policy's replies to the val prompts, judged by the rule (final answer, steps, process),
   by the PRM (its mean step probability: what the process reward pushes up) and by their KL to the reference.
 
-Run (after train_sft.py --data chains and algorithms/process_reward.py's ORM and PRM; writes out/chains/
-process_grpo.pt, its log, rollouts and curves):
+Run (after train_sft.py --data chains and algorithms/process_reward.py's ORM and PRM; writes OUT_DIR/process_grpo.pt,
+process_grpo_log.jsonl, process_grpo_samples.jsonl (rollouts with the rule's label of every step) and the curves):
     python -m algorithms.process_grpo --reward process --out_dir out/chains/grpo_process
     python -m algorithms.process_grpo --reward outcome --out_dir out/chains/grpo_outcome
     python -m algorithms.process_grpo --reward process_rule --out_dir out/chains/grpo_process_rule   # the oracle
-    python -m algorithms.process_grpo --preset tiny --sft_ckpt out/chains_tiny/sft.pt --orm_ckpt ... --prm_ckpt ...
+    python -m algorithms.process_grpo --preset tiny --sft_ckpt out/chains_tiny/sft.pt --orm_ckpt out/chains_tiny/orm.pt \
+        --prm_ckpt out/chains_tiny/prm_rule.pt --out_dir out/chains_tiny/grpo
     python -m algorithms.process_grpo --help
 
 Deliberate choices:
