@@ -15,6 +15,8 @@ import argparse
 import os
 import statistics
 
+from studies.seed_spread import each, mean_std
+
 RMS = ("outcome", "rule", "monte_carlo")          # process_reward --labels
 RL = ("outcome", "process", "outcome_rule", "process_rule")     # process_grpo --reward (the last two: the rule)
 RL_NAMES = {"outcome": "GRPO, outcome reward (ORM)", "process": "GRPO, process reward (PRM step scores)",
@@ -77,17 +79,6 @@ def record(out, seed, device="cpu"):
 
 # ----------------------------------------------------------------------------------------------------
 # The page's tables and figures, from the records ({run: record}, one run per seed)
-
-def mean_std(values, digits=3):
-    values = [v for v in values if v is not None]
-    if len(values) < 2:
-        return f"{values[0]:.{digits}f}" if values else "–"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def each(values, digits=3):
-    return " / ".join(f"{v:.{digits}f}" for v in values)
-
 
 def block_sft(records):
     rs = list(records.values())

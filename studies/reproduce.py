@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ import time
 import torch
 
 from studies import process_supervision as ps
+from studies.seed_spread import mean_std
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEASURED = os.path.join(ROOT, "docs", "measured")
@@ -102,14 +102,6 @@ def read_records(part):
         return {}
     return {name[:-5]: json.load(open(os.path.join(folder, name), encoding="utf-8"))
             for name in sorted(os.listdir(folder)) if name.endswith(".json")}
-
-
-def mean_std(values, digits=3):
-    """'m ± s' over seeds (sample standard deviation), with `digits` decimals."""
-    values = [v for v in values if v is not None]
-    if len(values) < 2:
-        return f"{values[0]:.{digits}f}" if values else "–"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 # ----------------------------------------------------------------------------------------------------
