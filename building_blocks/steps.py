@@ -19,6 +19,7 @@ import torch
 import tokenizer as tok
 from building_blocks.sequences import encode_prompts
 from tasks import arithmetic_chains
+from utils import pad_batch
 
 
 @dataclass
@@ -90,14 +91,10 @@ def step_rows(replies, pad_id, device, outcome=False, targets=None):
     (read_positions), and, given targets (B lists, one value per read position), target (B, T) holding them there
     (0 elsewhere; None without targets).
     """
-    seqs = [p + r for p, r in zip(replies.prompt_ids, replies.response_ids)]
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)                  # (B, T)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)                        # (B, T)
-    read = torch.zeros((len(seqs), T))                                          # (B, T)
-    target = torch.zeros((len(seqs), T)) if targets is not None else None      # (B, T)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    ids, mask = pad_batch([p + r for p, r in zip(replies.prompt_ids, replies.response_ids)], pad_id, left=False)
+    read = torch.zeros(ids.shape)                                               # (B, T)
+    target = torch.zeros(ids.shape) if targets is not None else None           # (B, T)
+    for i in range(len(ids)):
         at = read_positions(replies, i, outcome)
         read[i, at] = 1.0
         if targets is not None:
