@@ -205,16 +205,8 @@ def load_models(sft_path, rm_path, device, max_new_tokens=None, policy_init="sft
     not initialised from SFT, random or GPT-2 weights (gpt2 | a local file/folder, external/gpt2.py); the
     reference stays SFT."""
     policy, sft = load_policy(sft_path, ("sft",))
-    rm_ckpt = load_checkpoint(rm_path, "rm", sft["tokenizer_id"])
-    for k in ("vocab_size", "pad_id"):
-        if rm_ckpt["model_config"][k] != sft["model_config"][k]:
-            raise ValueError(f"{rm_path}: model_config {k}={rm_ckpt['model_config'][k]} but {sft_path} has "
-                             f"{sft['model_config'][k]}; the RM must score the policy's tokens")
-    check_rm_context(rm_ckpt, sft, rm_path, sft_path)
+    rm, rm_ckpt = load_reward_model(rm_path, "rm", sft, sft_path)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm = ScalarHeadGPT(without_dropout(rm_ckpt["model_config"]))
-    load_weights(rm, rm_ckpt["model"], rm_path)
-    rm.eval().requires_grad_(False)
     shape = policy.cfg
     if policy_init == "random":
         policy = GPT(without_dropout(sft["model_config"]))
@@ -227,6 +219,21 @@ def load_models(sft_path, rm_path, device, max_new_tokens=None, policy_init="sft
         raise ValueError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in block_size "
                          f"{shape.block_size}")
     return policy.to(device), ref.to(device), rm.to(device), sft, rm_ckpt
+
+
+def load_reward_model(rm_path, stages, sft, sft_path):
+    """A frozen reward model (a checkpoint of `stages`: rm, or process_reward.py's orm / prm_rule / prm_mc) that
+    scores the SFT policy's tokens: the same vocabulary and PAD id, a context as long. -> (model without dropout,
+    its checkpoint dict)."""
+    rm_ckpt = load_checkpoint(rm_path, stages, sft["tokenizer_id"])
+    for k in ("vocab_size", "pad_id"):
+        if rm_ckpt["model_config"][k] != sft["model_config"][k]:
+            raise ValueError(f"{rm_path}: model_config {k}={rm_ckpt['model_config'][k]} but {sft_path} has "
+                             f"{sft['model_config'][k]}; the RM must score the policy's tokens")
+    check_rm_context(rm_ckpt, sft, rm_path, sft_path)
+    rm = ScalarHeadGPT(without_dropout(rm_ckpt["model_config"]))
+    load_weights(rm, rm_ckpt["model"], rm_path)
+    return rm.eval().requires_grad_(False), rm_ckpt
 
 
 def check_rm_context(rm_ckpt, sft, rm_path, sft_path):

@@ -43,6 +43,7 @@ Deliberate choices:
 Shape legend: P prompts, G samples per prompt, N = P·G replies, Tr response length, S sentences of a reply,
 n minibatch rows.
 """
+import copy
 import os
 import random
 import time
@@ -56,8 +57,8 @@ from building_blocks.runs import Run, RunOptions
 from building_blocks.sampling import sample_and_score
 from building_blocks.sequences import encode_prompts
 from building_blocks.steps import aggregate, outcome_labels, read_steps, rule_labels, step_replies
-from checkpoints import load_checkpoint, load_policy, load_weights, without_dropout
-from model import ScalarHeadGPT, logprobs_from_logits, response_logits
+from checkpoints import load_policy, load_reward_model
+from model import logprobs_from_logits, response_logits
 from tasks import arithmetic_chains
 from utils import check_finite, field, masked_mean, parse_config, plot_curves, read_jsonl, run_main, table
 
@@ -139,14 +140,6 @@ def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip, kl
 
 # ----------------------------------------------------------------------------------------------------
 
-def load_scorer(path, stages, sft, device):
-    """A frozen reward model of process_reward.py (stage orm, prm_rule or prm_mc) that reads the SFT's tokens."""
-    ckpt = load_checkpoint(path, stages, sft["tokenizer_id"])
-    model = ScalarHeadGPT(without_dropout(ckpt["model_config"]))
-    load_weights(model, ckpt["model"], path)
-    return model.to(device).eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def judge(policy, ref, orm, prm, enc, prompts, cfg, device, seed):
     """The policy's replies to `prompts` (a generator of `seed`: the same stream at every evaluation) judged by the
@@ -176,10 +169,10 @@ def main(argv=None):
         policy, sft = load_policy(cfg.sft_ckpt, ("sft",))
         if sft["config"].get("data") != "chains":
             raise ValueError(f"{cfg.sft_ckpt}: trained with --data {sft['config'].get('data')}, not chains")
-        ref = load_policy(cfg.sft_ckpt, ("sft",))[0].to(device).eval().requires_grad_(False)
         policy.to(device)
-        orm = load_scorer(cfg.orm_ckpt, ("orm",), sft, device)
-        prm = load_scorer(cfg.prm_ckpt, ("prm_rule", "prm_mc"), sft, device)
+        ref = copy.deepcopy(policy).eval().requires_grad_(False)              # the frozen SFT reference
+        orm = load_reward_model(cfg.orm_ckpt, ("orm",), sft, cfg.sft_ckpt)[0].to(device)
+        prm = load_reward_model(cfg.prm_ckpt, ("prm_rule", "prm_mc"), sft, cfg.sft_ckpt)[0].to(device)
         enc = tok.get_tokenizer(sft["tokenizer"])
         pad_id, eos_id = tok.pad_id(enc), tok.eos_id(enc)
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
