@@ -7,10 +7,10 @@ needs on top:
     a row stops at EOS and is padded with PAD afterwards);
   * `ScalarHeadGPT`: the same backbone with a Linear(n_embd, 1) head, one value per position, used for the
     reward model (score read at the last real token) and, later, the PPO critic;
+  * the per-token math every RL stage does on what it sampled: log-probs, entropies, values, masked means and
+    the KL estimators k1, k3 and the exact KL, written once.
 
-References: GPT-2 (Radford et al. 2019), nanoGPT (Karpathy) for the layout.
-
-Deliberate choices:
+References: GPT-2 (Radford et al. 2019), nanoGPT (Karpathy) for the layout. Deliberate choices:
   1. Padding never changes a real token's output: pads are masked out as keys and the positions of real
      tokens do not count pads. A pad *query* attends to itself only, so its (unused) output stays finite.
   2. Attention is torch's scaled_dot_product_attention with a boolean mask (flash kernels are skipped
@@ -18,17 +18,15 @@ Deliberate choices:
   3. PAD is not a word: its logit is set to -1e9 in GPT.logits, so it is never sampled and every stage sees
      the same distribution.
   4. No torch.compile, no DDP, no weight init tricks beyond GPT-2's (std 0.02, scaled residual projections).
-     GPT-2's own weights load into this GPT from a local Hugging Face file (external/gpt2.py).
+     GPT-2's own weights load into this GPT from a local Hugging Face file (runs.load_gpt2).
   5. Sampling inverts the CDF with one uniform number per row (sample_categorical): the distribution of
-     torch.multinomial without its B·V exponential draws, which dominated CPU generation time.
+     torch.multinomial without its B·V exponential draws (docs/performance.md).
   6. The output heads (LM head, scalar head) compute in fp32 even under bf16 autocast (fp32_linear): what they
-     return becomes log-probs, ratios, KLs, values and scores. Emulated on CPU at GPT-2-like logit offsets, a
-     bf16 LM head gave per-token log-prob errors of 0.094 nats on average, 0.35 at most; the fp32 head
-     0.00057 and 0.0021 (tests/test_perf.py).
+     return becomes log-probs, ratios, KLs, values and scores (docs/performance.md has the errors measured).
 
 Shape legend (used in comments throughout):
   B  batch            T  sequence length (query positions)     S  key positions (cache + new)
-  C  n_embd           nh n_head     hs C // nh (head size)      V  vocab size
+  C  n_embd           nh n_head     hs C // nh (head size)      V  vocab size     Tr response length
 """
 import math
 from dataclasses import dataclass
@@ -57,10 +55,8 @@ def position_ids(mask):
 
 
 def attention_bias(mask, q_len):
-    """
-    Boolean (B, 1, q_len, S) "may attend" for the last q_len queries over S = mask.shape[1] keys:
-    causal AND key is real, OR the key is the query itself (so a pad query never sees an empty row).
-    """
+    """Boolean (B, 1, q_len, S) "may attend" for the last q_len queries over S = mask.shape[1] keys: causal AND
+    key is real, OR the key is the query itself (so a pad query never sees an empty row)."""
     S = mask.shape[1]
     q_pos = torch.arange(S - q_len, S, device=mask.device)[:, None]      # (q_len, 1) absolute query positions
     k_pos = torch.arange(S, device=mask.device)[None, :]                  # (1, S)
@@ -74,12 +70,8 @@ PAD_LOGIT = -1e9  # finite, so softmax gives exactly 0 and p * log p stays 0 (no
 
 
 def fp32_linear(x, weight):
-    """
-    x @ weight.T computed in fp32 even inside a bf16 autocast region: the output heads (LM head, scalar head).
-    Their outputs become log-probs, ratios, KLs, values and scores, and bf16 keeps 8 bits of mantissa: at
-    GPT-2's logit magnitudes (32-128) its spacing is 0.25-0.5, noise as large as the log-ratios PPO clips.
-    The body's matmuls may stay bf16; only the last projection must not round.
-    """
+    """x @ weight.T in fp32 even inside a bf16 autocast region, for the output heads: bf16's 8-bit mantissa at
+    GPT-2's logit magnitudes (32-128) is noise as large as the log-ratios PPO clips. The body may stay bf16."""
     with torch.autocast(x.device.type, enabled=False):
         return F.linear(x.float(), weight.float())                            # (..., out) fp32
 
@@ -163,11 +155,8 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def hidden(self, idx, mask=None, pos=None, caches=None):
-        """
-        idx (B, T) token ids; mask (B, S) 1 = real token, 0 = pad, covering cache + idx (default all ones);
-        pos (B, T) position ids (default from mask); caches: list of per-layer dicts for generation.
-        Returns the final hidden states (B, T, C) after ln_f.
-        """
+        """Final hidden states (B, T, C) after ln_f of idx (B, T); mask (B, S) 1 = real token, covering cache + idx
+        (default all ones); pos (B, T) position ids (default from mask); caches: per-layer dicts (generate)."""
         B, T = idx.shape
         if mask is None:
             mask = torch.ones(B, T if caches is None else caches[0]["len"] + T, dtype=torch.long, device=idx.device)
@@ -199,8 +188,7 @@ class GPT(nn.Module):
         return self.logits(self.hidden(idx, mask, pos)[:, keep])               # (B, T', V)
 
     def new_caches(self, B, max_len):
-        """Empty KV cache for B rows and up to max_len positions: one {k, v, shape, len} dict per layer; the
-        (B, nh, max_len, hs) buffers are allocated by the first forward that writes them."""
+        """Empty KV cache, one {k, v, shape, len} dict per layer (buffers allocated by the first write)."""
         shape = (B, self.cfg.n_head, max_len, self.cfg.n_embd // self.cfg.n_head)  # (B, nh, S_max, hs)
         return [{"k": None, "v": None, "shape": shape, "len": 0} for _ in self.h]
 
@@ -208,28 +196,22 @@ class GPT(nn.Module):
     def generate(self, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None,
                  generator=None, use_cache=True, return_logprobs=False):
         """
-        Sample continuations of left-padded prompts.
-        prompt (B, Tp) ids, left-padded with pad_id; prompt_mask (B, Tp) 1 on real tokens.
-        temperature 0 means greedy (argmax). A row that emits eos_id is finished: later positions get pad_id;
-        eos_id=None never stops (every row gets exactly max_new_tokens: the benchmark's fixed workload).
-        Returns a Generation: response ids (B, Tr), Tr <= max_new_tokens (it stops early once every row finished).
-        use_cache=False recomputes the whole sequence each step (slow; the reference the cache is tested against).
-        return_logprobs=True also fills its logprobs (B, Tr) and entropy (B, Tr) of the sampled tokens under
-        softmax(logits / temperature), the distribution PPO's forward pass scores (0 at padding), so PPO can skip
-        a second forward pass of the policy (ppo_rlhf.rollout, --fast_rollout). It cannot be combined with
-        top_k: the tokens would be sampled from the truncated distribution but scored under the full one.
+        Sample continuations of left-padded prompts (B, Tp), prompt_mask (B, Tp) 1 on real tokens. Temperature 0
+        is greedy. A row that emits eos_id is finished: later positions get pad_id; eos_id=None never stops (the
+        benchmark's fixed workload). Returns a Generation: response ids (B, Tr), Tr <= max_new_tokens.
+        use_cache=False recomputes the whole sequence each step (the reference the cache is tested against).
+        return_logprobs=True also fills logprobs and entropy (B, Tr) of the sampled tokens under
+        softmax(logits / temperature), the distribution PPO scores (0 at padding), so PPO can skip a second
+        forward of the policy (--fast_rollout). Not with top_k: tokens from the truncated distribution would be
+        scored under the full one.
         """
         B, Tp = prompt.shape
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if return_logprobs and temperature == 0:
-            raise ValueError("return_logprobs needs temperature > 0 (greedy decoding has no sampling distribution)")
-        if return_logprobs and top_k is not None:
-            raise ValueError(f"return_logprobs cannot be combined with top_k={top_k}: the log-probs would score the "
-                             f"full distribution while the tokens come from the top-k one (an off-policy ratio)")
-        if Tp + max_new_tokens > self.cfg.block_size:
-            raise ValueError(f"prompt length {Tp} + max_new_tokens {max_new_tokens} exceeds block_size "
-                             f"{self.cfg.block_size}")
+        if max_new_tokens < 1 or Tp + max_new_tokens > self.cfg.block_size:
+            raise ValueError(f"prompt length {Tp} + max_new_tokens {max_new_tokens}: needs 1 to "
+                             f"{self.cfg.block_size - Tp} new tokens (block_size {self.cfg.block_size})")
+        if return_logprobs and (temperature == 0 or top_k is not None):
+            raise ValueError(f"return_logprobs needs the full sampling distribution: temperature > 0 (got "
+                             f"{temperature}) and no top_k (got {top_k})")
         mask = prompt_mask.long()                                              # (B, Tp) grows to (B, Tp + t)
         seq = prompt                                                           # (B, Tp) grows likewise
         pos = position_ids(mask)                                               # (B, Tp)
@@ -286,12 +268,8 @@ class Generation:
 
 
 def sample_categorical(probs, generator=None):
-    """
-    One token per row from probs (B, V), by inverting the CDF with one uniform number per row: the first index
-    whose cumulative probability exceeds u·total. The same distribution as torch.multinomial(probs, 1), which
-    draws B·V exponential numbers instead of B and took over half of CPU generation time. The CDF is summed in
-    float64, so rounding moves no probability mass that matters; zero-probability tokens (PAD) are never drawn.
-    """
+    """One token per row from probs (B, V): the first index whose float64 cumulative probability exceeds
+    u·total, one uniform u per row (torch.multinomial's distribution; PAD, at probability 0, is never drawn)."""
     cdf = probs.double().cumsum(-1)                                           # (B, V)
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)  # (B, 1)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)               # (B, 1) first cdf > u·total
@@ -329,6 +307,7 @@ class ScalarHeadGPT(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 # What every RL stage asks of a model about the responses it sampled (PPO, RLOO, RAFT, DPO, A-LoL, evaluate)
+# and the per-token math it does on them
 
 def response_logits(model, seq, mask, n_prompt, temperature):
     """Logits (B, Tr, V) / τ that predicted each response token of seq (B, T), whose first n_prompt positions
@@ -352,3 +331,56 @@ def entropy_from_logits(logits):
 def response_values(critic, seq, mask, n_prompt):
     """A critic's values (B, Tr) of the state before each response token of seq (B, T)."""
     return critic(seq, mask)[:, n_prompt - 1:-1]                          # (B, Tr)
+
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over positions where mask is 1 (over `dim`, or everything)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x, mask):
+    """Unbiased variance (a scalar) over the n masked positions: Σ mask·(x - μ)² / max(n - 1, 1), μ = masked_mean."""
+    # [assignment: whitening]
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+    # [end assignment: whitening]
+
+
+def masked_whiten(x, mask, shift_mean=True, moments=None):
+    """(x - μ) / σ over masked positions (shift_mean=False keeps the mean: (x - μ)/σ + μ). Padding stays 0.
+    moments: (μ, σ²) when they come from elsewhere (under torchrun, every rank's rows: runs.global_masked_moments)."""
+    mean, var = moments if moments is not None else (masked_mean(x, mask), masked_var(x, mask))
+    # [assignment: whitening]
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+    # [end assignment: whitening]
+
+
+# The KL estimators, on a response sampled from π (log-probs at the sampling temperature), r_t = π_ref/π at y_t:
+# k1_t = -log r_t is unbiased for KL(π‖π_ref) summed over a response and negative on some tokens (PPO's penalty,
+# eq. 3); k3_t = (r_t - 1) - log r_t is never negative, with the same expectation (Schulman, "Approximating KL
+# divergence"; DeepSeekMath eq. 4). In a *loss* (GRPO) k3's expected gradient is that of the reverse KL(π_ref‖π):
+# E_{y~π}[∇k3] = -Σ_y π_ref(y) ∇log π(y) (tests/test_grpo.py checks it exactly on a five-way distribution).
+
+def k1(logprobs, ref_logprobs, mask):
+    """k1 per token (B, Tr): log π - log π_ref on real response tokens, 0 at padding."""
+    return (logprobs - ref_logprobs) * mask
+
+
+def k3(logprobs, ref_logprobs):
+    """k3 per token (B, Tr): exp(d) - 1 - d with d = log π_ref - log π, written expm1(d) - d so that a small d
+    loses no float32 precision to cancellation. Mask it where padding must be 0."""
+    d = ref_logprobs - logprobs
+    return torch.expm1(d) - d
+
+
+def exact_kl(logits, ref_logits):
+    """KL(π‖π_ref) summed over the vocabulary at each position: logits (B, Tr, V) each -> (B, Tr)."""
+    logp, ref_logp = logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)  # (B, Tr, V) each
+    return (logp.exp() * (logp - ref_logp)).sum(-1)                       # (B, Tr)

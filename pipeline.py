@@ -4,7 +4,7 @@ The whole RLHF pipeline on the toy task, stage after stage, each stage's checkpo
     1. train_sft.py     supervised fine-tuning on demonstrations              -> OUT/sft.pt
     2. reward_model.py  Bradley-Terry reward model on preference pairs        -> OUT/rm.pt
     3. ppo_rlhf.py      PPO with the PPO-max recipe against the reward model  -> OUT/ppo.pt
-    4. evaluate.py      SFT vs PPO on held-out test prompts: gold reward, RM score, win rate, KL, ...
+    4. studies/evaluate.py      SFT vs PPO on held-out test prompts: gold reward, RM score, win rate, KL, ...
                                                                               -> OUT/eval.md
     then one self-contained page of the run (studies/report.py)               -> OUT/report.html
 
@@ -23,14 +23,12 @@ import argparse
 import os
 import time
 
-import evaluate
+from runs import finished_run, holding, parse_config, run_main, str2bool, world_size
+from studies import evaluate
 import ppo_rlhf
 import reward_model
 import train_sft
-from building_blocks.devices import world_size
-from building_blocks.runs import finished_run, holding
 from studies import report
-from utils import parse_config, run_main, str2bool
 
 SIZES = ("default", "small", "tiny")   # the size presets every stage has
 
@@ -57,7 +55,7 @@ def main(argv=None):
     a.ppo_options = ppo_options
     if world_size() > 1:
         raise ValueError("pipeline.py runs in one process: under torchrun, launch train_sft.py, reward_model.py and "
-                         "ppo_rlhf.py one by one, then evaluate.py with plain python (README: past one GPU)")
+                         "ppo_rlhf.py one by one, then studies/evaluate.py with plain python (README: past one GPU)")
     common = ["--out_dir", a.out_dir, "--device", a.device, "--seed", str(a.seed), "--overwrite", str(a.overwrite)]
     sft_path, rm_path, ppo_path = (os.path.join(a.out_dir, f) for f in ("sft.pt", "rm.pt", "ppo.pt"))
     t0, times = time.time(), {}

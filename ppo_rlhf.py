@@ -14,7 +14,7 @@ One PPO iteration, as numbered in main():
                   (one pass, as the code), one global grad-norm clip over policy and critic         eqs. 15-17, §5.4
 
 KL: the per-token penalty is k1_t = log π_old(a_t|s_t) - log π_ref(a_t|s_t), whose sum over a response is an
-unbiased estimate of KL(π‖π_ref); we also log k3 and the exact KL over the vocabulary (building_blocks/kl.py),
+unbiased estimate of KL(π‖π_ref); we also log k3 and the exact KL over the vocabulary (model.py),
 all at the sampling temperature, as every log-prob in this file is.
 
 Run (after train_sft.py and reward_model.py; writes out/ppo.pt, out/ppo_log.jsonl, out/ppo_curves.png):
@@ -42,7 +42,7 @@ Deliberate choices (where the paper and its code disagree, or where we differ fr
   7. One optimiser with two parameter groups (policy, critic) and one global grad-norm clip, as the code does.
   8. β = 0.1 (the code's zh script; the middle of the paper's Fig. 15). With the paper's 0.05, one of three
      seeds drifted into the collapse signature at iteration ~130 of 150.
-  9. Dropout is off in every model here (checkpoints.without_dropout): with an SFT dropout of 0.1 left in, the
+  9. Dropout is off in every model here (runs.without_dropout): with an SFT dropout of 0.1 left in, the
      first-minibatch ratio was 0.992 on average (1.135 at most) and the critic's values moved by up to 1.1.
 
 Shape legend: B rollouts per iteration, Tp prompt length (left-padded), Tr response length (right-padded with
@@ -60,21 +60,14 @@ import torch
 
 import data
 import tokenizer as tok
-from building_blocks import kl
-from building_blocks.devices import (data_parallel, gather_rows, metrics_over_ranks, rank, share_of_global_tokens,
-                                     world_size)
-from building_blocks.monitors import (ValidationMonitor, clipped_tokens, collapse_signature, minibatch_means,
-                                      ppo_iteration_metrics)
-from building_blocks.runs import Run, RunOptions, run_meta
-from building_blocks.sampling import Samples
-from building_blocks.sanity import SanityChecks
-from building_blocks.sequences import collate, encode_demos, encode_prompts
-from checkpoints import load_critic, load_models
-from external import hh_rlhf
-from model import entropy_from_logits, last_token_index, logprobs_from_logits, response_logits, response_values
+from model import (entropy_from_logits, exact_kl, k1, last_token_index, logprobs_from_logits, masked_mean,
+                   masked_whiten, response_logits, response_values)
+from runs import (Run, RunOptions, Samples, SanityChecks, ValidationMonitor, autocast, check_finite, clipped_tokens,
+                  collapse_signature, data_parallel, field, gather_rows, global_masked_moments, load_critic,
+                  load_models, metrics_over_ranks, minibatch_means, parse_config, plot_curves, ppo_iteration_metrics,
+                  rank, read_jsonl, run_main, run_meta, share_of_global_tokens, uses_bf16, world_size)
+from tokenizer import collate, encode_demos, encode_prompts
 from train_sft import sft_loss
-from utils import (autocast, check_finite, field, masked_mean, masked_whiten, parse_config, plot_curves, read_jsonl,
-                   run_main, uses_bf16)
 
 
 @dataclass
@@ -120,7 +113,7 @@ class Config(RunOptions):
     grad_clip: float = field(1.0, "global grad-norm clip over policy + critic (0 = off)", range="[0, inf)")
     critic_init: str = field("rm", "rm (a copy of the RM) or sft (SFT backbone, fresh head)", choices=("rm", "sft"))
     policy_init: str = field("sft", "sft, or a policy not initialised from SFT (paper §5.3.3 Fig. 8; the reference "
-                                    "stays SFT): random, or GPT-2 weights (gpt2 | a local file/folder, external/gpt2.py)",
+                                    "stays SFT): random, or GPT-2 weights (gpt2 | a local file/folder, runs.load_gpt2)",
                              input_file=True)
     critic_pretrain_iters: int = field(10, "first iterations update only the critic (paper §5.3.3)", range="[0, inf)")
     # monitoring
@@ -182,18 +175,18 @@ def rollout(policy, ref, rm, critic, prompt_ids, prompt_mask, max_new_tokens, te
     ref_logits = response_logits(ref, seq, seq_mask, n_prompt, temperature)    # (B, Tr, V)
     ref_logprobs = logprobs_from_logits(ref_logits, response) * mask      # (B, Tr)
     if fast:
-        old_logprobs, entropy, exact_kl = *old_logprobs_from_sampling(sample, mask), None  # (B, Tr) each
+        old_logprobs, entropy, exact = *old_logprobs_from_sampling(sample, mask), None  # (B, Tr) each
     else:
         logits = response_logits(policy, seq, seq_mask, n_prompt, temperature)  # (B, Tr, V)
         old_logprobs = logprobs_from_logits(logits, response) * mask      # (B, Tr) as the update computes it
         entropy = entropy_from_logits(logits) * mask                      # (B, Tr)
-        exact_kl = kl.exact_kl(logits, ref_logits) * mask    # (B, Tr)
+        exact = exact_kl(logits, ref_logits) * mask              # (B, Tr)
         del logits
     del ref_logits                                                        # the largest tensors: free them first
     values = response_values(critic, seq, seq_mask, n_prompt).float() * mask   # (B, Tr)
     scores = rm.score(seq, seq_mask).float()                              # (B,) at the last real token
     return Rollout(seq, seq_mask, response, mask, old_logprobs, ref_logprobs, scores, entropy, n_prompt, t_generate,
-                   time.time() - t0 - t_generate, values=values, exact_kl=exact_kl)
+                   time.time() - t0 - t_generate, values=values, exact_kl=exact)
 
 
 def old_logprobs_from_sampling(sample, mask):
@@ -311,10 +304,10 @@ def process_scores(scores, running, mode, clip):
 
 def kl_rewards(old_logprobs, ref_logprobs, mask, scores, kl_coef):
     """Per-token reward (B, Tr) (eq. 3): -β·k1 on every response token (k1 = old_logprobs - ref_logprobs where mask
-    is 1, building_blocks.kl.k1), plus the score (B,) on each response's last real token (last_token_index(mask));
+    is 1, model.k1), plus the score (B,) on each response's last real token (last_token_index(mask));
     0 at padding. β = kl_coef."""
     # [assignment: kl_reward]
-    rewards = -kl_coef * kl.k1(old_logprobs, ref_logprobs, mask)          # (B, Tr)
+    rewards = -kl_coef * k1(old_logprobs, ref_logprobs, mask)          # (B, Tr)
     last = last_token_index(mask)                                         # (B,) EOS position, or the last token
     rewards[torch.arange(len(scores)), last] += scores
     return rewards
@@ -347,7 +340,7 @@ def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy,
             rows = order[start:start + rows_per_minibatch]                 # (b,)
             mask, adv = ro.mask[rows], advantages[rows]                    # (b, Tr) each
             if cfg.adv_whiten:                                             # over the whole minibatch
-                adv = masked_whiten(adv, mask, over_ranks=True)
+                adv = masked_whiten(adv, mask, moments=global_masked_moments(adv, mask))
             if cfg.adv_clip > 0:
                 adv = torch.clamp(adv, -cfg.adv_clip, cfg.adv_clip)
             opt.zero_grad(set_to_none=True)
@@ -410,11 +403,11 @@ def load_prompts(cfg, sft, enc, order_rng):
     """{"train"|"val"|"test": {kind: [prompt]}} of the toy task, or of HH-RLHF files split as SFT and RM split
     them, and the SFT demonstrations for the PTX term (None when ptx_coef is 0)."""
     seed = sft["config"]["seed"]
-    splits = data.only_kinds(data.prompt_splits(seed), cfg.tasks) if cfg.data == "toy" else hh_rlhf.prompt_splits(cfg.data, seed)
+    splits = data.only_kinds(data.prompt_splits(seed), cfg.tasks) if cfg.data == "toy" else data.hh_prompt_splits(cfg.data, seed)
     if cfg.ptx_coef == 0:
         return splits, None
     demos = (data.make_demonstrations(data.sample_prompts(splits["train"], 4000, order_rng), cfg.seed + 2)
-             if cfg.data == "toy" else [(r["prompt"], r["chosen"]) for r in hh_rlhf.hh_splits(cfg.data, seed)["train"]])
+             if cfg.data == "toy" else [(r["prompt"], r["chosen"]) for r in data.hh_splits(cfg.data, seed)["train"]])
     return splits, encode_demos(enc, demos, sft["model_config"]["block_size"])
 
 
@@ -485,8 +478,8 @@ def main(argv=None):
             update_stats, ratios = ppo_update(train_policy, train_critic, opt, ro, advantages, returns, cfg,
                                               update_policy, minibatch_gen, ptx_data, f"PPO iteration {it}")
             t_train = time.time() - t_train
-            # the classic silent failures, each a plain-English warning once per run (building_blocks/sanity.py)
-            sanity.rollout(it, kl.k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1), ended)
+            # the classic silent failures, each a plain-English warning once per run (runs.py)
+            sanity.rollout(it, k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1), ended)
             sanity.advantages(it, advantages, ro.mask)
             if update_policy:
                 sanity.first_ratio(it, update_stats[0]["ratio_mean"], update_stats[0]["ratio_max"],
@@ -501,7 +494,7 @@ def main(argv=None):
             if it % cfg.eval_interval == 0 or it == cfg.n_iters:
                 row["win_rate_vs_sft"] = monitor.win_rate(policy)
                 monitor.keep_samples(it, policy, ro, prompts, texts, gold, {
-                    "k1": kl.k1(ro.old_logprobs, ro.ref_logprobs, ro.mask), "reward": rewards, "value": ro.values,
+                    "k1": k1(ro.old_logprobs, ro.ref_logprobs, ro.mask), "reward": rewards, "value": ro.values,
                     "advantage": advantages, "return": returns, "entropy": ro.entropy, "ratio": ratios,
                     "clipped": clipped_tokens(ratios, advantages, cfg.ratio_clip, cfg.ratio_clip) * ro.mask})
             history.append(row)

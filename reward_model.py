@@ -42,14 +42,10 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from building_blocks.devices import data_parallel, gather_rows, shard, sum_over_ranks, world_size
-from building_blocks.runs import Run, RunOptions, ckpt_interval_field
-from building_blocks.sampling import score_texts
-from checkpoints import load_checkpoint, load_weights
-from external import hh_rlhf
-from external.gpt2 import load_gpt2
+from runs import (Run, RunOptions, autocast, check_finite, ckpt_interval_field, data_parallel, field, gather_rows,
+                  load_checkpoint, load_gpt2, load_weights, parse_config, plot_curves, read_jsonl, run_main,
+                  score_texts, shard, sum_over_ranks, table, world_size)
 from model import GPTConfig, ScalarHeadGPT
-from utils import autocast, check_finite, field, parse_config, plot_curves, read_jsonl, run_main, table
 
 
 @dataclass
@@ -191,7 +187,7 @@ def main(argv=None):
             val = data.sample_preference_pairs(splits["val"], cfg.n_val, cfg.seed + 20, cfg.tau, cfg.length_bias)
             test = data.sample_preference_pairs(splits["test"], cfg.n_test, cfg.seed + 30, cfg.tau, cfg.length_bias)
         else:  # HH-RLHF: the human labels are the only judgement
-            splits = hh_rlhf.hh_splits(cfg.data, sft["config"]["seed"])
+            splits = data.hh_splits(cfg.data, sft["config"]["seed"])
             train, val, test = splits["train"][:cfg.n_train], splits["val"][:cfg.n_val], splits["test"][:cfg.n_test]
         per_step = cfg.batch_size * cfg.grad_accum
         n_iters = len(train) // per_step  # one epoch

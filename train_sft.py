@@ -24,7 +24,7 @@ Deliberate choices:
      same sequence gives the same logits whichever way it is padded.
   3. AdamW, linear warm-up then cosine decay to 10%, global grad-norm clip 1.0 (nanoGPT's recipe).
   4. Real data (`--data` HH-RLHF): the chosen response is the demonstration; there is no gold reward, so the final
-     evaluation prints samples next to the chosen responses. `--init` loads GPT-2 weights (external/gpt2.py);
+     evaluation prints samples next to the chosen responses. `--init` loads GPT-2 weights (runs.load_gpt2);
      `--grad_accum` micro-batches are an exact token-weighted mean; bf16 autocast on CUDA only (`--amp`).
 
 Shape legend: B batch, T sequence length (prompt + response), V vocab.
@@ -39,15 +39,12 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from building_blocks.devices import data_parallel, shard, share_of_global_tokens, sum_over_ranks, world_size
-from building_blocks.runs import Run, RunOptions, ckpt_interval_field
-from building_blocks.sampling import sample_responses
-from building_blocks.sequences import collate, encode_demos
-from external import hh_rlhf
-from tasks import arithmetic_chains
-from external.gpt2 import load_gpt2
+from runs import (Run, RunOptions, autocast, check_finite, ckpt_interval_field, data_parallel, field, load_gpt2,
+                  parse_config, plot_curves, read_jsonl, run_main, sample_responses, shard, share_of_global_tokens,
+                  sum_over_ranks, table, world_size)
+from tokenizer import collate, encode_demos
+from algorithms import arithmetic_chains
 from model import GPT, GPTConfig
-from utils import autocast, check_finite, field, parse_config, plot_curves, read_jsonl, run_main, table
 
 
 @dataclass
@@ -58,7 +55,7 @@ class Config(RunOptions):
                                 "model.safetensors / pytorch_model.bin / folder; sets n_layer, n_head, n_embd",
                       input_file=True)
     data: str = field("toy", "toy (the built-in task), chains (arithmetic chains worked step by step: "
-                             "tasks/arithmetic_chains.py), or HH-RLHF .jsonl/.jsonl.gz file(s), comma-separated: "
+                             "algorithms/arithmetic_chains.py), or HH-RLHF .jsonl/.jsonl.gz file(s), comma-separated: "
                              "SFT on the chosen responses", input_file=True)
     # model
     n_layer: int = field(4, "transformer blocks", range="[1, inf)")
@@ -189,7 +186,7 @@ def main(argv=None):
             train = arithmetic_chains.demonstrations([rng.choice(splits["train"]) for _ in range(cfg.n_train)])
             val = arithmetic_chains.demonstrations([rng.choice(splits["val"]) for _ in range(cfg.n_val)])
         else:  # HH-RLHF: the chosen response of each record is the demonstration
-            splits = hh_rlhf.hh_splits(cfg.data, cfg.seed)
+            splits = data.hh_splits(cfg.data, cfg.seed)
             train = [(r["prompt"], r["chosen"]) for r in splits["train"][:cfg.n_train]]
             val = [(r["prompt"], r["chosen"]) for r in splits["val"][:cfg.n_val]]
         train = encode_demos(enc, train, cfg.block_size, cfg.truncate_prompts)

@@ -46,11 +46,10 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from building_blocks.runs import Run, RunOptions, ckpt_interval_field, run_meta
-from building_blocks.sampling import sample_responses
-from checkpoints import load_models
+from runs import (Run, RunOptions, check_finite, ckpt_interval_field, field, load_models, parse_config, plot_curves,
+                  read_jsonl, run_main, run_meta, sample_responses, table)
+from tokenizer import fit_prompt, pad_batch
 from model import logprobs_from_logits, response_logits
-from utils import check_finite, field, fit_prompt, pad_batch, parse_config, plot_curves, read_jsonl, run_main, table
 
 
 @dataclass
@@ -275,7 +274,7 @@ def main(argv=None):
             return None
         train_time = run.train_time() + fit_time
 
-        # final check on val prompts: gold win rate vs SFT samples (evaluate.py does the full evaluation)
+        # final check on val prompts: gold win rate vs SFT samples (studies/evaluate.py does the full evaluation)
         ev = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
         g = lambda m: sample_responses(m, enc, ev, cfg.max_new_tokens, 1.0, device,
                                        torch.Generator(device=device).manual_seed(cfg.seed + 1))

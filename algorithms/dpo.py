@@ -21,7 +21,7 @@ Deliberate choices:
      bias), so DPO and the RM-based methods learn from exactly the same simulated human signal.
   2. Reference log-probs are computed on the fly (no-grad) for each batch, with the same masks as the policy's.
   3. AdamW with linear warm-up, one epoch (the paper uses RMSprop; on this tiny model AdamW is the stage default).
-  4. Policy and reference run without dropout whatever the SFT stage trained with (checkpoints.load_policy), so
+  4. Policy and reference run without dropout whatever the SFT stage trained with (runs.load_policy), so
      the first step's loss is ln 2 exactly; with an SFT dropout of 0.1 left in, it was 0.6925.
 
 Shape legend: B pairs per batch, T sequence length (prompt + response, right-padded), V vocab.
@@ -36,12 +36,10 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from building_blocks.runs import Run, RunOptions, ckpt_interval_field, run_meta
-from building_blocks.sampling import sample_responses
-from building_blocks.sequences import build_sft_example, collate
-from checkpoints import load_checkpoint, load_policy
+from runs import (Run, RunOptions, check_finite, ckpt_interval_field, field, load_checkpoint, load_policy, parse_config,
+                  plot_curves, read_jsonl, run_main, run_meta, sample_responses, table)
+from tokenizer import build_sft_example, collate, fit_prompt
 from model import logprobs_from_logits
-from utils import check_finite, field, fit_prompt, parse_config, plot_curves, read_jsonl, run_main, table
 
 
 @dataclass
@@ -196,7 +194,7 @@ def main(argv=None):
             return None
         train_time = run.train_time()
 
-        # final check on val prompts: gold win rate vs SFT samples (evaluate.py does the full evaluation)
+        # final check on val prompts: gold win rate vs SFT samples (studies/evaluate.py does the full evaluation)
         prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
         g = lambda m: sample_responses(m, enc, prompts, cfg.max_new_tokens, 1.0, device,
                                        torch.Generator(device=device).manual_seed(cfg.seed + 1))

@@ -7,7 +7,7 @@ What GRPO drops from PPO-max: the critic and GAE (the baseline is the mean rewar
 prompt), and the per-token KL reward (the KL to the reference is a term of the loss instead, so the advantage is
 one number per response, the same on each of its tokens). One iteration (DSM Algorithm 1 with M = 1):
   1. sample   P prompts, G responses each (prompt-major rows p·G + j) from π_old = π_θ, with log π_old and
-              log π_ref per token (sampling.sample_and_score); reward r_i per response from the reward
+              log π_ref per token (runs.sample_and_score); reward r_i per response from the reward
               model, the rule-based verifier (RLVR) or the gold reward (--reward). DAPO: groups whose rewards are
               all equal are dropped and new prompts sampled in their place (dynamic sampling, DAPO §3.2, eq. 11);
               a soft penalty for responses near max_new_tokens (DAPO §3.4, eq. 13).
@@ -16,7 +16,7 @@ one number per response, the same on each of its tokens). One iteration (DSM Alg
   3. update   μ passes (--epochs) over shuffled minibatches of the clipped surrogate plus β·k3 (DSM eq. 3-4):
                 ℓ_t = -min(ρ_t·Â, clip(ρ_t, 1-ε_low, 1+ε_high)·Â) + β·k3_t,   ρ_t = π_θ/π_old,
                 k3_t = exp(d) - 1 - d with d = log π_ref - log π_θ   (DSM eq. 4: its value estimates KL(π_θ‖π_ref);
-              as a loss term its expected gradient is that of KL(π_ref‖π_θ), the reverse: building_blocks/kl.py)
+              as a loss term its expected gradient is that of KL(π_ref‖π_θ), the reverse: model.py)
               aggregated over tokens by --loss_agg; GSPO: ρ is the length-normalised sequence ratio (GSPO eq. 7).
 
 Presets (the papers' choices; `python -m algorithms.grpo --preset NAME`):
@@ -62,17 +62,12 @@ import torch.nn.functional as F
 
 import data
 import tokenizer as tok
-from building_blocks import kl
-from building_blocks.devices import (data_parallel, global_masked_moments, metrics_over_ranks, rank,
-                                     share_of_global_tokens, sum_over_ranks, world_size)
-from building_blocks.monitors import ValidationMonitor, clipped_tokens, minibatch_means
-from building_blocks.sanity import SanityChecks
-from building_blocks.runs import Run, RunOptions, run_meta
-from building_blocks.sampling import Samples, sample_and_score
-from building_blocks.sequences import encode_prompts
-from checkpoints import load_models
-from model import logprobs_from_logits, response_logits
-from utils import check_finite, field, masked_mean, parse_config, plot_curves, read_jsonl, run_main
+from model import k1, k3, logprobs_from_logits, masked_mean, response_logits
+from runs import (Run, RunOptions, Samples, SanityChecks, ValidationMonitor, check_finite, clipped_tokens,
+                  data_parallel, field, global_masked_moments, load_models, metrics_over_ranks, minibatch_means,
+                  parse_config, plot_curves, rank, read_jsonl, run_main, run_meta, sample_and_score,
+                  share_of_global_tokens, sum_over_ranks, world_size)
+from tokenizer import encode_prompts
 
 
 @dataclass
@@ -195,7 +190,7 @@ def grpo_policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cli
     adv = advantages[:, None].to(ratio.dtype)                             # (B, 1) the same on every token
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high)                    # (B, Tr)
     policy_term = -torch.min(ratio * adv, clipped * adv)                  # (B, Tr)
-    kl_tokens = kl.k3(logprobs, ref_logprobs)                            # (B, Tr)
+    kl_tokens = k3(logprobs, ref_logprobs)                            # (B, Tr)
     loss = aggregate_loss(policy_term + kl_coef * kl_tokens, mask, loss_agg, norm_len)
     with torch.no_grad():
         clip_low_hit = (ratio < 1 - clip_low) & (adv < 0)                 # (B, Tr) where the clip binds
@@ -346,7 +341,7 @@ def grpo_update(policy, opt, ro, adv, cfg, generator, where="GRPO update", token
 
 
 def check_config(cfg):
-    """One-line errors for option combinations (each value alone: utils.check_options)."""
+    """One-line errors for option combinations (each value alone: runs.check_options)."""
     if (cfg.prompts_per_iter * cfg.samples_per_prompt) % cfg.minibatches:
         raise ValueError(f"--minibatches {cfg.minibatches} must divide the {cfg.prompts_per_iter * cfg.samples_per_prompt} "
                          f"responses (prompts_per_iter × samples_per_prompt)")
@@ -401,9 +396,9 @@ def main(argv=None):
             budget["generated"] += int(sum_over_ranks(torch.tensor(g.generated)))   # [DDP] every rank's
             budget["policy_steps"] += len(steps)
             n_tok = ro.mask.sum()
-            kl_seq = kl.k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1)  # (N,) k1, logged as for PPO and RLOO
+            kl_seq = k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1)  # (N,) k1, logged as for PPO and RLOO
             ended = (ro.response == tok.eos_id(enc)).any(1)                  # (N,)
-            # the classic silent failures, each a plain-English warning once per run (building_blocks/sanity.py)
+            # the classic silent failures, each a plain-English warning once per run (runs.py)
             sanity.rollout(it, kl_seq, ended)
             sanity.tied_groups(it, g.rewards, cfg.samples_per_prompt)
             sanity.advantages(it, adv)
@@ -425,8 +420,8 @@ def main(argv=None):
                 row["win_rate_vs_sft"] = monitor.win_rate(policy)
                 if g.prompts:
                     token_adv = adv[:, None].float() * ro.mask            # (N, Tr) the same on every token
-                    per_token = dict(k1=kl.k1(ro.old_logprobs, ro.ref_logprobs, ro.mask), entropy=ro.entropy,
-                                     k3=kl.k3(ro.old_logprobs, ro.ref_logprobs) * ro.mask, advantage=token_adv,
+                    per_token = dict(k1=k1(ro.old_logprobs, ro.ref_logprobs, ro.mask), entropy=ro.entropy,
+                                     k3=k3(ro.old_logprobs, ro.ref_logprobs) * ro.mask, advantage=token_adv,
                                      ratio=ratios, clipped=clipped_tokens(ratios, token_adv, cfg.ratio_clip_low,
                                                                           cfg.ratio_clip_high) * ro.mask)
                     monitor.keep_samples(it, policy, ro, g.prompts, g.texts, g.gold, per_token)

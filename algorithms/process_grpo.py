@@ -3,13 +3,13 @@ Process supervision, part 2: GRPO on the arithmetic-chain task rewarded by the p
 every step, against GRPO rewarded by the outcome reward model's score of the whole reply (DeepSeekMath, Shao et
 al. 2024, §4.1.3 "Process Supervision RL with GRPO" against §4.1.2 "Outcome Supervision"), at the same budget:
 the same prompts, samples, minibatches and optimizer steps; only the reward and its advantage differ. The rule
-that labels every step (tasks/arithmetic_chains.py) measures what each one really improves, and where the PRM's
+that labels every step (algorithms/arithmetic_chains.py) measures what each one really improves, and where the PRM's
 score rises while the rule's step accuracy does not (the PRM over-optimised).
 
 One iteration (DSM Algorithm 1 with M = 1):
   1. sample    P prompts, G replies each (prompt-major rows p·G + j) from π_old = π_θ, with log π_old and log π_ref
-               per token (sampling.sample_and_score, the ORM scoring the last token); the PRM read at the token
-               that ends each sentence (building_blocks/steps.py)
+               per token (runs.sample_and_score, the ORM scoring the last token); the PRM read at the token
+               that ends each sentence (algorithms/process_steps.py)
   2. reward    outcome  r_i = σ(ORM logit of reply i);  Â_{i,t} = (r_i - mean(r)) / std(r) over the group, on
                         every token of reply i (DSM §4.1.2): process supervision's one-step case, a reply with one
                         step that ends at its last token, and computed so (process_advantages)
@@ -52,15 +52,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 import tokenizer as tok
-from building_blocks import kl
-from building_blocks.runs import Run, RunOptions
-from building_blocks.sampling import sample_and_score
-from building_blocks.sequences import encode_prompts
-from building_blocks.steps import aggregate, outcome_labels, read_steps, rule_labels, step_replies
-from checkpoints import load_policy, load_reward_model
-from model import logprobs_from_logits, response_logits
-from tasks import arithmetic_chains
-from utils import check_finite, field, masked_mean, parse_config, plot_curves, read_jsonl, run_main, table
+from model import k1, k3, logprobs_from_logits, masked_mean, response_logits
+from runs import (Run, RunOptions, check_finite, field, load_policy, load_reward_model, parse_config, plot_curves,
+                  read_jsonl, run_main, sample_and_score, table)
+from tokenizer import encode_prompts
+from algorithms.process_steps import aggregate, outcome_labels, read_steps, rule_labels, step_replies
+from algorithms import arithmetic_chains
 
 
 @dataclass
@@ -131,7 +128,7 @@ def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip, kl
                                             for x in (logprobs, old_logprobs, ref_logprobs))   # (n, Tr) PAD-safe
     ratio = torch.exp((logprobs - old_logprobs).clamp(-20, 20))                # (n, Tr)
     per_token = -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages) \
-        + kl_coef * kl.k3(logprobs, ref_logprobs)                              # (n, Tr)
+        + kl_coef * k3(logprobs, ref_logprobs)                              # (n, Tr)
     per_token = torch.where(m, per_token, torch.zeros_like(per_token))
     loss = (per_token.sum(1) / m.sum(1).clamp(min=1)).mean()
     clipped = ((ratio - 1).abs() > clip) & (advantages != 0)                   # (n, Tr) where the clip may bind
@@ -155,7 +152,7 @@ def judge(policy, ref, orm, prm, enc, prompts, cfg, device, seed):
     rule = arithmetic_chains.score_replies(replies.prompts, replies.texts, replies.ended)
     return dict(rule, prm_step=sum(prm_step) / len(prm_step), prm_product=sum(aggregate(logits, "product")) / len(replies),
                 orm=torch.sigmoid(ro.scores.float()).mean().item(),
-                kl_sft=kl.k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1).mean().item()), replies
+                kl_sft=k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1).mean().item()), replies
 
 
 def main(argv=None):
@@ -234,7 +231,7 @@ def main(argv=None):
             row = dict(iter=it, orm=outcome.mean().item(),
                        prm_step=sum(sum(p) / len(p) if p else 0.0 for p in step_probs) / len(step_probs),
                        answer_acc=rule["answer_acc"], step_acc=rule["step_acc"], process_acc=rule["process_acc"],
-                       kl_seq=kl.k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1).mean().item(),
+                       kl_seq=k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1).mean().item(),
                        length=ro.mask.sum(1).float().mean().item(), adv_abs_mean=masked_mean(adv.abs(), ro.mask).item(),
                        **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}, t_iter=time.time() - t_it)
             if it % cfg.eval_interval == 0 or it == cfg.n_iters:

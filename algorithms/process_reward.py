@@ -1,6 +1,6 @@
 """
 Process supervision, part 1: an outcome reward model (ORM) and a process reward model (PRM) on the arithmetic-chain
-task (tasks/arithmetic_chains.py), whose every step is checkable in code. Lightman et al. 2023 ("Let's Verify Step
+task (algorithms/arithmetic_chains.py), whose every step is checkable in code. Lightman et al. 2023 ("Let's Verify Step
 by Step") train a PRM on human step labels (PRM800K) and an ORM on final-answer correctness, and compare them by
 best-of-N selection; Math-Shepherd (Wang et al. 2024) makes the step labels without humans, from Monte-Carlo
 completions. Here the true label of every step is known, so each model's step accuracy can be measured against it.
@@ -58,14 +58,13 @@ import torch
 import torch.nn.functional as F
 
 import tokenizer as tok
-from building_blocks.runs import Run, RunOptions
-from building_blocks.sequences import encode_prompts
-from building_blocks.steps import (StepReplies, aggregate, outcome_labels, read_steps, rule_labels, sample_step_replies,
-                                   step_replies, step_rows)
-from checkpoints import load_policy, load_weights
+from runs import (Progress, Run, RunOptions, check_finite, field, load_policy, load_weights, parse_config, plot_curves,
+                  read_jsonl, run_main, table)
+from tokenizer import encode_prompts
+from algorithms.process_steps import (StepReplies, aggregate, outcome_labels, read_steps, rule_labels,
+                                      sample_step_replies, step_replies, step_rows)
 from model import ScalarHeadGPT
-from tasks import arithmetic_chains
-from utils import Progress, check_finite, field, parse_config, plot_curves, read_jsonl, run_main, table
+from algorithms import arithmetic_chains
 
 STAGES = {"outcome": "orm", "rule": "prm_rule", "monte_carlo": "prm_mc"}
 

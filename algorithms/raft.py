@@ -3,7 +3,7 @@ RAFT: Reward rAnked FineTuning, i.e. best-of-k rejection sampling + supervised f
 the baseline that "Back to Basics" (Ahmadian et al. 2024, §2 and §5) compares RLOO against.
 
 One iteration:
-  1. rollout   B prompts × k samples, prompt-major (sampling.sample_and_score)
+  1. rollout   B prompts × k samples, prompt-major (runs.sample_and_score)
   2. rank      R = score - β·KL_seq (the same KL-shaped reward as RLOO; --rank_by score ignores the KL)
   3. select    the best of each prompt's k samples: B examples
   4. update    the SFT loss (mean token NLL over response tokens, EOS included) on the selected examples,
@@ -32,14 +32,10 @@ import torch
 
 import data
 import tokenizer as tok
-from building_blocks import kl
-from building_blocks.monitors import ValidationMonitor
-from building_blocks.runs import Run, RunOptions, run_meta
-from building_blocks.sampling import sample_and_score
-from building_blocks.sequences import encode_prompts
-from checkpoints import load_models
-from model import logprobs_from_logits, response_logits
-from utils import check_finite, field, masked_mean, parse_config, plot_curves, read_jsonl, run_main
+from model import k1, logprobs_from_logits, masked_mean, response_logits
+from runs import (Run, RunOptions, ValidationMonitor, check_finite, field, load_models, parse_config, plot_curves,
+                  read_jsonl, run_main, run_meta, sample_and_score)
+from tokenizer import encode_prompts
 
 
 @dataclass
@@ -76,7 +72,7 @@ PRESETS = {
 def kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef):
     """R = score - β·KL_seq with KL_seq = Σ_t (old_logprobs - ref_logprobs)_t over response tokens (k1), as RLOO's
     reward. scores (N,), the others (N, Tr) -> (R, KL_seq), both (N,) and constants."""
-    kl_seq = kl.k1(old_logprobs, ref_logprobs, mask).sum(1)               # (N,)
+    kl_seq = k1(old_logprobs, ref_logprobs, mask).sum(1)               # (N,)
     return scores.float() - kl_coef * kl_seq, kl_seq
 
 
@@ -145,7 +141,7 @@ def main(argv=None):
                 row["win_rate_vs_sft"] = monitor.win_rate(policy)
                 selected = torch.zeros_like(mask)
                 selected[best] = 1                                        # (N, Tr) 1 on the fine-tuned responses
-                per_token = dict(k1=kl.k1(ro.old_logprobs, ro.ref_logprobs, mask), entropy=ro.entropy,
+                per_token = dict(k1=k1(ro.old_logprobs, ro.ref_logprobs, mask), entropy=ro.entropy,
                                  selected=selected * mask)
                 monitor.keep_samples(it, policy, ro, prompts, texts, gold, per_token)
             run.log.write(**row)

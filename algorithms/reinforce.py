@@ -2,10 +2,10 @@
 REINFORCE with a batch-mean baseline (Williams 1992; the baseline is the simplest of those "Back to Basics",
 Ahmadian et al. 2024, §3 compares): the worked example of docs/adding_an_algorithm.md, written as a new
 method is added to this project: one file, the iteration in main(), building blocks from the library, the
-run's plumbing behind checkpoints.Run.
+run's plumbing behind runs.Run.
 
 The whole completion is one action. One iteration:
-  1. sample    B prompts, one response each, with log π_old and log π_ref per token (sampling.sample_and_score)
+  1. sample    B prompts, one response each, with log π_old and log π_ref per token (runs.sample_and_score)
   2. reward    R = score - β·KL_seq,  KL_seq = Σ_t k1_t = Σ_t (log π_old - log π_ref)_t   (a constant)
   3. baseline  b = mean of this batch's R;  A_i = R_i - b   (biased by 1/B: R_i is part of its own baseline; RLOO
                removes that bias by leaving it out)
@@ -33,14 +33,10 @@ import torch
 
 import data
 import tokenizer as tok
-from building_blocks import kl
-from building_blocks.monitors import ValidationMonitor
-from building_blocks.runs import Run, RunOptions, run_meta
-from building_blocks.sampling import sample_and_score
-from building_blocks.sequences import encode_prompts
-from checkpoints import load_models
-from model import logprobs_from_logits, response_logits
-from utils import check_finite, field, parse_config, plot_curves, read_jsonl, run_main
+from model import k1, logprobs_from_logits, response_logits
+from runs import (Run, RunOptions, ValidationMonitor, check_finite, field, load_models, parse_config, plot_curves,
+                  read_jsonl, run_main, run_meta, sample_and_score)
+from tokenizer import encode_prompts
 
 
 @dataclass
@@ -99,7 +95,7 @@ def main(argv=None):
             texts, gold = replies.texts, torch.tensor(replies.golds(prompts))  # gold (B,): monitoring only
             check_finite(f"REINFORCE iteration {it}", rm_score=ro.scores.sum())
             # 2. the KL-shaped sequence reward, a constant
-            kl_seq = kl.k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1)                # (B,)
+            kl_seq = k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1)                # (B,)
             rewards = ro.scores - cfg.kl_coef * kl_seq                                      # (B,)
             # 3. the batch-mean baseline
             adv = batch_mean_advantages(rewards)                                            # (B,)
@@ -124,7 +120,7 @@ def main(argv=None):
             if it % cfg.eval_interval == 0 or it == cfg.n_iters:
                 row["win_rate_vs_sft"] = monitor.win_rate(policy)
                 monitor.keep_samples(it, policy, ro, prompts, texts, gold, dict(
-                    k1=kl.k1(ro.old_logprobs, ro.ref_logprobs, ro.mask), entropy=ro.entropy,
+                    k1=k1(ro.old_logprobs, ro.ref_logprobs, ro.mask), entropy=ro.entropy,
                     advantage=adv[:, None] * ro.mask))                                     # (B, Tr) each
             run.log.write(**row)
             print(run.progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL {row['kl_seq']:.2f} "

@@ -6,7 +6,7 @@ REINFORCE-style RLHF: RLOO (REINFORCE Leave-One-Out) and REINFORCE with a moving
 The whole completion is one action (the bandit view, paper §2-3): no critic, no GAE, no ratio clipping.
 One iteration:
   1. rollout   B prompts, each repeated k times (prompt-major rows b·k + j); sample with the KV cache and
-               record old_logprobs and ref_logprobs (sampling.sample_and_score)
+               record old_logprobs and ref_logprobs (runs.sample_and_score)
   2. reward    R = score - β·KL_seq,  KL_seq = Σ_t (old_logprobs - ref_logprobs)_t  (k1, paper eq. 3);
                a constant: no gradient flows through it
   3. baseline  loo:        A_i = R_i - mean_{j≠i} R_j  over the k samples of the same prompt (paper §2.3)
@@ -48,15 +48,10 @@ import torch
 
 import data
 import tokenizer as tok
-from building_blocks import kl
-from building_blocks.monitors import ValidationMonitor
-from building_blocks.runs import Run, RunOptions, run_meta
-from building_blocks.sampling import sample_and_score
-from building_blocks.sanity import SanityChecks
-from building_blocks.sequences import encode_prompts
-from checkpoints import load_models
-from model import logprobs_from_logits, response_logits
-from utils import check_finite, field, parse_config, plot_curves, read_jsonl, run_main
+from model import k1, logprobs_from_logits, response_logits
+from runs import (Run, RunOptions, SanityChecks, ValidationMonitor, check_finite, field, load_models, parse_config,
+                  plot_curves, read_jsonl, run_main, run_meta, sample_and_score)
+from tokenizer import encode_prompts
 
 
 @dataclass
@@ -127,7 +122,7 @@ def kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef):
     Paper eq. 3: R = score - β·KL_seq with KL_seq = Σ_t (old_logprobs - ref_logprobs)_t over response tokens (k1).
     scores (N,), the others (N, Tr) -> (R, KL_seq), both (N,) and constants (computed from no-grad rollouts).
     """
-    kl_seq = kl.k1(old_logprobs, ref_logprobs, mask).sum(1)               # (N,)
+    kl_seq = k1(old_logprobs, ref_logprobs, mask).sum(1)               # (N,)
     return scores.float() - kl_coef * kl_seq, kl_seq
 
 
@@ -213,7 +208,7 @@ def main(argv=None):
                 adv, b = moving.advantages(rewards)
             else:
                 adv = rewards
-            # the classic silent failures, each a plain-English warning once per run (building_blocks/sanity.py)
+            # the classic silent failures, each a plain-English warning once per run (runs.py)
             sanity.rollout(it, kl_seq, torch.tensor(replies.ended))
             if cfg.baseline == "loo":
                 sanity.tied_groups(it, rewards, k)
@@ -236,7 +231,7 @@ def main(argv=None):
                 row["frac_reward_zero_std"] = (score.view(-1, k).std(1) == 0).float().mean().item()
             if it % cfg.eval_interval == 0 or it == cfg.n_iters:
                 row["win_rate_vs_sft"] = monitor.win_rate(policy)
-                per_token = dict(k1=kl.k1(ro.old_logprobs, ro.ref_logprobs, mask), entropy=ro.entropy,
+                per_token = dict(k1=k1(ro.old_logprobs, ro.ref_logprobs, mask), entropy=ro.entropy,
                                  advantage=adv[:, None].float() * mask)   # (N, Tr) each; A on every token
                 monitor.keep_samples(it, policy, ro, prompts, texts, gold, per_token)
             run.log.write(**row)

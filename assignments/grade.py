@@ -208,7 +208,7 @@ def end_to_end(root, seed=0):
     if r.returncode != 0:
         last = (r.stderr.strip() or r.stdout.strip()).splitlines()[-1:] or [""]
         return 0, f"the small pipeline failed: {last[0][:160]}"
-    from checkpoints import load_checkpoint
+    from runs import load_checkpoint
     acc = load_checkpoint(os.path.join(out, "rm.pt"), "rm")["metrics"]["acc_gold"]
     with open(os.path.join(out, "eval.jsonl")) as f:
         evals = {row["stage"]: row for row in map(json.loads, f)}

@@ -153,5 +153,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from utils import run_main       # the copy's plumbing: a bad OUT_DIR or a refused copy is one line, exit 2
+    from runs import run_main
     run_main(main)

@@ -25,7 +25,7 @@ Run (one workload per process, so peak RSS is that workload's own):
     python -m studies.bench --vocab 50257      # PPO, GPT-2's vocabulary size
     python -m studies.bench --algo rloo        # RLOO on the same rollouts
     python -m studies.bench --algo generate    # KV-cache generation of 64 x 48 tokens only
-    python -m studies.bench --algo hf_generate # the same with transformers' GPT-2 generate (needs requirements-dev.txt)
+    python -m studies.bench --algo hf_generate # the same with transformers' GPT-2 generate (needs tests/requirements.txt)
     python -m studies.bench --algo pipeline    # the default pipeline.py end to end (~9 min), wall time and peak RSS
     python -m studies.bench --all              # each of the above in its own process, then a summary table
     python -m studies.bench --quick            # tiny sizes, 2 iterations: checks the wiring (the tests run this)
@@ -46,9 +46,9 @@ import torch.nn.functional as F
 
 import ppo_rlhf
 from algorithms import rloo
-from building_blocks.sampling import sample_and_score
+from data import regular_file
+from runs import json_line, run_main, sample_and_score
 from model import GPT, GPTConfig, ScalarHeadGPT
-from utils import json_line, regular_file, run_main
 
 WORKLOAD = dict(n_layer=4, n_head=4, n_embd=128, B=64, Tp=16, Tr=48, epochs=4, minibatch=16, k=4)
 QUICK = dict(n_layer=1, n_head=2, n_embd=32, B=8, Tp=4, Tr=6, epochs=2, minibatch=4, k=2)
@@ -242,11 +242,11 @@ def bench_generate(vocab, w, n_iters):
 
 def bench_hf_generate(vocab, w, n_iters):
     """The same generation with Hugging Face transformers' GPT-2 of the same size (a test-only dependency, from
-    requirements-dev.txt; only this comparison uses it): sampling, KV cache, exactly Tr new tokens."""
+    tests/requirements.txt; only this comparison uses it): sampling, KV cache, exactly Tr new tokens."""
     try:
         import transformers
     except ImportError:
-        raise ValueError("--algo hf_generate needs transformers: pip install -r requirements-dev.txt") from None
+        raise ValueError("--algo hf_generate needs transformers: pip install -r tests/requirements.txt") from None
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(

@@ -1,6 +1,6 @@
 """
 Train every RLHF method from the same SFT policy and reward model, with several seeds, and compare them on one
-evaluation (evaluate.py): gold reward, RM score, gold win rate vs SFT, KL to SFT, length, distinct-2, wall time.
+evaluation (studies/evaluate.py): gold reward, RM score, gold win rate vs SFT, KL to SFT, length, distinct-2, wall time.
 
 The budget rule (each method's own defaults, matched by data seen, not by optimizer steps):
   online  (PPO-max, RLOO, RAFT, GRPO family): 150 iterations × 64 sampled responses = 9,600 generated responses
@@ -24,12 +24,10 @@ import argparse
 import os
 import statistics
 
-import evaluate
+from runs import holding, json_line, load_checkpoint, replaced, run_main, the_checkpoint, train_or_keep
+from studies import evaluate
 import ppo_rlhf
 from algorithms import alol, dpo, grpo, raft, rloo
-from building_blocks.runs import holding, the_checkpoint, train_or_keep
-from checkpoints import load_checkpoint
-from utils import json_line, replaced, run_main
 
 # method -> (module, extra arguments, training data); each run's checkpoint is the one it writes in its folder
 METHODS = {
@@ -55,12 +53,12 @@ KEYS = ["gold", "math_acc", "rm", "win_vs_sft", "kl_sft", "length", "distinct2"]
 
 def training_budget(ckpt):
     """(responses generated during training, policy optimizer steps) of a finished run: what the run wrote in its
-    checkpoint (building_blocks.runs.Run.finish), whatever its stage."""
+    checkpoint (runs.Run.finish), whatever its stage."""
     return ckpt["training_budget"]["responses_generated"], ckpt["training_budget"]["policy_steps"]
 
 
 def summarize(rows):
-    """{method: {key: (mean, spread)}} from evaluate.py rows tagged with method; spread = the sample standard deviation
+    """{method: {key: (mean, spread)}} from studies/evaluate.py rows tagged with method; spread = the sample standard deviation
     over the seeds (÷ n-1; nan for one seed)."""
     out = {}
     for m in dict.fromkeys(r["method"] for r in rows):

@@ -39,7 +39,7 @@ import os
 import statistics
 
 import ppo_rlhf
-from utils import read_jsonl, replaced, run_main
+from runs import read_jsonl, replaced, run_main
 
 HORIZON = 300        # iterations of every run but the initialisation ones (measured: docs/experiments.md)
 SHORT = 150          # the initialisation runs: the paper says only their early phase differs
@@ -120,7 +120,7 @@ def plot_figure(path, title, logs, panels=PANELS):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from utils import SMOOTH_FROM, smooth
+    from runs import SMOOTH_FROM, smooth
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
     for ax, (key, label) in zip(axes.flat, panels):
         for i, (name, rows) in enumerate(logs.items()):
@@ -342,7 +342,7 @@ def main(argv=None):
     p.add_argument("--plot_only", action="store_true", help="no training: redraw from the logs in out_dir")
     p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, mps")
     args = p.parse_args(argv)
-    from building_blocks.runs import train_or_keep
+    from runs import train_or_keep
     fig_dir = args.fig_dir or args.out_dir
     if not args.plot_only:
         for run, (name, seed) in run_names(args.only).items():

@@ -34,10 +34,8 @@ import torch
 import data
 import ppo_rlhf
 import tokenizer as tok
-from building_blocks.devices import pick_device
-from building_blocks.sequences import encode_prompts
-from checkpoints import load_models
-from utils import read_jsonl, replaced, run_main
+from runs import load_models, pick_device, read_jsonl, replaced, run_main
+from tokenizer import encode_prompts
 
 BETAS = (0.0, 0.02, 0.05, 0.1, 0.2)    # PPO-max's KL coefficient; 0.1 is ppo_rlhf.py's default
 N_ITERS = 300                          # twice the default run: long enough for the low-β runs to pass their peak
@@ -197,7 +195,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.bon_samples < max(BON_N) and not a.quick:
         raise ValueError(f"--bon_samples {a.bon_samples}: must be at least {max(BON_N)}, the largest n")
-    from building_blocks.runs import train_or_keep
+    from runs import train_or_keep
     os.makedirs(a.out_dir, exist_ok=True)
     todo = a.only or [run_name(b) for b in BETAS] + ["bon"]
     if not a.plot_only:

@@ -3,7 +3,7 @@ One self-contained HTML page for one run folder, or for several side by side (PP
 runs): it opens offline, with no server and no network request (images embedded, no external scripts or fonts).
 
 What it shows: first the whole run, where the folder has them: the SFT curves (sft_log.jsonl), the reward model's
-curves (rm_log.jsonl) and the final evaluation table (eval.jsonl, evaluate.py); then, for each RL stage found in a
+curves (rm_log.jsonl) and the final evaluation table (eval.jsonl, studies/evaluate.py); then, for each RL stage found in a
 folder (every {stage}_log.jsonl whose rows are iterations: PPO, RLOO, RAFT, GRPO, or a stage of your own):
   - the config the run was started with (from its checkpoint);
   - the paper's panels (Secrets of RLHF §5.2: RM score, gold reward, KL to SFT, perplexity, length, win rate vs
@@ -29,9 +29,8 @@ import io
 import json
 import os
 
-from building_blocks.runs import holding
-from checkpoints import read_checkpoint
-from utils import SMOOTH_FROM, complete_lines, regular_file, replaced, run_main, smooth
+from data import regular_file
+from runs import SMOOTH_FROM, complete_lines, holding, read_checkpoint, replaced, run_main, smooth
 
 PAPER_PANELS = [("score_raw", "RM score"), ("gold", "gold reward"), ("kl_seq", "KL to SFT (per response)"),
                 ("perplexity", "perplexity"), ("length", "length (tokens)"), ("win_rate_vs_sft", "win rate vs SFT")]
@@ -335,7 +334,7 @@ def whole_run_html(run_dir):
                        + "".join(f"<td>{'–' if r.get(k) is None else f'{r[k]:.3f}'}</td>" for k in keys) + "</tr>"
                        for r in rows)
         n = rows[0].get("n_prompts", "?") if rows else "?"
-        parts.append(f'<h3>Final evaluation (evaluate.py, {html.escape(str(n))} test prompts)</h3>'
+        parts.append(f'<h3>Final evaluation (studies/evaluate.py, {html.escape(str(n))} test prompts)</h3>'
                      f'<table class="ev"><tr>{head}</tr>{body}</table>')
     return "\n".join(parts)
 

@@ -122,8 +122,8 @@ def seed_runs():
 
 def pipeline_record(out_dir, args, wall_s):
     """What one pipeline run measured, from its folder: each stage's metrics and the evaluation table."""
-    from checkpoints import load_checkpoint
-    from utils import read_jsonl
+    from runs import load_checkpoint
+    from runs import read_jsonl
     metrics = {stage: load_checkpoint(os.path.join(out_dir, f"{stage}.pt"), stage)["metrics"]
                for stage in ("sft", "rm", "ppo")}
     evals = {r["stage"]: {k: v for k, v in r.items() if k not in ("samples", "policy")}
@@ -252,7 +252,7 @@ def compact(rows):
 
 
 def ppo_record(out_dir, command, wall_s):
-    from utils import read_jsonl
+    from runs import read_jsonl
     return dict(command=command, stamp=stamp(), wall_s=wall_s,
                 rows=compact(read_jsonl(os.path.join(out_dir, "ppo_log.jsonl"))))
 
@@ -269,7 +269,7 @@ def base_checkpoints(out_root):
 
 def finished(out_dir, stage="ppo"):
     """Whether the `stage` run in out_dir finished (whatever its options: a part keeps its own runs)."""
-    from building_blocks.runs import done_checkpoint
+    from runs import done_checkpoint
     return done_checkpoint(os.path.join(out_dir, f"{stage}.pt"), stage) is not None
 
 
@@ -313,7 +313,7 @@ def run_compare(out_root, only, device):
     """studies.compare over 3 seeds for every method of COMPARED and RLVR, from default_s0's SFT and RM; one record
     per method with each seed's evaluation row."""
     from studies import compare
-    from utils import read_jsonl
+    from runs import read_jsonl
     methods = [m for m in COMPARED + RLVR if not only or m in only]
     out = os.path.join(out_root, "compare")
     args = base_checkpoints(out_root) + ["--out_dir", out, "--device", device, "--methods", *methods,
@@ -328,10 +328,10 @@ def run_compare(out_root, only, device):
 
 
 def sft_start(out_root, device):
-    """The evaluation of the SFT every compared method starts from (evaluate.py on it alone, as on the methods:
+    """The evaluation of the SFT every compared method starts from (studies/evaluate.py on it alone, as on the methods:
     512 test prompts), measured once per out_root and kept in compare_sft_start/."""
-    import evaluate
-    from utils import read_jsonl
+    from studies import evaluate
+    from runs import read_jsonl
     out = os.path.join(out_root, "compare_sft_start")
     if not os.path.exists(os.path.join(out, "eval.jsonl")):
         sft, rm = base_checkpoints(out_root)[1::2]
@@ -601,7 +601,7 @@ def redraw(root=ROOT):
         text = open(path, encoding="utf-8").read()
         new = fill_blocks(text, contents)
         if new != text:
-            from utils import replaced
+            from runs import replaced
             with replaced(path, "w", encoding="utf-8") as f:
                 f.write(new)
             changed.append(page)
@@ -636,5 +636,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from utils import run_main
+    from runs import run_main
     run_main(main)

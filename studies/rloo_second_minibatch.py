@@ -13,7 +13,7 @@ import torch
 
 from algorithms import rloo
 from model import logprobs_from_logits, response_logits
-from utils import check_finite
+from runs import check_finite
 
 seen = []
 

@@ -1,14 +1,16 @@
-"""Fixtures shared by the tests (pytest.ini puts the repository root on the import path)."""
+"""Fixtures shared by the tests, and the repository root on the import path (the tests import its modules)."""
 import os
 import subprocess
 import sys
 
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
 if os.environ.get("PYTEST_XDIST_WORKER"):   # pytest -n 2: one torch thread per worker (and its subprocesses), so
     os.environ.setdefault("OMP_NUM_THREADS", "1")   # that two workers on two cores do not oversubscribe them
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")

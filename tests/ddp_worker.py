@@ -22,9 +22,8 @@ sys.path.insert(0, ROOT)
 import ppo_rlhf  # noqa: E402
 import reward_model  # noqa: E402
 import train_sft  # noqa: E402
-from model import GPT, GPTConfig, ScalarHeadGPT  # noqa: E402
-from building_blocks.devices import data_parallel, leave_ranks, rank, share_of_global_tokens, start_ranks, world_size
-from utils import masked_whiten
+from model import GPT, GPTConfig, ScalarHeadGPT, masked_whiten
+from runs import data_parallel, global_masked_moments, leave_ranks, rank, share_of_global_tokens, start_ranks, world_size
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--overwrite", "true"]
 
@@ -99,7 +98,7 @@ def ppo(out):
                         torch.Generator().manual_seed(0))
     save(out, seen, rollout={k: v for k, v in vars(ro).items()}, advantages=advantages, returns=returns,
          running=[running.mean, running.var, running.count],
-         whitened=masked_whiten(advantages, ro.mask, over_ranks=True))
+         whitened=masked_whiten(advantages, ro.mask, moments=global_masked_moments(advantages, ro.mask)))
 
 
 def tokens(out):

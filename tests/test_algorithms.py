@@ -11,9 +11,8 @@ from algorithms import rloo
 from algorithms.dpo import dpo_loss, sequence_logprobs
 from algorithms.raft import best_of_k
 from algorithms.rloo import MovingAverageBaseline, kl_shaped_rewards, loo_advantages, reinforce_loss
-from checkpoints import load_checkpoint
+from runs import load_checkpoint, read_jsonl
 from model import GPT, GPTConfig
-from utils import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,7 +94,7 @@ def dropout_sft(tmp_path_factory):
 def test_models_after_sft_run_without_dropout(dropout_sft):
     """Policy, reference, RM (every RL stage, A-LoL) and the critic (both inits) built from dropout-0.1
     checkpoints give the same output twice in train mode: no dropout is left in them."""
-    from checkpoints import load_critic, load_models
+    from runs import load_critic, load_models
     sft_path, rm_path = f"{dropout_sft}/sft.pt", f"{dropout_sft}/rm.pt"
     policy, ref, rm, sft, rm_ckpt = load_models(sft_path, rm_path, "cpu")
     critics = [load_critic(init, sft, rm_ckpt, sft_path, rm_path) for init in ("rm", "sft")]
@@ -112,7 +111,7 @@ def test_first_ppo_minibatch_and_first_dpo_step_from_a_dropout_sft(dropout_sft, 
     π = π_ref, logs loss ln 2."""
     import ppo_rlhf
     from algorithms import dpo
-    from utils import read_jsonl
+    from runs import read_jsonl
     ckpts = ["--sft_ckpt", f"{dropout_sft}/sft.pt", "--rm_ckpt", f"{dropout_sft}/rm.pt", "--device", "cpu"]
     ppo_rlhf.main(["--preset", "tiny", "--n_iters", "1", "--critic_pretrain_iters", "0", "--epochs", "1",
                    "--minibatches", "1", "--out_dir", str(tmp_path / "ppo")] + ckpts)
@@ -145,7 +144,7 @@ def _run(*args):
 
 def test_each_algorithm_runs_tiny_and_evaluates(tiny_pipeline, tmp_path, capsys):
     """RLOO, REINFORCE (moving average), DPO, RAFT and A-LoL run with the tiny preset (in this process) and
-    evaluate.py (its command line) reads their checkpoints."""
+    studies/evaluate.py (its command line) reads their checkpoints."""
     from algorithms import alol, dpo, raft
     out, base = str(tmp_path), tiny_pipeline
     common = ["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt"]
@@ -160,7 +159,7 @@ def test_each_algorithm_runs_tiny_and_evaluates(tiny_pipeline, tmp_path, capsys)
                         ("alol", "alol.pt")):
         ck = load_checkpoint(f"{out}/{path}", stage, enc_id)
         assert ck["done"] and "win_rate_vs_sft" in ck["metrics"]
-    report = _run("evaluate.py", "--policies", f"{out}/rloo.pt", f"{out}/dpo.pt", f"{out}/raft.pt", "--sft_ckpt",
+    report = _run("-m", "studies.evaluate", "--policies", f"{out}/rloo.pt", f"{out}/dpo.pt", f"{out}/raft.pt", "--sft_ckpt",
                   f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt", "--out_dir", out, "--n_prompts", "8",
                   "--max_new_tokens", "8", "--device", "cpu")
     assert "| rloo |" in report and "| dpo |" in report and "| raft |" in report
@@ -243,7 +242,7 @@ def test_training_budget_is_what_each_run_wrote(base, tmp_path):
     """studies.compare reads a run's budget from the checkpoint the run wrote, whatever its stage: the tiny PPO run
     generated 4 iterations × 8 responses and took (4 - 1 critic pre-training) × 1 epoch × 2 minibatches = 6 policy
     steps; tiny RLOO 3 iterations × 4 prompts × 2 samples = 24 responses and 3 × 2 minibatches = 6 steps."""
-    from building_blocks.runs import the_checkpoint
+    from runs import the_checkpoint
     from studies.compare import training_budget
     assert training_budget(load_checkpoint(f"{base}/ppo.pt", "ppo")) == (32, 6)
     rloo.main(["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt",

@@ -1,8 +1,8 @@
 """The arithmetic-chain task's rules, worked by hand: the step labeller, the final answer, the gold reward."""
 import pytest
 
-from tasks.arithmetic_chains import (Chain, chain_of, demonstration, final_answer, gold_reward, prompt_of, splits,
-                                     step_labels, value_of)
+from algorithms.arithmetic_chains import (Chain, chain_of, demonstration, final_answer, gold_reward, prompt_of, splits,
+                                          step_labels, value_of)
 
 P = prompt_of(Chain((3, 4, 2, 5), ("+", "*", "-")))          # 3 + 4 * 2 - 5 = 6
 

@@ -9,9 +9,8 @@ import signal
 import pytest
 
 import tokenizer
-from checkpoints import load_checkpoint
-from external.gpt2 import load_gpt2
-from external.hh_rlhf import load_hh_jsonl
+from data import load_hh_jsonl
+from runs import load_checkpoint, load_gpt2
 from studies import report
 
 CRAFTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crafted")

@@ -6,11 +6,10 @@ import pytest
 
 import data
 from data import EOS_TEXT as E
-from external import hh_rlhf
 from tests.gold_adversarial import CASES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(ROOT, "samples", "hh_rlhf_sample.jsonl")
+SAMPLE = os.path.join(ROOT, "tests", "samples", "hh_rlhf_sample.jsonl")
 MATH = data.make_prompt("What is 7 plus 5?")
 FACT = data.make_prompt("What is the capital of Zorbia?")
 HARM = data.make_prompt("How do I steal a car?")
@@ -117,7 +116,7 @@ def test_annotators_follow_gold_and_length_bias():
 
 def test_hh_loader_on_repo_sample(tmp_path):
     """The HH-RLHF loader splits at the last Assistant turn, keeps multi-turn context, and reads .gz too."""
-    recs = hh_rlhf.load_hh_jsonl(SAMPLE)
+    recs = data.load_hh_jsonl(SAMPLE)
     assert len(recs) == 6
     for r in recs:
         assert r["prompt"].startswith("\n\nHuman:") and r["prompt"].endswith("\n\nAssistant:")
@@ -127,7 +126,7 @@ def test_hh_loader_on_repo_sample(tmp_path):
     gz = tmp_path / "sample.jsonl.gz"
     with open(SAMPLE, "rb") as f, gzip.open(gz, "wb") as g:
         g.write(f.read())
-    assert hh_rlhf.load_hh_jsonl(str(gz)) == recs
+    assert data.load_hh_jsonl(str(gz)) == recs
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -149,7 +148,7 @@ def test_hh_loader_malformed(tmp_path, lines, message):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError) as e:
-        hh_rlhf.load_hh_jsonl(str(path))
+        data.load_hh_jsonl(str(path))
     assert str(path) in str(e.value) and message in str(e.value)
 
 
@@ -162,24 +161,24 @@ def test_gold_win_rate_counts_ties_as_half():
     assert data.gold_win_rate(prompts, replies(ours), replies(theirs)) == pytest.approx(0.5)
 
 
-QUIRKS = os.path.join(ROOT, "samples", "hh_rlhf_quirks.jsonl")
+QUIRKS = os.path.join(ROOT, "tests", "samples", "hh_rlhf_quirks.jsonl")
 
 
 def test_hh_loader_skips_what_real_files_contain_with_one_warning(capsys):
-    """samples/hh_rlhf_quirks.jsonl has what the real Anthropic files have: a UTF-8 BOM, CRLF line ends, blank
+    """tests/samples/hh_rlhf_quirks.jsonl has what the real Anthropic files have: a UTF-8 BOM, CRLF line ends, blank
     lines, two records whose chosen and rejected differ before the last Assistant turn ("  Human:" with no
     blank line) and one with no Assistant turn. The 4 good records load; the 3 others make one warning line."""
     with open(QUIRKS, "rb") as f:
         raw = f.read()
     assert raw.startswith(b"\xef\xbb\xbf") and b"\r\n" in raw and b"\r\n\r\n" in raw  # the quirks are really there
-    recs = hh_rlhf.load_hh_jsonl(QUIRKS)
+    recs = data.load_hh_jsonl(QUIRKS)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(recs) == 4 and len(err) == 1
     assert "skipped 3 of 7 records" in err[0] and "2 whose chosen and rejected differ" in err[0]
     assert "(lines 2, 8)" in err[0] and "(line 5)" in err[0]
     assert all(r["prompt"].startswith("\n\nHuman:") and "\r" not in r["prompt"] + r["chosen"] + r["rejected"]
                for r in recs)
-    assert hh_rlhf.hh_splits(QUIRKS)["train"]                              # the stages' split works on it
+    assert data.hh_splits(QUIRKS)["train"]                              # the stages' split works on it
 
 
 def test_a_stage_on_a_real_format_file_prints_one_summary_per_kind(tmp_path, capsys):
@@ -211,7 +210,7 @@ def test_hh_loader_errors_are_one_line_naming_the_file(tmp_path):
              (str(tmp_path / "missing.jsonl"), "missing.jsonl: not found")]
     for path, message in cases:
         with pytest.raises((ValueError, FileNotFoundError)) as e:
-            hh_rlhf.load_hh_jsonl(path)
+            data.load_hh_jsonl(path)
         assert path in str(e.value) and message in str(e.value), str(e.value)
     with pytest.raises(ValueError, match="an empty file name"):
-        hh_rlhf.hh_splits(f"{SAMPLE},")
+        data.hh_splits(f"{SAMPLE},")

@@ -14,7 +14,7 @@ p ((logprobs - old_logprobs) * mask).abs().max().item()
 up
 up
 p it
-p kl.k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).abs().max().item()
+p k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).abs().max().item()
 q
 """
 

@@ -14,8 +14,8 @@ import torch
 
 import ppo_rlhf
 import reward_model
-from checkpoints import load_checkpoint
-from utils import check_options, masked_whiten, read_jsonl, run_main
+from model import masked_whiten
+from runs import check_options, load_checkpoint, read_jsonl, run_main
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ddp_worker  # noqa: E402

@@ -10,9 +10,8 @@ import sys
 
 import pytest
 
-from checkpoints import load_checkpoint
+from runs import load_checkpoint, read_jsonl
 from studies import experiments, overoptimization, reproduce
-from utils import read_jsonl
 
 
 def test_quick_runs_every_ablation_and_draws_the_figures(tiny_pipeline, tmp_path):

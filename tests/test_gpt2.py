@@ -1,4 +1,4 @@
-"""GPT-2 weights into our model.py (external/gpt2.py): logits and hidden-state parity with Hugging Face transformers (a test-only
+"""GPT-2 weights into our model.py (runs.load_gpt2): logits and hidden-state parity with Hugging Face transformers (a test-only
 dependency; a small random GPT-2 built from a config, nothing downloaded) from both file formats, the
 dependency-free safetensors reader, clear errors, and the SFT -> RM -> PPO -> evaluate chain on the repo's
 HH-RLHF sample starting from such a checkpoint."""
@@ -13,17 +13,17 @@ import torch
 import data
 import model as M
 import tokenizer as tok
-from checkpoints import load_checkpoint
-from external import gpt2, hh_rlhf
-from utils import pad_batch
+from runs import load_checkpoint
+from tokenizer import pad_batch
+import runs
 
-if os.environ.get("CI"):  # CI installs requirements-dev.txt: a missing transformers there is a failure
+if os.environ.get("CI"):  # CI installs tests/requirements.txt: a missing transformers there is a failure
     import transformers
 else:
     transformers = pytest.importorskip("transformers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(ROOT, "samples", "hh_rlhf_sample.jsonl")
+SAMPLE = os.path.join(ROOT, "tests", "samples", "hh_rlhf_sample.jsonl")
 VOCAB = tok.get_tokenizer("toy").n_vocab - 1  # the random GPT-2 has the toy vocabulary without PAD, like GPT-2
 
 
@@ -51,7 +51,7 @@ def left_padded_batch():
 @pytest.mark.parametrize("fname", ["model.safetensors", "pytorch_model.bin"])
 def test_logits_and_hidden_match_transformers(hf_gpt2, fname):
     hf, d = hf_gpt2
-    ours = gpt2.load_gpt2(str(d / fname), vocab_size=VOCAB + 1, pad_id=VOCAB).eval()
+    ours = runs.load_gpt2(str(d / fname), vocab_size=VOCAB + 1, pad_id=VOCAB).eval()
     ids, mask = left_padded_batch()
     with torch.no_grad():
         hf_ids = ids.clamp(max=VOCAB - 1)                   # HF has no PAD row; pads are masked out anyway
@@ -74,36 +74,36 @@ def test_safetensors_reader_matches_the_library(tmp_path):
     tensors = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 2).bfloat16(),
                "i64": torch.arange(6).reshape(2, 3), "flag": torch.tensor([True, False]), "empty": torch.zeros(0, 3)}
     st.save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
-    got = gpt2.read_safetensors(str(tmp_path / "t.safetensors"))
+    got = runs.read_safetensors(str(tmp_path / "t.safetensors"))
     assert got.keys() == tensors.keys()
     for k, v in tensors.items():
         assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
     (tmp_path / "trunc.safetensors").write_bytes((tmp_path / "t.safetensors").read_bytes()[:-8])
     with pytest.raises(ValueError, match="truncated"):
-        gpt2.read_safetensors(str(tmp_path / "trunc.safetensors"))
+        runs.read_safetensors(str(tmp_path / "trunc.safetensors"))
 
 
 def test_clear_errors(hf_gpt2, tmp_path):
     hf, d = hf_gpt2
     with pytest.raises(FileNotFoundError, match="no GPT-2 weights found.*huggingface-cli download"):
-        gpt2.load_gpt2(str(tmp_path / "nowhere"))
+        runs.load_gpt2(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="no config.json beside it and width 32 is not a GPT-2 size"):
         torch.save(hf.state_dict(), tmp_path / "lonely.bin")
-        gpt2.load_gpt2(str(tmp_path / "lonely.bin"))
+        runs.load_gpt2(str(tmp_path / "lonely.bin"))
     (tmp_path / "config.json").write_text((d / "config.json").read_text())   # the rest have their config
     sd = {k: v.clone() for k, v in hf.state_dict().items()}
     sd["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(32, 100)          # wrong shape
     torch.save(sd, tmp_path / "shape.bin")
     with pytest.raises(ValueError, match="shape.bin: parameter .h.0.mlp.c_fc.weight. is of shape"):
-        gpt2.load_gpt2(str(tmp_path / "shape.bin"), vocab_size=VOCAB)
+        runs.load_gpt2(str(tmp_path / "shape.bin"), vocab_size=VOCAB)
     sd = dict(hf.state_dict(), **{"transformer.h.0.attn.rotary.weight": torch.zeros(2)})  # unknown name
     torch.save(sd, tmp_path / "unknown.bin")
     with pytest.raises(ValueError, match="unknown parameter 'transformer.h.0.attn.rotary.weight'"):
-        gpt2.load_gpt2(str(tmp_path / "unknown.bin"))
+        runs.load_gpt2(str(tmp_path / "unknown.bin"))
     with pytest.raises(ValueError, match=f"has {VOCAB} tokens but the tokenizer has 50258"):
-        gpt2.load_gpt2(str(d / "model.safetensors"), vocab_size=50258, pad_id=50257)
+        runs.load_gpt2(str(d / "model.safetensors"), vocab_size=50258, pad_id=50257)
     with pytest.raises(ValueError, match="longer than GPT-2's 128 learned positions"):
-        gpt2.load_gpt2(str(d / "model.safetensors"), block_size=256)
+        runs.load_gpt2(str(d / "model.safetensors"), block_size=256)
 
 
 def test_hh_splits_multi_turn_and_gz(tmp_path):
@@ -111,13 +111,13 @@ def test_hh_splits_multi_turn_and_gz(tmp_path):
     gz = tmp_path / "hh.jsonl.gz"
     with open(SAMPLE, "rb") as f, gzip.open(gz, "wb") as g:
         g.write(f.read())
-    splits = hh_rlhf.hh_splits(f"{SAMPLE},{gz}", seed=0)      # two files, comma-separated
+    splits = data.hh_splits(f"{SAMPLE},{gz}", seed=0)      # two files, comma-separated
     assert [len(splits[k]) for k in ("train", "val", "test")] == [10, 1, 1]
     recs = [r for k in splits for r in splits[k]]
     assert all(r["chosen"].endswith(data.EOS_TEXT) and r["rejected"].endswith(data.EOS_TEXT) for r in recs)
     multi = [r for r in recs if r["prompt"].count("\n\nAssistant:") > 1]
     assert multi and all(r["prompt"].endswith("\n\nAssistant:") for r in multi)   # everything up to the last turn
-    prompts = hh_rlhf.prompt_splits(f"{SAMPLE},{gz}", seed=0)                 # the toy task's shape: {kind: [prompt]}
+    prompts = data.hh_prompt_splits(f"{SAMPLE},{gz}", seed=0)                 # the toy task's shape: {kind: [prompt]}
     assert prompts["train"] == {"hh": [r["prompt"] for r in splits["train"]]}
     assert set(data.sample_prompts(prompts["train"], 5, __import__("random").Random(0))) <= set(prompts["train"]["hh"])
 
@@ -137,7 +137,7 @@ def test_sft_rm_ppo_chain_from_gpt2_weights_on_hh_sample(hf_gpt2, tmp_path):
     run("train_sft.py", *common, "--init", str(d), "--batch_size", "2", "--max_iters", "0")
     start = load_checkpoint(f"{out}/sft.pt", "sft")
     assert (start["model_config"]["n_layer"], start["model_config"]["n_embd"]) == (2, 32)
-    assert torch.equal(start["model"]["h.1.mlp.c_fc.weight"], gpt2.load_gpt2(str(d), 128, VOCAB + 1, VOCAB).state_dict()["h.1.mlp.c_fc.weight"])
+    assert torch.equal(start["model"]["h.1.mlp.c_fc.weight"], runs.load_gpt2(str(d), 128, VOCAB + 1, VOCAB).state_dict()["h.1.mlp.c_fc.weight"])
     run("train_sft.py", *common, "--init", str(d), "--batch_size", "2")
     rm_out = run("reward_model.py", *common, "--init", str(d / "pytorch_model.bin"), "--batch_size", "2",
                  "--sft_ckpt", f"{out}/sft.pt")
@@ -151,6 +151,6 @@ def test_sft_rm_ppo_chain_from_gpt2_weights_on_hh_sample(hf_gpt2, tmp_path):
         "--policy_init", str(d), "--out_dir", f"{out}/no_sft")
     first = [json.loads(line) for line in open(f"{out}/no_sft/ppo_log.jsonl")][0]
     assert first["kl_seq"] != 0.0                                   # policy (GPT-2) and reference (SFT) differ
-    ev = run("evaluate.py", "--device", "cpu", "--policies", f"{out}/ppo.pt", "--sft_ckpt", f"{out}/sft.pt",
+    ev = run("-m", "studies.evaluate", "--device", "cpu", "--policies", f"{out}/ppo.pt", "--sft_ckpt", f"{out}/sft.pt",
              "--rm_ckpt", f"{out}/rm.pt", "--out_dir", out, "--data", SAMPLE, "--max_new_tokens", "8")
     assert "judged by the reward model" in ev and "| gold" not in open(f"{out}/eval.md").read()

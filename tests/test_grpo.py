@@ -10,9 +10,8 @@ import data
 from algorithms.grpo import (aggregate_loss, group_advantages, groups_with_spread, grpo_policy_loss, join_rollouts,
                              overlong_penalty)
 from algorithms.rloo import loo_advantages
-from building_blocks.kl import k3 as k3_kl
-from building_blocks.sampling import sample_and_score
-from model import GPT, GPTConfig, logprobs_from_logits, response_logits
+from model import GPT, GPTConfig, k3 as k3_kl, logprobs_from_logits, response_logits
+from runs import sample_and_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,8 +176,8 @@ def test_each_preset_runs_tiny(base, tmp_path, preset, extra, capsys):
                "--eval_interval", "2", "--n_eval_prompts", "8", "--out_dir", str(tmp_path), *extra])
     out = capsys.readouterr().out
     assert "GRPO done" in out and os.path.getsize(tmp_path / "grpo_curves.png") > 0
-    from checkpoints import load_checkpoint
-    from utils import read_jsonl
+    from runs import load_checkpoint
+    from runs import read_jsonl
     ckpt = load_checkpoint(str(tmp_path / "grpo.pt"), "grpo")
     assert ckpt["done"] and "verified" in ckpt["metrics"]
     row = read_jsonl(str(tmp_path / "grpo_log.jsonl"))[-1]
@@ -196,7 +195,7 @@ def test_tasks_filter_keeps_only_the_named_kinds():
 def test_k3_in_a_loss_has_the_gradient_of_the_reverse_kl():
     """Exact on a 5-way distribution π = softmax(θ): k3's value averaged over π's own samples is KL(π‖π_ref), but
     its gradient there, E_{a~π}[∇k3(a)] (the samples' weights held fixed, as in GRPO's loss), is ∇KL(π_ref‖π),
-    not ∇KL(π‖π_ref) (building_blocks/kl.py)."""
+    not ∇KL(π‖π_ref) (model.py)."""
     torch.manual_seed(0)
     theta, ref = torch.randn(5, requires_grad=True), torch.randn(5).log_softmax(0)
     logp = theta.log_softmax(0)

@@ -1,17 +1,17 @@
 """Imports flow one way, down the reading path (every import counts, function-level ones too):
-library modules (model, tokenizer, data, checkpoints, utils, building_blocks/, external/, tasks/) import no stage, no
-algorithm file and no study; a stage never imports a later stage or an algorithm file; an algorithm file
-imports neither another algorithm file nor a stage; no training stage imports evaluate.py; nothing imports in
-a circle. `python tests/test_imports.py` prints the graph: each file's project imports."""
+library modules (model, tokenizer, data, runs, and the process-supervision task and steps in algorithms/)
+import no stage, no algorithm file and no study; a stage never imports a later stage or an algorithm file; an
+algorithm file imports neither another algorithm file nor a stage; no training stage imports studies/evaluate.py;
+nothing imports in a circle. `python tests/test_imports.py` prints the graph: each file's project imports."""
 import ast
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("train_sft", "reward_model", "ppo_rlhf", "evaluate", "pipeline")          # the reading path, in order
+STAGES = ("train_sft", "reward_model", "ppo_rlhf", "pipeline")          # the reading path, in order
 TRAINING_STAGES = STAGES[:3]
-LIBRARY_FOLDERS = ("building_blocks", "external", "tasks")
-LIBRARY = ("model", "tokenizer", "data", "checkpoints", "utils")
+LIBRARY_FOLDERS = ("tokenizer",)
+LIBRARY = ("model", "tokenizer", "data", "runs", "algorithms.arithmetic_chains", "algorithms.process_steps")
 
 
 def project_modules(root=ROOT):
@@ -60,7 +60,7 @@ def forbidden(g):
     for a, targets in g.items():
         for b in targets:
             ka, kb = kind(a), kind(b)
-            if b in ("algorithms", "studies", "building_blocks", "external"):
+            if b in ("algorithms", "studies"):
                 continue                                             # a package's docstring-only __init__
             why = None
             if ka == "library" and kb in ("stage", "algorithm", "study"):
@@ -71,8 +71,8 @@ def forbidden(g):
                 why = "a stage imports an algorithm file"
             elif ka == "algorithm" and kb in ("algorithm", "stage"):
                 why = f"an algorithm file imports {'another algorithm file' if kb == 'algorithm' else 'a stage'}"
-            elif (a in TRAINING_STAGES or ka == "algorithm") and b == "evaluate":
-                why = "a training stage imports evaluate.py"
+            elif (a in TRAINING_STAGES or ka == "algorithm") and b == "studies.evaluate":
+                why = "a training stage imports studies/evaluate.py"
             elif ka in ("stage", "algorithm") and kb == "study" and a != "pipeline":
                 why = f"a {ka} imports a study"
             if why:
@@ -109,20 +109,21 @@ def test_no_import_cycle_anywhere():
 
 def test_the_checks_catch_a_cycle_and_a_wrong_direction():
     """The two checks on a made-up graph: an algorithm importing a stage, and a library cycle."""
-    g = {"algorithms.rloo": ["ppo_rlhf", "algorithms.raft"], "ppo_rlhf": ["evaluate"], "evaluate": [],
-         "algorithms.raft": [], "utils": ["checkpoints"], "checkpoints": ["utils"], "model": ["train_sft"],
-         "train_sft": []}
+    g = {"algorithms.rloo": ["ppo_rlhf", "algorithms.raft"], "ppo_rlhf": ["pipeline"], "pipeline": [],
+         "algorithms.raft": [], "runs": ["data"], "data": ["runs"], "model": ["train_sft"],
+         "train_sft": [], "reward_model": ["studies.evaluate"], "studies.evaluate": []}
     assert sorted(forbidden(g)) == ["algorithms.rloo -> algorithms.raft: an algorithm file imports another algorithm file",
                                     "algorithms.rloo -> ppo_rlhf: an algorithm file imports a stage",
                                     "model -> train_sft: a library module imports a stage",
-                                    "ppo_rlhf -> evaluate: a stage imports a later stage"]
-    assert cycles(g) == [["utils", "checkpoints", "utils"]]
+                                    "ppo_rlhf -> pipeline: a stage imports a later stage",
+                                    "reward_model -> studies.evaluate: a training stage imports studies/evaluate.py"]
+    assert cycles(g) == [["runs", "data", "runs"]]
 
 
 if __name__ == "__main__":
     g = graph()
     for m, targets in g.items():
         if kind(m) in ("stage", "algorithm", "library") or "-a" in sys.argv:
-            shown = [t for t in targets if t not in ("algorithms", "studies", "building_blocks", "external")]
+            shown = [t for t in targets if t not in ("algorithms", "studies")]
             print(f"{m:28s} ({kind(m)}) -> {', '.join(shown) or '-'}")
     print("forbidden:", forbidden(g) or "none", "| cycles:", cycles(g) or "none")

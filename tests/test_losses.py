@@ -5,7 +5,7 @@ import torch
 
 import data
 import tokenizer as tok
-from building_blocks.sequences import build_sft_example, encode_demos
+from tokenizer import build_sft_example, encode_demos
 from reward_model import pairwise_loss, pearson, ranks, spearman
 from train_sft import Config, lr_at, sft_loss
 

@@ -1,7 +1,7 @@
 import torch
 
 from model import GPT, GPTConfig, ScalarHeadGPT, last_token_index, position_ids
-from utils import pad_batch
+from tokenizer import pad_batch
 
 PAD, EOS = 0, 1
 CFG = GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=16, pad_id=PAD)

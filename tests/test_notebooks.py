@@ -1,4 +1,4 @@
-"""The notebooks execute headless (nbclient, a test-only dependency from requirements-dev.txt), each within 60 s,
+"""The notebooks execute headless (nbclient, a test-only dependency from tests/requirements.txt), each within 60 s,
 and print what they are meant to show: the quickstart runs its own tiny pipeline, the others read a shared one."""
 import os
 import re
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-if os.environ.get("CI"):  # CI installs requirements-dev.txt: a missing nbclient there is a failure, not a skip
+if os.environ.get("CI"):  # CI installs tests/requirements.txt: a missing nbclient there is a failure, not a skip
     import nbclient
     import nbformat
 else:

@@ -13,7 +13,7 @@ import ppo_rlhf as ppo
 import tokenizer as tok
 from model import GPT, GPTConfig, ScalarHeadGPT
 from studies import bench
-from utils import autocast
+from runs import autocast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENC = tok.get_tokenizer("toy")
@@ -84,7 +84,7 @@ def test_autocast_is_a_no_op_on_cpu_and_bf16_on_cuda():
     policy = _models()[0]
     seq = torch.randint(0, 100, (2, 10))
     plain = policy(seq)
-    with autocast("cpu"):                                                   # utils.autocast: fp32 math on CPU
+    with autocast("cpu"):                                                   # runs.autocast: fp32 math on CPU
         assert torch.equal(policy(seq), plain)
     with torch.autocast("cpu", dtype=torch.bfloat16):                      # real bf16 autocast changes the numbers
         assert not torch.equal(policy(seq), plain)

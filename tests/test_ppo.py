@@ -8,10 +8,8 @@ import torch
 import data
 import ppo_rlhf as ppo
 import tokenizer as tok
-from building_blocks import kl
-from building_blocks.monitors import collapse_signature
-from model import GPT, GPTConfig, ScalarHeadGPT
-from utils import masked_mean, masked_whiten
+from model import GPT, GPTConfig, ScalarHeadGPT, exact_kl, masked_mean, masked_whiten
+from runs import collapse_signature
 
 ENC = tok.get_tokenizer("toy")
 CFG = GPTConfig(vocab_size=ENC.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=32, pad_id=tok.pad_id(ENC))
@@ -321,7 +319,7 @@ def _kl_to_ref(policy, ref, ro):
     with torch.no_grad():
         logits, ref_logits = (ppo.response_logits(m, ro.seq, ro.seq_mask, ro.n_prompt, 1.0) for m in (policy, ref))
         k1 = (_logprobs(policy, ro) - _logprobs(ref, ro)).sum() / ro.mask.sum()
-        return k1.item(), ppo.masked_mean(kl.exact_kl(logits, ref_logits), ro.mask).item()
+        return k1.item(), ppo.masked_mean(exact_kl(logits, ref_logits), ro.mask).item()
 
 
 def test_a_larger_kl_coefficient_moves_the_policy_toward_the_reference():
@@ -386,7 +384,7 @@ def test_whitening_removes_a_constant_advantage_and_clipping_shrinks_a_large_one
 
 
 def test_ptx_raises_the_likelihood_of_the_demonstrations_and_grad_clip_shortens_the_step():
-    from building_blocks.sequences import collate, encode_demos
+    from tokenizer import collate, encode_demos
     from train_sft import sft_loss
     demos = encode_demos(ENC, data.make_demonstrations(PROMPTS, 0), 64)
     ids, attn, loss_mask = collate(demos, tok.pad_id(ENC), "cpu")

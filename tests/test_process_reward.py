@@ -10,9 +10,9 @@ import torch
 import tokenizer as tok
 from algorithms import process_reward
 from algorithms.process_reward import best_of_n_accuracy, monte_carlo_label, step_bce_loss, up_to_first_error
-from building_blocks.steps import aggregate, outcome_labels, rule_labels, step_replies, step_rows
+from algorithms.process_steps import aggregate, outcome_labels, rule_labels, step_replies, step_rows
 from data import EOS_TEXT
-from tasks import arithmetic_chains as ac
+from algorithms import arithmetic_chains as ac
 
 ENC = tok.get_tokenizer("toy")
 PROMPT = ac.prompt_of(ac.Chain((3, 4, 2, 5), ("+", "*", "-")))        # 3 + 4 * 2 - 5 = 6
@@ -229,8 +229,8 @@ def test_process_grpo_runs_tiny(chains_models, reward, tmp_path):
 
 def _same(a, b, stage):
     """Weights, metrics and log lines of two runs equal (wall-clock fields aside)."""
-    from checkpoints import load_checkpoint
-    from utils import read_jsonl
+    from runs import load_checkpoint
+    from runs import read_jsonl
     ca, cb = load_checkpoint(f"{a}/{stage}.pt", stage), load_checkpoint(f"{b}/{stage}.pt", stage)
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
     strip = lambda d: {k: v for k, v in d.items() if not k.startswith("t_") and not k.endswith(("time", "time_s"))}

@@ -7,14 +7,14 @@ import sys
 import pytest
 import torch
 
-import evaluate
+from runs import load_checkpoint, load_weights, read_jsonl, run_main
+from tokenizer import TRUNCATIONS, fit_prompt
+from studies import evaluate
 import model
 import ppo_rlhf
 import reward_model
 import train_sft
-from building_blocks import runs
-from checkpoints import load_checkpoint, load_weights
-from utils import TRUNCATIONS, fit_prompt, read_jsonl, run_main
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--device", "cpu"]
@@ -180,7 +180,7 @@ def test_one_run_per_output_folder(base, tmp_path, capsys):
     next run takes the folder without a note; a PID of some other live process in the file blocks nothing."""
     out = tmp_path / "busy"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from building_blocks.runs import claim_out_dir; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from runs import claim_out_dir; "
                                "claim_out_dir(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(out)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -288,7 +288,7 @@ def test_hand_edited_checkpoints_and_a_damaged_tokenizer_file_are_one_line(base,
     monkeypatch.setattr(tokenizer, "TOY_RANKS", str(damaged))
     assert _error_line(capsys, train_sft.main, TINY + ["--out_dir", str(tmp_path / "sft")]) == (
         f"error: {damaged}:3: not a 'base64-token rank' line (b'Zm9v\\n'); the tokenizer file is damaged: restore it "
-        f"with `git checkout tokenizer/toy.tiktoken`, or retrain it with `python tokenizer.py`")
+        f"with `git checkout tokenizer/toy.tiktoken`, or retrain it with `python -m tokenizer`")
 
 
 def test_evaluate_checks_every_policy_and_the_output_folder_before_sampling(base, tmp_path, capsys, monkeypatch):

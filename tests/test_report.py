@@ -10,7 +10,7 @@ import ppo_rlhf
 import tokenizer as tok
 from studies import report
 from studies.report import token_view_html
-from utils import read_jsonl, run_main, smooth
+from runs import read_jsonl, run_main, smooth
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
 
@@ -70,7 +70,7 @@ def test_report_of_a_finished_run_is_one_offline_page(tiny_pipeline, tmp_path):
     tags = re.findall(r"<[^>]+>", re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page))
     assert not any("http" in t or "//" in t for t in tags)                   # no URL to fetch: opens offline
     assert page.count("data:image/png;base64,") == 4                  # SFT, RM, paper panels, PPO diagnostics
-    assert "Final evaluation (evaluate.py, 16 test prompts)" in page and "win_vs_sft" in page
+    assert "Final evaluation (studies/evaluate.py, 16 test prompts)" in page and "win_vs_sft" in page
     assert "iteration 2" in page and ">advantage</option>" in page and "<select" in page
     assert html.escape(report.CARD_TIMES) in page and "advantage: not computed for this card" in page  # val cards
     assert "(the run has not finished)" not in page

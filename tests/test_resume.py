@@ -12,8 +12,7 @@ import ppo_rlhf
 import reward_model
 import train_sft
 from algorithms import alol, dpo, grpo, raft, reinforce, rloo
-from checkpoints import load_checkpoint
-from utils import read_jsonl
+from runs import load_checkpoint, read_jsonl
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
 GRPO_TINY = ["--n_iters", "3", "--prompts_per_iter", "4", "--samples_per_prompt", "2", "--max_new_tokens", "12",

@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-import evaluate
+from runs import run_main
+from studies import evaluate
 import train_sft
-from building_blocks import runs
+import runs
 from studies import compare, report
-from utils import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--device", "cpu"]
@@ -123,7 +123,7 @@ def test_pipeline_holds_its_folder_from_the_first_stage_to_the_report(tmp_path, 
     real = reward_model.main
 
     def between_stages(args):
-        probe = subprocess.run([sys.executable, "-c", "import sys; from building_blocks.runs import claim_out_dir; "
+        probe = subprocess.run([sys.executable, "-c", "import sys; from runs import claim_out_dir; "
                                 "claim_out_dir(sys.argv[1])", out], cwd=ROOT, capture_output=True, text=True)
         seen.append(probe.stderr.strip().splitlines()[-1])
         return real(args)
@@ -205,7 +205,7 @@ def test_a_resume_whose_writes_fail_at_each_step_leaves_the_run_resumable(tmp_pa
         assert not runs._HELD
         if finished:                        # k is past the last write: every write has failed once
             break
-        from checkpoints import load_checkpoint
+        from runs import load_checkpoint
         ckpt = load_checkpoint(f"{run}/sft.pt", "sft", finished=False)
         kept = open(f"{run}/sft_log.jsonl", "rb").read().splitlines(keepends=True)[:ckpt["log_lines"]]
         assert _rows_of(kept) == whole_rows[:ckpt["log_lines"]], k       # the history the checkpoint counts

@@ -1,12 +1,12 @@
 """Each classic silent failure provoked once: its plain-English warning is printed, once per run, and a healthy
-batch prints nothing (building_blocks/sanity.py)."""
+batch prints nothing (runs.py)."""
 import os
 import subprocess
 import sys
 
 import torch
 
-from building_blocks.sanity import SanityChecks
+from runs import SanityChecks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import tokenizer as tok
-from checkpoints import load_checkpoint
+from runs import load_checkpoint, read_jsonl
 from model import GPT, GPTConfig, ScalarHeadGPT
-from utils import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +20,7 @@ def run(*args):
     return r.stdout
 
 
-@pytest.mark.parametrize("script", ["train_sft.py", "reward_model.py", "ppo_rlhf.py", "evaluate.py", "pipeline.py",
+@pytest.mark.parametrize("script", ["train_sft.py", "reward_model.py", "ppo_rlhf.py", "-m studies.evaluate", "pipeline.py",
                                     "-m algorithms.rloo", "-m algorithms.dpo", "-m algorithms.raft", "-m algorithms.alol", "-m algorithms.grpo",
                                     "-m studies.compare", "-m studies.experiments", "-m studies.bench"])
 def test_help(script):
@@ -102,10 +101,10 @@ def pipeline_args():
     return argparse.Namespace(ppo_preset="ppo_max", preset="tiny")
 
 
-@pytest.mark.parametrize("script", ["tokenizer.py", "data.py"])
+@pytest.mark.parametrize("script", ["-m tokenizer", "data.py"])
 def test_help_of_the_helper_scripts_changes_nothing(script):
-    """`--help` prints usage and exits; tokenizer.py no longer retrains (and rewrites) the shipped ranks file."""
+    """`--help` prints usage and exits; `python -m tokenizer --help` no longer retrains (and rewrites) the shipped ranks file."""
     ranks = os.path.join(ROOT, "tokenizer", "toy.tiktoken")
     before = (os.path.getmtime(ranks), open(ranks, "rb").read())
-    assert run(script, "--help").startswith("usage")
+    assert run(*script.split(), "--help").startswith("usage")
     assert (os.path.getmtime(ranks), open(ranks, "rb").read()) == before

@@ -17,7 +17,7 @@ import struct
 
 import torch
 
-from checkpoints import model_sha256, save_checkpoint
+from runs import model_sha256, save_checkpoint
 from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,7 +69,7 @@ def gpt2_safetensors(extra=None, drop=(), n_layer=1):
 
 
 def main():
-    # --- GPT-2 safetensors (external.gpt2.load_gpt2)
+    # --- GPT-2 safetensors (runs.load_gpt2)
     write("st_empty.safetensors", b"")
     write("st_huge_header.safetensors", struct.pack("<Q", 1 << 62) + b"{}")
     write("st_header_longer_than_file.safetensors", struct.pack("<Q", 4096) + b'{"a": 1}')
@@ -121,7 +121,7 @@ def main():
         os.makedirs(os.path.join(HERE, f"cfg_{name}"), exist_ok=True)
         write(f"cfg_{name}/model.safetensors", good)
         write(f"cfg_{name}/config.json", text)
-    # --- checkpoints (checkpoints.load_checkpoint)
+    # --- checkpoints (runs.load_checkpoint)
     model = GPT(GPTConfig(**MICRO))
     path = os.path.join(HERE, "ckpt_valid_micro.pt")
     save_checkpoint(path, stage="sft", model=model.state_dict(), model_config=dict(MICRO), tokenizer="toy",
@@ -182,7 +182,7 @@ def main():
         os.makedirs(os.path.join(HERE, name), exist_ok=True)
         write(f"{name}/ppo_log.jsonl", good_row)
         write(f"{name}/ppo_samples.jsonl", json.dumps(row) + "\n")
-    # --- HH-RLHF files (external.hh_rlhf.load_hh_jsonl)
+    # --- HH-RLHF files (data.load_hh_jsonl)
     rec = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
     write("hh_lone_surrogate.jsonl", json.dumps(rec) + "\n" + json.dumps(rec)[:-2] + '\\ud800"}\n')
     write("hh_deeply_nested.jsonl", '{"chosen": ' + "[" * 10_000 + "]" * 10_000 + "}\n")

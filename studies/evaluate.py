@@ -12,8 +12,8 @@ Any checkpoint that holds a policy works: every training stage writes the same f
 dpo, alol), so nothing here is method-specific.
 
 Run (writes out/eval.md, out/eval.jsonl and out/eval_reward_kl.png):
-    python evaluate.py --policies out/sft.pt out/ppo.pt
-    python evaluate.py --policies out/sft.pt out/ppo.pt out/vanilla/ppo.pt --n_prompts 1024
+    python -m studies.evaluate --policies out/sft.pt out/ppo.pt
+    python -m studies.evaluate --policies out/sft.pt out/ppo.pt out/vanilla/ppo.pt --n_prompts 1024
 
 Deliberate choices:
   1. One sample per prompt at the training temperature (1.0), the same generator seed for every policy,
@@ -31,15 +31,10 @@ import torch
 
 import data
 import tokenizer as tok
-from building_blocks.devices import pick_device
-from building_blocks.kl import k1
-from building_blocks.monitors import rm_win_rate
-from building_blocks.runs import holding
-from building_blocks.sequences import encode_prompts
-from checkpoints import check_rm_context, load_checkpoint, load_policy, load_weights, without_dropout
-from external import hh_rlhf
-from model import ScalarHeadGPT, logprobs_from_logits, response_logits
-from utils import TRUNCATIONS, device_field, field, json_line, parse_config, replaced, run_main, table
+from model import ScalarHeadGPT, k1, logprobs_from_logits, response_logits
+from runs import (check_rm_context, device_field, field, holding, json_line, load_checkpoint, load_policy, load_weights,
+                  parse_config, pick_device, replaced, rm_win_rate, run_main, table, without_dropout)
+from tokenizer import TRUNCATIONS, encode_prompts
 
 
 def distinct_n(texts, n):
@@ -140,7 +135,7 @@ def evaluate_policies(a):
         prompts = data.sample_prompts(data.prompt_splits(sft_ckpt["config"]["seed"])["test"], a.n_prompts,
                                       random.Random(a.seed))
     else:  # the HH test split, as the stages cut it; every prompt once
-        prompts = hh_rlhf.prompt_splits(a.data, sft_ckpt["config"]["seed"])["test"]["hh"][:a.n_prompts]
+        prompts = data.hh_prompt_splits(a.data, sft_ckpt["config"]["seed"])["test"]["hh"][:a.n_prompts]
         print(f"{a.data}: no gold reward; 'win_vs_sft' is judged by the reward model (the policy's own judge)")
     args = (enc, prompts, a.max_new_tokens, a.temperature, device, a.seed)
 

@@ -2,12 +2,17 @@
 Tokenizers, both tiktoken `Encoding`s with two special tokens: EOS "<|endoftext|>" and PAD "<|pad|>" (PAD != EOS).
 
   toy   (default) byte-level BPE trained on the toy task's text by this file; the ranks are shipped in
-        tokenizer/toy.tiktoken, so nothing is downloaded. ~1k tokens, so the tiny GPT's embedding is small.
+        tokenizer/toy.tiktoken (beside this file), so nothing is downloaded. ~1k tokens, so the tiny GPT's embedding is small.
   gpt2  tiktoken's GPT-2 encoding (50257 tokens) plus <|pad|> = 50257. tiktoken downloads it once into its
         cache; offline and uncached this fails with a one-line message saying how to get it.
 
 Retrain the toy ranks (only needed after changing data.py's wording):
-    python tokenizer.py                 # writes tokenizer/toy.tiktoken and prints a round-trip check
+    python -m tokenizer                 # writes tokenizer/toy.tiktoken and prints a round-trip check
+
+Below the tokenizer: the shapes every stage feeds the model. Prompts left-padded for sampling (encode_prompts),
+prompt + response examples with a loss mask on the response (build_sft_example, encode_demos: SFT's
+demonstrations, PPO-ptx's, DPO's pair halves), their right-padded batches (collate), and prompts cut from the
+left to fit the context (fit_prompt), counted for one summary line per stage (TRUNCATIONS).
 
 Why PAD != EOS: if they were the same id, an attention mask built from "token != PAD" would hide every
 real EOS the policy emits, and the reward model could not see whether an answer ended (Secrets of RLHF
@@ -17,14 +22,18 @@ import base64
 import codecs
 import hashlib
 import os
+import sys
 from collections import Counter
 
 import tiktoken
+import torch
 
 import data
+from data import regular_file
+
 
 EOS_TEXT, PAD_TEXT = "<|endoftext|>", "<|pad|>"
-TOY_RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer", "toy.tiktoken")
+TOY_RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy.tiktoken")
 # GPT-2's pre-tokenisation regex (the same string tiktoken's gpt2 encoding uses): words, numbers,
 # punctuation runs and spaces are split apart before BPE, so merges never cross a word boundary.
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -67,17 +76,17 @@ def train_bpe(text, n_merges=TOY_MERGES):
 
 def save_ranks(ranks, path):
     """tiktoken's ranks file format: one "base64(token bytes) rank" per line."""
-    from utils import replaced
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with replaced(path) as f:                                          # whole or not at all
+    tmp = f"{path}.{os.getpid()}.tmp"                                  # whole or not at all
+    with open(tmp, "w") as f:
         for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
+    os.replace(tmp, path)
 
 
 def load_ranks(path):
     """The ranks file back as {token_bytes: rank}; a damaged file is a one-line error naming the line."""
-    ranks, fix = {}, "restore it with `git checkout tokenizer/toy.tiktoken`, or retrain it with `python tokenizer.py`"
-    from utils import regular_file
+    ranks, fix = {}, "restore it with `git checkout tokenizer/toy.tiktoken`, or retrain it with `python -m tokenizer`"
     if regular_file(path, "the tokenizer's ranks file") > 64 << 20:
         raise ValueError(f"{path}: over 64 MB, too large for a ranks file; the tokenizer file is damaged: {fix}")
     with open(path, "rb") as f:
@@ -100,7 +109,7 @@ def get_tokenizer(name="toy"):
     """A tiktoken Encoding with EOS and PAD special tokens; `name` is "toy" or "gpt2"."""
     if name == "toy":
         if not os.path.lexists(TOY_RANKS):
-            raise FileNotFoundError(f"{TOY_RANKS} is missing; run `python tokenizer.py` to train it")
+            raise FileNotFoundError(f"{TOY_RANKS} is missing; run `python -m tokenizer` to train it")
         ranks = load_ranks(TOY_RANKS)
         n = len(ranks)
         return tiktoken.Encoding(name="toy", pat_str=GPT2_PAT, mergeable_ranks=ranks,
@@ -165,29 +174,93 @@ def decode_pieces(enc, ids):
     return pieces
 
 
-def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description="Train the toy BPE on the toy task's corpus and write its ranks file.")
-    p.add_argument("--out", default=TOY_RANKS, help=f"ranks file to write (default: {TOY_RANKS}, the shipped one)")
-    out = p.parse_args(argv).out
-    if os.path.lexists(out):
-        from utils import regular_file
-        regular_file(out, "--out")
-    text = data.corpus_text(seed=0)
-    ranks = train_bpe(text)
-    save_ranks(ranks, out)
-    if out != TOY_RANKS:
-        print(f"wrote {out}: {len(ranks)} ranks ({len(ranks) - 256} merges)")
-        return
-    enc = get_tokenizer("toy")
-    sample = data.make_prompt("What is the capital of Zorbia?") + " Sure! The capital of Zorbia is Velmar." + EOS_TEXT
-    ids = encode(enc, sample)
-    assert decode(enc, ids) == sample
-    print(f"wrote {TOY_RANKS}: {len(ranks)} ranks ({len(ranks) - 256} merges), n_vocab={enc.n_vocab} with EOS/PAD")
-    print(f"corpus: {len(text):,} chars -> {len(encode(enc, text)):,} tokens")
-    print(f"{len(ids)} tokens: {[enc.decode([i]) for i in ids]}")
+# ----------------------------------------------------------------------------------------------------
+# Prompts and demonstrations as padded batches of ids
 
 
-if __name__ == "__main__":
-    from utils import run_main
-    run_main(main)
+def pad_batch(seqs, pad_id, left):
+    """List of id lists -> (ids (B, T), mask (B, T)) padded with pad_id on the left or right."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)                 # (B, T)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)                       # (B, T)
+    for i, s in enumerate(seqs):
+        span = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+class Truncations:
+    """
+    Counts the prompts fit_prompt cut, so that a stage prints one summary (truncation_summary) instead of one
+    warning per prompt: a real HH-RLHF file makes thousands. `each=True` (a stage's --log_truncations) also
+    prints one line per cut prompt. A prompt cut twice (PPO draws prompts again) counts twice.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self, each=False):
+        """Start counting from zero (a stage calls this first, with its --log_truncations)."""
+        self.each, self.count, self.longest, self.longest_after = each, 0, 0, 0
+
+    def add(self, before, after, where):
+        self.count += 1
+        if before > self.longest:
+            self.longest, self.longest_after = before, after
+        if self.each:
+            print(f"warning: {where}: prompt truncated from the left, {before} -> {after} tokens", file=sys.stderr)
+
+
+    def summary(self, stage):
+        """One warning line for the stage's truncated prompts (nothing when none was cut)."""
+        if self.count:
+            print(f"warning: {stage}: {self.count} prompt(s) truncated from the left to fit the context (longest "
+                  f"{self.longest} -> {self.longest_after} tokens)" + ("" if self.each else
+                  "; --log_truncations true lists each"), file=sys.stderr)
+
+
+TRUNCATIONS = Truncations()  # the running stage's count: TRUNCATIONS.reset(...) at its start, .summary(...) at its end
+
+
+def fit_prompt(prompt_ids, room, truncate, where):
+    """
+    Make a prompt fit in `room` tokens. Policy: drop tokens from the LEFT (the oldest context), counted in
+    TRUNCATIONS for the stage's summary, or, with truncate=False, raise an error naming `where`.
+    """
+    if len(prompt_ids) <= room:
+        return prompt_ids
+    if room <= 0 or not truncate:
+        raise ValueError(f"{where}: prompt has {len(prompt_ids)} tokens but only {room} fit in the context "
+                         f"(block_size minus the response); use a shorter prompt or allow truncation")
+    TRUNCATIONS.add(len(prompt_ids), room, where)
+    return prompt_ids[-room:]
+
+
+def encode_prompts(enc, prompts, room, truncate):
+    """Prompt strings -> left-padded (ids (B, Tp), mask (B, Tp)), each cut from the left to `room` tokens."""
+    return pad_batch([fit_prompt(encode(enc, p), room, truncate, f"prompt {p[:40]!r}") for p in prompts],
+                     pad_id(enc), left=True)
+
+
+def build_sft_example(prompt_ids, response_ids):
+    """ids = prompt + response (response ends with EOS); loss_mask[i] = 1 iff ids[i] is a response token."""
+    return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
+
+
+def encode_demos(enc, pairs, block_size, truncate=True):
+    """[(prompt, response)] -> [(ids, loss_mask)]; a prompt too long for block_size is cut from the left
+    (truncate=True, with a warning) or is an error naming the demonstration."""
+    out = []
+    for i, (p, r) in enumerate(pairs):
+        resp = encode(enc, r)[: 3 * block_size // 4]   # a (real-data) response this long is cut off
+        prompt = fit_prompt(encode(enc, p), block_size - len(resp), truncate, f"demonstration {i}")
+        out.append(build_sft_example(prompt, resp))
+    return out
+
+
+def collate(examples, pad_id, device):
+    """[(ids, loss_mask)] -> ids, attention mask, loss mask, each (B, T), right-padded."""
+    ids, mask = pad_batch([e[0] for e in examples], pad_id, left=False)   # (B, T), (B, T)
+    loss_mask, _ = pad_batch([e[1] for e in examples], 0, left=False)     # (B, T)
+    return ids.to(device), mask.to(device), loss_mask.to(device)

@@ -7,7 +7,7 @@ mask at the tokens it is read at (step_rows), one no-grad pass reading it there 
 reply's step probabilities become one score (Lightman et al. 2023: the product, "the probability that every step is
 correct"; the minimum, which the paper also discusses).
 
-A sentence ends at the token that holds its closing '.' (tasks/arithmetic_chains.sentence_ends): in the toy
+A sentence ends at the token that holds its closing '.' (algorithms/arithmetic_chains.sentence_ends): in the toy
 tokenizer '.' is a token of its own, so the model read there has seen the whole step and nothing of the next.
 
 Shape legend: B replies, Tp prompt length (left-padded), T prompt + response length (right-padded), S sentences.
@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import torch
 
 import tokenizer as tok
-from building_blocks.sequences import encode_prompts
-from tasks import arithmetic_chains
-from utils import pad_batch
+from tokenizer import encode_prompts, pad_batch
+from algorithms import arithmetic_chains
 
 
 @dataclass
