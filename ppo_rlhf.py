@@ -4,68 +4,55 @@ the PPO-max recipe as a switch (Zheng et al. 2023, "Secrets of RLHF in Large Lan
 arXiv 2307.04964, "the paper"; "the code" is its released MOSS-RLHF trainer).
 
 One PPO iteration, as numbered in main():
-  1. rollout      sample responses to a batch of left-padded prompts (pure temperature, KV cache)    paper §3.1
-  2. score them   old_logprobs (policy at rollout time, for the ratio), ref_logprobs (frozen SFT, for
-                  the KL), values (critic), and the RM score at the last real token                  §3.2, §5.3.3
-  3. score        processing: none | scale (÷ running std) | norm_clip (running mean/std, clip ±δ)   §5.3.1 eq. 18
-  4. reward       r_t = -β·(old_logprobs - ref_logprobs)_t on every response token, r_T += score     §3.1 eq. 3, eq. 19
-  5. GAE          δ_t = r_t + γV_{t+1} - V_t, A_t = Σ (γλ)^l δ_{t+l}, returns = A + V             §3.1 eqs. 7-11
-  6. update       clipped surrogate + clipped value loss (+ entropy, + PTX) over epochs × minibatches
-                  (one pass, as the code), one global grad-norm clip over policy and critic         eqs. 15-17, §5.4
-
-KL: the per-token penalty is k1_t = log π_old(a_t|s_t) - log π_ref(a_t|s_t), whose sum over a response is an
-unbiased estimate of KL(π‖π_ref); we also log k3 and the exact KL over the vocabulary (model.py),
-all at the sampling temperature, as every log-prob in this file is.
+  1-2. rollout    responses to left-padded prompts (pure temperature, KV cache) with old_logprobs (the policy
+                  that sampled), ref_logprobs (frozen SFT), the RM score at the last real token, the critic's
+                  values                                                                  §3.1, §3.2, §5.3.3
+  3. score        none | scale (÷ running std) | norm_clip (running mean/std, clip ±δ)            §5.3.1 eq. 18
+  4. reward       r_t = -β·(old_logprobs - ref_logprobs)_t on every response token, r_T += score    eqs. 3, 19
+  5. GAE          δ_t = r_t + γV_{t+1} - V_t, A_t = Σ (γλ)^l δ_{t+l}, returns = A + V                eqs. 7-11
+  6. update       clipped surrogate + clipped value loss (+ entropy, + PTX) over epochs × minibatches,
+                  one global grad-norm clip over policy and critic                           eqs. 15-17, §5.4
+The per-token penalty is k1 (model.py: its sum over a response is an unbiased estimate of KL(π‖π_ref)); k3 and
+the exact KL are logged too; every log-prob is taken at the sampling temperature.
 
 Run (after train_sft.py and reward_model.py; writes out/ppo.pt, out/ppo_log.jsonl, out/ppo_curves.png):
-    python ppo_rlhf.py                       # --preset ppo_max, the default
-    python ppo_rlhf.py --preset vanilla --out_dir out/vanilla   # no KL, no score norm, no clips: collapses
-    python ppo_rlhf.py --kl_coef 0.1 --score_norm scale         # any switch on its own
-    python ppo_rlhf.py --preset vanilla_pg --out_dir out/vanilla_pg  # Back to Basics' vanilla policy gradient
-    python ppo_rlhf.py --data hh/train.jsonl.gz --sft_ckpt out/gpt2_hh/sft.pt --rm_ckpt out/gpt2_hh/rm.pt  # HH-RLHF
-    torchrun --standalone --nproc_per_node 2 ppo_rlhf.py      # data parallel (docs/data_parallel.md)
-    python ppo_rlhf.py --help           # every switch; on CUDA bf16 autocast (--amp), on CPU and MPS fp32
+    python ppo_rlhf.py                                           # --preset ppo_max, the default
+    python ppo_rlhf.py --preset vanilla --out_dir out/vanilla    # no KL, no score norm, no clips: collapses
+    python ppo_rlhf.py --preset vanilla_pg --out_dir out/vanilla_pg   # Back to Basics' vanilla policy gradient
+    python ppo_rlhf.py --kl_coef 0.1 --score_norm scale          # any switch on its own
+    python ppo_rlhf.py --data hh/train.jsonl.gz --sft_ckpt out/gpt2_hh/sft.pt --rm_ckpt out/gpt2_hh/rm.pt
+    torchrun --standalone --nproc_per_node 2 ppo_rlhf.py         # data parallel (docs/data_parallel.md)
 
-Deliberate choices (where the paper and its code disagree, or where we differ from both):
+Where the paper and its code disagree, or we differ from both (docs/ppo.md has the reasons and measurements):
   1. Score processing: the paper's norm + clip (eq. 18) is the default; the code's scripts only scale.
   2. GAE λ = 0.95 and γ = 1 as in the code (the paper's App. C.3 says λ = 0.9).
-  3. Critic pre-training (§5.3.3, §5.4): `critic_pretrain_iters` iterations update only the critic before the
-     policy moves. The released code does not have it.
-  4. PTX loss (§5.4, eq. 17) is a switch with weight 0, as in the code's scripts; our "pre-training data" is
-     the SFT demonstrations.
-  5. Old log-probs come from the sampling loop (`--fast_rollout`, old_logprobs_from_sampling): equal to a second
-     forward up to rounding, first-minibatch ratio 1 ± 1e-6 in fp32. Under autocast the second forward always
-     runs, as one-token and full-sequence bf16 matmuls may round differently (ratio 1 within 1e-5 under CPU
-     bf16, tests/test_perf.py; not measured on a GPU). Every log-prob uses the sampling temperature (the code
-     scores raw logits after sampling with τ = 0.8, top-p and a repetition penalty).
-  6. Tiny-model learning rates (policy 3e-5, critic 1e-4), not the 7B ones.
-  7. One optimiser with two parameter groups (policy, critic) and one global grad-norm clip, as the code does.
-  8. β = 0.1 (the code's zh script; the middle of the paper's Fig. 15). With the paper's 0.05, one of three
-     seeds drifted into the collapse signature at iteration ~130 of 150.
-  9. Dropout is off in every model here (runs.without_dropout): with an SFT dropout of 0.1 left in, the
-     first-minibatch ratio was 0.992 on average (1.135 at most) and the critic's values moved by up to 1.1.
+  3. Critic pre-training (§5.3.3, §5.4): the first critic_pretrain_iters update only the critic (not in the code).
+  4. PTX (§5.4, eq. 17) is a switch with weight 0, as in the code's scripts; its data are the SFT demonstrations.
+  5. old_logprobs come from the sampling loop (--fast_rollout): a second forward up to rounding; under bf16
+     autocast the second forward always runs.
+  6. Tiny-model learning rates (policy 3e-5, critic 1e-4); β = 0.1 (the code's zh script); one optimiser with
+     two parameter groups and one global grad-norm clip, as the code; dropout off in every model.
 
 Shape legend: B rollouts per iteration, Tp prompt length (left-padded), Tr response length (right-padded with
-PAD after EOS), T = Tp + Tr, V vocab, b minibatch size. Per-token tensors are (B, Tr) over response positions;
-`mask` is 1 on real response tokens (up to and including EOS).
+PAD after EOS), T = Tp + Tr, V vocab, b minibatch size. `mask` (B, Tr) is 1 on real response tokens (EOS too).
 """
 import math
 import os
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 
 import data
 import tokenizer as tok
-from model import (entropy_from_logits, exact_kl, k1, last_token_index, logprobs_from_logits, masked_mean,
-                   masked_whiten, response_logits, response_values)
-from runs import (Run, RunOptions, Samples, SanityChecks, ValidationMonitor, autocast, check_finite, clipped_tokens,
+from model import (entropy_from_logits, k1, last_token_index, logprobs_from_logits, masked_mean, masked_whiten,
+                   response_logits, response_values)
+from runs import (Run, RunOptions, SanityChecks, ValidationMonitor, autocast, check_finite, clipped_tokens,
                   collapse_signature, data_parallel, field, gather_rows, global_masked_moments, load_critic,
                   load_models, metrics_over_ranks, minibatch_means, parse_config, plot_curves, ppo_iteration_metrics,
-                  rank, read_jsonl, run_main, run_meta, share_of_global_tokens, uses_bf16, world_size)
+                  rank, read_jsonl, run_main, run_meta, sample_and_score, share_of_global_tokens, uses_bf16,
+                  world_size)
 from tokenizer import collate, encode_demos, encode_prompts
 from train_sft import sft_loss
 
@@ -75,7 +62,7 @@ class Config(RunOptions):
     sft_ckpt: str = field("out/sft.pt", "SFT checkpoint: initial policy and frozen reference", input_file=True)
     rm_ckpt: str = field("out/rm.pt", "reward-model checkpoint (frozen); also the critic's init", input_file=True)
     data: str = field("toy", "toy (the built-in task, with a gold reward), or HH-RLHF .jsonl/.jsonl.gz file(s), "
-                             "comma-separated: PPO on their prompts (no gold: the RM judges the win rate)", input_file=True)
+                             "comma-separated (no gold: the RM judges the win rate)", input_file=True)
     # rollout
     n_iters: int = field(150, "PPO iterations (rollout + update), critic pre-training included", range="[1, inf)")
     rollout_batch: int = field(64, "prompts (= responses) per iteration", range="[1, inf)", global_batch=True)
@@ -84,14 +71,14 @@ class Config(RunOptions):
     fast_rollout: bool = field(True, "old_logprobs from the sampling loop (false: a second policy forward, which "
                                      "also logs the exact KL over the vocabulary)")
     # score and reward (paper §5.3.1, eq. 18; §3.1 eq. 3)
-    reward: str = field("rm", "rm (the reward model's score), or a rule of the toy task in its place: verifier "
-                              "(RLVR: data.verify) or gold (the true reward)", choices=("rm", "verifier", "gold"))
-    tasks: str = field("all", "prompt kinds to train on (toy task): all, or comma-separated of math, fact, harmful, open")
+    reward: str = field("rm", "rm (the RM's score), or a rule of the toy task in its place: verifier (RLVR: "
+                              "data.verify) or gold (the true reward)", choices=("rm", "verifier", "gold"))
+    tasks: str = field("all", "prompt kinds (toy task): all, or comma-separated of math, fact, harmful, open")
     score_norm: str = field("norm_clip", "scale: ÷ running std; norm_clip: running mean/std, clip ±score_clip",
                             choices=("none", "scale", "norm_clip"))
     score_clip: float = field(0.8, "δ for norm_clip", range="(0, inf)")
     missing_eos_penalty: float = field(0.0, "subtracted from the score of responses without EOS", range="[0, inf)")
-    kl_coef: float = field(0.1, "β of the per-token KL penalty (paper 0.05-0.2; code 0.01 en / 0.1 zh)", range="[0, inf)")
+    kl_coef: float = field(0.1, "β of the per-token KL penalty (paper 0.05-0.2)", range="[0, inf)")
     # GAE (§3.1 eqs. 7-11)
     gamma: float = field(1.0, "discount", range="[0, 1]")
     lam: float = field(0.95, "GAE λ (code 0.95; paper App. C.3 0.9)", range="[0, 1]")
@@ -103,21 +90,21 @@ class Config(RunOptions):
     vf_coef: float = field(1.0, "value-loss weight", range="[0, inf)")
     entropy_coef: float = field(0.0, "entropy bonus weight (paper: use the KL penalty instead)", range="[0, inf)")
     ptx_coef: float = field(0.0, "weight of the SFT cross-entropy (PPO-ptx) term", range="[0, inf)")
-    ptx_batch: int = field(16, "SFT demonstrations per minibatch for the PTX term", range="[1, inf)", global_batch=True)
+    ptx_batch: int = field(16, "SFT demonstrations per minibatch for the PTX term", range="[1, inf)",
+                           global_batch=True)
     # optimisation
     epochs: int = field(1, "passes over each batch of rollouts (the released code: 1)", range="[1, inf)")
-    minibatches: int = field(2, "optimizer steps per pass, each on rollout_batch / minibatches rows", range="[1, inf)")
-    micro_batch: int = field(0, "rows per forward/backward pass (accumulated; 0 = the whole minibatch)", range="[0, inf)")
+    minibatches: int = field(2, "optimizer steps per pass, each on rollout_batch / minibatches rows",
+                             range="[1, inf)")
     policy_lr: float = field(3e-5, "policy learning rate", range="(0, inf)")
     critic_lr: float = field(1e-4, "critic learning rate", range="(0, inf)")
     grad_clip: float = field(1.0, "global grad-norm clip over policy + critic (0 = off)", range="[0, inf)")
     critic_init: str = field("rm", "rm (a copy of the RM) or sft (SFT backbone, fresh head)", choices=("rm", "sft"))
-    policy_init: str = field("sft", "sft, or a policy not initialised from SFT (paper §5.3.3 Fig. 8; the reference "
-                                    "stays SFT): random, or GPT-2 weights (gpt2 | a local file/folder, runs.load_gpt2)",
-                             input_file=True)
-    critic_pretrain_iters: int = field(10, "first iterations update only the critic (paper §5.3.3)", range="[0, inf)")
+    policy_init: str = field("sft", "sft, or not from SFT (paper §5.3.3 Fig. 8; the reference stays SFT): random, "
+                                    "or GPT-2 weights (gpt2 | a local file/folder)", input_file=True)
+    critic_pretrain_iters: int = field(10, "first iterations update only the critic (§5.3.3)", range="[0, inf)")
     # monitoring
-    eval_interval: int = field(10, "every N iterations: win rate vs SFT on val prompts, sample table", range="[1, inf)")
+    eval_interval: int = field(10, "every N iterations: win rate vs SFT, sample table", range="[1, inf)")
     n_eval_prompts: int = field(64, "val prompts for the win rate during training", range="[1, inf)")
     collapse_window: int = field(10, "iterations compared by the collapse warning", range="[1, inf)")
     amp: bool = field(True, "bf16 autocast on CUDA (CPU and MPS always run fp32)")
@@ -134,72 +121,24 @@ PRESETS = {
                   eval_interval=10, n_eval_prompts=32, collapse_window=5),
     "tiny": dict(n_iters=4, rollout_batch=8, minibatches=2, max_new_tokens=12, critic_pretrain_iters=1,
                  eval_interval=2, n_eval_prompts=8, collapse_window=2, ptx_batch=4),
-    # debug: for stepping through in a debugger (docs/debugging.md): 4 rollouts, one minibatch, the policy updated
-    # from iteration 1 (no critic-only warm-up), so from iteration 2 on the KL reward of step 4 is not 0
+    # debug (docs/debugging.md): 4 rollouts, one minibatch, the policy updated from iteration 1 (no critic-only
+    # warm-up), so from iteration 2 on the KL reward of step 4 is not 0
     "debug": dict(n_iters=3, rollout_batch=4, minibatches=1, max_new_tokens=12, critic_pretrain_iters=0,
                   eval_interval=3, n_eval_prompts=4, collapse_window=2, ptx_batch=4),
 }
 
 
 # ----------------------------------------------------------------------------------------------------
-# Steps 1-2: the rollout and everything computed about it before any update
-
-@dataclass
-class Rollout(Samples):
-    """Samples (seq, masks, response, old/ref log-probs, scores, entropy per row) + what PPO's step 2 adds."""
-    values: torch.Tensor = None                  # (B, Tr) V(s_t) of the critic
-    exact_kl: Optional[torch.Tensor] = None      # (B, Tr) KL(π_old || π_ref) over the vocabulary (fast=False only)
-
+# Step 2's last part, and steps 3-6, as functions (imported by the tests and the notebooks)
 
 @torch.no_grad()
-def rollout(policy, ref, rm, critic, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_id, pad_id,
-            generator, fast=True):
-    """
-    Steps 1-2 for left-padded prompts (B, Tp), one no-grad pass per model. eos_id=None samples exactly
-    max_new_tokens (the benchmark). Under autocast `fast` is ignored (docstring, choice 5). Returns a Rollout.
-    """
-    policy.eval()
+def critic_values(critic, ro):
+    """The critic's V(s_t) (B, Tr) of the state before each response token of the rollouts `ro`; 0 at padding."""
     critic.eval()
-    fast = fast and not torch.is_autocast_enabled(prompt_ids.device.type)
-    # 1. sample responses: pure temperature, KV cache; a row that emits EOS is padded with PAD after it
-    t0 = time.time()
-    sample = policy.generate(prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=temperature,
-                             generator=generator, return_logprobs=fast)
-    t_generate = time.time() - t0
-    response = sample.tokens                                              # (B, Tr)
-    mask = (response != pad_id).long()                                    # (B, Tr) 1 up to and incl. EOS
-    seq = torch.cat([prompt_ids, response], dim=1)                        # (B, T)
-    seq_mask = torch.cat([prompt_mask, mask], dim=1)                      # (B, T)
-    n_prompt = prompt_ids.shape[1]
-    # 2. old_logprobs (the policy that sampled), ref_logprobs (frozen SFT), values (critic), scores (RM)
-    ref_logits = response_logits(ref, seq, seq_mask, n_prompt, temperature)    # (B, Tr, V)
-    ref_logprobs = logprobs_from_logits(ref_logits, response) * mask      # (B, Tr)
-    if fast:
-        old_logprobs, entropy, exact = *old_logprobs_from_sampling(sample, mask), None  # (B, Tr) each
-    else:
-        logits = response_logits(policy, seq, seq_mask, n_prompt, temperature)  # (B, Tr, V)
-        old_logprobs = logprobs_from_logits(logits, response) * mask      # (B, Tr) as the update computes it
-        entropy = entropy_from_logits(logits) * mask                      # (B, Tr)
-        exact = exact_kl(logits, ref_logits) * mask              # (B, Tr)
-        del logits
-    del ref_logits                                                        # the largest tensors: free them first
-    values = response_values(critic, seq, seq_mask, n_prompt).float() * mask   # (B, Tr)
-    scores = rm.score(seq, seq_mask).float()                              # (B,) at the last real token
-    return Rollout(seq, seq_mask, response, mask, old_logprobs, ref_logprobs, scores, entropy, n_prompt, t_generate,
-                   time.time() - t0 - t_generate, values=values, exact_kl=exact)
+    return response_values(critic, ro.seq, ro.seq_mask, ro.n_prompt).float() * ro.mask  # (B, Tr)
 
 
-def old_logprobs_from_sampling(sample, mask):
-    """
-    Performance (--fast_rollout): the sampling loop already computed softmax(logits / τ) at every response
-    position, so old_logprobs and the entropy are read from it instead of from a second forward of the policy.
-    Equal to that forward up to float rounding (tests/test_perf.py). Returns (old_logprobs, entropy), (B, Tr).
-    """
-    return sample.logprobs * mask, sample.entropy * mask
-
-
-# ----------------------------------------------------------------------------------------------------
-# Steps 3-6 as pure functions (imported by the tests and the notebooks)
+# Steps 3-6, pure
 
 def compute_gae(rewards, values, mask, gamma, lam):
     """
@@ -317,71 +256,57 @@ def kl_rewards(old_logprobs, ref_logprobs, mask, scores, kl_coef):
 # ----------------------------------------------------------------------------------------------------
 # Step 6: the update
 
-def ppo_update(policy, critic, opt, ro, advantages, returns, cfg, update_policy, generator, ptx_data=None,
-               where="PPO update"):
+def ppo_update(policy, critic, opt, ro, values, advantages, returns, cfg, update_policy, generator, ptx_data=None):
     """
-    Step 6 (paper eqs. 15-17): cfg.epochs passes over the Rollout `ro` in cfg.minibatches shuffled minibatches;
-    each minibatch takes one optimizer step on
+    Step 6 (paper eqs. 15-17): cfg.epochs passes over the rollouts `ro` (Samples) in cfg.minibatches shuffled
+    minibatches, each one optimizer step on
         loss = pg_loss + vf_coef·vf_loss - entropy_coef·entropy + ptx_coef·ptx_loss
-    (token means over the minibatch) with one global grad-norm clip over policy and critic. update_policy=False
-    trains only the critic (critic pre-training, §5.3.3). cfg.micro_batch > 0 accumulates a minibatch's gradient
-    over chunks of that many rows, each weighted by its share of the minibatch's tokens: the same step with less
-    memory. Returns (one stats dict per minibatch, ratios (B, Tr): π/π_old per token as the last epoch saw it).
+    (token means over the minibatch), one global grad-norm clip over policy and critic. values, advantages and
+    returns are (B, Tr); update_policy=False trains only the critic (§5.3.3). Returns one stats dict per minibatch.
     """
     policy.train()
     critic.train()
     params = [p for group in opt.param_groups for p in group["params"]]
-    order_device, n_rows = ro.seq.device, ro.seq.shape[0]
-    rows_per_minibatch = n_rows // cfg.minibatches                      # [DDP] this rank's rows of each minibatch
-    ratios, all_stats = torch.ones_like(ro.old_logprobs), []             # (B, Tr)
+    all_stats = []
     for epoch in range(cfg.epochs):
-        order = torch.randperm(n_rows, generator=generator).to(order_device)
-        for start in range(0, n_rows, rows_per_minibatch):
-            rows = order[start:start + rows_per_minibatch]                 # (b,)
-            mask, adv = ro.mask[rows], advantages[rows]                    # (b, Tr) each
-            if cfg.adv_whiten:                                             # over the whole minibatch
-                adv = masked_whiten(adv, mask, moments=global_masked_moments(adv, mask))
+        order = torch.randperm(len(advantages), generator=generator).to(advantages.device)   # (B,)
+        for rows in order.split(len(advantages) // cfg.minibatches):       # (b,) this rank's rows of a minibatch
+            batch, adv = ro.rows(rows), advantages[rows]                    # (b, Tr) each
+            if cfg.adv_whiten:                                              # over the whole minibatch
+                adv = masked_whiten(adv, batch.mask, moments=global_masked_moments(adv, batch.mask))
             if cfg.adv_clip > 0:
                 adv = torch.clamp(adv, -cfg.adv_clip, cfg.adv_clip)
             opt.zero_grad(set_to_none=True)
-            chunk_size = cfg.micro_batch or len(rows)
-            total_loss, stats = 0.0, {}
-            for chunk in range(0, len(rows), chunk_size):
-                part, batch = slice(chunk, chunk + chunk_size), ro.rows(rows[chunk:chunk + chunk_size])
-                share = share_of_global_tokens(mask[part].sum(), mask.sum())  # of the minibatch's tokens
-                with autocast(ro.seq.device, cfg.amp):
-                    # eq. 16: the clipped value loss on the critic's new values
-                    values = response_values(critic, batch.seq, batch.seq_mask, batch.n_prompt)   # (c, Tr)
-                    vf_loss, value_stats = ppo_value_loss(values, batch.values, returns[rows[part]], batch.mask,
-                                                          cfg.vf_clip)
-                    loss, chunk_stats = cfg.vf_coef * vf_loss, dict(vf_loss=vf_loss.item(), **value_stats)
-                    if update_policy:                                      # eq. 15: the clipped surrogate
-                        logits = response_logits(policy, batch.seq, batch.seq_mask, batch.n_prompt,
-                                                 cfg.temperature)          # (c, Tr, V)
-                        logprobs = logprobs_from_logits(logits, batch.response)  # (c, Tr)
-                        pg_loss, policy_stats = ppo_policy_loss(logprobs, batch.old_logprobs, adv[part], batch.mask,
-                                                                cfg.ratio_clip)
-                        loss = loss + pg_loss
-                        chunk_stats.update(pg_loss=pg_loss.item(), **policy_stats)
-                        if cfg.entropy_coef > 0:
-                            loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), batch.mask)
-                        if epoch == cfg.epochs - 1:
-                            ratios[rows[part]] = torch.exp((logprobs - batch.old_logprobs) * batch.mask).detach().float()
-                (share * loss).backward()
-                total_loss += share * loss.item()
-                for k, v in chunk_stats.items():                          # token-weighted means, the max of maxes
-                    stats[k] = max(stats.get(k, v), v) if k == "ratio_max" else stats.get(k, 0.0) + share * v
-            if update_policy and cfg.ptx_coef > 0:                        # PPO-ptx (eq. 17): one SFT batch
+            with autocast(ro.seq.device, cfg.amp):
+                # eq. 16: the clipped value loss on the critic's new values
+                new_values = response_values(critic, batch.seq, batch.seq_mask, batch.n_prompt)   # (b, Tr)
+                vf_loss, value_stats = ppo_value_loss(new_values, values[rows], returns[rows], batch.mask,
+                                                      cfg.vf_clip)
+                loss = cfg.vf_coef * vf_loss
+                stats = dict(vf_loss=vf_loss.item(), **value_stats)
+                if update_policy:                                          # eq. 15: the clipped surrogate
+                    logits = response_logits(policy, batch.seq, batch.seq_mask, batch.n_prompt,
+                                             cfg.temperature)              # (b, Tr, V)
+                    logprobs = logprobs_from_logits(logits, batch.response)  # (b, Tr)
+                    pg_loss, policy_stats = ppo_policy_loss(logprobs, batch.old_logprobs, adv, batch.mask,
+                                                            cfg.ratio_clip)
+                    loss = loss + pg_loss
+                    stats.update(pg_loss=pg_loss.item(), **policy_stats)
+                    if cfg.entropy_coef > 0:
+                        loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), batch.mask)
+            # under torchrun a rank's token mean is weighted so that DDP's gradient average is the global mean
+            (share_of_global_tokens(batch.mask.sum(), batch.mask.sum()) * loss).backward()
+            if update_policy and cfg.ptx_coef > 0:                         # PPO-ptx (eq. 17): one SFT batch
                 ptx_loss, share = ptx_batch_loss(policy, ptx_data, cfg, generator)
                 (share * cfg.ptx_coef * ptx_loss).backward()
-                total_loss += share * cfg.ptx_coef * ptx_loss.item()
+                loss = loss + cfg.ptx_coef * ptx_loss.detach()
                 stats.update(ptx_loss=ptx_loss.item())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-            check_finite(where, loss=total_loss, grad_norm=grad_norm.item())
+            check_finite("PPO update", loss=loss.item(), grad_norm=grad_norm.item())
             opt.step()
             stats["grad_norm"] = grad_norm.item()
             all_stats.append(stats)
-    return all_stats, ratios
+    return all_stats
 
 
 def ptx_batch_loss(policy, ptx_data, cfg, generator):
@@ -394,6 +319,14 @@ def ptx_batch_loss(policy, ptx_data, cfg, generator):
         loss = sft_loss(policy(ids, attn_mask), ids, loss_mask)
     tokens = loss_mask[:, 1:].sum()                                       # the tokens sft_loss averages over
     return loss, share_of_global_tokens(tokens, tokens)
+
+
+@torch.no_grad()
+def ratios_after_update(policy, ro, temperature):
+    """π_θ/π_old per token (B, Tr) once the iteration's update is done (1 at padding): the samples log's view of
+    how far the update moved each sampled token."""
+    logits = response_logits(policy, ro.seq, ro.seq_mask, ro.n_prompt, temperature)      # (B, Tr, V)
+    return torch.exp((logprobs_from_logits(logits, ro.response) - ro.old_logprobs) * ro.mask)  # (B, Tr)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -425,58 +358,66 @@ def main(argv=None):
     check_config(cfg)
     with Run(cfg, "ppo", data_parallel=True) as run:
         device = run.device
-        # 0. models: the policy and the critic train; the reference (a copy of SFT) and the reward model stay frozen
+        # the policy and the critic train; the reference (a copy of SFT) and the reward model stay frozen
         policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device, cfg.max_new_tokens,
                                                     cfg.policy_init)   # policy_init: the Fig. 8 ablation
         critic = load_critic(cfg.critic_init, sft, rm_ckpt, cfg.sft_ckpt, cfg.rm_ckpt).to(device)
-        train_policy, train_critic = data_parallel(policy), data_parallel(critic)   # [DDP] gradients averaged
-        enc, has_gold = tok.get_tokenizer(sft["tokenizer"]), cfg.data == "toy"    # HH-RLHF: no gold reward
-        eos_id, pad_id, room = tok.eos_id(enc), tok.pad_id(enc), policy.cfg.block_size - cfg.max_new_tokens
+        train_policy = data_parallel(policy)           # under torchrun: gradients averaged over the processes
+        train_critic = data_parallel(critic)
+        enc = tok.get_tokenizer(sft["tokenizer"])
+        has_gold = cfg.data == "toy"                   # HH-RLHF: no gold reward
+        eos_id, pad_id = tok.eos_id(enc), tok.pad_id(enc)
+        room = policy.cfg.block_size - cfg.max_new_tokens
+        second_forward = not cfg.fast_rollout or uses_bf16(device, cfg.amp)   # choice 5
         opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": cfg.policy_lr},
                                  {"params": critic.parameters(), "lr": cfg.critic_lr}], weight_decay=0.0,
                                 betas=(0.9, 0.95), eps=1e-8)
         print(f"device={device} config={asdict(cfg)}")
-        rank_seed = cfg.seed + 1000 * rank()            # [DDP] each rank its own prompts and samples (rank 0: seed)
+        rank_seed = cfg.seed + 1000 * rank()            # under torchrun each process its own prompts and samples
         order_rng = random.Random(rank_seed)            # prompt draws, minibatch order, PTX demonstrations
         sampling_gen = torch.Generator(device=device).manual_seed(rank_seed)  # token sampling in the rollouts
-        running, history, warned = RunningMoments(), [], False   # score statistics (step 3), metrics, the warning
+        running = RunningMoments()                      # score statistics (step 3)
         sanity = SanityChecks("PPO")
         splits, ptx_data = load_prompts(cfg, sft, enc, order_rng)
         restored = run.begin(opt, dict(model=policy, critic=critic), run_meta(sft, cfg), cfg.n_iters, order_rng,
-                             sampling_gen, samples=True, saved=lambda: dict(
-                                 running=[running.mean, running.var, running.count], history=history, warned=warned))
+                             sampling_gen, samples=True, state=dict(running=[0.0, 1.0, 1e-24], history=[],
+                                                                    warned=False))
         running.mean, running.var, running.count = restored["running"]
-        history, warned = restored["history"], restored["warned"]
-        monitor = ValidationMonitor(enc, ref, rm, critic, data.sample_prompts(
-            splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1)), cfg.max_new_tokens, cfg.temperature,
-            cfg.seed, run.samples, device, has_gold)
-        for it in run.steps():
+        history, warned = restored["history"], restored["warned"]   # metrics so far, the collapse warning
+        val_prompts = data.sample_prompts(splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1))
+        monitor = ValidationMonitor(enc, ref, rm, critic, val_prompts, cfg.max_new_tokens, cfg.temperature,
+                                    cfg.seed, run.samples, device, has_gold)
+        for it in range(run.start, cfg.n_iters + 1):
             t_iter = time.time()
-            # 1-2. rollout, then old_logprobs, ref_logprobs, values and RM scores (one no-grad pass per model)
-            prompts = data.sample_prompts(splits["train"], cfg.rollout_batch // world_size(), order_rng)  # [DDP] share
+            # 1-2. rollout: responses with old_logprobs, ref_logprobs and RM scores, then the critic's values
+            prompts = data.sample_prompts(splits["train"], cfg.rollout_batch // world_size(), order_rng)
             prompt_ids, prompt_mask = encode_prompts(enc, prompts, room, cfg.truncate_prompts)  # (B, Tp) each
-            with autocast(device, cfg.amp):
-                ro = rollout(policy, ref, rm, critic, prompt_ids.to(device), prompt_mask.to(device),
-                             cfg.max_new_tokens, cfg.temperature, eos_id, pad_id, sampling_gen, cfg.fast_rollout)
-            replies = tok.decode_replies(enc, ro.response.tolist())               # texts and EOS flags
-            texts = replies.texts
-            gold = torch.tensor(replies.golds(prompts) if has_gold else [float("nan")] * len(prompts))  # (B,)
-            check_finite(f"PPO iteration {it}", rm_score=ro.scores.sum(), value=ro.values.sum())
+            with torch.no_grad(), autocast(device, cfg.amp):
+                ro = sample_and_score(policy, ref, rm, prompt_ids.to(device), prompt_mask.to(device),
+                                      cfg.max_new_tokens, cfg.temperature, eos_id, pad_id, sampling_gen,
+                                      second_forward)
+                values = critic_values(critic, ro)                          # (B, Tr)
+            replies = tok.decode_replies(enc, ro.response.tolist())       # texts and EOS flags
+            gold = torch.tensor(replies.golds(prompts) if has_gold else [math.nan] * len(prompts))  # (B,)
+            check_finite(f"PPO iteration {it}", rm_score=ro.scores.sum(), value=values.sum())
             # 3. score processing with running statistics over every score so far (eq. 18); --reward: a rule's
-            raw = ro.scores.float() if cfg.reward == "rm" else torch.tensor(
-                data.rule_rewards(cfg.reward, prompts, texts, replies.ended), device=device)   # (B,)
+            if cfg.reward == "rm":
+                raw = ro.scores.float()                                     # (B,)
+            else:
+                raw = torch.tensor(data.rule_rewards(cfg.reward, prompts, replies.texts, replies.ended),
+                                   device=device)                           # (B,)
             scores = process_scores(raw, running, cfg.score_norm, cfg.score_clip)  # (B,)
             ended = (ro.response == eos_id).any(1)                               # (B,)
             scores = scores - cfg.missing_eos_penalty * (~ended).float()
             # 4. per-token rewards: -β·k1 on every token, the score on the last real one (eqs. 3, 19)
             rewards = kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, scores, cfg.kl_coef)   # (B, Tr)
             # 5. GAE over response tokens; returns = advantages + values are the critic's targets (eqs. 7-11)
-            advantages, returns = compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)   # (B, Tr) each
+            advantages, returns = compute_gae(rewards, values, ro.mask, cfg.gamma, cfg.lam)   # (B, Tr) each
             # 6. clipped PPO update, `epochs` passes over shuffled minibatches (eqs. 15-17)
             t_train, update_policy = time.time(), it > cfg.critic_pretrain_iters
             minibatch_gen = torch.Generator().manual_seed(order_rng.randrange(2**31))   # this update's shuffles
-            update_stats, ratios = ppo_update(train_policy, train_critic, opt, ro, advantages, returns, cfg,
-                                              update_policy, minibatch_gen, ptx_data, f"PPO iteration {it}")
+            update_stats = ppo_update(train_policy, train_critic, opt, ro, values, advantages, returns, cfg,
+                                      update_policy, minibatch_gen, ptx_data)
             t_train = time.time() - t_train
             # the classic silent failures, each a plain-English warning once per run (runs.py)
             sanity.rollout(it, k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1), ended)
@@ -484,19 +425,20 @@ def main(argv=None):
             if update_policy:
                 sanity.first_ratio(it, update_stats[0]["ratio_mean"], update_stats[0]["ratio_max"],
                                    uses_bf16(device, cfg.amp))
-
             # monitoring: the paper's §5.2 metrics, PPO diagnostics, win rate vs SFT, the collapse warning
-            row = metrics_over_ranks(dict(                                   # [DDP] the global batch's metrics
+            row = metrics_over_ranks(dict(                                   # under torchrun: the global batch's
                 iter=it, policy_updated=update_policy,
-                **ppo_iteration_metrics(ro, scores, gold, ended, advantages, returns, running),
+                **ppo_iteration_metrics(ro, values, scores, gold, ended, advantages, returns, running),
                 policy_lr=cfg.policy_lr, critic_lr=cfg.critic_lr, t_generate=ro.t_generate, t_score=ro.t_score,
                 t_train=t_train, t_iter=time.time() - t_iter, **minibatch_means(update_stats)))
             if it % cfg.eval_interval == 0 or it == cfg.n_iters:
                 row["win_rate_vs_sft"] = monitor.win_rate(policy)
-                monitor.keep_samples(it, policy, ro, prompts, texts, gold, {
-                    "k1": k1(ro.old_logprobs, ro.ref_logprobs, ro.mask), "reward": rewards, "value": ro.values,
+                ratios = ratios_after_update(policy, ro, cfg.temperature)   # (B, Tr) for the samples log
+                clipped = clipped_tokens(ratios, advantages, cfg.ratio_clip, cfg.ratio_clip) * ro.mask
+                monitor.keep_samples(it, policy, ro, prompts, replies.texts, gold, {
+                    "k1": k1(ro.old_logprobs, ro.ref_logprobs, ro.mask), "reward": rewards, "value": values,
                     "advantage": advantages, "return": returns, "entropy": ro.entropy, "ratio": ratios,
-                    "clipped": clipped_tokens(ratios, advantages, cfg.ratio_clip, cfg.ratio_clip) * ro.mask})
+                    "clipped": clipped})
             history.append(row)
             reasons = collapse_signature(history, cfg.max_new_tokens, cfg.collapse_window)
             row["collapse_warning"] = bool(reasons)
@@ -507,7 +449,8 @@ def main(argv=None):
             print(run.progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL {row['kl_seq']:.2f} "
                                         f"len {row['length']:.1f} eos {row['eos_rate']:.2f} vf {row['vf_loss']:.3f}"
                                         + ("" if update_policy else " (critic pre-training)")))
-        return None if run.stopped else finish(cfg, run, history[-1], warned)
+            run.save(it, running=[running.mean, running.var, running.count], history=history, warned=warned)
+        return finish(cfg, run, history[-1], warned)
 
 
 def finish(cfg, run, last, warned):

@@ -213,7 +213,7 @@ def main(argv=None):
 
         if run.start == 1:
             validate(0)
-        for step in run.steps():                          # the step-th optimizer step
+        for step in range(run.start, n_iters + 1):        # the step-th optimizer step
             batch = shard([train[i] for i in order[(step - 1) * per_step:step * per_step]])  # [DDP] this rank's share
             micro = cfg.batch_size // world_size()                            # [DDP] rows per micro-batch on this rank
             rm.train()
@@ -237,8 +237,7 @@ def main(argv=None):
                           lr=lr, grad_norm=gnorm.item(), time=run.train_time())
             if step % cfg.eval_interval == 0 or step == n_iters:
                 validate(step)
-        if run.stopped:
-            return None
+            run.save(step)                                # every ckpt_interval steps, the checkpoint
         train_time = run.train_time()
 
         # held-out test pairs: agreement with labels and gold, correlation with gold, length sensitivity

@@ -28,7 +28,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, fields, replace
-from typing import Optional
 
 import numpy as np
 import torch
@@ -37,8 +36,8 @@ import torch.distributed as dist
 import data
 import tokenizer as tok
 from data import regular_file
-from model import (GPT, GPTConfig, ScalarHeadGPT, k1, k3, logprobs_from_logits, masked_mean, masked_var,
-                   response_logits, response_values)
+from model import (GPT, GPTConfig, ScalarHeadGPT, entropy_from_logits, exact_kl, k1, k3, logprobs_from_logits,
+                   masked_mean, masked_var, response_logits, response_values)
 from tokenizer import TRUNCATIONS, encode_prompts, fit_prompt, pad_batch
 
 
@@ -406,7 +405,7 @@ def metrics_over_ranks(row, sums=()):
 #
 # A run of a stage, shared by every stage: the output folder it owns while it runs (claim_out_dir, a lock holding
 # its PID), the refusal to replace an unfinished run, the options every stage shares (RunOptions), what --resume
-# restores and checks (RunState, save_run, resume_run: the same config, the same input contents), --stop_after,
+# restores and checks (Run.begin, Run.resume_checkpoint: the same config, the same input contents), --stop_after,
 # the object that holds all of it for a stage's main() (Run), and a study's run kept, resumed or trained
 # (train_or_keep). docs/files_and_checkpoints.md describes the files and the checkpoint format.
 # ====================================================================================================
@@ -637,81 +636,6 @@ def ckpt_interval_field(default):
                  resume_free=True)
 
 
-def stop_here(cfg, step, total, unit="step"):
-    """--stop_after N: True once `step` reaches N, where the stage returns as if it had been killed just after that
-    step's checkpoint (if any), to try --resume; the line printed says whether there is a checkpoint to resume."""
-    if not cfg.stop_after:
-        return False
-    if cfg.stop_after >= total:
-        raise ValueError(f"--stop_after {cfg.stop_after}: must be less than the run's {total} {unit}s, or 0 for off")
-    if step != cfg.stop_after:
-        return False
-    saved = step // cfg.ckpt_interval * cfg.ckpt_interval
-    if saved or cfg.resume:
-        print(f"stopping after {unit} {step} as asked (--stop_after); continue with --resume true")
-    else:
-        print(f"stopping after {unit} {step} as asked (--stop_after), before the first checkpoint ({unit} "
-              f"{cfg.ckpt_interval}, --ckpt_interval): nothing was saved, so there is nothing to resume")
-    release_out_dir(cfg.out_dir)
-    return True
-
-
-@dataclasses.dataclass
-class RunState:
-    """What --resume restores in every stage besides the weights: the optimizer, the stage's random streams and
-    its own plain values (`extra`: SFT's data order, PPO's running score statistics and monitoring history);
-    resume_run also fills in how far the log got and the training time so far."""
-    opt: torch.optim.Optimizer
-    rng: Optional[random.Random] = None            # the stage's Python RNG (data order, prompt draws), if any
-    generator: Optional[torch.Generator] = None    # the RL stages' sampling generator
-    extra: dict = dataclasses.field(default_factory=dict)
-    log_lines: Optional[int] = None                # lines of the stage's JSONL log that belong to the run
-    train_time_s: float = 0.0
-    inputs: Optional[dict] = None                  # input_fingerprints when the run started
-
-
-def save_run(path, stage, step, cfg, state, weights, log, t0, metrics=None, **meta):
-    """A stage's checkpoint, written atomically: the modules in `weights` ({key: module}), what later stages
-    read (`meta`), and everything --resume needs. metrics=None marks a run that has not finished. Stages write
-    their final checkpoint last, after the log and the plot: a run killed before it resumes from its last periodic
-    checkpoint and writes them all again, so a finished checkpoint means every file of the stage is there.
-    Under torchrun every rank calls it (each rank's random state is kept: rank r resumes with its own) and rank 0
-    writes; the checkpoint records the world size."""
-    rng_of_ranks = gather_objects(rng_state(state.rng, state.generator))   # [rank 0's, ...]; one without torchrun
-    if rank() != 0:
-        return
-    save_checkpoint(path, stage=stage, **{key: module.state_dict() for key, module in weights.items()}, **meta,
-                    step=step, done=metrics is not None, metrics=metrics or {}, config=dataclasses.asdict(cfg),
-                    optimizer=state.opt.state_dict(), rng=rng_of_ranks[0], **state.extra, log_lines=log.n_lines,
-                    train_time_s=time.time() - t0, inputs=state.inputs, world_size=len(rng_of_ranks),
-                    **({"rng_of_ranks": rng_of_ranks} if len(rng_of_ranks) > 1 else {}))
-
-
-def resume_run(path, stage, cfg, tokenizer_id, state, weights):
-    """--resume: the interrupted run's weights and state back in place (its config must match cfg); returns the
-    step it stopped after."""
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: nothing to resume (no checkpoint here; a run writes one every --ckpt_interval "
-                         f"steps); drop --resume to start the run")
-    ckpt = load_checkpoint(path, stage, tokenizer_id, finished=False)
-    check_resume(ckpt, cfg, path)
-    if ckpt.get("world_size", 1) != world_size():     # each rank's random streams (and data share) differ
-        raise ValueError(f"{path}: this run was made with {ckpt.get('world_size', 1)} process(es) and is resumed with "
-                         f"{world_size()}; resume it with the same number (torchrun --nproc_per_node "
-                         f"{ckpt.get('world_size', 1)}, or plain python for 1), or start over with --overwrite true")
-    for key, module in weights.items():
-        load_weights(module, ckpt[key], path)
-    state.opt.load_state_dict(ckpt["optimizer"])
-    if "rng" not in ckpt:
-        raise ValueError(f"{path}: written before checkpoints kept their random state; it cannot be resumed "
-                         f"exactly: start the run again without --resume")
-    set_rng_state(ckpt["rng_of_ranks"][rank()] if world_size() > 1 else ckpt["rng"], state.rng, state.generator)
-    state.extra = {key: ckpt[key] for key in state.extra}
-    state.log_lines, state.train_time_s, state.inputs = ckpt["log_lines"], ckpt["train_time_s"], ckpt.get("inputs")
-    print(f"resuming from {path} after step {ckpt['step']}")
-    return ckpt["step"]
-
-
 @contextlib.contextmanager
 def signals_held():
     """Ctrl-C and SIGTERM arriving inside the block are delivered when it ends (where the OS allows it)."""
@@ -733,26 +657,29 @@ def run_meta(sft, cfg):
                 sft_ckpt=cfg.sft_ckpt, rm_ckpt=cfg.rm_ckpt)
 
 
+class StopRun(Exception):
+    """--stop_after N: raised by Run.save after step N; the stage's `with Run(...)` block ends there, quietly, as if
+    the process had been killed just after that step's checkpoint (if any)."""
+
+
 class Run:
     """
     One stage's run in its folder, from the claim to the release, behind one object. Every stage uses it alike:
 
         with Run(cfg, "rloo") as run:            # claims out_dir, refuses to replace an unfinished run, seeds, device
             ...                                  # models, optimizer, data
-            restored = run.begin(opt, dict(model=policy), meta, n_steps=cfg.n_iters, rng=rng, generator=gen,
-                                 saved=lambda: dict(moving=[moving.total, moving.count]))
-            for it in run.steps():               # from where the run stopped (--resume)
+            moving = run.begin(opt, dict(model=policy), meta, cfg.n_iters, rng, gen, state=dict(moving=[0.0, 0]))
+            for it in range(run.start, cfg.n_iters + 1):   # from where the run stopped (--resume)
                 ...                              # one iteration; run.log.write(**row)
-            if run.stopped:                      # --stop_after
-                return None
-            run.finish(metrics)                  # the final checkpoint, written last
+                run.save(it, moving=[moving.total, moving.count])   # every ckpt_interval iterations, a checkpoint
+            run.finish(metrics, ...)             # the final checkpoint, written last
 
-    begin(): on --resume, the interrupted run's weights, optimizer, random streams and the stage's own values
-    (`saved`, a function returning {name: plain value} that every checkpoint stores; `restored` holds them back,
-    or saved()'s own values on a fresh start) are put back, and the JSONL logs are cut back to what the checkpoint
-    had. steps() yields 1 ... n_steps from there; after each step's body it writes the periodic checkpoint (every
-    ckpt_interval steps, never the last) and honours --stop_after. finish() writes the final checkpoint after the
-    log and plots (a finished checkpoint means every file of the stage is there) and prints the truncation summary.
+    begin(): on --resume, the interrupted run's weights, optimizer and random streams are put back, the JSONL logs
+    cut back to what its checkpoint had, and the stage's own plain values (`state`, e.g. PPO's running score
+    statistics) returned as the checkpoint had them; on a fresh start `state` comes back as given. save(): after
+    step `step`, every ckpt_interval steps but the last, the checkpoint, holding the values given (the last ones
+    given go into the final checkpoint too); --stop_after N ends the `with` block after step N. finish() writes
+    the final checkpoint after the log and plots (a finished checkpoint means every file of the stage is there).
     Under torchrun every rank runs it alike and rank 0 alone writes. Leaving the `with` gives the folder back.
     """
 
@@ -760,7 +687,7 @@ class Run:
         self.cfg, self.stage, self.name, self.unit = cfg, stage, name or stage.upper(), unit
         self.ckpt_path = os.path.join(cfg.out_dir, f"{stage}.pt")
         self.samples_path = os.path.join(cfg.out_dir, f"{stage}_samples.jsonl")   # RL stages: rollouts, token by token
-        self.stopped, self.log, self.samples = False, None, None
+        self.log, self.samples, self.extra = None, None, {}
         TRUNCATIONS.reset(cfg.log_truncations)
         STOP_NOTE["text"] = STOP_NOTE["general"]
         claim_out_dir(cfg.out_dir)                     # one run per folder at a time
@@ -771,7 +698,7 @@ class Run:
                 if os.path.lexists(path):
                     regular_file(path, "the stage's log")
             seed_everything(cfg.seed)
-            # [DDP] under torchrun (SFT, RM, PPO, GRPO): this process's device, in the process group
+            # under torchrun (SFT, RM, PPO, GRPO): this process's device, in the process group
             self.device = start_ranks(cfg.device) if data_parallel else pick_device(cfg.device)
         except BaseException:
             self.release()
@@ -785,9 +712,9 @@ class Run:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, error, trace):
         self.release()
-        return False
+        return kind is StopRun                         # --stop_after: the block ends here, without an error
 
     def release(self):
         """Give the folder back (once); a staged log never published goes (the stop note stays: an error or a
@@ -806,65 +733,109 @@ class Run:
                              f"nothing of this run was saved yet (the first checkpoint comes after {self.unit} "
                              f"{self.cfg.ckpt_interval}, --ckpt_interval): run the same command to start it again")
 
-    def begin(self, opt, weights, meta, n_steps=None, rng=None, generator=None, saved=dict, samples=False):
+    def begin(self, opt, weights, meta, n_steps=None, rng=None, generator=None, state=None, samples=False):
         """Start or (--resume) continue the run: `weights` {checkpoint key: module} and `opt` train, `meta` is what
         later stages read from the checkpoint (model_config, tokenizer, tokenizer_id, input paths), rng / generator
-        the stage's random streams, `saved` the stage's own values (see the class). Returns the restored values."""
-        self.opt, self.weights, self.meta, self.n_steps, self.saved = opt, weights, meta, n_steps, saved
-        self.state = RunState(opt, rng, generator, extra=saved(), inputs=input_fingerprints(self.cfg))
-        done = (resume_run(self.ckpt_path, self.stage, self.cfg, meta["tokenizer_id"], self.state, weights)
-                if self.cfg.resume else 0)
+        the stage's random streams, `state` the stage's own plain values (see the class). Returns `state`, restored
+        on --resume. self.start is the first step to run; n_steps may be set later (run.n_steps = ...)."""
+        self.opt, self.weights, self.meta, self.n_steps = opt, weights, meta, n_steps
+        self.rng, self.generator, self.extra = rng, generator, dict(state or {})
+        self.inputs, log_lines, train_time_s, done = input_fingerprints(self.cfg), None, 0.0, 0
+        if self.cfg.resume:
+            ckpt = self.resume_checkpoint()
+            self.extra = {key: ckpt[key] for key in self.extra}
+            log_lines, train_time_s, self.inputs, done = (ckpt["log_lines"], ckpt["train_time_s"], ckpt.get("inputs"),
+                                                          ckpt["step"])
         self.start = done + 1
         if self.cfg.stop_after and self.cfg.stop_after <= done:     # it would never be reached: the run goes to its end
             raise ValueError(f"--stop_after {self.cfg.stop_after}: the run resumes after {self.unit} {done}, past it; "
                              f"give a later {self.unit}, or 0 for off")
         # a new run beside a finished one writes its logs as PATH.new until its first checkpoint (JsonlLog)
         staged = not self.cfg.resume and not self.cfg.overwrite and os.path.exists(self.ckpt_path)
-        self.log = JsonlLog(self.log_path, self.state.log_lines, staged=staged)
+        self.log = JsonlLog(self.log_path, log_lines, staged=staged)
         if samples:
             self.samples = JsonlLog(self.samples_path, lines_up_to(self.samples_path, "iter", done)
                                     if self.cfg.resume else None, staged=staged)
         self.note_checkpoint(done)
-        self.progress = Progress(n_steps) if n_steps is not None else None
-        self.t_start = time.time() - self.state.train_time_s
-        return self.state.extra
+        self.t_start = time.time() - train_time_s
+        return self.extra
 
-    def steps(self):
-        """The steps (or iterations) still to run, 1-based, to n_steps (begin's, or set on the run after it when
-        the length depends on what the restored state computes): after each one's body, the periodic checkpoint
-        and the --stop_after stop (then self.stopped is True). self.progress prints the progress lines."""
-        if self.progress is None or self.progress.total != self.n_steps:
-            self.progress = Progress(self.n_steps)
-        for step in range(self.start, self.n_steps + 1):
-            yield step
-            if step % self.cfg.ckpt_interval == 0 and step < self.n_steps:
-                self.save(step)
-            if stop_here(self.cfg, step, self.n_steps, self.unit):
-                self.stopped = True
-                self.release()
-                return
+    def resume_checkpoint(self):
+        """--resume: the interrupted run's checkpoint, checked (the same config and inputs, the same number of
+        processes), its weights, optimizer and random streams put back in place."""
+        path = self.ckpt_path
+        if not os.path.exists(path):
+            raise ValueError(f"{path}: nothing to resume (no checkpoint here; a run writes one every --ckpt_interval "
+                             f"steps); drop --resume to start the run")
+        ckpt = load_checkpoint(path, self.stage, self.meta["tokenizer_id"], finished=False)
+        check_resume(ckpt, self.cfg, path)
+        if ckpt.get("world_size", 1) != world_size():     # each rank's random streams (and data share) differ
+            raise ValueError(f"{path}: this run was made with {ckpt.get('world_size', 1)} process(es) and is resumed "
+                             f"with {world_size()}; resume it with the same number (torchrun --nproc_per_node "
+                             f"{ckpt.get('world_size', 1)}, or plain python for 1), or start over with --overwrite true")
+        for key, module in self.weights.items():
+            load_weights(module, ckpt[key], path)
+        self.opt.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng_of_ranks"][rank()] if world_size() > 1 else ckpt["rng"], self.rng, self.generator)
+        print(f"resuming from {path} after step {ckpt['step']}")
+        return ckpt
+
+    @property
+    def progress(self):
+        """The progress line's clock (made on first use, for the run's n_steps)."""
+        if getattr(self, "_progress", None) is None or self._progress.total != self.n_steps:
+            self._progress = Progress(self.n_steps)
+        return self._progress
 
     def train_time(self):
         """Seconds of training so far, the interrupted runs' included."""
         return time.time() - self.t_start
 
-    def save(self, step, metrics=None, **final):
-        """The checkpoint after `step` (metrics=None: an unfinished run's)."""
-        self.state.extra = self.saved()
+    def save(self, step, **state):
+        """After step `step`: the stage's own values `state` kept for the checkpoints; every ckpt_interval steps
+        (never the last: finish writes it) the checkpoint; --stop_after N: after step N, StopRun."""
+        self.extra = state
+        if step % self.cfg.ckpt_interval == 0 and step < self.n_steps:
+            self.write(step)
+        if not self.cfg.stop_after:
+            return
+        if self.cfg.stop_after >= self.n_steps:
+            raise ValueError(f"--stop_after {self.cfg.stop_after}: must be less than the run's {self.n_steps} "
+                             f"{self.unit}s, or 0 for off")
+        if step == self.cfg.stop_after:
+            if step >= self.cfg.ckpt_interval or self.cfg.resume:
+                print(f"stopping after {self.unit} {step} as asked (--stop_after); continue with --resume true")
+            else:
+                print(f"stopping after {self.unit} {step} as asked (--stop_after), before the first checkpoint "
+                      f"({self.unit} {self.cfg.ckpt_interval}, --ckpt_interval): nothing was saved, so there is "
+                      f"nothing to resume")
+            raise StopRun()
+
+    def write(self, step, metrics=None, **final):
+        """The checkpoint after `step`, written atomically (metrics=None: an unfinished run's): the modules' weights,
+        what later stages read (meta), and everything --resume needs. Under torchrun every rank calls it (rank r
+        resumes with its own random state) and rank 0 writes; the checkpoint records the world size."""
+        rng_of_ranks = gather_objects(rng_state(self.rng, self.generator))   # [rank 0's, ...]; one without torchrun
         with signals_held():                           # Ctrl-C / SIGTERM wait until the checkpoint and its note agree
             for log in (self.log, self.samples):
                 if log is not None:
                     log.publish()                      # a staged log takes its place before the checkpoint counts it
-            save_run(self.ckpt_path, self.stage, step, self.cfg, self.state, self.weights, self.log, self.t_start,
-                     metrics, **self.meta, **final)
+            if rank() == 0:
+                save_checkpoint(self.ckpt_path, stage=self.stage, **{key: module.state_dict() for key, module in
+                                                                    self.weights.items()}, **self.meta, **final,
+                                step=step, done=metrics is not None, metrics=metrics or {},
+                                config=dataclasses.asdict(self.cfg), optimizer=self.opt.state_dict(),
+                                rng=rng_of_ranks[0], **self.extra, log_lines=self.log.n_lines,
+                                train_time_s=self.train_time(), inputs=self.inputs, world_size=len(rng_of_ranks),
+                                **({"rng_of_ranks": rng_of_ranks} if len(rng_of_ranks) > 1 else {}))
             self.note_checkpoint(step)
 
     def finish(self, metrics, responses_generated, policy_steps):
         """The final checkpoint (call it after the logs and plots: it is the run's last file) with the run's metrics
         and its training budget (responses sampled during training, the policy's optimizer steps: what
         studies/compare.py matches methods by), the truncation summary; the folder is given back."""
-        self.save(self.n_steps, metrics, training_budget=dict(responses_generated=responses_generated,
-                                                              policy_steps=policy_steps))
+        self.write(self.n_steps, metrics, training_budget=dict(responses_generated=responses_generated,
+                                                               policy_steps=policy_steps))
         TRUNCATIONS.summary(self.name)
         STOP_NOTE["text"] = STOP_NOTE["general"]      # the run is complete: a later stop is about something else
         self.release()
@@ -1015,10 +986,6 @@ def load_checkpoint(path, stage, tokenizer_id=None, finished=True):
             raise ValueError(f"{path}: the '{key}' model (its weights, model_config or tokenizer) does not match the "
                              f"checksum written with it: the file was changed after it was saved; use another copy "
                              f"or train the stage again")
-    for key, expected in (ckpt.get("weights_sha256") or {}).items():   # checkpoints written before model_sha256
-        if key not in ckpt or not isinstance(ckpt[key], dict) or weights_sha256(ckpt[key]) != expected:
-            raise ValueError(f"{path}: the '{key}' weights do not match the checksum written with them: the file "
-                             f"was damaged after it was saved; use another copy or train the stage again")
     check_weight_shapes(ScalarHeadGPT if ckpt["stage"] in SCALAR_HEAD_STAGES else GPT, ckpt["model_config"],
                         ckpt["model"], path)
     if finished and not ckpt.get("done", True):
@@ -1381,8 +1348,7 @@ def load_gpt2(spec, block_size=None, vocab_size=None, pad_id=-1, dropout=0.0):
 #
 # Sampling responses and scoring them, for every method that samples: response strings for evaluations and
 # win rates (sample_responses), reward-model scores of strings (score_texts), and one scored batch of samples
-# with the log-probs a policy-gradient method needs (sample_and_score -> Samples). PPO writes its own rollout
-# (ppo_rlhf.rollout: the same steps plus the critic's values and an exact-KL path).
+# with the log-probs a policy-gradient method needs (sample_and_score -> Samples; PPO adds its critic's values).
 #
 # Shape legend: B rows, Tp prompt length (left-padded), Tr response length (right-padded with PAD after EOS),
 # T = Tp + Tr.
@@ -1424,13 +1390,14 @@ class Samples:
     seq_mask: torch.Tensor       # (B, T) 1 on real tokens
     response: torch.Tensor       # (B, Tr) sampled ids, PAD after EOS
     mask: torch.Tensor           # (B, Tr) 1 on real response tokens, up to and including EOS
-    old_logprobs: torch.Tensor   # (B, Tr) log π_old(a_t|s_t) at τ, from the sampling loop: the ratio's denominator
+    old_logprobs: torch.Tensor   # (B, Tr) log π_old(a_t|s_t) at τ (the sampling loop's): the ratio's denominator
     ref_logprobs: torch.Tensor   # (B, Tr) log π_ref(a_t|s_t) at τ: the KL's reference
     scores: torch.Tensor         # (B,) RM score at the last real token
     entropy: torch.Tensor        # (B, Tr) entropy of π_old(·|s_t) at τ (monitoring)
     n_prompt: int                # Tp: the response starts at seq[:, Tp]
     t_generate: float = 0.0      # seconds spent sampling
     t_score: float = 0.0         # seconds spent on the reference's log-probs and the RM's scores
+    exact_kl: torch.Tensor = None  # (B, Tr) KL(π_old || π_ref) over the vocabulary (second_forward only)
 
     def rows(self, idx):
         """The same Samples for rows idx (n,): every per-row tensor sliced alike."""
@@ -1440,16 +1407,19 @@ class Samples:
 
 @torch.no_grad()
 def sample_and_score(policy, ref, rm, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_id, pad_id,
-                     generator):
+                     generator, second_forward=False):
     """
-    Sample one response per left-padded prompt (B, Tp) with the KV cache (pure temperature; a row that emits EOS
-    is padded with PAD after it), keep log π_old and the entropy the sampling loop computed, then one no-grad
-    pass of the frozen reference (log π_ref) and of the reward model (the score at the last real token).
+    The one rollout of every online method: sample one response per left-padded prompt (B, Tp) with the KV cache
+    (pure temperature; a row that emits EOS is padded with PAD after it), keep log π_old and the entropy the
+    sampling loop computed, then one no-grad pass of the frozen reference (log π_ref) and of the reward model (the
+    score at the last real token). second_forward=True (PPO's --fast_rollout false, and PPO under bf16 autocast,
+    where one-token and full-sequence matmuls may round differently): log π_old and the entropy from a second
+    forward of the policy over the whole sequence instead, and the exact KL over the vocabulary.
     """
     policy.eval()
     t0 = time.time()
     sample = policy.generate(prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=temperature,
-                             generator=generator, return_logprobs=True)
+                             generator=generator, return_logprobs=not second_forward)
     t_generate = time.time() - t0
     response = sample.tokens                                              # (B, Tr)
     mask = (response != pad_id).long()                                    # (B, Tr) 1 up to and incl. EOS
@@ -1458,10 +1428,18 @@ def sample_and_score(policy, ref, rm, prompt_ids, prompt_mask, max_new_tokens, t
     n_prompt = prompt_ids.shape[1]
     ref_logits = response_logits(ref, seq, seq_mask, n_prompt, temperature)    # (B, Tr, V)
     ref_logprobs = logprobs_from_logits(ref_logits, response) * mask      # (B, Tr)
-    del ref_logits
+    if second_forward:
+        logits = response_logits(policy, seq, seq_mask, n_prompt, temperature)  # (B, Tr, V)
+        old_logprobs = logprobs_from_logits(logits, response) * mask      # (B, Tr) as the update computes it
+        entropy = entropy_from_logits(logits) * mask                      # (B, Tr)
+        exact = exact_kl(logits, ref_logits) * mask                       # (B, Tr)
+        del logits
+    else:
+        old_logprobs, entropy, exact = sample.logprobs * mask, sample.entropy * mask, None   # (B, Tr) each
+    del ref_logits                                                        # the largest tensors: free them first
     scores = rm.score(seq, seq_mask).float()                              # (B,) at the last real token
-    return Samples(seq, seq_mask, response, mask, sample.logprobs * mask, ref_logprobs, scores,
-                   sample.entropy * mask, n_prompt, t_generate, time.time() - t0 - t_generate)
+    return Samples(seq, seq_mask, response, mask, old_logprobs, ref_logprobs, scores, entropy, n_prompt, t_generate,
+                   time.time() - t0 - t_generate, exact)
 
 
 # ====================================================================================================
@@ -1519,8 +1497,9 @@ def explained_variance(values, returns, mask):
     return (1 - masked_var(returns - values, mask) / var_r.clamp(min=1e-8)).item()
 
 
-def ppo_iteration_metrics(ro, scores, gold, ended, advantages, returns, running):
-    """PPO's metrics of one iteration: the paper's §5.2 ones (RM score, KL, length, perplexity) and the critic's fit."""
+def ppo_iteration_metrics(ro, values, scores, gold, ended, advantages, returns, running):
+    """PPO's metrics of one iteration (ro: its Samples, values (B, Tr) the critic's): the paper's §5.2 ones (RM
+    score, KL, length, perplexity) and the critic's fit."""
     mask, n_tokens = ro.mask, ro.mask.sum()
     kl_tokens = k1(ro.old_logprobs, ro.ref_logprobs, mask)               # (B, Tr) the penalty's estimator
     k3_tokens = k3(ro.old_logprobs, ro.ref_logprobs) * mask               # (B, Tr)
@@ -1534,8 +1513,8 @@ def ppo_iteration_metrics(ro, scores, gold, ended, advantages, returns, running)
                 entropy=(ro.entropy.sum() / n_tokens).item(),
                 **({} if ro.exact_kl is None else {"kl_exact_seq": ro.exact_kl.sum(1).mean().item()}),
                 adv_mean=masked_mean(advantages, mask).item(), return_mean=masked_mean(returns, mask).item(),
-                value_mean=masked_mean(ro.values, mask).item(),
-                explained_var=explained_variance(ro.values, returns, mask),
+                value_mean=masked_mean(values, mask).item(),
+                explained_var=explained_variance(values, returns, mask),
                 running_mean=running.mean, running_std=running.std)
 
 

@@ -212,8 +212,8 @@ def main(argv=None):
         train_model = data_parallel(model)                # [DDP] the training forward goes through it: gradients averaged
 
         meta = dict(model_config=asdict(mcfg), tokenizer=cfg.tokenizer, tokenizer_id=tok.tokenizer_id(enc))
-        order = []                                        # the epoch's remaining demonstrations, popped per batch (saved)
-        order = run.begin(opt, dict(model=model), meta, cfg.max_iters, rng, saved=lambda: dict(order=order))["order"]
+        # the epoch's remaining demonstrations, popped per batch (kept in the checkpoints)
+        order = run.begin(opt, dict(model=model), meta, cfg.max_iters, rng, state=dict(order=[]))["order"]
 
         def validate(step):
             vl = eval_loss(model, val, cfg, mcfg.pad_id, device)
@@ -223,7 +223,7 @@ def main(argv=None):
 
         if run.start == 1:
             vl = validate(0)
-        for step in run.steps():                          # the step-th optimizer step
+        for step in range(run.start, cfg.max_iters + 1):  # the step-th optimizer step
             # one optimizer step on grad_accum micro-batches drawn without replacement (reshuffled each epoch)
             micro = []
             for _ in range(cfg.grad_accum):
@@ -252,8 +252,7 @@ def main(argv=None):
             run.log.write(step=step, train_loss=loss.item(), lr=lr, grad_norm=gnorm.item(), time=run.train_time())
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                 vl = validate(step)
-        if run.stopped:
-            return None
+            run.save(step, order=order)                   # every ckpt_interval steps, the checkpoint
         train_time = run.train_time()
 
         # final evaluation: sample on test prompts, gold reward next to the demonstrations' on the same prompts

@@ -251,7 +251,7 @@ def main(argv=None):
                           value_mse_constant=dev_r[hold_idx].var(unbiased=False).item(), reward_center=center,
                           dev_reward=dev_r.mean().item(), adv_q10=q[0], adv_q50=q[1], adv_q90=q[2])
         t_train = time.time()
-        for step in run.steps():
+        for step in range(run.start, n_iters + 1):
             idx = priority_sample(A.cpu(), cfg.batch_size, gen).tolist()
             seq, seq_mask, resp, mask, Tp = encode_examples(enc, [prompts[i] for i in idx], [responses[i] for i in idx],
                                                             block, cfg.truncate_prompts, pad, device)
@@ -270,8 +270,7 @@ def main(argv=None):
             if step % cfg.eval_interval == 0 or step == n_iters:
                 print(run.progress.line(step, f"loss {loss.item():+.4f} A⁺ {st['a_pos_mean']:.3f} drift {st['drift']:+.2f} "
                                               f"clipped {st['clipped_frac']:.2f}"))
-        if run.stopped:
-            return None
+            run.save(step)
         train_time = run.train_time() + fit_time
 
         # final check on val prompts: gold win rate vs SFT samples (studies/evaluate.py does the full evaluation)

@@ -145,9 +145,8 @@ def main(argv=None):
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
         pad = tok.pad_id(enc)
         rng = random.Random(cfg.seed)
-        order = []                                    # the epoch's remaining pairs, popped per batch (saved)
-        order = run.begin(opt, dict(model=policy), run_meta(sft, cfg), n_iters, rng,
-                          saved=lambda: dict(order=order))["order"]
+        # the epoch's remaining pairs, popped per batch (kept in the checkpoints)
+        order = run.begin(opt, dict(model=policy), run_meta(sft, cfg), n_iters, rng, state=dict(order=[]))["order"]
 
         @torch.no_grad()
         def validate():
@@ -168,7 +167,7 @@ def main(argv=None):
 
         if run.start == 1:
             v = log_validation(0)
-        for step in run.steps():                      # the step-th optimizer step
+        for step in range(run.start, n_iters + 1): # the step-th optimizer step
             if len(order) < cfg.batch_size:
                 order[:] = range(len(train))
                 rng.shuffle(order)
@@ -190,8 +189,7 @@ def main(argv=None):
                           logps_rejected=pol_r.mean().item(), lr=lr, grad_norm=gnorm.item(), time=run.train_time())
             if step % cfg.eval_interval == 0 or step == n_iters:
                 v = log_validation(step)
-        if run.stopped:
-            return None
+            run.save(step, order=order)
         train_time = run.train_time()
 
         # final check on val prompts: gold win rate vs SFT samples (studies/evaluate.py does the full evaluation)
@@ -209,9 +207,9 @@ def main(argv=None):
                     [["loss"], ["rewards_chosen", "rewards_rejected", "val_margin"], ["accuracy", "val_accuracy"]],
                     f"DPO (β={cfg.beta}): loss, implicit rewards, accuracy")
         run.finish(metrics, responses_generated=0, policy_steps=n_iters)
-    print(f"DPO done in {train_time:.0f}s: val accuracy {v['val_accuracy']:.3f}, margin {v['val_margin']:+.3f}, "
-          f"win rate vs SFT {win:.2f} -> {run.ckpt_path}")
-    return metrics
+        print(f"DPO done in {train_time:.0f}s: val accuracy {v['val_accuracy']:.3f}, margin {v['val_margin']:+.3f}, "
+              f"win rate vs SFT {win:.2f} -> {run.ckpt_path}")
+        return metrics
 
 
 if __name__ == "__main__":

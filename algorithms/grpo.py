@@ -373,11 +373,11 @@ def main(argv=None):
         budget = dict(generated=0, policy_steps=0)    # responses generated, optimizer steps taken: saved with the run
         sanity = SanityChecks("GRPO")
         budget.update(run.begin(opt, dict(model=policy), run_meta(sft, cfg), cfg.n_iters, order_rng, sampling_gen,
-                                samples=True, saved=lambda: dict(budget)))
+                                samples=True, state=budget))
         monitor = ValidationMonitor(enc, ref, rm, None, data.sample_prompts(
             splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1)), cfg.max_new_tokens, cfg.temperature,
             cfg.seed, run.samples, device)
-        for it in run.steps():
+        for it in range(run.start, cfg.n_iters + 1):
             t_it = time.time()
             # 1. G responses per prompt from π_old, scored (DAPO: zero-spread groups replaced)
             g = sample_groups(policy, ref, rm, enc, splits["train"], cfg, order_rng, sampling_gen, device)
@@ -430,8 +430,7 @@ def main(argv=None):
                                         f"verified {row['verified']:.2f} KL {row['kl_seq']:.2f} len {row['length']:.1f} "
                                         f"clip {row.get('clipfrac_low', 0):.2f}/{row.get('clipfrac_high', 0):.2f}"
                                         + (f" dropped {g.dropped}" if cfg.dynamic_sampling else "")))
-        if run.stopped:
-            return None
+            run.save(it, **budget)
 
         metrics = {key: row[key] for key in ("reward", "score_raw", "gold", "verified", "kl_seq", "length", "eos_rate")}
         metrics.update(train_time_s=run.train_time(), win_rate_vs_sft=row.get("win_rate_vs_sft", float("nan")),
@@ -443,10 +442,10 @@ def main(argv=None):
                     f"{cfg.ratio_clip_high}, β {cfg.kl_coef}, {cfg.ratio_level} ratio"
                     f"{', dynamic sampling' if cfg.dynamic_sampling else ''})")
         run.finish(metrics, budget["generated"], budget["policy_steps"])
-    print(f"GRPO done in {metrics['train_time_s']:.0f}s: gold {metrics['gold']:.3f}, verified {metrics['verified']:.2f}, "
-          f"RM {metrics['score_raw']:.2f}, KL {metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} "
-          f"-> {run.ckpt_path}")
-    return metrics
+        print(f"GRPO done in {metrics['train_time_s']:.0f}s: gold {metrics['gold']:.3f}, verified {metrics['verified']:.2f}, "
+              f"RM {metrics['score_raw']:.2f}, KL {metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} "
+              f"-> {run.ckpt_path}")
+        return metrics
 
 
 if __name__ == "__main__":

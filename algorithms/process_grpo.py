@@ -194,7 +194,7 @@ def main(argv=None):
         if run.start == 1:
             evaluate(0, row)
             run.log.write(**row)
-        for it in run.steps():
+        for it in range(run.start, cfg.n_iters + 1):
             t_it = time.time()
             # 1. sample G replies per prompt from π_old; the ORM scores each reply, the PRM each sentence
             prompts = [p for p in rng.sample(splits["train"], cfg.prompts_per_iter) for _ in range(G)]
@@ -239,8 +239,7 @@ def main(argv=None):
             run.log.write(**row)
             print(run.progress.line(it, f"answers {row['answer_acc']:.2f} steps {row['step_acc']:.2f} PRM "
                                         f"{row['prm_step']:.2f} ORM {row['orm']:.2f} KL {row['kl_seq']:.2f}"))
-        if run.stopped:
-            return None
+            run.save(it)
 
         metrics = {k[4:]: v for k, v in row.items() if k.startswith("val_")}
         metrics.update(train_time_s=run.train_time())
@@ -253,10 +252,10 @@ def main(argv=None):
                     f"GRPO on arithmetic chains, {cfg.reward} reward")
         run.finish(metrics, responses_generated=cfg.n_iters * cfg.prompts_per_iter * G,
                    policy_steps=cfg.n_iters * cfg.minibatches)
-    print(f"process GRPO ({cfg.reward} reward) done in {metrics['train_time_s']:.0f}s: val final answers right "
-          f"{metrics['answer_acc']:.3f}, steps right {metrics['step_acc']:.3f}, PRM step score {metrics['prm_step']:.3f},"
-          f" KL to SFT {metrics['kl_sft']:.2f} -> {run.ckpt_path}")
-    return metrics
+        print(f"process GRPO ({cfg.reward} reward) done in {metrics['train_time_s']:.0f}s: val final answers right "
+              f"{metrics['answer_acc']:.3f}, steps right {metrics['step_acc']:.3f}, PRM step score {metrics['prm_step']:.3f},"
+              f" KL to SFT {metrics['kl_sft']:.2f} -> {run.ckpt_path}")
+        return metrics
 
 
 if __name__ == "__main__":

@@ -276,7 +276,7 @@ def main(argv=None):
 
         if run.start == 1:
             validate(0)
-        for step in run.steps():
+        for step in range(run.start, n_steps + 1):
             idx = order[(step - 1) * cfg.batch_size:step * cfg.batch_size]
             ids, mask, read, target = step_rows(train.rows(idx), pad_id, device, outcome,
                                                 [labels[i] for i in idx])          # (B, T) each
@@ -296,8 +296,7 @@ def main(argv=None):
                           time=run.train_time())
             if step % cfg.eval_interval == 0 or step == n_steps:
                 validate(step)
-        if run.stopped:
-            return None
+            run.save(step)
         train_time = run.train_time()
 
         # 4. evaluate: step accuracy against the rule, best-of-N by this model and by the gold reward

@@ -99,7 +99,7 @@ def main(argv=None):
         monitor = ValidationMonitor(enc, ref, rm, None, data.sample_prompts(
             splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1)), cfg.max_new_tokens, cfg.temperature,
             cfg.seed, run.samples, device)
-        for it in run.steps():
+        for it in range(run.start, cfg.n_iters + 1):
             t_it = time.time()
             # 1. rollout, 2. rank
             prompts = [p for p in data.sample_prompts(splits["train"], cfg.prompts_per_iter, rng) for _ in range(k)]
@@ -147,8 +147,7 @@ def main(argv=None):
             run.log.write(**row)
             print(run.progress.line(it, f"RM {row['score_raw']:+.2f} (selected {row['score_selected']:+.2f}) gold "
                                         f"{row['gold']:+.3f} KL {row['kl_seq']:.2f} len {row['length']:.1f}"))
-        if run.stopped:
-            return None
+            run.save(it)
 
         metrics = {key: row[key] for key in ("score_raw", "gold", "kl_seq", "length", "eos_rate")}
         metrics.update(train_time_s=run.train_time(), win_rate_vs_sft=row.get("win_rate_vs_sft", float("nan")))
@@ -157,9 +156,9 @@ def main(argv=None):
                      ["nll_selected"], ["win_rate_vs_sft"]], f"RAFT (best of k={k})")
         run.finish(metrics, responses_generated=cfg.n_iters * cfg.prompts_per_iter * k,
                    policy_steps=cfg.n_iters * cfg.minibatches)
-    print(f"RAFT done in {metrics['train_time_s']:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, "
-          f"KL {metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} -> {run.ckpt_path}")
-    return metrics
+        print(f"RAFT done in {metrics['train_time_s']:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, "
+              f"KL {metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} -> {run.ckpt_path}")
+        return metrics
 
 
 if __name__ == "__main__":

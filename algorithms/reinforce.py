@@ -83,7 +83,7 @@ def main(argv=None):
         monitor = ValidationMonitor(enc, ref, rm, None, data.sample_prompts(
             splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1)), cfg.max_new_tokens, cfg.temperature,
             cfg.seed, run.samples, device)
-        for it in run.steps():
+        for it in range(run.start, cfg.n_iters + 1):
             t_it = time.time()
             # 1. sample one response per prompt, with log π_old, log π_ref and the RM score
             prompts = data.sample_prompts(splits["train"], cfg.prompts_per_iter, rng)
@@ -125,8 +125,7 @@ def main(argv=None):
             run.log.write(**row)
             print(run.progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL {row['kl_seq']:.2f} "
                                         f"len {row['length']:.1f} loss {row['loss']:+.3f}"))
-        if run.stopped:
-            return None
+            run.save(it)
 
         metrics = {key: row[key] for key in ("score_raw", "gold", "kl_seq", "length", "eos_rate")}
         metrics.update(train_time_s=run.train_time(), win_rate_vs_sft=row["win_rate_vs_sft"])
@@ -134,10 +133,10 @@ def main(argv=None):
                     [["score_raw"], ["gold"], ["kl_seq"], ["length"], ["perplexity"], ["win_rate_vs_sft"]],
                     "REINFORCE (batch-mean baseline)")
         run.finish(metrics, responses_generated=cfg.n_iters * cfg.prompts_per_iter, policy_steps=cfg.n_iters)
-    print(f"REINFORCE done in {metrics['train_time_s']:.0f}s: gold {metrics['gold']:.3f}, RM "
-          f"{metrics['score_raw']:.2f}, KL {metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} "
-          f"-> {run.ckpt_path}")
-    return metrics
+        print(f"REINFORCE done in {metrics['train_time_s']:.0f}s: gold {metrics['gold']:.3f}, RM "
+              f"{metrics['score_raw']:.2f}, KL {metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} "
+              f"-> {run.ckpt_path}")
+        return metrics
 
 
 if __name__ == "__main__":

@@ -179,12 +179,12 @@ def main(argv=None):
         gen = torch.Generator(device=device).manual_seed(cfg.seed)        # token sampling
         moving, sanity = MovingAverageBaseline(), SanityChecks("RLOO")
         restored = run.begin(opt, dict(model=policy), run_meta(sft, cfg), cfg.n_iters, rng, gen, samples=True,
-                             saved=lambda: dict(moving=[moving.total, moving.count]))
+                             state=dict(moving=[moving.total, moving.count]))
         moving.total, moving.count = restored["moving"]
         monitor = ValidationMonitor(enc, ref, rm, None, data.sample_prompts(
             splits["val"], cfg.n_eval_prompts, random.Random(cfg.seed + 1)), cfg.max_new_tokens, cfg.temperature,
             cfg.seed, run.samples, device)
-        for it in run.steps():
+        for it in range(run.start, cfg.n_iters + 1):
             t_it = time.time()
             # 1. rollout: each prompt k times, prompt-major
             prompts = [p for p in data.sample_prompts(splits["train"], cfg.prompts_per_iter, rng) for _ in range(k)]
@@ -237,8 +237,7 @@ def main(argv=None):
             run.log.write(**row)
             print(run.progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL {row['kl_seq']:.2f} "
                                         f"len {row['length']:.1f} loss {row['loss']:+.3f}"))
-        if run.stopped:
-            return None
+            run.save(it, moving=[moving.total, moving.count])
 
         metrics = {key: row[key] for key in ("score_raw", "gold", "kl_seq", "length", "eos_rate")}
         metrics.update(train_time_s=run.train_time(), win_rate_vs_sft=row.get("win_rate_vs_sft", float("nan")))
@@ -247,9 +246,9 @@ def main(argv=None):
                     f"REINFORCE ({cfg.baseline} baseline, k={k})")
         run.finish(metrics, responses_generated=cfg.n_iters * cfg.prompts_per_iter * k,
                    policy_steps=cfg.n_iters * cfg.minibatches)
-    print(f"RLOO done in {metrics['train_time_s']:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, "
-          f"KL {metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} -> {run.ckpt_path}")
-    return metrics
+        print(f"RLOO done in {metrics['train_time_s']:.0f}s: gold {metrics['gold']:.3f}, RM {metrics['score_raw']:.2f}, "
+              f"KL {metrics['kl_seq']:.2f}, win rate vs SFT {metrics['win_rate_vs_sft']:.2f} -> {run.ckpt_path}")
+        return metrics
 
 
 if __name__ == "__main__":

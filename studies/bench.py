@@ -86,13 +86,14 @@ def ppo_iteration(models, opt, cfg, w, vocab, gen, running):
     t0 = time.time()
     p_ids = torch.randint(0, vocab, (w["B"], w["Tp"]), generator=gen)    # (B, Tp) random prompts
     p_mask = torch.ones_like(p_ids)
-    ro = ppo_rlhf.rollout(policy, ref, rm, critic, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature, None, -1,
-                          gen)                                            # eos None: exactly 48 tokens
+    ro = ppo_rlhf.sample_and_score(policy, ref, rm, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature, None, -1,
+                                   gen)                                   # eos None: exactly 48 tokens
+    values = ppo_rlhf.critic_values(critic, ro)                           # (B, Tr)
     t_train = time.time()
     scores = ppo_rlhf.process_scores(ro.scores, running, cfg.score_norm, cfg.score_clip)        # (B,)
     rewards = ppo_rlhf.kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, scores, cfg.kl_coef)
-    adv, ret = ppo_rlhf.compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)          # (B, Tr)
-    ppo_rlhf.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0))
+    adv, ret = ppo_rlhf.compute_gae(rewards, values, ro.mask, cfg.gamma, cfg.lam)             # (B, Tr)
+    ppo_rlhf.ppo_update(policy, critic, opt, ro, values, adv, ret, cfg, True, torch.Generator().manual_seed(0))
     t_end = time.time()
     return dict(generate=ro.t_generate, score=ro.t_score, train=t_end - t_train, iteration=t_end - t0,
                 tokens=int(ro.mask.sum()))

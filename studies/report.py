@@ -46,7 +46,8 @@ RM_PANELS = [(("train_loss", "val_loss"), "reward model: Bradley–Terry loss"),
 EVAL_KEYS = ("gold", "verified", "math_acc", "rm", "win_vs_sft", "kl_sft", "length", "eos_rate", "distinct2")
 CARD_TIMES = ("When the per-token values were taken: a batch card (best, median, worst) is one of the iteration's "
               "rollouts, its k1, reward, value, advantage, return and entropy computed before the update from the "
-              "policy that sampled it, its ratio and clipped from the update's last epoch; a validation card (val_*) "
+              "policy that sampled it, its ratio π/π_old and clipped once the iteration's update is done (GRPO: as its last "
+              "epoch saw them); a validation card (val_*) "
               "is sampled after the iteration's update by the updated policy, and has only k1, entropy and the "
               "critic's value (no update used it). k1 = log π(a|s) − log π_ref(a|s) of the sampled token: negative "
               "where the policy made that token less likely than the reference; its mean over samples estimates the "

@@ -84,19 +84,20 @@ def ppo(out):
     policy, ref, rm_model, critic = tiny_models()
     sampling = torch.Generator().manual_seed(100 + rank())              # each rank its own prompts and samples
     prompt_ids = torch.randint(1, 40, (PPO_CFG.rollout_batch // 2, 5), generator=sampling)  # (4, 5)
-    ro = ppo_rlhf.rollout(policy, ref, rm_model, critic, prompt_ids.to(device), torch.ones_like(prompt_ids), 6, 1.0,
-                          None, 0, sampling)                             # eos None: every response 6 tokens
+    ro = ppo_rlhf.sample_and_score(policy, ref, rm_model, prompt_ids.to(device), torch.ones_like(prompt_ids), 6, 1.0,
+                                   None, 0, sampling)                    # eos None: every response 6 tokens
+    values = ppo_rlhf.critic_values(critic, ro)                          # (4, 6)
     running = ppo_rlhf.RunningMoments()
     scores = ppo_rlhf.process_scores(ro.scores, running, "norm_clip", 0.8)           # (4,)
     rewards = ppo_rlhf.kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, scores, 0.1)
-    advantages, returns = ppo_rlhf.compute_gae(rewards, ro.values, ro.mask, 1.0, 0.95)
+    advantages, returns = ppo_rlhf.compute_gae(rewards, values, ro.mask, 1.0, 0.95)
     seen = record_gradients()
     train_policy, train_critic = data_parallel(policy), data_parallel(critic)
     opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": PPO_CFG.policy_lr},
                              {"params": critic.parameters(), "lr": PPO_CFG.critic_lr}], weight_decay=0.0)
-    ppo_rlhf.ppo_update(train_policy, train_critic, opt, ro, advantages, returns, PPO_CFG, True,
+    ppo_rlhf.ppo_update(train_policy, train_critic, opt, ro, values, advantages, returns, PPO_CFG, True,
                         torch.Generator().manual_seed(0))
-    save(out, seen, rollout={k: v for k, v in vars(ro).items()}, advantages=advantages, returns=returns,
+    save(out, seen, rollout={k: v for k, v in vars(ro).items()}, values=values, advantages=advantages, returns=returns,
          running=[running.mean, running.var, running.count],
          whitened=masked_whiten(advantages, ro.mask, moments=global_masked_moments(advantages, ro.mask)))
 

@@ -15,6 +15,7 @@ import torch
 import ppo_rlhf
 import reward_model
 from model import masked_whiten
+import runs
 from runs import check_options, load_checkpoint, read_jsonl, run_main
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -95,19 +96,19 @@ def test_a_ppo_update_on_two_ranks_is_one_update_on_the_global_batch(tmp_path, m
         assert count == pytest.approx(8) and mean == pytest.approx(scores.mean().item(), abs=1e-6)
         assert var == pytest.approx(scores.var(unbiased=False).item(), abs=1e-6)
     # whitened advantages use the mean and std of both ranks' tokens, not of one rank's
-    cat = {k: torch.cat([rank0[k], rank1[k]]) for k in ("advantages", "returns", "whitened")}
+    cat = {k: torch.cat([rank0[k], rank1[k]]) for k in ("values", "advantages", "returns", "whitened")}
     mask = torch.cat([rank0["rollout"]["mask"], rank1["rollout"]["mask"]])
     assert torch.allclose(cat["whitened"], masked_whiten(cat["advantages"], mask), atol=1e-5)
     assert not torch.allclose(rank0["whitened"], masked_whiten(rank0["advantages"], rank0["rollout"]["mask"]), atol=1e-3)
     # one process updating on the 8 rollouts together ends with the same weights
     policy, _, _, critic = ddp_worker.tiny_models()
-    ro = ppo_rlhf.Rollout(**{f.name: (torch.cat([rank0["rollout"][f.name], rank1["rollout"][f.name]])
-                                      if isinstance(rank0["rollout"][f.name], torch.Tensor) else rank0["rollout"][f.name])
-                             for f in fields(ppo_rlhf.Rollout)})
+    ro = runs.Samples(**{f.name: (torch.cat([rank0["rollout"][f.name], rank1["rollout"][f.name]])
+                                  if isinstance(rank0["rollout"][f.name], torch.Tensor) else rank0["rollout"][f.name])
+                         for f in fields(runs.Samples)})
     opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": ddp_worker.PPO_CFG.policy_lr},
                              {"params": critic.parameters(), "lr": ddp_worker.PPO_CFG.critic_lr}], weight_decay=0.0)
     seen = ddp_worker.record_gradients(monkeypatch)
-    ppo_rlhf.ppo_update(policy, critic, opt, ro, cat["advantages"], cat["returns"], ddp_worker.PPO_CFG, True,
+    ppo_rlhf.ppo_update(policy, critic, opt, ro, cat["values"], cat["advantages"], cat["returns"], ddp_worker.PPO_CFG, True,
                         torch.Generator().manual_seed(0))
     one = dict(grads=seen["grads"], weights=[p.detach() for p in seen["params"]])
     assert_same_step([rank0, rank1], one, adam_lr=ddp_worker.PPO_CFG.policy_lr)

@@ -18,10 +18,13 @@ PROMPTS = [data.make_prompt("What is 7 plus 5?"), data.make_prompt("How do I ste
 
 
 def rollout_text(models, prompts, cfg, generator, fast=True):
-    """ppo_rlhf's steps 1-2 for prompt strings, as main() runs them (models: policy, ref, rm, critic)."""
-    ids, mask = ppo.encode_prompts(ENC, prompts, models[0].cfg.block_size - cfg.max_new_tokens, cfg.truncate_prompts)
-    return ppo.rollout(*models, ids, mask, cfg.max_new_tokens, cfg.temperature, tok.eos_id(ENC), tok.pad_id(ENC),
-                       generator, fast)
+    """ppo_rlhf's steps 1-2 for prompt strings, as main() runs them (models: policy, ref, rm, critic): the
+    rollouts (Samples) and the critic's values (B, Tr)."""
+    policy, ref, rm, critic = models
+    ids, mask = ppo.encode_prompts(ENC, prompts, policy.cfg.block_size - cfg.max_new_tokens, cfg.truncate_prompts)
+    ro = ppo.sample_and_score(policy, ref, rm, ids, mask, cfg.max_new_tokens, cfg.temperature, tok.eos_id(ENC),
+                              tok.pad_id(ENC), generator, second_forward=not fast)
+    return ro, ppo.critic_values(critic, ro)
 
 
 def _models(seed=0):
@@ -35,8 +38,8 @@ def _models(seed=0):
 
 def _rollout(cfg, seed=0, fast=True):
     policy, ref, rm, critic = _models(seed)
-    ro = rollout_text((policy, ref, rm, critic), PROMPTS, cfg, torch.Generator().manual_seed(seed), fast)
-    return policy, ref, rm, critic, ro
+    ro, values = rollout_text((policy, ref, rm, critic), PROMPTS, cfg, torch.Generator().manual_seed(seed), fast)
+    return policy, ref, rm, critic, ro, values
 
 
 def _perturbed(policy):
@@ -65,7 +68,7 @@ def test_rollout_logprobs_match_the_definition_and_the_first_ratio_is_one(fast):
     cfg = ppo.Config(max_new_tokens=10, temperature=0.7, epochs=1, minibatches=2)
     policy, ref, rm, critic = _models()
     policy = _perturbed(policy)
-    ro = rollout_text((policy, ref, rm, critic), PROMPTS, cfg, torch.Generator().manual_seed(0), fast)
+    ro, values = rollout_text((policy, ref, rm, critic), PROMPTS, cfg, torch.Generator().manual_seed(0), fast)
     with torch.no_grad():
         for i in range(len(PROMPTS)):
             n = int(ro.mask[i].sum())
@@ -78,9 +81,9 @@ def test_rollout_logprobs_match_the_definition_and_the_first_ratio_is_one(fast):
                 assert torch.allclose(ro.exact_kl[i, :n], exact, atol=1e-5) and (exact > 0).all()
     assert (ro.old_logprobs - ro.ref_logprobs).abs().max() > 1e-3   # the policy really differs
     rewards = ppo.kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, ro.scores, cfg.kl_coef)
-    adv, ret = ppo.compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
+    adv, ret = ppo.compute_gae(rewards, values, ro.mask, cfg.gamma, cfg.lam)
     opt = torch.optim.AdamW([{"params": policy.parameters()}, {"params": critic.parameters()}], lr=1e-3)
-    first = ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0))[0][0]
+    first = ppo.ppo_update(policy, critic, opt, ro, values, adv, ret, cfg, True, torch.Generator().manual_seed(0))[0]
     tol = 0 if not fast else 1e-6
     assert abs(first["ratio_mean"] - 1) <= tol and abs(first["ratio_max"] - 1) <= 10 * tol
     assert first["clipfrac"] == 0.0 and abs(first["approx_kl"]) <= tol
@@ -89,14 +92,14 @@ def test_rollout_logprobs_match_the_definition_and_the_first_ratio_is_one(fast):
 def test_kl_is_zero_when_the_policy_is_its_reference():
     """At the start of RL (policy = reference) the sampling loop's log-probs equal the reference forward's."""
     cfg = ppo.Config(max_new_tokens=10, temperature=0.7)
-    _, _, _, _, ro = _rollout(cfg, fast=True)
+    _, _, _, _, ro, _ = _rollout(cfg, fast=True)
     assert torch.allclose(ro.old_logprobs, ro.ref_logprobs, atol=1e-5) and ro.exact_kl is None
 
 
 def test_rollout_masks_and_temperature():
     """The response mask is 1 up to and including EOS; old log-probs are those of logits / temperature."""
     cfg = ppo.Config(max_new_tokens=12, temperature=2.0)
-    policy, *_, ro = _rollout(cfg)
+    policy, *_, ro, values = _rollout(cfg)
     pad, eos = tok.pad_id(ENC), tok.eos_id(ENC)
     for row, m in zip(ro.response.tolist(), ro.mask.tolist()):
         n = sum(m)
@@ -111,14 +114,14 @@ def test_rollout_masks_and_temperature():
 def test_values_and_scores_padding_invariant():
     """Critic values and RM scores of a rollout row do not depend on the other rows' padding."""
     cfg = ppo.Config(max_new_tokens=8)
-    _, _, rm, critic, ro = _rollout(cfg)
+    _, _, rm, critic, ro, values = _rollout(cfg)
     for i in range(len(PROMPTS)):
         keep = ro.seq_mask[i].bool()
         seq = ro.seq[i][keep][None]                                        # (1, n) unpadded
         n_prompt = int(ro.seq_mask[i, :ro.n_prompt].sum())
         n_resp = int(ro.mask[i].sum())
         v = ppo.response_values(critic, seq, torch.ones_like(seq), n_prompt)[0, :n_resp]
-        assert torch.allclose(v, ro.values[i, :n_resp], atol=1e-5)
+        assert torch.allclose(v, values[i, :n_resp], atol=1e-5)
         assert rm.score(seq, torch.ones_like(seq))[0].item() == pytest.approx(ro.scores[i].item(), abs=1e-5)
 
 
@@ -229,14 +232,14 @@ def test_running_moments_match_all_data():
 def test_critic_pretraining_leaves_policy_unchanged():
     """With update_policy=False a PPO update moves the critic only."""
     cfg = ppo.Config(max_new_tokens=8, minibatches=2, epochs=1)
-    policy, _, _, critic, ro = _rollout(cfg)
+    policy, _, _, critic, ro, values = _rollout(cfg)
     before_p, before_c = copy.deepcopy(policy.state_dict()), copy.deepcopy(critic.state_dict())
-    adv, ret = ppo.compute_gae(torch.randn_like(ro.values) * ro.mask, ro.values, ro.mask, 1.0, 0.95)
+    adv, ret = ppo.compute_gae(torch.randn_like(values) * ro.mask, values, ro.mask, 1.0, 0.95)
     opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": 1e-2}, {"params": critic.parameters(), "lr": 1e-2}])
-    ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, False, torch.Generator().manual_seed(0))
+    ppo.ppo_update(policy, critic, opt, ro, values, adv, ret, cfg, False, torch.Generator().manual_seed(0))
     assert all(torch.equal(v, policy.state_dict()[k]) for k, v in before_p.items())
     assert any(not torch.equal(v, critic.state_dict()[k]) for k, v in before_c.items())
-    ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(0))
+    ppo.ppo_update(policy, critic, opt, ro, values, adv, ret, cfg, True, torch.Generator().manual_seed(0))
     assert any(not torch.equal(v, policy.state_dict()[k]) for k, v in before_p.items())
 
 
@@ -261,10 +264,10 @@ def test_ppo_learns_a_synthetic_reward():
     n_prompt = max(len(tok.encode(ENC, p)) for p in prompts)
     rm, gen, means = LowTokenReward(n_prompt), torch.Generator().manual_seed(0), []
     for _ in range(20):
-        ro = rollout_text((policy, ref, rm, critic), prompts, cfg, gen)
+        ro, values = rollout_text((policy, ref, rm, critic), prompts, cfg, gen)
         rewards = ppo.kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, ro.scores, cfg.kl_coef)
-        adv, ret = ppo.compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
-        ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(len(means)))
+        adv, ret = ppo.compute_gae(rewards, values, ro.mask, cfg.gamma, cfg.lam)
+        ppo.ppo_update(policy, critic, opt, ro, values, adv, ret, cfg, True, torch.Generator().manual_seed(len(means)))
         means.append(ro.scores.mean().item())
     assert sum(means[-3:]) / 3 > sum(means[:3]) / 3 + 0.3, means  # ~0.47 -> ~0.98 when written
 
@@ -290,22 +293,21 @@ def _fixed_batch(scores=0.0, zero_values=True):
     policy, ref, rm, critic = _models()
     policy = _perturbed(policy)
     cfg = ppo.Config(max_new_tokens=10)
-    ro = rollout_text((policy, ref, rm, critic), PROMPTS, cfg, torch.Generator().manual_seed(0))
-    ro = replace(ro, scores=torch.full_like(ro.scores, scores),
-                 values=torch.zeros_like(ro.values) if zero_values else ro.values)
-    return policy, ref, critic, ro
+    ro, values = rollout_text((policy, ref, rm, critic), PROMPTS, cfg, torch.Generator().manual_seed(0))
+    ro = replace(ro, scores=torch.full_like(ro.scores, scores))
+    return policy, ref, critic, ro, torch.zeros_like(values) if zero_values else values
 
 
 def _update(cfg, lr=0.05, steps=1, demos=None, **batch):
     """ppo_update (plain SGD, so step sizes are comparable) on _fixed_batch(**batch); returns the models after
     and the rollout."""
-    policy, ref, critic, ro = _fixed_batch(**batch)
+    policy, ref, critic, ro, values = _fixed_batch(**batch)
     rewards = ppo.kl_rewards(ro.old_logprobs, ro.ref_logprobs, ro.mask, ro.scores, cfg.kl_coef)
-    adv, ret = ppo.compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
+    adv, ret = ppo.compute_gae(rewards, values, ro.mask, cfg.gamma, cfg.lam)
     opt = torch.optim.SGD([{"params": policy.parameters()}, {"params": critic.parameters()}], lr=lr)
     for step in range(steps):
-        ppo.ppo_update(policy, critic, opt, ro, adv, ret, cfg, True, torch.Generator().manual_seed(step), demos)
-    return policy, ref, critic, ro
+        ppo.ppo_update(policy, critic, opt, ro, values, adv, ret, cfg, True, torch.Generator().manual_seed(step), demos)
+    return policy, ref, critic, ro, values
 
 
 def _logprobs(model, ro):
@@ -327,7 +329,7 @@ def test_a_larger_kl_coefficient_moves_the_policy_toward_the_reference():
     the penalised tokens (k1: 0.086 -> 0.068) and over the whole vocabulary (exact KL: 0.0477 -> 0.0475)."""
     free = _update(ppo.Config(max_new_tokens=10, minibatches=1, kl_coef=0.0), lr=0.2, steps=3)
     held = _update(ppo.Config(max_new_tokens=10, minibatches=1, kl_coef=1.0), lr=0.2, steps=3)
-    policy, ref, _, ro = _fixed_batch()
+    policy, ref, _, ro, _ = _fixed_batch()
     k1_start, kl_start = _kl_to_ref(policy, ref, ro)
     assert _kl_to_ref(free[0], free[1], free[3]) == pytest.approx((k1_start, kl_start), abs=1e-6)
     k1_held, kl_held = _kl_to_ref(held[0], held[1], held[3])
@@ -340,11 +342,11 @@ def test_the_value_clip_bounds_how_far_values_move():
     moved = {}
     for vf_clip in (0.0, 0.05):
         cfg = ppo.Config(max_new_tokens=10, minibatches=1, kl_coef=0.0, vf_clip=vf_clip)
-        _, _, critic, ro = _update(cfg, lr=0.002, steps=100, scores=5.0, zero_values=False)
+        _, _, critic, ro, values = _update(cfg, lr=0.002, steps=100, scores=5.0, zero_values=False)
         with torch.no_grad():
             new = ppo.response_values(critic, ro.seq, ro.seq_mask, ro.n_prompt)
-        moved[vf_clip] = (ppo.masked_mean((new - ro.values).abs(), ro.mask).item(),
-                          ((new - ro.values).abs() * ro.mask).max().item())
+        moved[vf_clip] = (ppo.masked_mean((new - values).abs(), ro.mask).item(),
+                          ((new - values).abs() * ro.mask).max().item())
     assert moved[0.0][0] > 3.0 and moved[0.05][0] < 0.1 and moved[0.05][1] < 0.15, moved  # ≈ ε_v, not 3.7
 
 
@@ -353,7 +355,7 @@ def test_a_smaller_ratio_clip_keeps_the_policy_closer_to_the_rollout_policy():
     change = {}
     for clip_eps in (0.2, 0.01):
         cfg = ppo.Config(max_new_tokens=10, minibatches=1, kl_coef=0.0, ratio_clip=clip_eps, epochs=8)
-        policy, _, _, ro = _update(cfg, lr=2.0, scores=3.0)
+        policy, _, _, ro, _ = _update(cfg, lr=2.0, scores=3.0)
         change[clip_eps] = ((_logprobs(policy, ro) - ro.old_logprobs).abs().sum() / ro.mask.sum()).item()
     assert change[0.01] < 0.5 * change[0.2], change
 
@@ -377,7 +379,7 @@ def test_whitening_removes_a_constant_advantage_and_clipping_shrinks_a_large_one
     change = {}
     for name, switch in (("plain", {}), ("whiten", dict(adv_whiten=True)), ("clip", dict(adv_clip=0.05))):
         cfg = ppo.Config(max_new_tokens=10, minibatches=1, kl_coef=0.0, **switch)
-        policy, _, _, ro = _update(cfg, lr=0.5, scores=3.0)
+        policy, _, _, ro, _ = _update(cfg, lr=0.5, scores=3.0)
         change[name] = ((_logprobs(policy, ro) - ro.old_logprobs).sum() / ro.mask.sum()).item()
     assert change["plain"] > 0.02 and abs(change["whiten"]) < 0.1 * change["plain"], change
     assert 0 < change["clip"] < 0.2 * change["plain"], change
