@@ -1,32 +1,24 @@
 """
 A tiny GPT (nanoGPT-shaped: pre-LayerNorm blocks, learned absolute positions, tied embeddings) with what RLHF
-needs on top:
-  * a forward that takes an attention mask and position ids, so a left-padded and an unpadded sequence
-    give the same logits (position ids = cumsum(mask) - 1, the rule every stage uses; see position_ids());
-  * `generate`: batched sampling for left-padded prompts with a KV cache (temperature, optional top-k;
-    a row stops at EOS and is padded with PAD afterwards);
-  * `ScalarHeadGPT`: the same backbone with a Linear(n_embd, 1) head, one value per position, used for the
-    reward model (score read at the last real token) and, later, the PPO critic;
-  * the per-token math every RL stage does on what it sampled: log-probs, entropies, values, masked means and
-    the KL estimators k1, k3 and the exact KL, written once.
+needs on top: a forward that takes an attention mask and position ids (cumsum(mask) - 1), so left-padded and
+unpadded sequences give the same logits; `generate`, batched sampling for left-padded prompts with a KV cache
+(a row stops at EOS and is padded with PAD after it); `ScalarHeadGPT`, the same backbone with one value per
+position (the reward model, read at the last real token, and the PPO critic); and the per-token math every RL
+stage does on what it sampled: log-probs, entropies, values, masked means and the KL estimators, written once.
 
 References: GPT-2 (Radford et al. 2019), nanoGPT (Karpathy) for the layout. Deliberate choices:
-  1. Padding never changes a real token's output: pads are masked out as keys and the positions of real
-     tokens do not count pads. A pad *query* attends to itself only, so its (unused) output stays finite.
-  2. Attention is torch's scaled_dot_product_attention with a boolean mask (flash kernels are skipped
-     when a mask is given; at this size that does not matter).
-  3. PAD is not a word: its logit is set to -1e9 in GPT.logits, so it is never sampled and every stage sees
-     the same distribution.
-  4. No torch.compile, no DDP, no weight init tricks beyond GPT-2's (std 0.02, scaled residual projections).
-     GPT-2's own weights load into this GPT from a local Hugging Face file (runs.load_gpt2).
-  5. Sampling inverts the CDF with one uniform number per row (sample_categorical): the distribution of
-     torch.multinomial without its B·V exponential draws (docs/performance.md).
-  6. The output heads (LM head, scalar head) compute in fp32 even under bf16 autocast (fp32_linear): what they
-     return becomes log-probs, ratios, KLs, values and scores (docs/performance.md has the errors measured).
+  1. Padding never changes a real token's output: pads are masked out as keys and do not count in positions;
+     a pad *query* attends to itself only, so its (unused) output stays finite.
+  2. torch's scaled_dot_product_attention with a boolean mask (no flash kernel then; at this size no matter).
+  3. PAD is not a word: its logit is -1e9 (GPT.logits), so it is never sampled and every stage sees the same
+     distribution.
+  4. No torch.compile, no DDP, GPT-2's init (std 0.02, scaled residual projections); GPT-2's own weights load
+     from a local Hugging Face file (runs.load_gpt2).
+  5. Sampling inverts the CDF, one uniform number per row (sample_categorical): torch.multinomial's
+     distribution without its B·V draws. 6. The output heads compute in fp32 under bf16 autocast
+     (fp32_linear): they give the log-probs, ratios, KLs, values and scores (docs/performance.md).
 
-Shape legend (used in comments throughout):
-  B  batch            T  sequence length (query positions)     S  key positions (cache + new)
-  C  n_embd           nh n_head     hs C // nh (head size)      V  vocab size     Tr response length
+Shape legend: B batch, T sequence length (queries), S keys (cache + new), C n_embd, nh n_head, hs C // nh, V vocab.
 """
 import math
 from dataclasses import dataclass
@@ -174,17 +166,15 @@ class GPT(nn.Module):
         return self.ln_f(x)                                                   # (B, T, C)
 
     def logits(self, h):
-        """Hidden (..., C) -> fp32 logits (..., V), also under autocast (fp32_linear). PAD gets a huge negative
-        logit: its probability is exactly 0 in every stage (sampling, SFT loss, PPO logprobs alike), while
-        log-probs and entropies stay finite."""
+        """Hidden (..., C) -> fp32 logits (..., V), also under autocast. PAD's logit is -1e9: probability exactly
+        0 in every stage (sampling, SFT loss, PPO log-probs alike), log-probs and entropies finite."""
         logits = fp32_linear(h, self.lm_head.weight)                           # (..., V) fp32
         if self.cfg.pad_id >= 0:
             logits[..., self.cfg.pad_id] = PAD_LOGIT
         return logits
 
     def forward(self, idx, mask=None, pos=None, keep=slice(None)):
-        """Logits (B, T, V) for next-token prediction at every position; `keep` (a slice of positions) limits
-        them to those positions, (B, T', V): only they reach the LM head."""
+        """Next-token logits (B, T', V) at the positions `keep` (a slice; all by default): only they reach the head."""
         return self.logits(self.hidden(idx, mask, pos)[:, keep])               # (B, T', V)
 
     def new_caches(self, B, max_len):
@@ -196,14 +186,11 @@ class GPT(nn.Module):
     def generate(self, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None,
                  generator=None, use_cache=True, return_logprobs=False):
         """
-        Sample continuations of left-padded prompts (B, Tp), prompt_mask (B, Tp) 1 on real tokens. Temperature 0
-        is greedy. A row that emits eos_id is finished: later positions get pad_id; eos_id=None never stops (the
-        benchmark's fixed workload). Returns a Generation: response ids (B, Tr), Tr <= max_new_tokens.
-        use_cache=False recomputes the whole sequence each step (the reference the cache is tested against).
-        return_logprobs=True also fills logprobs and entropy (B, Tr) of the sampled tokens under
-        softmax(logits / temperature), the distribution PPO scores (0 at padding), so PPO can skip a second
-        forward of the policy (--fast_rollout). Not with top_k: tokens from the truncated distribution would be
-        scored under the full one.
+        Sample continuations of left-padded prompts (B, Tp), prompt_mask (B, Tp); temperature 0 is greedy. A row
+        that emits eos_id gets pad_id after it (eos_id=None: exactly max_new_tokens). Returns a Generation, ids
+        (B, Tr); use_cache=False recomputes the whole sequence each step (the cache's reference). return_logprobs:
+        also the sampled tokens' log-probs and the entropies (B, Tr) under softmax(logits / τ), so PPO can skip a
+        second forward (--fast_rollout); not with top_k, whose tokens come from another distribution.
         """
         B, Tp = prompt.shape
         if max_new_tokens < 1 or Tp + max_new_tokens > self.cfg.block_size:
@@ -306,8 +293,7 @@ class ScalarHeadGPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# What every RL stage asks of a model about the responses it sampled (PPO, RLOO, RAFT, DPO, A-LoL, evaluate)
-# and the per-token math it does on them
+# What every RL stage asks of a model about the responses it sampled, and the per-token math it does on them
 
 def response_logits(model, seq, mask, n_prompt, temperature):
     """Logits (B, Tr, V) / τ that predicted each response token of seq (B, T), whose first n_prompt positions
@@ -341,32 +327,10 @@ def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x, mask):
-    """Unbiased variance (a scalar) over the n masked positions: Σ mask·(x - μ)² / max(n - 1, 1), μ = masked_mean."""
-    # [assignment: whitening]
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
-    # [end assignment: whitening]
-
-
-def masked_whiten(x, mask, shift_mean=True, moments=None):
-    """(x - μ) / σ over masked positions (shift_mean=False keeps the mean: (x - μ)/σ + μ). Padding stays 0.
-    moments: (μ, σ²) when they come from elsewhere (under torchrun, every rank's rows: runs.global_masked_moments)."""
-    mean, var = moments if moments is not None else (masked_mean(x, mask), masked_var(x, mask))
-    # [assignment: whitening]
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
-    # [end assignment: whitening]
-
-
-# The KL estimators, on a response sampled from π (log-probs at the sampling temperature), r_t = π_ref/π at y_t:
-# k1_t = -log r_t is unbiased for KL(π‖π_ref) summed over a response and negative on some tokens (PPO's penalty,
-# eq. 3); k3_t = (r_t - 1) - log r_t is never negative, with the same expectation (Schulman, "Approximating KL
-# divergence"; DeepSeekMath eq. 4). In a *loss* (GRPO) k3's expected gradient is that of the reverse KL(π_ref‖π):
-# E_{y~π}[∇k3] = -Σ_y π_ref(y) ∇log π(y) (tests/test_grpo.py checks it exactly on a five-way distribution).
+# The KL estimators on a response sampled from π, r_t = π_ref/π at y_t: k1_t = -log r_t sums to an unbiased
+# KL(π‖π_ref) (negative on some tokens: PPO's penalty, eq. 3); k3_t = (r_t - 1) - log r_t is never negative, the
+# same expectation (Schulman's "Approximating KL divergence"; DeepSeekMath eq. 4). In a loss (GRPO) k3's expected
+# gradient is the reverse KL(π_ref‖π)'s: E_{y~π}[∇k3] = -Σ_y π_ref(y) ∇log π(y) (tests/test_grpo.py checks it).
 
 def k1(logprobs, ref_logprobs, mask):
     """k1 per token (B, Tr): log π - log π_ref on real response tokens, 0 at padding."""

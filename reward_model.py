@@ -196,7 +196,7 @@ def main(argv=None):
         print(f"{len(train)} train / {len(val)} val / {len(test)} test pairs; {n_iters} steps (1 epoch)")
 
         opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-        train_rm = data_parallel(rm)                      # [DDP] the training forward goes through it: gradients averaged
+        train_rm = data_parallel(rm)                      # torchrun: gradients averaged over the processes
         # the batch order is fixed by the seed, so weights, optimizer and step are all --resume needs
         meta = dict(model_config=asdict(mcfg), tokenizer=sft["tokenizer"], tokenizer_id=sft["tokenizer_id"],
                     sft_ckpt=cfg.sft_ckpt)
@@ -214,8 +214,8 @@ def main(argv=None):
         if run.start == 1:
             validate(0)
         for step in range(run.start, n_iters + 1):        # the step-th optimizer step
-            batch = shard([train[i] for i in order[(step - 1) * per_step:step * per_step]])  # [DDP] this rank's share
-            micro = cfg.batch_size // world_size()                            # [DDP] rows per micro-batch on this rank
+            batch = shard([train[i] for i in order[(step - 1) * per_step:step * per_step]])  # torchrun: a share
+            micro = cfg.batch_size // world_size()                            # rows per micro-batch here
             rm.train()
             lr = cfg.lr * min(1.0, step / cfg.warmup_iters)
             for g in opt.param_groups:
@@ -226,10 +226,10 @@ def main(argv=None):
                 with autocast(device, cfg.amp):
                     a, b = pair_scores(train_rm, enc, batch[i:i + micro], device, cfg.truncate_prompts)  # (B,), (B,)
                     part = pairwise_loss(a.float(), b.float()) / cfg.grad_accum
-                part.backward()                    # gradients add up over micro-batches; [DDP] averaged over ranks
+                part.backward()                    # gradients add up over micro-batches (DDP: and processes)
                 loss, r_c, r_r = loss + part.detach(), r_c + [a.detach()], r_r + [b.detach()]
-            loss = sum_over_ranks(loss) / world_size()                        # [DDP] the global batch's loss
-            r_c, r_r = gather_rows(torch.cat(r_c)), gather_rows(torch.cat(r_r))  # (B * grad_accum,) each, [DDP] all ranks
+            loss = sum_over_ranks(loss) / world_size()                        # the global batch's loss
+            r_c, r_r = gather_rows(torch.cat(r_c)), gather_rows(torch.cat(r_r))  # (B * grad_accum,) each, all ranks
             gnorm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip or float("inf"))
             check_finite(f"RM step {step}", train_loss=loss.item(), grad_norm=gnorm.item())
             opt.step()

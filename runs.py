@@ -37,7 +37,7 @@ import data
 import tokenizer as tok
 from data import regular_file
 from model import (GPT, GPTConfig, ScalarHeadGPT, entropy_from_logits, exact_kl, k1, k3, logprobs_from_logits,
-                   masked_mean, masked_var, response_logits, response_values)
+                   masked_mean, response_logits, response_values)
 from tokenizer import TRUNCATIONS, encode_prompts, fit_prompt, pad_batch
 
 
@@ -243,8 +243,7 @@ def one_line(message):
 #
 # Skip on a first read. `torchrun --nproc_per_node N stage.py ...` starts N processes ("ranks"), one per device,
 # that train one model together (PyTorch DDP). With plain `python` there is no process group: every function here
-# then returns its input unchanged, and rank() is 0 of world_size() 1. The stages mark the lines that use them
-# with [DDP].
+# then returns its input unchanged, and rank() is 0 of world_size() 1.
 # ====================================================================================================
 
 
@@ -370,7 +369,7 @@ def gather_objects(obj):
 
 def global_masked_moments(x, mask):
     """(mean, unbiased variance) of x over the masked positions of every rank's rows: what masked_mean and
-    masked_var give for the rows of all ranks concatenated."""
+    ppo_rlhf.masked_var give for the rows of all ranks concatenated."""
     mask = mask.to(x.dtype)
     n = sum_over_ranks(mask.sum())
     mean = sum_over_ranks((x * mask).sum()) / n.clamp(min=1)
@@ -1493,8 +1492,8 @@ def rm_win_rate(rm, enc, prompts, responses, opponents, device, batch_size=64):
 
 def explained_variance(values, returns, mask):
     """1 - Var(returns - values) / Var(returns) over masked tokens (1 = perfect critic, ≤ 0 = useless)."""
-    var_r = masked_var(returns, mask)
-    return (1 - masked_var(returns - values, mask) / var_r.clamp(min=1e-8)).item()
+    var_r = global_masked_moments(returns, mask)[1]
+    return (1 - global_masked_moments(returns - values, mask)[1] / var_r.clamp(min=1e-8)).item()
 
 
 def ppo_iteration_metrics(ro, values, scores, gold, ended, advantages, returns, running):
@@ -1516,6 +1515,43 @@ def ppo_iteration_metrics(ro, values, scores, gold, ended, advantages, returns, 
                 value_mean=masked_mean(values, mask).item(),
                 explained_var=explained_variance(values, returns, mask),
                 running_mean=running.mean, running_std=running.std)
+
+
+@torch.no_grad()
+def ratios_after_update(policy, ro, temperature):
+    """π_θ/π_old per token (B, Tr) once the iteration's update is done (1 at padding): how far the
+    update moved each sampled token, for the samples log."""
+    logits = response_logits(policy, ro.seq, ro.seq_mask, ro.n_prompt, temperature)  # (B, Tr, V)
+    logprobs = logprobs_from_logits(logits, ro.response)             # (B, Tr)
+    return torch.exp((logprobs - ro.old_logprobs) * ro.mask)          # (B, Tr)
+
+
+def log_ppo_iteration(run, cfg, monitor, history, warned, it, policy, ro, prompts, replies, gold,
+                      per_token, row, update_policy):
+    """
+    PPO's monitoring after its step 6: every eval_interval the win rate vs SFT and the samples log (`per_token`: {name:
+    (B, Tr)}, the ratio added), then the collapse signature (paper §5.2), the log row and the
+    progress line. Returns `warned`: whether the collapse warning has been given.
+    """
+    if it % cfg.eval_interval == 0 or it == cfg.n_iters:
+        row["win_rate_vs_sft"] = monitor.win_rate(policy)
+        ratios = ratios_after_update(policy, ro, cfg.temperature)   # (B, Tr)
+        clipped = clipped_tokens(ratios, per_token["advantage"], cfg.ratio_clip, cfg.ratio_clip)
+        monitor.keep_samples(it, policy, ro, prompts, replies.texts, gold,
+                             dict(per_token, ratio=ratios, clipped=clipped * ro.mask))
+    history.append(row)
+    reasons = collapse_signature(history, cfg.max_new_tokens, cfg.collapse_window)
+    row["collapse_warning"] = bool(reasons)
+    if reasons and not warned:
+        print(f"WARNING: pattern collapse signature at iteration {it} (paper §5.2): "
+              f"{'; '.join(reasons)}")
+        warned = True
+    run.log.write(**row)
+    print(run.progress.line(it, f"RM {row['score_raw']:+.2f} gold {row['gold']:+.3f} KL "
+                                f"{row['kl_seq']:.2f} len {row['length']:.1f} eos "
+                                f"{row['eos_rate']:.2f} vf {row['vf_loss']:.3f}"
+                                + ("" if update_policy else " (critic pre-training)")))
+    return warned
 
 
 def minibatch_means(update_stats):

@@ -43,7 +43,6 @@ from runs import (Run, RunOptions, autocast, check_finite, ckpt_interval_field, 
                   parse_config, plot_curves, read_jsonl, run_main, sample_responses, shard, share_of_global_tokens,
                   sum_over_ranks, table, world_size)
 from tokenizer import collate, encode_demos
-from algorithms import arithmetic_chains
 from model import GPT, GPTConfig
 
 
@@ -125,7 +124,7 @@ def lr_at(step, cfg):
 def eval_loss(model, examples, cfg, pad_id, device):
     model.eval()
     total, n = 0.0, 0
-    examples = shard(examples)                        # [DDP] each rank its share; the sums add up the ranks'
+    examples = shard(examples)                        # torchrun: each process its share, the sums add up
     for i in range(0, len(examples), cfg.batch_size):
         ids, mask, loss_mask = collate(examples[i:i + cfg.batch_size], pad_id, device)
         total += sft_loss(model(ids, mask), ids, loss_mask).item() * len(ids)
@@ -182,6 +181,7 @@ def main(argv=None):
             train = data.make_demonstrations(data.sample_prompts(splits["train"], cfg.n_train, rng), cfg.seed + 1)
             val = data.make_demonstrations(data.sample_prompts(splits["val"], cfg.n_val, rng), cfg.seed + 2)
         elif cfg.data == "chains":  # the worked steps of arithmetic chains; its own splits, the same draws of rng
+            from algorithms import arithmetic_chains  # the task of process supervision, beside its methods
             splits = arithmetic_chains.splits(cfg.seed)
             train = arithmetic_chains.demonstrations([rng.choice(splits["train"]) for _ in range(cfg.n_train)])
             val = arithmetic_chains.demonstrations([rng.choice(splits["val"]) for _ in range(cfg.n_val)])
@@ -209,7 +209,7 @@ def main(argv=None):
         no_decay = [p for p in model.parameters() if p.dim() < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-        train_model = data_parallel(model)                # [DDP] the training forward goes through it: gradients averaged
+        train_model = data_parallel(model)                # torchrun: gradients averaged over the processes
 
         meta = dict(model_config=asdict(mcfg), tokenizer=cfg.tokenizer, tokenizer_id=tok.tokenizer_id(enc))
         # the epoch's remaining demonstrations, popped per batch (kept in the checkpoints)
@@ -231,7 +231,7 @@ def main(argv=None):
                     order[:] = range(len(train))
                     rng.shuffle(order)
                 batch = [train[order.pop()] for _ in range(cfg.batch_size)]  # every rank draws the same global batch
-                micro.append(collate(shard(batch), mcfg.pad_id, device))      # [DDP] and keeps its share of it
+                micro.append(collate(shard(batch), mcfg.pad_id, device))      # torchrun: this process's share
             n_tokens = sum(lm[:, 1:].sum() for _, _, lm in micro)             # the step's loss tokens on this rank
             model.train()
             lr = lr_at(step - 1, cfg)
@@ -242,10 +242,10 @@ def main(argv=None):
             for ids, mask, loss_mask in micro:                                # (B, T) each
                 with autocast(device, cfg.amp):
                     part = sft_loss(train_model(ids, mask), ids, loss_mask)   # mean over this micro-batch's tokens
-                share = share_of_global_tokens(loss_mask[:, 1:].sum(), n_tokens)   # [DDP] of every rank's tokens
+                share = share_of_global_tokens(loss_mask[:, 1:].sum(), n_tokens)   # of the step's tokens
                 (part * share).backward()                 # gradients add up over micro-batches to the step's token mean
                 loss = loss + part.detach() * share / world_size()
-            loss = sum_over_ranks(loss)                                       # [DDP] the loss of the global batch
+            loss = sum_over_ranks(loss)                                       # torchrun: the global batch's
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             check_finite(f"SFT step {step}", train_loss=loss.item(), grad_norm=gnorm.item())
             opt.step()

@@ -140,7 +140,7 @@ def group_advantages(rewards, group_size, scale):
     adv = r - r.mean(1, keepdim=True)                                     # (P, G)
     if scale == "group":
         adv = adv / (r.std(1, keepdim=True) + STD_EPS)                    # (P, G)
-    elif scale == "batch":                                               # [DDP] the std of every rank's batch
+    elif scale == "batch":                                               # torchrun: the std of every rank's batch
         std = r.std() if world_size() == 1 else global_masked_moments(r, torch.ones_like(r))[1].sqrt()
         adv = adv / (std + STD_EPS)
     flat = r.max(1, keepdim=True).values == r.min(1, keepdim=True).values  # (P, 1) no spread: no signal
@@ -277,7 +277,7 @@ def sample_groups(policy, ref, rm, enc, train_prompts, cfg, order_rng, generator
     """Step 1: P prompts × G responses, scored; with dynamic sampling, zero-spread groups are replaced by new
     prompts' groups (up to max_sample_rounds rounds; the batch may end up smaller). Returns Groups."""
     G, eos_id, pad_id = cfg.samples_per_prompt, tok.eos_id(enc), tok.pad_id(enc)
-    P = cfg.prompts_per_iter // world_size()                              # [DDP] this rank's share of the prompts
+    P = cfg.prompts_per_iter // world_size()                              # torchrun: this rank's share of the prompts
     room = policy.cfg.block_size - cfg.max_new_tokens
     parts, prompts, texts, ended, base, frac_zero, dropped, rounds, generated = [], [], [], [], [], 0.0, 0, 0, 0
     while rounds < (cfg.max_sample_rounds if cfg.dynamic_sampling else 1) and len(prompts) < P * G:
@@ -329,7 +329,7 @@ def grpo_update(policy, opt, ro, adv, cfg, generator, where="GRPO update", token
             loss, stats = grpo_policy_loss(logprobs, ro.old_logprobs[idx], ro.ref_logprobs[idx], adv[idx],
                                            ro.mask[idx], cfg.ratio_clip_low, cfg.ratio_clip_high, cfg.kl_coef, cfg.loss_agg,
                                            cfg.max_new_tokens, cfg.ratio_level)
-            if cfg.loss_agg == "token-mean":                     # [DDP] one mean over every rank's tokens (1 alone)
+            if cfg.loss_agg == "token-mean":                     # torchrun: one mean over every rank's tokens (1 alone)
                 loss = loss * share_of_global_tokens(ro.mask[idx].sum(), ro.mask[idx].sum())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -345,7 +345,7 @@ def check_config(cfg):
     if (cfg.prompts_per_iter * cfg.samples_per_prompt) % cfg.minibatches:
         raise ValueError(f"--minibatches {cfg.minibatches} must divide the {cfg.prompts_per_iter * cfg.samples_per_prompt} "
                          f"responses (prompts_per_iter × samples_per_prompt)")
-    n_ranks = world_size()                            # [DDP] every rank takes the same number of optimizer steps
+    n_ranks = world_size()                            # torchrun: every rank takes the same number of optimizer steps
     if n_ranks > 1 and cfg.dynamic_sampling:
         raise ValueError("--dynamic_sampling: not under torchrun (ranks would keep different numbers of groups and "
                          "take different numbers of steps); run it in one process")
@@ -362,12 +362,12 @@ def main(argv=None):
     with Run(cfg, "grpo", data_parallel=True) as run:
         device = run.device
         policy, ref, rm, sft, rm_ckpt = load_models(cfg.sft_ckpt, cfg.rm_ckpt, device, cfg.max_new_tokens)
-        train_policy = data_parallel(policy)          # [DDP] the update's forward goes through it: gradients averaged
+        train_policy = data_parallel(policy)          # torchrun: the update's forward goes through it: gradients averaged
         enc = tok.get_tokenizer(sft["tokenizer"])
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
         print(f"device={device} config={asdict(cfg)}")
         splits = data.only_kinds(data.prompt_splits(sft["config"]["seed"]), cfg.tasks)
-        rank_seed = cfg.seed + 1000 * rank()          # [DDP] each rank its own prompts and samples (rank 0: seed)
+        rank_seed = cfg.seed + 1000 * rank()          # torchrun: each rank its own prompts and samples (rank 0: seed)
         order_rng = random.Random(rank_seed)                                  # prompt draws, minibatch order
         sampling_gen = torch.Generator(device=device).manual_seed(rank_seed)  # token sampling
         budget = dict(generated=0, policy_steps=0)    # responses generated, optimizer steps taken: saved with the run
@@ -393,7 +393,7 @@ def main(argv=None):
                      if len(adv) else [])
             if not steps:
                 print(f"iteration {it}: every sampled group had equal rewards in {g.rounds} rounds; no update")
-            budget["generated"] += int(sum_over_ranks(torch.tensor(g.generated)))   # [DDP] every rank's
+            budget["generated"] += int(sum_over_ranks(torch.tensor(g.generated)))   # torchrun: every rank's
             budget["policy_steps"] += len(steps)
             n_tok = ro.mask.sum()
             kl_seq = k1(ro.old_logprobs, ro.ref_logprobs, ro.mask).sum(1)  # (N,) k1, logged as for PPO and RLOO
@@ -414,7 +414,7 @@ def main(argv=None):
                        adv_abs_mean=adv.abs().mean().item(), **(minibatch_means(steps) if steps else {}),
                        lr=cfg.lr, t_generate=ro.t_generate, t_score=ro.t_score, t_train=time.time() - t_train,
                        t_iter=time.time() - t_it)
-            row = metrics_over_ranks(row, sums=("groups", "groups_dropped"))  # [DDP] the global batch's metrics
+            row = metrics_over_ranks(row, sums=("groups", "groups_dropped"))  # torchrun: the global batch's metrics
             row["truncated_rate"] = 1.0 - row["eos_rate"]
             if it % cfg.eval_interval == 0 or it == cfg.n_iters:
                 row["win_rate_vs_sft"] = monitor.win_rate(policy)

@@ -76,7 +76,7 @@ PARTS = (
          "its rollout value without paying the larger error", 15,
          lambda m, x: with_stats(*m.ppo_value_loss(x["values"], x["old_values"], x["returns"], x["mask"],
                                                     x["vf_clip"]))),
-    Part("whitening", "model", "masked_var and masked_whiten: advantage whitening over real tokens", 7,
+    Part("whitening", "ppo_rlhf", "masked_var and masked_whiten: advantage whitening over real tokens", 7,
          "Secrets of RLHF Part I §5.3.1 (advantage normalisation)", "the mean and the unbiased variance are taken "
          "over real tokens; padding stays 0", 15, call_whitening),
     Part("rloo_baseline", "algorithms.rloo", "loo_advantages: the leave-one-out baseline", 6,

@@ -22,7 +22,8 @@ sys.path.insert(0, ROOT)
 import ppo_rlhf  # noqa: E402
 import reward_model  # noqa: E402
 import train_sft  # noqa: E402
-from model import GPT, GPTConfig, ScalarHeadGPT, masked_whiten
+from model import GPT, GPTConfig, ScalarHeadGPT
+from ppo_rlhf import masked_whiten
 from runs import data_parallel, global_masked_moments, leave_ranks, rank, share_of_global_tokens, start_ranks, world_size
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--overwrite", "true"]
@@ -106,7 +107,7 @@ def tokens(out):
     """The weighting PPO's losses (policy, value and PTX), SFT's and GRPO's token-mean take under torchrun: rank r
     averages a loss over its own tokens (3 on rank 0, 7 on rank 1: unequal, as PTX demonstrations are) and weighs
     it by share_of_global_tokens; one process averages over all 10 tokens."""
-    start_ranks("cpu")                                                   # [DDP] join the group (as the stages do)
+    start_ranks("cpu")                                                   # join the group (as the stages do)
     torch.manual_seed(0)
     model, x = torch.nn.Linear(3, 1), torch.randn(10, 3)                 # every process: the same model and tokens
     mine = x if world_size() == 1 else (x[:3] if rank() == 0 else x[3:])

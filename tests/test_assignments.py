@@ -82,7 +82,7 @@ def test_the_student_copy_holds_no_solution_and_no_key(student_copy):
     assert not os.path.exists(os.path.join(student_copy, ".git"))
     with open(os.path.join(student_copy, "ppo_rlhf.py")) as f:
         text = f.read()
-    assert "Generalised advantage estimation over response tokens (paper eqs. 7-11)" in text     # docstring kept
+    assert "Generalised advantage estimation over response tokens (eqs. 7-11)" in text     # docstring kept
     assert 'raise NotImplementedError("assignment part gae: write this body' in text
 
 

@@ -14,7 +14,7 @@ import torch
 
 import ppo_rlhf
 import reward_model
-from model import masked_whiten
+from ppo_rlhf import masked_whiten
 import runs
 from runs import check_options, load_checkpoint, read_jsonl, run_main
 

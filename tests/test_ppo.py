@@ -8,7 +8,8 @@ import torch
 import data
 import ppo_rlhf as ppo
 import tokenizer as tok
-from model import GPT, GPTConfig, ScalarHeadGPT, exact_kl, masked_mean, masked_whiten
+from model import GPT, GPTConfig, ScalarHeadGPT, exact_kl, masked_mean
+from ppo_rlhf import masked_whiten
 from runs import collapse_signature
 
 ENC = tok.get_tokenizer("toy")
