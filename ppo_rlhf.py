@@ -147,7 +147,6 @@ def compute_gae(rewards, values, mask, gamma, lam):
     Values and rewards at padding are zeroed first, so the value after the last token is 0.
     Returns (advantages, returns), both (B, T) and 0 at padding.
     """
-    # [assignment: gae]
     mask = mask.to(values.dtype)
     values, rewards = values * mask, rewards * mask  # (B, T) no leaks from padding
     T = rewards.shape[1]
@@ -160,7 +159,6 @@ def compute_gae(rewards, values, mask, gamma, lam):
         adv[:, t] = last
     adv = adv * mask
     return adv, (adv + values) * mask                                     # (B, T), (B, T)
-    # [end assignment: gae]
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, ratio_clip):
@@ -171,7 +169,6 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, ratio_clip):
     clipped term is the larger), approx_kl (k3 of π_old to π: mean of (ρ - 1) - log ρ),
     ratio_mean, ratio_max.
     """
-    # [assignment: ppo_policy_loss]
     log_ratio = (logprobs - old_logprobs) * mask                          # (b, Tr)
     ratio = torch.exp(log_ratio)                                          # (b, Tr)
     pg1 = -advantages * ratio                                             # (b, Tr)
@@ -183,7 +180,6 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, ratio_clip):
                      ratio_mean=masked_mean(ratio, mask).item(),
                      ratio_max=ratio.masked_fill(mask == 0, 0).max().item())
     return loss, stats
-    # [end assignment: ppo_policy_loss]
 
 
 def ppo_value_loss(values, old_values, returns, mask, vf_clip):
@@ -193,7 +189,6 @@ def ppo_value_loss(values, old_values, returns, mask, vf_clip):
     Returns (loss, stats): stats["vf_clipfrac"], the share of tokens where the clipped error is
     the larger (0.0 when vf_clip is 0).
     """
-    # [assignment: ppo_value_loss]
     err = (values - returns) ** 2                                         # (b, Tr)
     if vf_clip > 0:
         v_clip = old_values + torch.clamp(values - old_values, -vf_clip, vf_clip)
@@ -203,7 +198,6 @@ def ppo_value_loss(values, old_values, returns, mask, vf_clip):
     else:
         loss, clipfrac = 0.5 * masked_mean(err, mask), 0.0
     return loss, dict(vf_clipfrac=clipfrac)
-    # [end assignment: ppo_value_loss]
 
 
 class RunningMoments:
@@ -219,12 +213,10 @@ class RunningMoments:
         + n, δ = m - mean, mean += δ·n/total, var = (var·count + v·n + δ²·count·n/total) / total.
         """
         x = gather_rows(x)                                   # (N·n,) every process's scores
-        # [assignment: running_moments]
         n, m, v = x.numel(), x.mean().item(), x.var(unbiased=False).item()
         delta, total = m - self.mean, self.count + n
         m2 = self.var * self.count + v * n + delta ** 2 * self.count * n / total
         self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
-        # [end assignment: running_moments]
 
     @property
     def std(self):
@@ -237,7 +229,6 @@ def process_scores(scores, running, mode, clip):
     std), norm_clip (eq. 18: (score - running mean) / running std, clipped to [-clip, clip]).
     scale and norm_clip fold the batch into `running` first: its own moments normalise it.
     """
-    # [assignment: running_moments]
     if mode == "none":
         return scores
     running.update(scores)
@@ -245,40 +236,33 @@ def process_scores(scores, running, mode, clip):
         return scores / running.std
     if mode == "norm_clip":
         return torch.clamp((scores - running.mean) / running.std, -clip, clip)
-    # [end assignment: running_moments]
     raise ValueError(f"unknown score_norm {mode!r}; expected none, scale or norm_clip")
 
 
 def kl_rewards(old_logprobs, ref_logprobs, mask, scores, kl_coef):
     """Per-token reward (B, Tr) (eq. 3): -β·k1 on every response token (model.k1), plus the score
     (B,) on each response's last real token (last_token_index); 0 at padding. β = kl_coef."""
-    # [assignment: kl_reward]
     rewards = -kl_coef * k1(old_logprobs, ref_logprobs, mask)          # (B, Tr)
     last = last_token_index(mask)  # (B,) EOS position, or the last token
     rewards[torch.arange(len(scores)), last] += scores
     return rewards
-    # [end assignment: kl_reward]
 
 
 def masked_var(x, mask):
     """Unbiased variance (a scalar) over the n masked positions: Σ mask·(x - μ)² / max(n - 1, 1), μ = masked_mean."""
-    # [assignment: whitening]
     mean = masked_mean(x, mask)
     n = mask.sum()
     return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
-    # [end assignment: whitening]
 
 
 def masked_whiten(x, mask, shift_mean=True, moments=None):
     """(x - μ) / σ over masked positions (shift_mean=False keeps the mean: (x - μ)/σ + μ). Padding stays 0.
     moments: (μ, σ²) when they come from elsewhere (under torchrun every process's rows: global_masked_moments)."""
     mean, var = moments if moments is not None else (masked_mean(x, mask), masked_var(x, mask))
-    # [assignment: whitening]
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
     return out * mask
-    # [end assignment: whitening]
 
 
 # -------------------------------------------------------------------------------------------

@@ -92,9 +92,7 @@ PRESETS = {
 
 def pairwise_loss(r_chosen, r_rejected):
     """Bradley-Terry NLL, mean over pairs: -log sigmoid(r_c - r_r). r_chosen, r_rejected (B,)."""
-    # [assignment: bradley_terry]
     return -F.logsigmoid(r_chosen - r_rejected).mean()
-    # [end assignment: bradley_terry]
 
 
 def pair_scores(rm, enc, pairs, device, truncate=True):

@@ -104,12 +104,10 @@ def sft_loss(logits, ids, loss_mask):
     Mean next-token cross-entropy over response tokens: position t predicts ids[t+1], counted iff loss_mask[t+1].
     logits (B, T, V), ids (B, T), loss_mask (B, T).
     """
-    # [assignment: sft_loss]
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)                  # (B, T-1, V)
     nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)                  # (B, T-1)
     m = loss_mask[:, 1:].float()                                          # (B, T-1)
     return (nll * m).sum() / m.sum().clamp(min=1)
-    # [end assignment: sft_loss]
 
 
 def lr_at(step, cfg):

@@ -116,10 +116,8 @@ def alol_weight(advantages, seq_logp, ref_seq_logp, clip_eps):
     ref_seq_logp (B,). The clip is done in log space, log ρ ∈ [log(1-ε), log(1+ε)], so a long response cannot
     overflow exp; no gradient flows through the weight (sg[·] in the paper's loss).
     """
-    # [assignment: alol_weight]
     log_rho = (seq_logp - ref_seq_logp).clamp(math.log(1 - clip_eps), math.log(1 + clip_eps))  # (B,) clipped
     return (advantages.clamp(min=0) * log_rho.exp()).detach()            # (B,)
-    # [end assignment: alol_weight]
 
 
 def alol_loss(logp, ref_logp, mask, advantages, variant, clip_eps, kl_coef=0.0):

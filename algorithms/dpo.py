@@ -85,13 +85,11 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, lab
     (loss, stats) of DPO (paper eq. 7) on summed log-probs, each (B,); label_smoothing ε gives conservative DPO.
     stats: implicit rewards of chosen / rejected, their margin, and the accuracy (margin > 0).
     """
-    # [assignment: dpo_loss]
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)   # (B,)
     loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     r_c, r_r = beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
     return loss.mean(), dict(rewards_chosen=r_c.mean().item(), rewards_rejected=r_r.mean().item(),
                              margin=(r_c - r_r).mean().item(), accuracy=(r_c > r_r).float().mean().item())
-    # [end assignment: dpo_loss]
 
 
 def encode_pairs(enc, pairs, block_size, truncate):

@@ -135,7 +135,6 @@ def group_advantages(rewards, group_size, scale):
     """
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale {scale!r}: must be one of group, batch, none")
-    # [assignment: group_advantages]
     r = rewards.double().view(-1, group_size)                            # (P, G)
     adv = r - r.mean(1, keepdim=True)                                     # (P, G)
     if scale == "group":
@@ -146,7 +145,6 @@ def group_advantages(rewards, group_size, scale):
     flat = r.max(1, keepdim=True).values == r.min(1, keepdim=True).values  # (P, 1) no spread: no signal
     dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
     return adv.masked_fill(flat, 0.0).view(-1).to(dtype)                  # (N,)
-    # [end assignment: group_advantages]
 
 
 def aggregate_loss(loss_per_token, mask, mode, norm_len=None):
@@ -159,7 +157,6 @@ def aggregate_loss(loss_per_token, mask, mode, norm_len=None):
     response differently: per-sequence means give short responses' tokens more weight (the length bias).
     """
     m = mask.bool()
-    # [assignment: loss_aggregation]
     masked = torch.where(m, loss_per_token, torch.zeros_like(loss_per_token))  # (B, Tr) NaN-safe (NaN·0 = NaN)
     if mode == "token-mean":
         return masked.sum() / m.sum().clamp(min=1)
@@ -167,7 +164,6 @@ def aggregate_loss(loss_per_token, mask, mode, norm_len=None):
         return (masked.sum(1) / m.sum(1).clamp(min=1)).mean()
     if mode == "seq-mean-token-sum-norm":
         return (masked.sum(1) / (norm_len or mask.shape[1])).mean()
-    # [end assignment: loss_aggregation]
     raise ValueError(f"loss_agg {mode!r}: must be one of token-mean, seq-mean-token-mean, seq-mean-token-sum-norm")
 
 

@@ -40,12 +40,10 @@ Deliberate choices:
      it: prompt <= 28 tokens, a reply <= 48), not what the prefix left of it.
   4. Best-of-N for N < best_of averages over the best_of / N disjoint groups of each prompt's replies (every reply
      used once per N), where Lightman et al. resample; the spread in the study comes from seeds instead.
-  5. One recipe for all three models: 2 epochs at lr 3e-4 (seed 0, 100 test prompts × 16 replies: the rule PRM's
-     step accuracy 0.922 and incorrect steps found 0.755 at 3e-4, 0.900 and 0.666 at 1e-4; 8 times the replies,
-     16,000 on train prompts at 3e-4, gave 0.889 and 0.562, see choice 6).
+  5. One recipe for all three models: 2 epochs at lr 3e-4 (docs/process_supervision.md: why this rate).
   6. The training replies answer prompts the SFT never saw (arithmetic_chains.splits' "rm" split), as the test
-     prompts are: on its own train prompts the SFT's final answers are right 53% of the time against 35% on test
-     prompts (seed 0), so replies there hold fewer and other errors than the ones the models must judge.
+     prompts are: on its own train prompts the SFT's answers hold fewer and other errors than the ones the
+     models must judge (docs/process_supervision.md).
 
 Shape legend: B replies in a batch, T prompt + response length (right-padded), S sentences of a reply, P prompts,
 K replies per prompt.
@@ -112,10 +110,8 @@ PRESETS = {
 def step_bce_loss(logits, target, read):
     """Mean binary cross-entropy of the head's logits against the targets at the read tokens only (the tokens that
     end a labelled step, or an ORM's last token). logits, target (0..1), read (0/1) are (B, T)."""
-    # [assignment: step_bce_loss]
     bce = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")   # (B, T)
     return (bce * read).sum() / read.sum().clamp(min=1)
-    # [end assignment: step_bce_loss]
 
 
 def monte_carlo_label(completions_right, target="hard"):

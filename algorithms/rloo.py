@@ -30,11 +30,8 @@ Deliberate choices:
   3. No advantage normalisation (the paper does not use it).
   4. The `minibatches` steps of an iteration reuse its samples with no importance ratio (REINFORCE has none), so
      every minibatch after the first is slightly off-policy: its responses were sampled before the first step.
-     Measured over 150 default iterations on the default pipeline's SFT and RM, the sequence ratio
-     π_θ(y|x)/π_old(y|x) of the second minibatch's responses differed from 1 by 5.8e-3 on average (0.11 at
-     most; per token |log ρ_t| = 6.2e-4), the first minibatch's by 1.1e-6 (rounding): a reweighting of well
-     under 1%, small next to the noise of a 4-sample baseline, so no ratio is applied
-     (`python -m studies.rloo_second_minibatch`, the seed-0 run; SFT and RM from `python pipeline.py`).
+     How far off, measured (`python -m studies.rloo_second_minibatch`): docs/algorithms.md; a reweighting small
+     next to the noise of a 4-sample baseline, so no ratio is applied.
 
 Shape legend: B prompts, k = --samples_per_prompt samples per prompt, N = B·k rollouts, Tr response length, n minibatch rows.
 """
@@ -96,11 +93,9 @@ def loo_advantages(rewards, k):
     """
     if k < 2:
         raise ValueError(f"the leave-one-out baseline needs k >= 2 samples per prompt, got k={k}")
-    # [assignment: rloo_baseline]
     g = rewards.view(-1, k)                                               # (B, k)
     baseline = (g.sum(1, keepdim=True) - g) / (k - 1)                     # (B, k) mean of the others
     return (g - baseline).view(-1)                                        # (N,)
-    # [end assignment: rloo_baseline]
 
 
 class MovingAverageBaseline:

@@ -1,7 +1,7 @@
 """
 The key: every graded case's inputs and the reference's outputs, written once into assignments/expected/PART.json
 (the cases a student sees) and assignments/hidden/PART.json (one more case per part, kept out of the student
-copy). Run it after changing a marked body or a case:
+copy). Run it after changing a graded body or a case:
 
     python -m assignments.cases
 

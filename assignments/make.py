@@ -1,23 +1,23 @@
 """
-Make a student copy of the repository: every body marked `# [assignment: NAME]` ... `# [end assignment: NAME]` in
-the real source becomes `raise NotImplementedError(...)` (the function's signature and docstring, with its shapes,
-equation and paper section, stay), the key is left out (the hidden cases, the mutation table, the case writer and
+Make a student copy of the repository: the body of every function a part of assignments/parts.py names becomes
+`raise NotImplementedError(...)` (the function's signature and docstring, with its shapes, equation and paper
+section, stay), the key is left out (the hidden cases, the mutation table, the case writer and
 its test), and the handout assignments/README.md is put at the copy's root as ASSIGNMENT.md. The copy is then
 searched for any line of a solution, notebooks included; a copy that still holds one is refused.
 
     python -m assignments.make OUT_DIR            # e.g. python -m assignments.make ../rlhf_assignment
 """
 import argparse
+import ast
 import json
 import os
-import re
 import shutil
 import subprocess
 
+from assignments.parts import PARTS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = ("assignments/hidden/", "assignments/mutations.py", "assignments/cases.py", "tests/test_assignments.py")
-BEGIN = re.compile(r"^(\s*)# \[assignment: (\w+)\]\s*$")
-END = re.compile(r"^\s*# \[end assignment: (\w+)\]\s*$")
 DISTINCTIVE = 16          # a solution line this long (code only, spaces squeezed) must not survive anywhere...
 GENERIC = ("with torch.no_grad():", "return loss, stats")   # ...unless it is scaffolding every loss file has
 
@@ -37,29 +37,39 @@ def repository_files(root):
         return found
 
 
-def marked_bodies(text, path):
-    """[(name, first line index, last line index)] of the marked regions of a source file (the markers included)."""
-    regions, open_at = [], None
-    for i, line in enumerate(text.split("\n")):
-        b, e = BEGIN.match(line), END.match(line)
-        if b:
-            if open_at is not None:
-                raise ValueError(f"{path}:{i + 1}: assignment {b.group(2)!r} begins inside {open_at[1]!r}")
-            open_at = (i, b.group(2), b.group(1))
-        elif e:
-            if open_at is None or e.group(1) != open_at[1]:
-                raise ValueError(f"{path}:{i + 1}: end of assignment {e.group(1)!r} without its beginning")
-            regions.append((open_at[1], open_at[0], i, open_at[2]))
-            open_at = None
-    if open_at is not None:
-        raise ValueError(f"{path}:{open_at[0] + 1}: assignment {open_at[1]!r} has no end marker")
-    return regions
+def graded_bodies(text, path):
+    """[(part name, first line index, last line index, indent)] of the graded bodies of a source file (`path`,
+    relative to the root): for each function assignments/parts.py names in this module, from the first statement
+    after its docstring to its last line."""
+    module = path[:-3].replace(os.sep, ".").replace("/", ".") if path.endswith(".py") else path
+    parts = [p for p in PARTS if p.module == module]
+    if not parts:
+        return []
+    tree, lines = ast.parse(text, path), text.split("\n")
+    defs = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            defs[node.name] = node
+        elif isinstance(node, ast.ClassDef):
+            defs.update({f"{node.name}.{f.name}": f for f in node.body if isinstance(f, ast.FunctionDef)})
+    regions = []
+    for part in parts:
+        for name in part.functions:
+            if name not in defs:
+                raise ValueError(f"{path}: no function {name!r}, which assignments/parts.py names for {part.name!r}")
+            body = defs[name].body
+            if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                body = body[1:]                                        # the docstring stays
+            first = body[0].lineno - 1
+            indent = lines[first][:len(lines[first]) - len(lines[first].lstrip())]
+            regions.append((part.name, first, defs[name].end_lineno - 1, indent))
+    return sorted(regions, key=lambda r: r[1])
 
 
 def stub(text, path):
-    """The source with every marked body replaced by one raise."""
+    """The source with every graded body replaced by one raise."""
     lines = text.split("\n")
-    for name, first, last, indent in reversed(marked_bodies(text, path)):
+    for name, first, last, indent in reversed(graded_bodies(text, path)):
         lines[first:last + 1] = [f'{indent}raise NotImplementedError("assignment part {name}: write this body '
                                  f'(python -m assignments.grade --parts {name})")']
     return "\n".join(lines)
@@ -71,7 +81,7 @@ def code_of(line):
 
 
 def solution_lines(root):
-    """{squeezed line: 'file:line'} of every distinctive line inside a marked body of the repository."""
+    """{squeezed line: 'file:line'} of every distinctive line inside a graded body of the repository."""
     found = {}
     for rel in repository_files(root):
         if not rel.endswith(".py"):
@@ -79,8 +89,8 @@ def solution_lines(root):
         with open(os.path.join(root, rel)) as f:
             text = f.read()
         lines = text.split("\n")
-        for name, first, last, _ in marked_bodies(text, rel):
-            for i in range(first + 1, last):
+        for name, first, last, _ in graded_bodies(text, rel):
+            for i in range(first, last + 1):
                 code = code_of(lines[i])
                 if len(code) >= DISTINCTIVE and code not in GENERIC:
                     found.setdefault(code, f"{rel}:{i + 1}")
@@ -116,7 +126,6 @@ def leaks(copy_dir, solutions):
             rel = os.path.relpath(path, copy_dir)
             found += [f"{rel}: holds the solution line of {src} ({code!r})" for code, src in solutions.items()
                       if code in squeezed]
-            found += [f"{rel}: a marked body is still there" for line in text.split("\n") if BEGIN.match(line)]
     return found
 
 
@@ -143,7 +152,7 @@ def make(out_dir, root=ROOT):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a student copy of the repository: the marked bodies stubbed, "
+    p = argparse.ArgumentParser(description="Write a student copy of the repository: the graded bodies stubbed, "
                                             "the key left out, no solution line anywhere.")
     p.add_argument("out_dir", help="a new (or empty) folder for the student copy")
     a = p.parse_args(argv)
