@@ -687,6 +687,7 @@ class Run:
         self.ckpt_path = os.path.join(cfg.out_dir, f"{stage}.pt")
         self.samples_path = os.path.join(cfg.out_dir, f"{stage}_samples.jsonl")   # RL stages: rollouts, token by token
         self.log, self.samples, self.extra = None, None, {}
+        self._progress = None
         TRUNCATIONS.reset(cfg.log_truncations)
         STOP_NOTE["text"] = STOP_NOTE["general"]
         claim_out_dir(cfg.out_dir)                     # one run per folder at a time
@@ -756,6 +757,7 @@ class Run:
             self.samples = JsonlLog(self.samples_path, lines_up_to(self.samples_path, "iter", done)
                                     if self.cfg.resume else None, staged=staged)
         self.note_checkpoint(done)
+        self._progress = Progress(n_steps) if n_steps is not None else None   # its clock starts here
         self.t_start = time.time() - train_time_s
         return self.extra
 
@@ -782,7 +784,7 @@ class Run:
     @property
     def progress(self):
         """The progress line's clock (made on first use, for the run's n_steps)."""
-        if getattr(self, "_progress", None) is None or self._progress.total != self.n_steps:
+        if self._progress is None or self._progress.total != self.n_steps:
             self._progress = Progress(self.n_steps)
         return self._progress
 
