@@ -66,8 +66,13 @@ def field(default, help, range=None, choices=None, valid=None, global_batch=Fals
       input_file    names input file(s), comma-separated: --resume compares their contents, not their paths
       resume_free   may differ between a run and its --resume (where to write, how to run, not what to compute)
     """
-    rule = dict(range=range and _interval(range), choices=choices, valid=valid, global_batch=global_batch,
-                input_file=input_file, resume_free=resume_free)
+    interval = None
+    if range:                                     # "[0, 1)" -> (0.0, 1.0, low closed, high closed, "[0, 1)")
+        text = range.strip()
+        low, high = (float(part) for part in text[1:-1].split(","))
+        interval = (low, high, text[0] == "[", text[-1] == "]", text)
+    rule = dict(range=interval, choices=choices, valid=valid, global_batch=global_batch, input_file=input_file,
+                resume_free=resume_free)
     metadata = dict(help=help, **{k: v for k, v in rule.items() if v})
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
@@ -79,13 +84,6 @@ def device_field():
     return field("auto", "auto (cuda -> mps -> cpu), cpu, cuda, cuda:N, mps",
                  valid=(lambda v: v in ("auto", "cpu", "mps") or str(v).startswith("cuda"), "auto, cpu, cuda, cuda:N or mps"),
                  resume_free=True)
-
-
-def _interval(text):
-    """ "[0, 1)" -> (0.0, 1.0, low closed: True, high closed: False, "[0, 1)") """
-    text = text.strip()
-    low, high = (float(part) for part in text[1:-1].split(","))
-    return low, high, text[0] == "[", text[-1] == "]", text
 
 
 def field_rule(f):
@@ -104,11 +102,6 @@ def field_rule(f):
     return m["valid"][1] if "valid" in m else ""
 
 
-def _outside(interval, value):
-    low, high, low_closed, high_closed, _ = interval
-    return not ((low <= value if low_closed else low < value) and (value <= high if high_closed else value < high))
-
-
 def check_options(cfg):
     """One-line ValueError for the first option whose value cannot work, named as on the command line (cfg: a
     Config dataclass whose fields were declared with field(): each field's rule stands beside it)."""
@@ -117,8 +110,12 @@ def check_options(cfg):
         value, m = getattr(cfg, f.name), f.metadata
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             raise ValueError(f"--{f.name} {value!r}: must be a finite number")      # inf passes "(0, inf)"; nan no rule
-        if (("range" in m and _outside(m["range"], value)) or ("choices" in m and value not in m["choices"])
-                or ("valid" in m and not m["valid"][0](value))):
+        if "range" in m:
+            low, high, low_closed, high_closed, _ = m["range"]
+            above_low = low <= value if low_closed else low < value
+            inside = above_low and (value <= high if high_closed else value < high)
+        if ("range" in m and not inside) or ("choices" in m and value not in m["choices"]) or (
+                "valid" in m and not m["valid"][0](value)):
             raise ValueError(f"--{f.name} {value!r}: must be {field_rule(f)}")
         if m.get("global_batch") and n_ranks > 1 and value % n_ranks:
             raise ValueError(f"--{f.name} {value}: must be a multiple of the {n_ranks} processes torchrun started "
@@ -543,14 +540,6 @@ def input_fingerprints(cfg):
     return out
 
 
-def check_resume(ckpt, cfg, path):
-    """--resume only continues the same run: every config field but the resume_free ones must match the checkpoint's, and
-    every input file must have the contents it had when the run started."""
-    if ckpt.get("done", True):  # checkpoints without the flag are finished ones
-        raise ValueError(f"{path}: this run already finished (step {ckpt['step']}); nothing to resume")
-    check_same_run(ckpt, cfg, path)
-
-
 def done_checkpoint(path, stage):
     """The checkpoint at `path` if a `stage` run finished there; None when there is none or an unfinished one."""
     if not os.path.exists(path):
@@ -769,7 +758,9 @@ class Run:
             raise ValueError(f"{path}: nothing to resume (no checkpoint here; a run writes one every --ckpt_interval "
                              f"steps); drop --resume to start the run")
         ckpt = load_checkpoint(path, self.stage, self.meta["tokenizer_id"], finished=False)
-        check_resume(ckpt, self.cfg, path)
+        if ckpt.get("done", True):  # checkpoints without the flag are finished ones
+            raise ValueError(f"{path}: this run already finished (step {ckpt['step']}); nothing to resume")
+        check_same_run(ckpt, self.cfg, path)   # the same config (resume_free fields aside), the same inputs
         if ckpt.get("world_size", 1) != world_size():     # each rank's random streams (and data share) differ
             raise ValueError(f"{path}: this run was made with {ckpt.get('world_size', 1)} process(es) and is resumed "
                              f"with {world_size()}; resume it with the same number (torchrun --nproc_per_node "
@@ -884,21 +875,15 @@ def write_failure(error, folder):
     return "no space left on the device" if full else " ".join(str(getattr(error, "strerror", None) or error).split())
 
 
-def weights_sha256(state_dict, digest=None):
-    """SHA-256 over a state dict's names and raw tensor bytes: damaged bytes that still unpickle (they load as odd
-    numbers or NaN) are caught on load instead of much later as a training failure."""
-    digest = digest or hashlib.sha256()
-    for name, tensor in state_dict.items():
+def model_sha256(ckpt, key):
+    """The SHA-256 of everything that defines the model stored under `key`: its model_config, tokenizer and
+    tokenizer id (one changed n_head or pad_id would load another model silently), then its weights' names and raw
+    bytes (damaged bytes that still unpickle, as odd numbers or NaN, are caught on load, not later in training)."""
+    digest = hashlib.sha256(json.dumps({k: ckpt.get(k) for k in DEFINITION_KEYS}, sort_keys=True).encode())
+    for name, tensor in ckpt[key].items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def model_sha256(ckpt, key):
-    """The checksum of everything that defines the model stored under `key`: its model_config, tokenizer and
-    tokenizer id (one changed n_head or pad_id would load another model silently) and its weights."""
-    digest = hashlib.sha256(json.dumps({k: ckpt.get(k) for k in DEFINITION_KEYS}, sort_keys=True).encode())
-    return weights_sha256(ckpt[key], digest)
 
 
 CHECKPOINT_KEYS = ("model", "model_config", "tokenizer", "tokenizer_id", "step", "config")  # in every stage's
