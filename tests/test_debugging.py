@@ -42,3 +42,19 @@ def test_the_debug_preset_updates_the_policy_from_iteration_1():
         assert p["prompts_per_iter"] * p["samples_per_prompt"] == 4
     assert reinforce.PRESETS["debug"]["prompts_per_iter"] == 4
     assert dpo.PRESETS["debug"]["batch_size"] == alol.PRESETS["debug"]["batch_size"] == 4
+
+
+def test_next_over_the_loop_body_stays_in_the_stage_file(tiny_pipeline, tmp_path):
+    """pdb's `next` from the loop's checkpoint line (run.save) goes on to the next iteration's first line in
+    ppo_rlhf.py: the loop is a plain range, so stepping over its body never enters the checkpoint code."""
+    lines = open(os.path.join(ROOT, "ppo_rlhf.py"), encoding="utf-8").read().split("\n")
+    save = next(i + 1 for i, line in enumerate(lines) if line.strip().startswith("run.save(it,"))
+    session = f"b ppo_rlhf.py:{save}\nc\nn\nn\nn\nq\n"
+    cmd = [sys.executable, "-m", "pdb", "ppo_rlhf.py", "--preset", "debug", "--device", "cpu",
+           "--sft_ckpt", os.path.join(tiny_pipeline, "sft.pt"), "--rm_ckpt", os.path.join(tiny_pipeline, "rm.pt"),
+           "--out_dir", str(tmp_path / "debug")]
+    r = subprocess.run(cmd, cwd=ROOT, input=session, capture_output=True, text=True, timeout=300)
+    stops = re.findall(r"> (\S+?)\((\d+)\)\w", r.stdout)              # every place pdb stopped
+    after_break = stops[stops.index(next(s for s in stops if s[1] == str(save))):]
+    assert len(after_break) == 4, r.stdout[-3000:]                  # the breakpoint and three `next`s
+    assert all(os.path.basename(path) == "ppo_rlhf.py" for path, _ in after_break), after_break
