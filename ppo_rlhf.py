@@ -208,9 +208,10 @@ class RunningMoments:
 
     def update(self, x):
         """
-        x (n,): fold a batch in (under torchrun every process's: the statistics are global). The
-        batch's n, mean m and population variance v merge with (count, mean, var): total = count
-        + n, δ = m - mean, mean += δ·n/total, var = (var·count + v·n + δ²·count·n/total) / total.
+        x (n,): fold a batch in (under torchrun every process's, x = runs.gather_rows(x) first: the
+        statistics are global). The batch's n, mean m and population variance v merge with (count,
+        mean, var): total = count + n, δ = m - mean, mean += δ·n/total,
+        var = (var·count + v·n + δ²·count·n/total) / total.
         """
         x = gather_rows(x)                                   # (N·n,) every process's scores
         n, m, v = x.numel(), x.mean().item(), x.var(unbiased=False).item()
