@@ -402,8 +402,7 @@ def metrics_over_ranks(row, sums=()):
 # A run of a stage, shared by every stage: the output folder it owns while it runs (claim_out_dir, a lock holding
 # its PID), the refusal to replace an unfinished run, the options every stage shares (RunOptions), what --resume
 # restores and checks (Run.begin, Run.resume_checkpoint: the same config, the same input contents), --stop_after,
-# the object that holds all of it for a stage's main() (Run), and a study's run kept, resumed or trained
-# (train_or_keep). docs/files_and_checkpoints.md describes the files and the checkpoint format.
+# and the object that holds all of it for a stage's main() (Run). docs/files_and_checkpoints.md describes the files and the checkpoint format.
 # ====================================================================================================
 
 
@@ -556,31 +555,6 @@ def finished_run(path, stage, cfg):
         return None
     check_same_run(ckpt, cfg, path)
     return ckpt["metrics"]
-
-
-def the_checkpoint(run_dir):
-    """The one checkpoint a method's run wrote in its own folder."""
-    found = sorted(glob.glob(os.path.join(run_dir, "*.pt")))
-    if len(found) != 1:
-        raise ValueError(f"{run_dir}: expected the one checkpoint of a run, found {len(found)}")
-    return found[0]
-
-
-def train_or_keep(module, args, out, overwrite, stage=None):
-    """One method run in `out`, continued where a study stopped: a run that finished with these options is kept,
-    an interrupted one resumes from its checkpoint, otherwise (or with overwrite) it is trained from the start.
-    `stage`: the run's checkpoint is out/STAGE.pt, in a folder that holds several stages' runs (else the one .pt)."""
-    found = [p for p in [os.path.join(out, f"{stage}.pt")] if os.path.exists(p)] if stage else \
-        glob.glob(os.path.join(out, "*.pt"))
-    if overwrite or not found:
-        module.main(args + (["--overwrite", "true"] if overwrite else []))
-        return
-    path = found[0] if stage else the_checkpoint(out)
-    stage = os.path.basename(path)[:-len(".pt")]                        # a run's checkpoint is named after its stage
-    if finished_run(path, stage, parse_config(module.Config, module.PRESETS, args)) is not None:
-        print(f"{path}: finished with these options; kept")
-    else:
-        module.main(args + ["--resume", "true"])
 
 
 def check_same_run(ckpt, cfg, path):

@@ -24,7 +24,8 @@ import argparse
 import os
 import statistics
 
-from runs import holding, json_line, load_checkpoint, replaced, run_main, the_checkpoint, train_or_keep
+from runs import holding, json_line, load_checkpoint, replaced, run_main
+from studies.kept_runs import the_checkpoint, train_or_keep
 from studies import evaluate
 import ppo_rlhf
 from algorithms import alol, dpo, grpo, raft, rloo

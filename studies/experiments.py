@@ -342,7 +342,7 @@ def main(argv=None):
     p.add_argument("--plot_only", action="store_true", help="no training: redraw from the logs in out_dir")
     p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, mps")
     args = p.parse_args(argv)
-    from runs import train_or_keep
+    from studies.kept_runs import train_or_keep
     fig_dir = args.fig_dir or args.out_dir
     if not args.plot_only:
         for run, (name, seed) in run_names(args.only).items():

@@ -195,7 +195,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.bon_samples < max(BON_N) and not a.quick:
         raise ValueError(f"--bon_samples {a.bon_samples}: must be at least {max(BON_N)}, the largest n")
-    from runs import train_or_keep
+    from studies.kept_runs import train_or_keep
     os.makedirs(a.out_dir, exist_ok=True)
     todo = a.only or [run_name(b) for b in BETAS] + ["bon"]
     if not a.plot_only:

@@ -7,7 +7,7 @@ runs it over 3 seeds and draws docs/process_supervision.md from the records):
      accuracy against the rule and its best-of-N curve, N = 1 ... 64
   3. GRPO from the SFT with the ORM's outcome reward and with the PRM's (rule labels) step rewards, the same budget
      (algorithms/process_grpo.py); and the same two with the rule in the models' place (the oracles)
-Finished runs are kept and an interrupted one resumes (runs.train_or_keep).
+Finished runs are kept and an interrupted one resumes (studies/kept_runs.py).
 
     python -m studies.process_supervision --seed 0 --out_dir out/process/s0
 """
@@ -48,7 +48,8 @@ def run_seed(out, seed, device="cpu"):
     """Train (or keep, or resume) one seed's runs; returns the seconds spent on the runs this call trained."""
     import importlib
     import time
-    from runs import done_checkpoint, train_or_keep
+    from runs import done_checkpoint
+    from studies.kept_runs import train_or_keep
     spent = 0.0
     for module, stage, args, folder in commands(out, seed, device):
         print("=" * 20, f"process supervision, seed {seed}: {module} {' '.join(args[:2])}", "=" * 20)

@@ -242,7 +242,7 @@ def test_training_budget_is_what_each_run_wrote(base, tmp_path):
     """studies.compare reads a run's budget from the checkpoint the run wrote, whatever its stage: the tiny PPO run
     generated 4 iterations × 8 responses and took (4 - 1 critic pre-training) × 1 epoch × 2 minibatches = 6 policy
     steps; tiny RLOO 3 iterations × 4 prompts × 2 samples = 24 responses and 3 × 2 minibatches = 6 steps."""
-    from runs import the_checkpoint
+    from studies.kept_runs import the_checkpoint
     from studies.compare import training_budget
     assert training_budget(load_checkpoint(f"{base}/ppo.pt", "ppo")) == (32, 6)
     rloo.main(["--preset", "tiny", "--device", "cpu", "--sft_ckpt", f"{base}/sft.pt", "--rm_ckpt", f"{base}/rm.pt",
