@@ -78,10 +78,15 @@ def save_ranks(ranks, path):
     """tiktoken's ranks file format: one "base64(token bytes) rank" per line."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"                                  # whole or not at all
-    with open(tmp, "w") as f:
-        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+                f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
+        os.replace(tmp, path)
+    except BaseException:                                             # a failed write leaves no temporary file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_ranks(path):
